@@ -1,0 +1,29 @@
+# Two entry points: `make demo` and `make test`. Both create .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/models/small.yaml
+BUILD ?= build/small
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/tandem export --config $(CONFIG) --out $(BUILD)
+	$(BIN)/tandem generate "a red circle above a blue square" --artifacts $(BUILD) --out build/demo.png
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf build model_repository/.staging*

@@ -1,0 +1,38 @@
+"""Runtimes: one interface (run named inputs -> named outputs), several implementations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tandem.config import ModelConfig
+from tandem.errors import TandemError
+from tandem.runtimes.base import Runtime
+
+RUNTIME_NAMES = ("torch", "onnxruntime")
+
+
+def make_runtime(
+    name: str, artifacts: str | Path | None = None, config: ModelConfig | None = None, **options
+) -> Runtime:
+    """``torch`` builds the stages from ``config`` (or the config recorded with ``artifacts``);
+    ``onnxruntime`` loads the exported graphs in ``artifacts``."""
+    if name == "torch":
+        from tandem.runtimes.torch_eager import TorchRuntime
+
+        if config is None:
+            if artifacts is None:
+                raise TandemError("the torch runtime needs a config or an export directory")
+            from tandem.export.manifest import read_manifest
+
+            config = read_manifest(artifacts).config
+        return TorchRuntime(config, **options)
+    if name == "onnxruntime":
+        from tandem.runtimes.onnxruntime import OnnxRuntime
+
+        if artifacts is None:
+            raise TandemError("the onnxruntime runtime needs an export directory (tandem export --out DIR)")
+        return OnnxRuntime(artifacts, **options)
+    raise TandemError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIME_NAMES)}")
+
+
+__all__ = ["Runtime", "RUNTIME_NAMES", "make_runtime"]

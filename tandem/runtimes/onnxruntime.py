@@ -1,0 +1,72 @@
+"""ONNX Runtime: loads the graphs of an export directory after checking them against its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tandem.errors import ArtifactError, TandemError
+from tandem.export.manifest import Manifest, read_manifest, verify_file
+from tandem.runtimes.base import Runtime
+
+
+def available_providers(device: str = "auto") -> list[str]:
+    present = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in present:
+            raise TandemError("ONNX Runtime's CUDA execution provider is not installed; pip install onnxruntime-gpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in present]
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        artifacts: str | Path,
+        optimized: bool = True,
+        device: str = "auto",
+        intra_op_threads: int = 0,
+        graphs: list[str] | None = None,
+    ):
+        self.artifacts = Path(artifacts)
+        self.manifest: Manifest = read_manifest(self.artifacts)
+        if not self.manifest.passed:
+            raise ArtifactError(
+                f"{self.artifacts} failed validation against PyTorch (see its manifest.json); it will not be loaded"
+            )
+        super().__init__(self.manifest.config)
+        self.providers = available_providers(device)
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for name in graphs or list(self.manifest.graphs):
+            if name not in self.manifest.graphs:
+                raise ArtifactError(f"{self.artifacts} has no graph {name!r}; it has {sorted(self.manifest.graphs)}")
+            entry = self.manifest.graphs[name]
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = intra_op_threads
+            options.log_severity_level = 3
+            if optimized and entry.optimized_file:
+                path = verify_file(self.artifacts, entry.optimized_file, entry.optimized_sha256 or "")
+                # Already optimised offline; only cheap, provider-independent passes remain.
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            else:
+                path = verify_file(self.artifacts, entry.file, entry.sha256)
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), options, providers=self.providers)
+            except Exception as exc:  # onnxruntime raises its own untyped errors on bad files
+                raise ArtifactError(f"ONNX Runtime could not load {path}: {exc}; export again") from exc
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.check_feeds(graph, feeds)
+        if graph not in self.sessions:
+            raise TandemError(f"graph {graph!r} was not loaded by this runtime")
+        outputs = self.sessions[graph].run(spec.output_names, {n: feeds[n] for n in spec.input_names})
+        return dict(zip(spec.output_names, outputs))
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} ({self.providers[0]})"

@@ -1,0 +1,48 @@
+"""Next-token selection, done in numpy on the host so every runtime samples identically.
+
+Greedy when ``temperature == 0``; otherwise softmax at ``temperature`` over the ``top_k`` best
+logits (all when 0), drawn with a per-request ``numpy`` generator seeded from ``seed``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.errors import TandemError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    seed: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise TandemError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise TandemError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0 <= self.seed < 2**63:
+            raise TandemError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    def generator(self) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(self.seed))
+
+
+def select_next(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:
+    """logits [B, V] -> token ids [B] (int64)."""
+    tokens = np.empty(logits.shape[0], dtype=np.int64)
+    for row, (p, rng) in enumerate(zip(params, rngs)):
+        scores = logits[row]
+        if p.temperature == 0.0:
+            tokens[row] = int(np.argmax(scores))
+            continue
+        scores = scores.astype(np.float64) / p.temperature
+        if 0 < p.top_k < scores.shape[0]:
+            cutoff = np.partition(scores, -p.top_k)[-p.top_k]
+            scores = np.where(scores >= cutoff, scores, -np.inf)
+        probs = np.exp(scores - scores.max())
+        cdf = np.cumsum(probs)
+        tokens[row] = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), scores.shape[0] - 1)
+    return tokens

@@ -1,0 +1,219 @@
+"""The one description of every stage and graph.
+
+Exporters, compilers (TensorRT profiles, Neuron buckets), the Triton repository writer, runtimes
+and benchmarks read these descriptions and nothing else about a graph's interface: names, dtypes,
+named dynamic axes with min/opt/max ranges, a sample-input generator and validation tolerances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from tandem.config import ModelConfig
+from tandem.models import Stages
+from tandem.tokenizer import BOI, BOS, PAD
+
+MAX_BATCH = 8  # largest batch any exported graph is validated and profiled for
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """A dynamic axis: the smallest, the typical (TensorRT's 'opt') and the largest size."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]  # a str names a dynamic axis
+
+    def concrete_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph of a stage."""
+
+    name: str  # file stem and runtime key, e.g. "reasoning_decode"
+    stage: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, DimRange]
+    make_module: Callable[[Stages], nn.Module]  # forward(*inputs in order) -> outputs in order
+    make_inputs: Callable[[dict[str, int], np.random.Generator], dict[str, np.ndarray]]
+    atol: float
+    rtol: float
+    export_dims: dict[str, int] = field(default_factory=dict)  # sizes traced at export (never 0 or 1)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs) if t.dynamic_axes()}
+
+    def profile(self, which: str) -> dict[str, tuple[int, ...]]:
+        """Concrete input shapes at the min, opt or max end of every dynamic axis (TensorRT profiles,
+        Neuron buckets)."""
+        dims = {name: getattr(r, which) for name, r in self.dims.items()}
+        return {t.name: t.concrete_shape(dims) for t in self.inputs}
+
+    def sample_inputs(self, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        resolved = {name: r.opt for name, r in self.dims.items()}
+        resolved.update(dims or {})
+        for name, size in resolved.items():
+            r = self.dims[name]
+            if not r.min <= size <= r.max:
+                raise ValueError(f"{self.name}: {name}={size} is outside [{r.min}, {r.max}]")
+        return self.make_inputs(resolved, np.random.default_rng(seed))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    graphs: tuple[GraphSpec, ...]
+
+    def graph(self, name: str) -> GraphSpec:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise KeyError(f"stage {self.name} has no graph {name!r}; it has {[g.name for g in self.graphs]}")
+
+
+class _Prefill(nn.Module):
+    def __init__(self, stages: Stages):
+        super().__init__()
+        self.model = stages.reasoning
+
+    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor):
+        return self.model.prefill(input_ids, prompt_lengths)
+
+
+class _Decode(nn.Module):
+    def __init__(self, stages: Stages):
+        super().__init__()
+        self.model = stages.reasoning
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor):
+        return self.model.decode_step(token_ids, positions, kv_cache)
+
+
+class _Refine(nn.Module):
+    def __init__(self, stages: Stages):
+        super().__init__()
+        self.model = stages.refinement
+
+    def forward(self, scene_tokens: torch.Tensor):
+        return self.model(scene_tokens)
+
+
+def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
+    r, s = config.reasoning, config.scene
+    cache_shape = ("batch", r.n_layers, 2, r.n_heads, config.max_len, r.head_dim)
+    batch = DimRange(1, 1, MAX_BATCH)
+    prompt = DimRange(3, min(32, r.max_prompt_len), r.max_prompt_len)
+
+    def prefill_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        b, p = dims["batch"], dims["prompt_len"]
+        lengths = rng.integers(3, p + 1, size=b)
+        lengths[0] = p  # the longest prompt sets the padded width
+        ids = np.full((b, p), PAD, dtype=np.int64)
+        for row, n in enumerate(lengths):
+            ids[row, 0], ids[row, n - 1] = BOS, BOI
+            ids[row, 1 : n - 1] = rng.integers(32, 127, size=n - 2)  # printable ASCII
+        return {"input_ids": ids, "prompt_lengths": lengths.astype(np.int64)}
+
+    def decode_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        b = dims["batch"]
+        shape = tuple(dims["batch"] if d == "batch" else d for d in cache_shape)
+        return {
+            "token_ids": rng.integers(0, s.codebook_size, size=b).astype(np.int64),
+            "positions": rng.integers(3, config.max_len, size=b).astype(np.int64),
+            "kv_cache": rng.standard_normal(shape).astype(np.float32),
+        }
+
+    def refine_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        shape = (dims["batch"], s.grid_height, s.grid_width)
+        return {"scene_tokens": rng.integers(0, s.codebook_size, size=shape).astype(np.int64)}
+
+    reasoning = StageSpec(
+        "reasoning",
+        (
+            GraphSpec(
+                name="reasoning_prefill",
+                stage="reasoning",
+                inputs=(
+                    TensorSpec("input_ids", "int64", ("batch", "prompt_len")),
+                    TensorSpec("prompt_lengths", "int64", ("batch",)),
+                ),
+                outputs=(
+                    TensorSpec("logits", "float32", ("batch", s.codebook_size)),
+                    TensorSpec("kv_cache", "float32", cache_shape),
+                ),
+                dims={"batch": batch, "prompt_len": prompt},
+                make_module=_Prefill,
+                make_inputs=prefill_inputs,
+                atol=1e-4,
+                rtol=1e-3,
+                export_dims={"batch": 2, "prompt_len": min(16, r.max_prompt_len)},
+            ),
+            GraphSpec(
+                name="reasoning_decode",
+                stage="reasoning",
+                inputs=(
+                    TensorSpec("token_ids", "int64", ("batch",)),
+                    TensorSpec("positions", "int64", ("batch",)),
+                    TensorSpec("kv_cache", "float32", cache_shape),
+                ),
+                outputs=(
+                    TensorSpec("logits", "float32", ("batch", s.codebook_size)),
+                    TensorSpec("kv_cache_out", "float32", cache_shape),
+                ),
+                dims={"batch": batch},
+                make_module=_Decode,
+                make_inputs=decode_inputs,
+                atol=1e-4,
+                rtol=1e-3,
+                export_dims={"batch": 2},
+            ),
+        ),
+    )
+    refinement = StageSpec(
+        "refinement",
+        (
+            GraphSpec(
+                name="refinement",
+                stage="refinement",
+                inputs=(TensorSpec("scene_tokens", "int64", ("batch", s.grid_height, s.grid_width)),),
+                outputs=(TensorSpec("image", "float32", ("batch", 3, config.image_height, config.image_width)),),
+                dims={"batch": batch},
+                make_module=_Refine,
+                make_inputs=refine_inputs,
+                atol=1e-4,
+                rtol=1e-3,
+                export_dims={"batch": 2},
+            ),
+        ),
+    )
+    return reasoning, refinement
+
+
+def graph_specs(config: ModelConfig) -> dict[str, GraphSpec]:
+    return {g.name: g for stage in stage_specs(config) for g in stage.graphs}
