@@ -20,7 +20,8 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/tandem export --config $(CONFIG) --out $(BUILD)
-	$(BIN)/tandem generate "a red circle above a blue square" --artifacts $(BUILD) --out build/demo.png
+# repository -> tritonserver -> the tandem ensemble over gRPC -> PNG -> server stopped
+	$(BIN)/tandem demo --config $(CONFIG) --artifacts $(BUILD) --out build/demo.png --tokens-out build/demo_tokens.npy
 
 test: venv
 	$(BIN)/python -m pytest

@@ -7,16 +7,21 @@ named dynamic axes with min/opt/max ranges, a sample-input generator and validat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from tandem.config import ModelConfig
-from tandem.models import Stages
 from tandem.tokenizer import BOI, BOS, PAD
+
+if TYPE_CHECKING:  # torch is imported only where modules are built (export, torch runtime), so a
+    # Triton python-backend model that runs ONNX Runtime over these specs starts without it
+    from torch import nn
+
+    from tandem.models import Stages
 
 MAX_BATCH = 8  # largest batch any exported graph is validated and profiled for
 
@@ -97,31 +102,49 @@ class StageSpec:
         raise KeyError(f"stage {self.name} has no graph {name!r}; it has {[g.name for g in self.graphs]}")
 
 
-class _Prefill(nn.Module):
-    def __init__(self, stages: Stages):
-        super().__init__()
-        self.model = stages.reasoning
+@functools.cache
+def _module_classes() -> dict[str, type]:
+    """The graphs' nn.Module wrappers, defined on first use (see the torch import note above)."""
+    import torch
+    from torch import nn
 
-    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor):
-        return self.model.prefill(input_ids, prompt_lengths)
+    class Prefill(nn.Module):
+        def __init__(self, stages: Stages):
+            super().__init__()
+            self.model = stages.reasoning
+
+        def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor):
+            return self.model.prefill(input_ids, prompt_lengths)
+
+    class Decode(nn.Module):
+        def __init__(self, stages: Stages):
+            super().__init__()
+            self.model = stages.reasoning
+
+        def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor):
+            return self.model.decode_step(token_ids, positions, kv_cache)
+
+    class Refine(nn.Module):
+        def __init__(self, stages: Stages):
+            super().__init__()
+            self.model = stages.refinement
+
+        def forward(self, scene_tokens: torch.Tensor):
+            return self.model(scene_tokens)
+
+    return {"prefill": Prefill, "decode": Decode, "refine": Refine}
 
 
-class _Decode(nn.Module):
-    def __init__(self, stages: Stages):
-        super().__init__()
-        self.model = stages.reasoning
-
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor):
-        return self.model.decode_step(token_ids, positions, kv_cache)
+def _Prefill(stages: Stages) -> nn.Module:
+    return _module_classes()["prefill"](stages)
 
 
-class _Refine(nn.Module):
-    def __init__(self, stages: Stages):
-        super().__init__()
-        self.model = stages.refinement
+def _Decode(stages: Stages) -> nn.Module:
+    return _module_classes()["decode"](stages)
 
-    def forward(self, scene_tokens: torch.Tensor):
-        return self.model(scene_tokens)
+
+def _Refine(stages: Stages) -> nn.Module:
+    return _module_classes()["refine"](stages)
 
 
 def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:

@@ -24,3 +24,21 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConf
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_export: ExportResult) -> Path:
     return tiny_export.out
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path) -> Path:
+    """A local-flavor Triton model repository of the tiny export (default serving options)."""
+    from tandem.serving.repository import write_repository
+
+    return write_repository(tiny_artifacts, tmp_path_factory.mktemp("serving") / "model_repository")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_repository: Path):
+    """A real tritonserver over ``tiny_repository`` on free ports (``.http_url``, ``.grpc_url``);
+    started once per test run, stopped at the end."""
+    from tandem.serving.server import TritonServer
+
+    with TritonServer(tiny_repository, startup_timeout=120) as server:
+        yield server

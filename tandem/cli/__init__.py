@@ -9,7 +9,7 @@ import sys
 
 from tandem.errors import TandemError
 
-COMMAND_MODULES = ["tandem.cli.core"]
+COMMAND_MODULES = ["tandem.cli.core", "tandem.cli.serving", "tandem.cli.train", "tandem.cli.bench", "tandem.cli.build"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,13 @@ from tandem.config import ModelConfig
 from tandem.errors import TandemError
 from tandem.runtimes.base import Runtime
 
-RUNTIME_NAMES = ("torch", "onnxruntime")
+RUNTIME_NAMES = ("torch", "onnxruntime", "tensorrt", "neuron", "torch_aot")
+# Runtimes over `tandem build` output (<build>/compiled): name -> (module, class).
+COMPILED_RUNTIMES = {
+    "tensorrt": ("tandem.runtimes.tensorrt", "TensorRTRuntime"),
+    "neuron": ("tandem.runtimes.neuron", "NeuronRuntime"),
+    "torch_aot": ("tandem.runtimes.torch_aot", "TorchAOTRuntime"),
+}
 
 
 def make_runtime(
@@ -32,6 +38,13 @@ def make_runtime(
         if artifacts is None:
             raise TandemError("the onnxruntime runtime needs an export directory (tandem export --out DIR)")
         return OnnxRuntime(artifacts, **options)
+    if name in COMPILED_RUNTIMES:
+        import importlib
+
+        if artifacts is None:
+            raise TandemError(f"the {name} runtime needs a compiled directory (tandem build --out DIR -> DIR/compiled)")
+        module, cls = COMPILED_RUNTIMES[name]
+        return getattr(importlib.import_module(module), cls)(artifacts, **options)
     raise TandemError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIME_NAMES)}")
 
 

@@ -1,0 +1,359 @@
+"""The Markdown report of a benchmark run: targets first, then every table, then the plots.
+
+Everything here is read back from the results dict (the same one written as JSON), so the report
+and the JSON cannot disagree."""
+
+from __future__ import annotations
+
+
+def _f(value, digits: int = 2, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def _g(value, unit: str = "") -> str:
+    """Three significant figures, for quantities spanning many orders of magnitude."""
+    return "-" if value is None else f"{value:.3g}{unit}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render(results: dict) -> str:
+    env = results["environment"]
+    cfg = results["config"]
+    out: list[str] = []
+    mode = "QUICK (smoke run: few iterations, not for comparison)" if results["quick"] else "full"
+    out += [
+        f"# tandem benchmark: `{cfg['name']}` on {env['cpu_model']}",
+        "",
+        f"- Machine: **{env['machine']}** - {env['cpu_model']}, {env['cpu_cores_usable']} usable cores, "
+        f"{_f(env.get('memory_gib'), 1)} GiB RAM, GPUs: {', '.join(env['gpus']) or 'none'}",
+        f"- Run: {results['started_utc']} UTC, {results['duration_s']:.0f} s, mode {mode}"
+        + (
+            " (" + ", ".join(f"{k} {v:.0f} s" for k, v in results["phase_seconds"].items()) + ")"
+            if results.get("phase_seconds")
+            else ""
+        ),
+        f"- CPU used by other processes during the run: "
+        + (
+            f"{100 * results['interference']['other_processes_share']:.1f}% of capacity"
+            if results.get("interference")
+            else "unknown"
+        )
+        + f" (load average at start {env.get('load_average_start')}, at end {results.get('load_average_end')}; "
+        "the end figure includes this run itself)",
+        f"- Model: config `{cfg['name']}` (fingerprint `{cfg['fingerprint']}`, weights `{cfg['weights']}`), "
+        f"{cfg['scene_tokens']} scene tokens, KV cache of {cfg['max_len']} positions, image {cfg['image']}",
+        f"- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- Threads: {env['threads']}",
+        "- Runtimes measured: "
+        + ", ".join(
+            f"{name} ({desc}; {results['runtimes'].get('sources', {}).get(name, results['artifacts'])})"
+            for name, desc in results["runtimes"]["measured"].items()
+        )
+        + "; not available here: "
+        + (
+            "; ".join(f"{k} ({v})" for k, v in results["runtimes"]["unavailable"].items())
+            if results["runtimes"]["unavailable"]
+            else "none"
+        ),
+        "",
+    ]
+    busy = busy_warning(results)
+    if busy:
+        out += [f"> **{busy}**", ""]
+    out += [
+        "Every figure below is *measured* in this run unless its row says *modelled*. Latencies are wall-clock per "
+        "call after warm-up; p50/p90/p99 are over the samples stored in `results.json`.",
+        "",
+        "## Targets",
+        "",
+    ]
+    for t in results["targets"]:
+        out.append(f"- {t['line']}")
+    out.append("")
+
+    out += ["## Per stage, per runtime (batch 1 latency)", ""]
+    rows = []
+    stages = results.get("stages", {})
+    for graph in ("reasoning_prefill", "reasoning_decode", "refinement"):
+        base = stages.get("torch", {}).get(graph, {}).get("batches", {}).get("1")
+        for runtime, graphs in stages.items():
+            s = graphs.get(graph, {}).get("batches", {}).get("1")
+            if s is None:
+                continue
+            if "p50_ms" not in s:
+                rows.append([graph, runtime, "error", "-", "-", "-", s.get("error", "")[:80]])
+                continue
+            speedup = f"{base['p50_ms'] / s['p50_ms']:.2f}x" if base and "p50_ms" in base else "-"
+            rows.append(
+                [graph, runtime, _f(s["p50_ms"], 3), _f(s["p90_ms"], 3), _f(s["p99_ms"], 3), s["n"], speedup]
+            )
+    out += _table(["graph", "runtime", "p50 ms", "p90 ms", "p99 ms", "samples", "vs torch (p50)"], rows)
+    prefill_dims = stages.get("onnxruntime", stages.get("torch", {})).get("reasoning_prefill", {})
+    if prefill_dims:
+        dims = prefill_dims["batches"]["1"].get("dims")
+        out += [f"Prefill is measured at {dims}.", ""]
+
+    out += ["## Throughput vs batch", ""]
+    batches = sorted({int(b) for g in stages.values() for s in g.values() for b in s["batches"]})
+    rows = []
+    for runtime, graphs in stages.items():
+        for graph, s in graphs.items():
+            rows.append(
+                [graph, runtime]
+                + [
+                    f"{s['batches'][str(b)]['items_per_s']:.1f} ({s['batches'][str(b)]['p50_ms']:.2f} ms)"
+                    if "p50_ms" in s["batches"].get(str(b), {})
+                    else ("error" if str(b) in s["batches"] else "-")
+                    for b in batches
+                ]
+            )
+    out += _table(["graph", "runtime"] + [f"batch {b}: items/s (p50)" for b in batches], rows)
+
+    positions = results.get("decode_positions", {})
+    if positions:
+        out += ["## Decode cost per token vs position (batch 1)", ""]
+        xs = sorted({int(p) for per in positions.values() for p in per})
+        rows = [[rt] + [_f(per.get(str(x), {}).get("p50_ms"), 3) for x in xs] for rt, per in positions.items()]
+        recompute = results.get("recompute_positions", {})
+        if recompute:
+            rows.append(["no cache, recompute prefix (torch)"] + [_f(recompute.get(str(x), {}).get("p50_ms"), 3) for x in xs])
+        out += _table(["p50 ms per token"] + [f"pos {x}" for x in xs], rows)
+        out += [
+            "The static KV cache is preallocated to max_len and every step attends over it with a mask, so a step costs "
+            "the same at every position; the recompute row shows what a step would cost without a cache.",
+            "",
+        ]
+
+    pipeline = results.get("pipeline", {})
+    if pipeline:
+        out += ["## Whole generations in-process (prompt -> tokens -> image)", ""]
+        rows = []
+        for runtime, per_batch in pipeline.items():
+            for batch, s in sorted(per_batch.items(), key=lambda kv: int(kv[0])):
+                if "p50_ms" not in s:
+                    rows.append([runtime, batch, "error", "-", "-", s.get("error", "")[:80]])
+                    continue
+                phases = ", ".join(f"{g} {ms:.0f} ms" for g, ms in s["phase_ms_per_generation"].items())
+                rows.append([runtime, batch, _f(s["p50_ms"], 1), _f(s["images_per_s"], 3), s["n"], phases])
+        out += _table(["runtime", "batch", "p50 ms / generation", "images/s", "samples", "time per generation by graph"], rows)
+
+    out += _served_section(results)
+    out += _roofline_section(results)
+    out += _cross_hardware_section(results)
+
+    if results.get("eval"):
+        out += ["## Compositional accuracy", ""]
+        out += [f"From `{results['eval']['path']}` (written by `tandem eval`):", "", "```json", results["eval"]["summary"], "```", ""]
+
+    failed = [t for t in results["targets"] if t["status"] == "FAIL"]
+    notes = results.get("notes", [])
+    if failed or notes:
+        out += ["## Closing notes: missed targets, why, and what would fix them", ""]
+        for note in notes:
+            out += [f"- {note}"]
+        out.append("")
+
+    out += ["## Plots", ""]
+    for name, state in results["plots"].items():
+        out += [f"![{name}](plots/{name})" if state == "drawn" else f"- `{name}`: {state}", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def busy_warning(results: dict) -> str:
+    """A warning when other processes used more than 10% of the machine's CPU during the run (busy
+    CPU time from /proc/stat minus this run's own): on a small machine that inflates every number,
+    eager PyTorch's most (its OpenMP threads wait on each other when one is descheduled)."""
+    share = (results.get("interference") or {}).get("other_processes_share")
+    if share is not None and share > 0.10:
+        cores = results["environment"].get("cpu_cores_usable")
+        return (
+            f"Busy machine: other processes used {100 * share:.0f}% of the {cores} cores' CPU time during this run. "
+            "These numbers are not representative; re-run on a quiet machine."
+        )
+    return ""
+
+
+def _served_section(results: dict) -> list[str]:
+    served = results.get("served", {})
+    out = ["## Served: tritonserver ensemble under load", ""]
+    if served.get("status") != "ok":
+        reason = served.get("reason", "")
+        return out + [f"**{served.get('status', 'not run')}**" + (f" - {reason}" if reason else ""), ""]
+    inproc = served["inprocess"]
+    out += [
+        f"Model `{served['model']}`, {served['requests_per_level']} requests per concurrency level (request i = caption "
+        f"i mod 8, seed i, greedy), after an untimed warm-up. Queue limits per model: {served.get('queue_limits')}.",
+        f"In-process ONNX Runtime pipeline, same requests one after another: p50 {inproc['latency']['p50_ms']:.1f} ms, "
+        f"p99 {inproc['latency']['p99_ms']:.1f} ms, {inproc['images_per_s']:.3f} images/s.",
+        "",
+    ]
+    rows = []
+    for protocol, levels in served["protocols"].items():
+        for conc, lv in sorted(levels.items(), key=lambda kv: int(kv[0])):
+            lat = lv["latency"]
+            reasoning = lv["triton"].get("reasoning", {})
+            rows.append(
+                [
+                    protocol,
+                    conc,
+                    _f(lv["images_per_s"], 3),
+                    _f(lat.get("p50_ms"), 1),
+                    _f(lat.get("p95_ms"), 1),
+                    _f(lat.get("p99_ms"), 1),
+                    f"{lv['failed']}/{lv['requests']}",
+                    lv["tokens_mismatched"],
+                    _f(reasoning.get("queue_ms_per_request"), 1),
+                    _f(reasoning.get("compute_ms_per_request"), 1),
+                    reasoning.get("batch_sizes_formed", {}),
+                ]
+            )
+    out += _table(
+        [
+            "protocol",
+            "concurrency",
+            "images/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "failed",
+            "tokens differing from in-process",
+            "reasoning queue ms/req",
+            "reasoning compute ms/req",
+            "reasoning batch sizes formed {size: executions}",
+        ],
+        rows,
+    )
+    out += ["Triton statistics per model (deltas over each level; compute = input + infer + output):", ""]
+    rows = []
+    for protocol, levels in served["protocols"].items():
+        for conc, lv in sorted(levels.items(), key=lambda kv: int(kv[0])):
+            for model, st in lv["triton"].items():
+                if not st["requests"]:
+                    continue
+                rows.append(
+                    [
+                        protocol,
+                        conc,
+                        model,
+                        st["requests"],
+                        st["executions"],
+                        _f(st.get("mean_batch_size"), 2),
+                        _f(st.get("queue_ms_per_request"), 2),
+                        _f(st.get("compute_ms_per_request"), 2),
+                        st.get("batch_sizes_formed", {}),
+                    ]
+                )
+    out += _table(
+        ["protocol", "concurrency", "model", "requests", "executions", "mean batch", "queue ms/req", "compute ms/req", "batch sizes formed"],
+        rows,
+    )
+    return out
+
+
+def _roofline_section(results: dict) -> list[str]:
+    roof = results.get("roofline", {})
+    machine = roof.get("machine")
+    if not machine:
+        return []
+    mm, mem = machine["matmul"], machine["memory"]
+    out = [
+        "## Roofline (this machine, measured peaks)",
+        "",
+        f"- Matmul peak: **{mm['peak_gflops']:.1f} GFLOP/s** fp32 ({mm['best']['library']}, n={mm['best']['n']}; "
+        "best p50 over " + ", ".join(f"{r['library']} n={r['n']}: {r['gflops_p50']:.1f}" for r in mm["runs"]) + ")",
+        f"- Memory bandwidth: **{mem['bandwidth_gb_s']:.1f} GB/s** ({mem['best']}, {mem['convention']})",
+        f"- Machine balance: {mm['peak_gflops'] / mem['bandwidth_gb_s']:.1f} FLOP/byte",
+        "",
+        "FLOPs: matmuls and convolutions counted by torch.utils.flop_counter on the exported graph modules. Bytes: "
+        "compulsory traffic (weights actually touched - embedding rows looked up, routed experts only in the sparse "
+        "decode MoE - plus inputs and outputs, the whole KV cache in and out for decode). p50 latency per call.",
+        "",
+    ]
+    rows = []
+    for runtime, graphs in roof.get("measured", {}).items():
+        for graph, per_batch in graphs.items():
+            for batch, p in sorted(per_batch.items(), key=lambda kv: int(kv[0])):
+                work = roof["work"][graph][batch]
+                rows.append(
+                    [
+                        graph,
+                        runtime,
+                        batch,
+                        f"{work['flops'] / 1e6:.1f}",
+                        f"{work['bytes'] / 1e6:.2f}",
+                        _f(p["intensity_flop_per_byte"], 1),
+                        p["bound"],
+                        _f(p["achieved_gflops"], 1),
+                        f"{100 * p['fraction_of_matmul_peak']:.0f}%",
+                        _f(p["achieved_gb_s"], 1),
+                        f"{100 * p['fraction_of_roofline']:.0f}%",
+                    ]
+                )
+    out += _table(
+        [
+            "graph",
+            "runtime",
+            "batch",
+            "MFLOP",
+            "MB moved",
+            "FLOP/byte",
+            "bound",
+            "GFLOP/s",
+            "% matmul peak",
+            "GB/s",
+            "% of roofline",
+        ],
+        rows,
+    )
+    return out
+
+
+def _cross_hardware_section(results: dict) -> list[str]:
+    cross = results.get("cross_hardware", {})
+    rows_in = cross.get("rows", [])
+    if not rows_in:
+        return []
+    out = [
+        "## Cross-hardware: measured here vs *modelled* elsewhere",
+        "",
+        f"*Modelled* rows are NOT measurements: roofline lower bounds max(FLOPs / peak, bytes / bandwidth) per graph call "
+        f"from the counted work and the published peaks in `{cross['hardware_file']}` at {cross['precision']} (weights and "
+        "float tensors at that width), with no launch, host or kernel-efficiency overhead. Real engines will be slower, "
+        "most of all the small decode step at batch 1. Per image = (prefill + decode steps x decode step + refinement) / "
+        f"batch, {cross['decode_steps']} decode steps per image.",
+        "",
+    ]
+    rows = []
+    for row in rows_in:
+        kind = "*modelled*" if row["kind"] == "modelled" else "measured"
+        costs = "; ".join(f"{c['instance']} ${c['usd_per_1000_images']:.3g}" for c in row.get("costs", []))
+        rows.append(
+            [
+                kind,
+                row["name"],
+                row.get("precision", "fp32"),
+                row["batch"],
+                _g(row.get("decode_ms_per_token")),
+                _g(row["seconds_per_image"] * 1e3),
+                _g(row["images_per_s"]),
+                costs or "-",
+            ]
+        )
+    out += _table(
+        ["kind", "hardware", "precision", "batch", "decode ms/token", "ms/image", "images/s", "USD per 1,000 images"],
+        rows,
+    )
+    prices = cross.get("prices", [])
+    if prices:
+        out += ["Prices used (on-demand, per accelerator share of the instance; edit the hardware file to change):", ""]
+        out += [f"- {p}" for p in prices] + [""]
+    return out

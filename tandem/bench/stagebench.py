@@ -1,0 +1,264 @@
+"""Per stage, per runtime: latency percentiles, throughput vs batch, decode cost vs position, and
+whole in-process generations.
+
+Every runtime ``tandem.runtimes.make_runtime`` can build on this machine is measured through the
+same :class:`tandem.runtimes.Runtime` interface with the same inputs (the stage descriptions'
+sample inputs), so the figures differ only by runtime."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from tandem.bench.timing import Budget, measure, summarize
+from tandem.config import ModelConfig
+from tandem.errors import TandemError
+from tandem.runtimes import RUNTIME_NAMES, Runtime, make_runtime
+from tandem.stages import GraphSpec
+
+# Captions the end-to-end and served measurements send, in this order (request i uses seed i).
+PROMPTS = (
+    "a red circle above a blue square",
+    "two green triangles",
+    "a yellow square left of a red circle",
+    "a blue triangle below a green circle",
+    "three red squares",
+    "a purple circle right of an orange triangle",
+    "a small white square above a black circle",
+    "a green square below a yellow triangle",
+)
+
+Progress = Callable[[str], None]
+
+# Pause before measuring another runtime: OpenMP (PyTorch) and ONNX Runtime worker threads keep
+# spinning for a while after their last call, and on a small machine that spinning would be
+# charged to whichever runtime is measured next.
+SETTLE_SECONDS = 0.5
+VARIANTS = ("onnxruntime_all",)  # measured for comparison, not what tandem ships
+
+
+def settle() -> None:
+    time.sleep(SETTLE_SECONDS)
+
+
+def set_settle_seconds(seconds: float) -> None:
+    global SETTLE_SECONDS
+    SETTLE_SECONDS = seconds
+
+
+def build_runtimes(
+    artifacts: Path, config: ModelConfig, names: list[str] | None = None, compiled: list[Path] | None = None
+) -> tuple[dict[str, Runtime], dict[str, str]]:
+    """Every runtime that can be built here, and for the others the reason it cannot.
+
+    ``torch`` and ``onnxruntime`` run the export in ``artifacts``; compiled runtimes (TensorRT,
+    Neuron, AOTInductor) run a ``tandem build`` output directory, tried from ``compiled`` in order."""
+    from tandem.runtimes import COMPILED_RUNTIMES
+
+    built: dict[str, Runtime] = {}
+    unavailable: dict[str, str] = {}
+    for name in names or [*RUNTIME_NAMES, "onnxruntime_all"]:
+        if name == "onnxruntime_all":
+            try:
+                built[name] = onnxruntime_all_variant(artifacts)
+                built[name].bench_source = str(artifacts)
+            except Exception as exc:
+                unavailable[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        if name not in COMPILED_RUNTIMES:
+            candidates = [artifacts]
+        elif compiled:
+            candidates = list(compiled)
+        else:
+            unavailable[name] = "needs a `tandem build` output directory: pass --compiled DIR"
+            continue
+        reasons = []
+        for directory in candidates:
+            try:
+                runtime = make_runtime(name, artifacts=directory, config=config)
+            except Exception as exc:  # a missing toolchain, another target's build, a broken install
+                reasons.append(f"{directory}: {type(exc).__name__}: {exc}")
+                continue
+            if runtime.config.fingerprint() != config.fingerprint():
+                reasons.append(f"{directory}: built from another config ({runtime.config.name})")
+                continue
+            runtime.bench_source = str(directory)  # recorded in the report: which artifacts were measured
+            built[name] = runtime
+            break
+        else:
+            unavailable[name] = "; ".join(reasons)
+    return built, unavailable
+
+
+def graph_feeds(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    return spec.sample_inputs({"batch": batch}, seed=seed)
+
+
+def bench_graph(runtime: Runtime, spec: GraphSpec, batch: int, budget: Budget) -> dict:
+    feeds = graph_feeds(spec, batch)
+    samples = measure(lambda: runtime.run(spec.name, feeds), budget)
+    stats = summarize(samples)
+    stats["batch"] = batch
+    stats["dims"] = {name: (batch if name == "batch" else r.opt) for name, r in spec.dims.items()}
+    stats["items_per_s"] = batch / (stats["mean_ms"] / 1e3)
+    return stats
+
+
+def bench_graphs(
+    runtimes: dict[str, Runtime],
+    specs: dict[str, GraphSpec],
+    batches: list[int],
+    budget_batch1: Budget,
+    budget_batched: Budget,
+    tick: Progress,
+) -> dict:
+    """results[runtime][graph]["batches"][str(batch)] = latency stats + items/s."""
+    results: dict = defaultdict(dict)
+    for rt_name, runtime in runtimes.items():
+        settle()
+        for graph, spec in specs.items():
+            per_batch = {}
+            for batch in batches:
+                tick(f"{rt_name} {graph} batch {batch}")
+                budget = budget_batch1 if batch == 1 else budget_batched
+                try:
+                    per_batch[str(batch)] = bench_graph(runtime, spec, batch, budget)
+                except TandemError as exc:  # e.g. a compiled runtime built without this graph or batch
+                    per_batch[str(batch)] = {"batch": batch, "error": str(exc)}
+            results[rt_name][graph] = {"batches": per_batch}
+    return dict(results)
+
+
+def decode_positions(max_len: int, start: int = 16) -> list[int]:
+    """16, 32, 64, ... below max_len, and the last cache slot (max_len - 1)."""
+    positions, p = [], start
+    while p < max_len:
+        positions.append(p)
+        p *= 2
+    if not positions or positions[-1] != max_len - 1:
+        positions.append(max_len - 1)
+    return positions
+
+
+def bench_decode_positions(
+    runtimes: dict[str, Runtime], spec: GraphSpec, positions: list[int], budget: Budget, tick: Progress
+) -> dict:
+    """Decode-step latency at batch 1 with the new token written at each position."""
+    results: dict = {}
+    for rt_name, runtime in runtimes.items():
+        settle()
+        per_position = {}
+        for position in positions:
+            tick(f"{rt_name} decode @ position {position}")
+            feeds = graph_feeds(spec, 1)
+            feeds["positions"] = np.array([position], dtype=np.int64)
+            try:
+                per_position[str(position)] = summarize(measure(lambda: runtime.run(spec.name, feeds), budget))
+            except TandemError as exc:
+                per_position[str(position)] = {"error": str(exc)}
+        results[rt_name] = per_position
+    return results
+
+
+def bench_recompute_positions(runtime: Runtime, positions: list[int], budget: Budget, tick: Progress) -> dict:
+    """Reference curve without a KV cache: the cost of one new token when the whole prefix is run
+    again (teacher-forced forward over position + 1 tokens, PyTorch eager)."""
+    import torch
+
+    model = getattr(getattr(runtime, "stages", None), "reasoning", None)
+    if model is None:
+        return {}
+    rng = np.random.default_rng(0)
+    results = {}
+    settle()
+    for position in positions:
+        tick(f"no-cache recompute @ position {position}")
+        ids = torch.from_numpy(rng.integers(0, 256, size=(1, position + 1)).astype(np.int64))
+
+        def step() -> None:
+            with torch.inference_mode():
+                model(ids)
+
+        results[str(position)] = summarize(measure(step, budget))
+    return results
+
+
+class TimedRuntime(Runtime):
+    """Wraps a runtime and adds up the wall time spent in each graph (for per-phase breakdowns)."""
+
+    def __init__(self, inner: Runtime):
+        super().__init__(inner.config)
+        self.inner = inner
+        self.name = inner.name
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return self.inner.run(graph, feeds)
+        finally:
+            self.seconds[graph] += time.perf_counter() - start
+            self.calls[graph] += 1
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+def bench_pipeline(runtime: Runtime, batch: int, budget: Budget) -> dict:
+    """Whole in-process generations (prefill, every decode step, refinement) of ``batch`` prompts."""
+    from tandem.pipeline import Pipeline
+    from tandem.sampling import SamplingParams
+
+    timed = TimedRuntime(runtime)
+    pipeline = Pipeline(timed)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    params = [SamplingParams(seed=i) for i in range(batch)]
+
+    def generate() -> None:
+        pipeline.render(pipeline.generate_tokens(prompts, params))
+
+    settle()
+    for _ in range(budget.warmup):
+        generate()
+    timed.reset()
+    samples = measure(generate, Budget(0, budget.iterations, budget.min_iterations, budget.max_seconds))
+    stats = summarize(samples)
+    n = stats["n"]
+    stats["batch"] = batch
+    stats["images_per_s"] = batch / (stats["mean_ms"] / 1e3)
+    stats["phase_ms_per_generation"] = {g: 1e3 * s / n for g, s in timed.seconds.items()}
+    stats["graph_calls_per_generation"] = {g: c / n for g, c in timed.calls.items()}
+    return stats
+
+
+def onnxruntime_all_variant(artifacts: Path):
+    """ONNX Runtime over the same verified graphs, with ``ORT_ENABLE_ALL`` applied when the session is
+    created (tandem's runtime loads its offline-optimised graphs with BASIC only, because ALL's
+    layout choices (NCHWc convolutions) depend on the CPU). Measured beside the shipped setting to
+    show what the online level would buy on this machine; the targets stay on the shipped one."""
+    import onnxruntime as ort
+
+    from tandem.runtimes.onnxruntime import OnnxRuntime
+
+    class OnnxRuntimeAll(OnnxRuntime):
+        name = "onnxruntime_all"
+
+        def __init__(self, directory: Path):
+            super().__init__(directory, optimized=True, device="cpu")  # verifies every file's sha256
+            for graph, entry in self.manifest.graphs.items():
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                path = self.artifacts / (entry.optimized_file or entry.file)
+                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
+
+        def describe(self) -> str:
+            return super().describe() + ", ORT_ENABLE_ALL at session load"
+
+    return OnnxRuntimeAll(artifacts)

@@ -1,0 +1,17 @@
+"""Triton python-backend model ``reasoning`` over compiled artifacts: tandem's served reasoning model
+(:mod:`tandem.serving.models.reasoning`), placed on this instance's accelerator before it loads.
+Imported only inside Triton's python backend stub."""
+
+from __future__ import annotations
+
+import json
+
+from tandem.build.served import place_instance
+from tandem.serving.models.common import model_parameters
+from tandem.serving.models.reasoning import TritonPythonModel as _ServedModel
+
+
+class TritonPythonModel(_ServedModel):
+    def initialize(self, args: dict) -> None:
+        place_instance(args, model_parameters(json.loads(args["model_config"])))
+        super().initialize(args)

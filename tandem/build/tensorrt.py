@@ -1,0 +1,374 @@
+"""TensorRT 10 engines for H100 (sm90) and A100 (sm80) from the exported ONNX graphs.
+
+Everything up to the TensorRT call runs anywhere: the ONNX graphs are prepared (shape inference,
+I/O checked against the stage description, the served refinement graph wrapped into Triton's wire
+format) and one optimization profile per graph is planned from the stage description's min/opt/max
+dims. The build itself uses TensorRT's Python API (``trt.Builder``, ``trt.OnnxParser``, a builder
+config with precision flags, a persisted timing cache and the builder optimisation level) and must
+run on a GPU of the target architecture: an engine only runs on the compute capability, and in the
+TensorRT version, that built it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from tandem.build.manifest import CompiledArtifact, CompiledManifest
+from tandem.build.steps import StepFailed
+from tandem.build.targets import Target, describe_arch, sm_arch
+from tandem.config import ModelConfig
+from tandem.errors import ToolchainMissingError
+from tandem.export.manifest import Manifest, TensorEntry
+from tandem.stages import MAX_BATCH, GraphSpec, graph_specs
+from tandem.util import atomic_write_path, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "TensorRT is not installed: pip install 'tensorrt>=10,<11' (TensorRT 10 needs an NVIDIA GPU with a CUDA 12 "
+    "driver; NVIDIA's containers nvcr.io/nvidia/tensorrt and nvcr.io/nvidia/tritonserver ship it). "
+    "Run `tandem build --target {target}` on a machine with an {arch} GPU"
+)
+PROFILES_FILE = "profiles.json"
+SERVED_REFINEMENT = "refinement_served"  # the refinement graph in the served wire format (tensorrt_plan model)
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+DEFAULT_OPT_LEVEL = 3  # TensorRT's default; 4-5 search longer for faster engines
+DEFAULT_WORKSPACE_GIB = 4.0
+# Reduced precision is allowed, not forced: TensorRT keeps a layer in FP32 where that is faster or
+# where no reduced-precision kernel exists (weak typing, TensorRT 10's builder flags).
+PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "fp8": ("FP8", "FP16")}
+_NP_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def engine_name(graph: str, precision: str, arch: str) -> str:
+    """Engines are named by stage graph, precision and compute capability: reasoning_decode.fp16.sm90.plan."""
+    return f"{graph}.{precision}.{arch}.plan"
+
+
+def installed_version() -> str | None:
+    """The installed TensorRT's version without importing it (importing needs the CUDA libraries)."""
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt_cu12"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def require_tensorrt(target: Target):
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise ToolchainMissingError(INSTALL_HINT.format(target=target.name, arch=describe_arch(target.arch or "?"))) from exc
+    major = int(trt.__version__.split(".")[0])
+    if major != 10:
+        raise ToolchainMissingError(
+            f"TensorRT {trt.__version__} is installed; tandem builds with the TensorRT 10 API "
+            "(weakly typed precision flags, removed in TensorRT 11): pip install 'tensorrt>=10,<11'"
+        )
+    return trt
+
+
+def require_gpu_arch(target: Target) -> str:
+    """TensorRT tunes kernels for the GPU it builds on, so an sm90 engine must be built on an sm90 GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ToolchainMissingError(
+            f"building TensorRT engines for {target.name} needs an NVIDIA {describe_arch(target.arch)} GPU and a CUDA "
+            f"build of torch (torch {torch.__version__} here sees no GPU)"
+        )
+    here = sm_arch(torch.cuda.get_device_capability())
+    if here != target.arch:
+        raise StepFailed(
+            f"target {target.name} needs engines for {describe_arch(target.arch)} but this GPU "
+            f"({torch.cuda.get_device_name()}) is {describe_arch(here)}; TensorRT builds for the GPU it runs on: "
+            f"build on an {target.arch} GPU or choose the target matching this one"
+        )
+    return here
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    graph: str  # file stem of the ONNX graph and of the engine
+    stage: str
+    onnx_file: str
+    inputs: list[TensorEntry]
+    outputs: list[TensorEntry]
+    profile: dict[str, dict[str, list[int]]]  # min/opt/max -> input -> shape
+    served: bool = False
+
+
+def graph_profile(spec: GraphSpec) -> dict[str, dict[str, list[int]]]:
+    """One optimization profile per graph: the min, opt and max of every dynamic axis (batch, prompt
+    length) from the stage description; static inputs get min = opt = max."""
+    return {which: {name: list(shape) for name, shape in spec.profile(which).items()} for which in ("min", "opt", "max")}
+
+
+def served_refinement_plan(config: ModelConfig) -> EnginePlan:
+    """The refinement engine Triton's tensorrt_plan backend serves: INT32 tokens [B, h*w] ->
+    UINT8 image [B, H, W, 3], the same wire format as the python-backend model."""
+    spec = graph_specs(config)["refinement"]
+    batch = spec.dims["batch"]
+    n = config.scene.num_tokens
+    profile = {which: {"scene_tokens": [getattr(batch, which), n]} for which in ("min", "opt", "max")}
+    return EnginePlan(
+        graph=SERVED_REFINEMENT,
+        stage="refinement",
+        onnx_file=f"{SERVED_REFINEMENT}.onnx",
+        inputs=[TensorEntry(name="scene_tokens", dtype="int32", shape=["batch", n])],
+        outputs=[TensorEntry(name="image", dtype="uint8", shape=["batch", config.image_height, config.image_width, 3])],
+        profile=profile,
+        served=True,
+    )
+
+
+def engine_plans(config: ModelConfig) -> list[EnginePlan]:
+    plans = [
+        EnginePlan(
+            graph=spec.name,
+            stage=spec.stage,
+            onnx_file=f"{spec.name}.onnx",
+            inputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.inputs],
+            outputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.outputs],
+            profile=graph_profile(spec),
+        )
+        for spec in graph_specs(config).values()
+    ]
+    return [*plans, served_refinement_plan(config)]
+
+
+# ----------------------------------------------------------------------------- optimise (no TensorRT needed)
+
+
+def _io_entries(values) -> list[tuple[str, str, list[int | str]]]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append((v.name, _NP_DTYPES.get(t.elem_type, str(t.elem_type)), dims))
+    return out
+
+
+def check_graph_interface(model: onnx.ModelProto, plan: EnginePlan) -> None:
+    """The graph's inputs and outputs must be exactly the plan's (names, dtypes, named dynamic axes),
+    or the profile would bind the wrong tensors."""
+    expected_in = [(t.name, t.dtype, list(t.shape)) for t in plan.inputs]
+    expected_out = [(t.name, t.dtype, list(t.shape)) for t in plan.outputs]
+    actual_in, actual_out = _io_entries(model.graph.input), _io_entries(model.graph.output)
+    if actual_in != expected_in or actual_out != expected_out:
+        raise StepFailed(
+            f"{plan.onnx_file}: graph interface {actual_in} -> {actual_out} does not match the stage description "
+            f"{expected_in} -> {expected_out}; export again with this tandem"
+        )
+
+
+def quantize_nodes(model: onnx.ModelProto) -> int:
+    return sum(1 for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+
+
+def prepare_onnx(export_dir: Path, manifest: Manifest, out: Path, precision: str) -> list[EnginePlan]:
+    """The optimise step for TensorRT: graphs TensorRT's ONNX parser gets (strict shape inference,
+    standard-domain ops only, interfaces checked), the served refinement wrapper, and the profiles."""
+    from tandem.serving.native import wrap_refinement
+
+    plans = engine_plans(manifest.config)
+    for plan in plans:
+        source = export_dir / ("refinement.onnx" if plan.served else plan.onnx_file)
+        model = onnx.load(str(source))  # external data next to it is loaded too
+        if plan.served:
+            model = wrap_refinement(model, manifest.config)
+        foreign = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+        if foreign:
+            raise StepFailed(
+                f"{source.name} uses operator domains {foreign} that TensorRT's ONNX parser does not know; "
+                "build from the portable export (<graph>.onnx), not ONNX Runtime's optimised copy"
+            )
+        if precision == "fp8" and not quantize_nodes(model):
+            raise StepFailed(
+                f"precision fp8 needs an explicitly quantized graph (QuantizeLinear/DequantizeLinear nodes with FP8 scales): "
+                f"{source.name} has none, and TensorRT 10 does not calibrate FP8 itself. Quantize the export with "
+                "NVIDIA ModelOpt (modelopt.onnx.quantization) or build with --precision fp16/bf16"
+            )
+        try:
+            large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        except ValueError:  # protobuf refuses to size messages over 2 GiB
+            large = True
+        if not large:
+            model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        check_graph_interface(model, plan)
+        target = out / plan.onnx_file
+        with atomic_write_path(target) as tmp:
+            if large:
+                onnx.save_model(model, str(tmp), save_as_external_data=True, location=f"{target.name}.data")
+            else:
+                onnx.save_model(model, str(tmp))
+        if large:
+            onnx.shape_inference.infer_shapes_path(str(target), str(target))
+        onnx.checker.check_model(str(target))
+    profiles = {plan.graph: plan_to_json(plan) for plan in plans}
+    atomic_write_text(out / PROFILES_FILE, json.dumps(profiles, indent=2) + "\n")
+    return plans
+
+
+def plan_to_json(plan: EnginePlan) -> dict[str, Any]:
+    return {
+        "stage": plan.stage,
+        "onnx": plan.onnx_file,
+        "served": plan.served,
+        "inputs": [t.model_dump() for t in plan.inputs],
+        "outputs": [t.model_dump() for t in plan.outputs],
+        "profile": plan.profile,
+    }
+
+
+def read_plans(optimised: Path) -> list[EnginePlan]:
+    path = optimised / PROFILES_FILE
+    if not path.exists():
+        raise StepFailed(f"{path} is missing: the optimise step did not finish; run the build again")
+    return [
+        EnginePlan(
+            graph=graph,
+            stage=entry["stage"],
+            onnx_file=entry["onnx"],
+            inputs=[TensorEntry.model_validate(t) for t in entry["inputs"]],
+            outputs=[TensorEntry.model_validate(t) for t in entry["outputs"]],
+            profile=entry["profile"],
+            served=entry["served"],
+        )
+        for graph, entry in json.loads(path.read_text()).items()
+    ]
+
+
+# ----------------------------------------------------------------------------- compile (TensorRT)
+
+
+@dataclass(frozen=True)
+class BuilderSettings:
+    precision: str
+    opt_level: int = DEFAULT_OPT_LEVEL
+    workspace_gib: float = DEFAULT_WORKSPACE_GIB
+    timing_cache: Path | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "precision_flags": list(PRECISION_FLAGS[self.precision]),
+            "builder_optimization_level": self.opt_level,
+            "workspace_bytes": int(self.workspace_gib * (1 << 30)),
+            "timing_cache": str(self.timing_cache) if self.timing_cache else None,
+        }
+
+
+def build_engine(trt, onnx_path: Path, plan: EnginePlan, settings: BuilderSettings, logger) -> bytes:
+    """One engine with TensorRT 10's builder: parse the ONNX graph, one optimization profile,
+    precision flags, timing cache (read, extended, written back), builder optimisation level."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from a path, so external weights are found
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise StepFailed(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
+    config.builder_optimization_level = settings.opt_level
+    for flag in PRECISION_FLAGS[settings.precision]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        shapes = [plan.profile[which][name] for which in ("min", "opt", "max")]
+        profile.set_shape(name, *shapes)
+    config.add_optimization_profile(profile)
+    cache_bytes = settings.timing_cache.read_bytes() if settings.timing_cache and settings.timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, False):
+        log.warning("timing cache %s was made by another TensorRT or GPU; starting a new one", settings.timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise StepFailed(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")
+    if settings.timing_cache is not None:
+        with atomic_write_path(settings.timing_cache) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+def engine_artifact(plan: EnginePlan, directory: Path, file: str) -> CompiledArtifact:
+    path = directory / file
+    return CompiledArtifact(
+        graph="refinement" if plan.served else plan.graph,
+        stage=plan.stage,
+        file=file,
+        sha256=sha256_file(path),
+        size=path.stat().st_size,
+        inputs=plan.inputs,
+        outputs=plan.outputs,
+        profile=plan.profile,
+        served=plan.served,
+    )
+
+
+def engines_manifest(
+    target: Target,
+    arch: str,
+    device: str,
+    settings: BuilderSettings,
+    export_manifest: Manifest,
+    inputs: dict[str, str],
+    artifacts: list[CompiledArtifact],
+    versions: dict[str, str],
+) -> CompiledManifest:
+    return CompiledManifest(
+        target=target.name,
+        toolchain=target.toolchain,
+        arch=arch,
+        device=device,
+        precision=settings.precision,
+        config=export_manifest.config,
+        config_fingerprint=export_manifest.config_fingerprint,
+        weights=export_manifest.weights,
+        tool_versions=versions,
+        pinned=["tensorrt"],
+        inputs=inputs,
+        builder=settings.describe() | {"max_batch": MAX_BATCH},
+        artifacts=artifacts,
+    )
+
+
+def compile_engines(
+    target: Target, optimised: Path, staging: Path, export_manifest: Manifest, settings: BuilderSettings, inputs: dict[str, str]
+) -> CompiledManifest:
+    """The compile step: fails with the install hint where TensorRT is missing, before any engine file exists."""
+    trt = require_tensorrt(target)
+    arch = require_gpu_arch(target)
+    import torch
+    from tqdm.auto import tqdm
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    artifacts = []
+    for plan in tqdm(read_plans(optimised), desc=f"tensorrt {target.name}", unit="engine"):
+        data = build_engine(trt, optimised / plan.onnx_file, plan, settings, logger)
+        name = engine_name(plan.graph, settings.precision, arch)
+        (staging / name).write_bytes(data)  # ``staging`` is swapped into place only when every engine is built
+        artifacts.append(engine_artifact(plan, staging, name))
+    versions = {"tensorrt": trt.__version__, "torch": torch.__version__, "onnx": onnx.__version__}
+    device = f"cuda ({torch.cuda.get_device_name()})"
+    return engines_manifest(target, arch, device, settings, export_manifest, inputs, artifacts, versions)

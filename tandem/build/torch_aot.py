@@ -1,0 +1,171 @@
+"""Ahead-of-time compiled PyTorch: torch.export + AOTInductor packages (``.pt2``).
+
+The optimise step exports every graph with ``torch.export`` (dynamic batch and prompt axes from
+the stage description; the decode step's KV cache is a static, preallocated input) and checks the
+exported program against eager PyTorch at the smallest and largest shapes. The compile step turns
+each exported program into an AOTInductor package for one device: ``cuda-torch`` for the local
+NVIDIA GPU (Triton kernels compiled for its compute capability; the runtime replays the decode
+step as a CUDA graph), ``cpu-aot`` for this CPU (C++ kernels built with the system compiler for
+its vector instruction set). Packages link against the exact libtorch that built them, so the
+manifest pins torch's version.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tandem.build.manifest import CompiledArtifact, CompiledManifest
+from tandem.build.steps import StepFailed
+from tandem.build.targets import Target, sm_arch
+from tandem.config import ModelConfig
+from tandem.errors import ToolchainMissingError
+from tandem.export.manifest import Manifest, TensorEntry
+from tandem.stages import graph_specs
+from tandem.util import sha256_file
+
+CUDA_HINT = (
+    "target cuda-torch needs a CUDA GPU: torch {version} here {why}. Run `tandem build --target cuda-torch` on a "
+    "machine with an NVIDIA GPU and a CUDA build of torch (https://pytorch.org/get-started/locally/), "
+    "or build `--target cpu-aot` for this CPU"
+)
+
+
+def cpu_arch() -> str:
+    """``cpu-<isa>``: the vector instruction set Inductor generates C++ kernels for on this machine."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = str(cpu_vec_isa.pick_vec_isa()) or "scalar"
+    return f"cpu-{isa}"
+
+
+def supported_cpu_archs() -> tuple[str, ...]:
+    from torch._inductor import cpu_vec_isa
+
+    return tuple(f"cpu-{isa}" for isa in map(str, cpu_vec_isa.valid_vec_isa_list())) + ("cpu-scalar",)
+
+
+def require_device(target: Target) -> tuple[str, str]:
+    """(arch, device description) of the device the packages are compiled for, or a clear refusal."""
+    if target.device == "cuda":
+        if not torch.cuda.is_available():
+            why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+            raise ToolchainMissingError(CUDA_HINT.format(version=torch.__version__, why=why))
+        return sm_arch(torch.cuda.get_device_capability()), f"cuda ({torch.cuda.get_device_name()})"
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        compiler = get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own error types when no compiler is found
+        raise ToolchainMissingError(f"target {target.name} needs a C++ compiler for AOTInductor: apt-get install g++ ({exc})") from exc
+    if shutil.which(compiler) is None and not Path(compiler).exists():
+        raise ToolchainMissingError(f"target {target.name} needs a C++ compiler for AOTInductor ({compiler} not found): apt-get install g++")
+    return cpu_arch(), "cpu"
+
+
+def package_name(graph: str, arch: str) -> str:
+    return f"{graph}.{arch}.pt2"
+
+
+def _dynamic_shapes(spec):
+    from tandem.export.onnx_export import _dynamic_shapes as onnx_dynamic_shapes
+
+    return onnx_dynamic_shapes(spec)  # the same named dims (torch.export.Dim) the ONNX export uses
+
+
+def export_programs(config: ModelConfig, checkpoint: str | Path | None, out: Path, graphs: list[str] | None = None) -> list[Path]:
+    """The optimise step: torch.export every graph and check the exported program against eager."""
+    from tandem.export.onnx_export import compare, export_patches
+    from tandem.models import build_stages
+
+    stages = build_stages(config, checkpoint)
+    written = []
+    for spec in graph_specs(config).values():
+        if graphs is not None and spec.name not in graphs:
+            continue
+        module = spec.make_module(stages).eval()
+        example = spec.sample_inputs(spec.export_dims, seed=0)
+        args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
+        with export_patches():
+            program = torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(spec))
+            exported = program.module()
+            for seed, which in enumerate(("min", "max"), start=1):
+                dims = {name: getattr(r, which) for name, r in spec.dims.items()}
+                feeds = spec.sample_inputs(dims, seed=seed)
+                tensors = [torch.from_numpy(feeds[n]) for n in spec.input_names]
+                expected, actual = module(*tensors), exported(*tensors)
+                expected = expected if isinstance(expected, tuple) else (expected,)
+                actual = actual if isinstance(actual, tuple) else (actual,)
+                for name, e, a in zip(spec.output_names, expected, actual):
+                    err = compare(a.numpy(), e.numpy(), spec.atol, spec.rtol)
+                    if not err.within_tolerance:
+                        raise StepFailed(
+                            f"torch.export of {spec.name} differs from eager PyTorch at {which} shapes {dims}: "
+                            f"{name} max abs {err.max_abs:.3g} (atol {spec.atol})"
+                        )
+        path = out / f"{spec.name}.pt2"  # ``out`` is a staging directory swapped in when complete
+        torch.export.save(program, str(path))
+        written.append(path)
+    return written
+
+
+def compile_packages(
+    target: Target,
+    optimised: Path,
+    staging: Path,
+    export_manifest: Manifest,
+    inputs: dict[str, str],
+    graphs: list[str] | None = None,
+) -> CompiledManifest:
+    """The compile step: one AOTInductor package per graph for the local device."""
+    arch, device = require_device(target)
+    from tqdm.auto import tqdm
+
+    from tandem.export.onnx_export import export_patches
+
+    config = export_manifest.config
+    specs = [s for s in graph_specs(config).values() if graphs is None or s.name in graphs]
+    artifacts = []
+    for spec in tqdm(specs, desc=f"aotinductor {target.name}", unit="graph"):
+        source = optimised / f"{spec.name}.pt2"
+        if not source.exists():
+            raise StepFailed(f"{source} is missing: the optimise step did not finish; run the build again")
+        with export_patches():
+            program = torch.export.load(str(source))
+            if target.device == "cuda":
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, "cuda")
+            name = package_name(spec.name, arch)
+            # ``staging`` is swapped into place only when every package is built (atomic_directory).
+            torch._inductor.aoti_compile_and_package(program, package_path=str(staging / name))
+        artifacts.append(
+            CompiledArtifact(
+                graph=spec.name,
+                stage=spec.stage,
+                file=name,
+                sha256=sha256_file(staging / name),
+                size=(staging / name).stat().st_size,
+                inputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.inputs],
+                outputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.outputs],
+                profile={w: {k: list(v) for k, v in spec.profile(w).items()} for w in ("min", "opt", "max")},
+            )
+        )
+    return CompiledManifest(
+        target=target.name,
+        toolchain=target.toolchain,
+        arch=arch,
+        device=device,
+        precision="fp32",
+        config=config,
+        config_fingerprint=export_manifest.config_fingerprint,
+        weights=export_manifest.weights,
+        tool_versions={"torch": torch.__version__, "numpy": np.__version__},
+        pinned=["torch"],
+        inputs=inputs,
+        builder={"compiler": "torch._inductor.aoti_compile_and_package", "cuda_graphs_for": ["reasoning_decode"] if target.device == "cuda" else []},
+        artifacts=artifacts,
+    )

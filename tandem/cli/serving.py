@@ -1,0 +1,237 @@
+"""Serving commands: repo (write a Triton model repository), serve (run tritonserver over it),
+demo (export -> repository -> server -> generate through the ensemble -> PNG -> stop)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tandem.errors import TandemError
+
+DEFAULT_REPOSITORY = "model_repository"
+DEFAULT_ARTIFACTS = "build/small"
+DEMO_PROMPT = "a red circle above a blue square"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from tandem.serving.repository import FLAVORS
+
+    p = sub.add_parser("repo", help="write a Triton model repository (reasoning, refinement, ensemble tandem) from an export")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help=f"export directory (default {DEFAULT_ARTIFACTS})")
+    p.add_argument("--out", default=DEFAULT_REPOSITORY, help=f"repository folder (default {DEFAULT_REPOSITORY})")
+    add_repository_arguments(p, sorted(FLAVORS))
+    p.set_defaults(handler=cmd_repo)
+
+    p = sub.add_parser("serve", help="run tritonserver (from nvidia-pytriton) over a model repository until Ctrl-C")
+    p.add_argument("--artifacts", help="export directory: write (a new version of) the repository from it first")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help=f"repository folder (default {DEFAULT_REPOSITORY})")
+    add_repository_arguments(p, sorted(FLAVORS))
+    add_server_arguments(p, defaults=True)
+    p.add_argument("--quiet", action="store_true", help="do not echo the server's log")
+    p.add_argument("--poll", type=int, metavar="SECONDS", help="rescan the repository every SECONDS and serve new "
+                   "versions as `tandem repo` writes them (default: load once)")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("demo", help="export (if needed), write the repository, serve, generate through the ensemble, stop")
+    p.add_argument("--config", default="configs/models/small.yaml", help="config name or YAML path")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="export directory (reused when it matches the config)")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--out", default="build/demo.png")
+    p.add_argument("--tokens-out", help="also save the served scene tokens (.npy)")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="grpc", help="client protocol (default grpc)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    add_server_arguments(p, defaults=False)
+    p.set_defaults(handler=cmd_demo)
+
+
+def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> None:
+    g = p.add_argument_group("repository")
+    g.add_argument("--flavor", default="local", choices=flavors, help="local: python backend + ONNX Runtime (default); "
+                   "native: refinement on Triton's onnxruntime_onnx backend (NVIDIA's container)")
+    g.add_argument("--max-batch-size", type=int, default=8)
+    g.add_argument("--preferred-batch-sizes", type=int, nargs="+", help="dynamic batching preferred sizes")
+    g.add_argument("--max-queue-delay-us", type=int, help="dynamic batching delay (default 5000 reasoning, 1000 refinement)")
+    g.add_argument("--max-queue-size", type=int, help="queued requests per model before rejecting (default 4 x batch)")
+    g.add_argument("--queue-timeout-ms", type=int, default=60_000, help="reject requests queued longer (default 60000)")
+    g.add_argument("--instances", type=int, default=1, help="model instances per model")
+    g.add_argument("--instance-kind", choices=("cpu", "gpu"), help="default: the flavor's")
+    g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = all cores)")
+    g.add_argument("--version", type=int, help="version folder to write (default: next)")
+    g.add_argument("--keep-versions", type=int, default=2, help="newest version folders to keep (default 2)")
+    g.add_argument("--copy", action="store_true", help="copy artifacts instead of hard-linking them")
+
+
+def add_server_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+    g.add_argument("--http-port", type=int, default=8000 if defaults else None, help="default " + ("8000" if defaults else "free"))
+    g.add_argument("--grpc-port", type=int, default=8001 if defaults else None, help="default " + ("8001" if defaults else "free"))
+    g.add_argument("--metrics-port", type=int, default=8002 if defaults else None, help="default " + ("8002" if defaults else "free"))
+    g.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+
+
+def repository_options(args: argparse.Namespace) -> dict:
+    return {
+        "preferred_batch_sizes": tuple(args.preferred_batch_sizes) if args.preferred_batch_sizes else None,
+        "max_queue_delay_us": args.max_queue_delay_us,
+        "max_queue_size": args.max_queue_size,
+        "queue_timeout_ms": args.queue_timeout_ms,
+        "instances": args.instances,
+        "instance_kind": args.instance_kind,
+        "intra_op_threads": args.intra_op_threads,
+        "version": args.version,
+        "keep_versions": args.keep_versions,
+        "link": not args.copy,
+    }
+
+
+def _write(artifacts: str, out: str, args: argparse.Namespace) -> Path:
+    from tandem.serving.repository import CONFIG_NAME, existing_versions, parse_config, write_repository
+
+    repo = write_repository(artifacts, out, flavor=args.flavor, max_batch_size=args.max_batch_size, **repository_options(args))
+    for model in ("reasoning", "refinement", "tandem"):
+        config = parse_config(repo / model / CONFIG_NAME)
+        kind = config.platform or config.backend
+        print(f"  {model:<11} {kind:<17} versions {existing_versions(repo / model)}  {repo / model / CONFIG_NAME}")
+    return repo
+
+
+def cmd_repo(args: argparse.Namespace) -> int:
+    print(f"writing {args.flavor} repository from {args.artifacts} to {args.out}")
+    _write(args.artifacts, args.out, args)
+    print(f"serve it with: tandem serve --repository {args.out}")
+    return 0
+
+
+def _server(repository: str | Path, args: argparse.Namespace, echo: bool):
+    from tandem.serving.server import TritonServer
+
+    if getattr(args, "poll", None) is not None and args.poll < 1:
+        raise TandemError(f"--poll must be at least 1 second, got {args.poll}")
+    return TritonServer(
+        repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        address=args.address,
+        startup_timeout=args.startup_timeout,
+        echo_log=echo,
+        poll_seconds=getattr(args, "poll", None),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.artifacts:
+        print(f"writing {args.flavor} repository from {args.artifacts} to {args.repository}")
+        _write(args.artifacts, args.repository, args)
+    server = _server(args.repository, args, echo=not args.quiet)
+    print(f"starting tritonserver over {args.repository} ...", flush=True)
+    server.start()
+    print(
+        f"serving {server.repository}\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}\n"
+        f"try: tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url} --out out.png\n"
+        "Ctrl-C (or SIGTERM) stops the server",
+        flush=True,
+    )
+    code = server.serve_forever()
+    print(f"tritonserver stopped (exit code {code})")
+    return 0
+
+
+SKIPPED = object()
+
+
+class _Steps:
+    """Model-Navigator-style status lines: every step reports OK, SKIPPED or FAILED with its time."""
+
+    def __init__(self, total: int):
+        self.total, self.index = total, 0
+
+    def run(self, title: str, action):
+        self.index += 1
+        print(f"[{self.index}/{self.total}] {title} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            result = action()
+        except BaseException:
+            print(f"[{self.index}/{self.total}] {title}: FAILED", flush=True)
+            raise
+        status = "SKIPPED" if result is SKIPPED else "OK"
+        print(f"[{self.index}/{self.total}] {title}: {status} ({time.perf_counter() - start:.1f} s)", flush=True)
+        return result
+
+
+def _export_if_needed(config_name: str, artifacts: str) -> object:
+    from tandem.config import load_config
+    from tandem.export.manifest import read_manifest
+    from tandem.export.onnx_export import export_model
+
+    config = load_config(config_name)
+    try:
+        manifest = read_manifest(artifacts)
+        if manifest.passed and manifest.config_fingerprint == config.fingerprint():
+            print(f"  {artifacts} already holds a validated export of {config.name}")
+            return SKIPPED
+    except TandemError:
+        pass
+    export_model(config, artifacts)
+    return None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tandem.cli.core import save_png, save_tokens
+    from tandem.serving.client import TandemClient
+
+    steps = _Steps(6)
+    steps.run(f"export {args.config} to {args.artifacts}", lambda: _export_if_needed(args.config, args.artifacts))
+    steps.run(
+        f"write the local repository to {args.repository}",
+        lambda: _write(args.artifacts, args.repository, _repo_defaults()),
+    )
+    server = _server(args.repository, args, echo=False)
+    steps.run("start tritonserver", server.start)
+    try:
+        print(f"  HTTP {server.http_url}  gRPC {server.grpc_url}")
+        url = server.grpc_url if args.protocol == "grpc" else server.http_url
+
+        def generate():
+            with TandemClient(url) as client:
+                result = client.generate(args.prompt, args.seed, args.temperature, args.top_k)
+            tokens, image = result.tokens[0], result.images[0]
+            path = save_png(image, args.out)
+            print(f"  image {path.resolve()} ({image.shape[1]}x{image.shape[0]}), scene tokens {tokens.shape[0]}x{tokens.shape[1]}")
+            if args.tokens_out:
+                save_tokens(tokens, args.tokens_out)
+                print(f"  scene tokens {args.tokens_out}")
+            return np.asarray(tokens)
+
+        served = steps.run(f"generate {args.prompt!r} through the tandem ensemble over {args.protocol}", generate)
+    finally:
+        steps.run("stop tritonserver", server.stop)
+
+    def compare():
+        from tandem.pipeline import Pipeline
+        from tandem.runtimes import make_runtime
+
+        local = Pipeline(make_runtime("onnxruntime", artifacts=args.artifacts))
+        expected = local.generate(args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k).tokens
+        identical = bool(np.array_equal(served, expected))
+        print(f"  served scene tokens identical to the in-process pipeline's: {identical}")
+        if not identical:
+            raise TandemError(f"{int((served != expected).sum())} served scene tokens differ from the in-process pipeline's")
+
+    steps.run("check the served tokens against the in-process pipeline", compare)
+    return 0
+
+
+def _repo_defaults() -> argparse.Namespace:
+    """The repository options `tandem repo` uses when given none (flavor local)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_repository_arguments(parser, ["local"])
+    return parser.parse_args([])

@@ -1,0 +1,154 @@
+"""Training and evaluation commands: train (both stages on synthetic scenes), eval (held-out
+compositional accuracy per runtime, with cross-runtime agreement)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tandem.errors import TandemError
+
+DEFAULT_CONFIG = "configs/models/small.yaml"
+DEFAULT_CHECKPOINT = "checkpoints/small.safetensors"
+DEFAULT_ARTIFACTS = "build/small"
+DEFAULT_EVAL_OUT = "benchmarks/results/eval-{config}.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from tandem.train.trainer import TrainSettings
+
+    d = TrainSettings()
+    p = sub.add_parser("train", help="train both stages on synthetic scenes (CPU, fixed seed) -> safetensors checkpoint")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"config name or YAML path (default {DEFAULT_CONFIG})")
+    p.add_argument("--out", default=DEFAULT_CHECKPOINT, help=f"checkpoint to write (default {DEFAULT_CHECKPOINT})")
+    p.add_argument("--stages", default="reasoning,refinement", help="comma-separated stages to train (default both)")
+    p.add_argument("--init", help="start from this checkpoint (the stages not trained keep its weights)")
+    p.add_argument("--reasoning-steps", type=int, default=d.reasoning_steps, help="reasoning phase 1: every token")
+    p.add_argument(
+        "--focus-steps", type=int, default=d.focus_steps, help="reasoning phase 2: objects' first cells weighted up"
+    )
+    p.add_argument("--refinement-steps", type=int, default=d.refinement_steps)
+    p.add_argument("--batch", type=int, default=d.reasoning_batch, help="captions per step, both stages")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument(
+        "--dtype", default=d.stored_dtype, choices=["float16", "float32"], help="dtype stored in the checkpoint"
+    )
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out compositional accuracy per runtime; runtimes must agree token for token")
+    p.add_argument("--config", default="small", help="config name or YAML path; its checkpoint is evaluated")
+    p.add_argument(
+        "--runtime",
+        action="append",
+        help="torch or onnxruntime; repeat for several (default: both). ONNX Runtime reads --artifacts",
+    )
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help=f"export directory (default {DEFAULT_ARTIFACTS})")
+    p.add_argument("--checkpoint", help="weights for the torch runtime (default: the config's)")
+    p.add_argument("--server", help="also evaluate the served ensemble at this Triton URL (http://... or grpc://...)")
+    p.add_argument("--model", help="served model name (default: the ensemble)")
+    p.add_argument("--per-count", type=int, default=40, help="held-out captions per object count (default 40)")
+    p.add_argument("--out", help=f"JSON report (default {DEFAULT_EVAL_OUT})")
+    p.add_argument("--plot", help="PNG contact sheet of generated samples (default: beside --out)")
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tandem.config import load_config
+    from tandem.train.trainer import TrainSettings, plot_history, train_model
+
+    config = load_config(args.config)
+    for name, least in (("reasoning_steps", 0), ("focus_steps", 0), ("refinement_steps", 1), ("batch", 1), ("threads", 1)):
+        if getattr(args, name) < least:
+            raise TandemError(f"--{name.replace('_', '-')} must be at least {least}")
+    settings = TrainSettings(
+        reasoning_steps=args.reasoning_steps,
+        focus_steps=args.focus_steps,
+        refinement_steps=args.refinement_steps,
+        reasoning_batch=args.batch,
+        refinement_batch=args.batch,
+        seed=args.seed,
+        threads=args.threads,
+        stored_dtype=args.dtype,
+    )
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    report = train_model(config, args.out, settings, init_checkpoint=args.init, stages_to_train=stages)
+    plot = Path(args.out).with_suffix(".train.png")
+    plot_history(report, plot)
+    print(f"checkpoint: {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB, {settings.stored_dtype})")
+    print(f"report: {Path(args.out).with_suffix('.train.json')}  loss curves: {plot}")
+    for name, stage in (("reasoning", report.reasoning), ("refinement", report.refinement)):
+        if stage is not None:
+            print(f"  {name:<11} {stage.steps} steps in {stage.wall_s:.0f} s, final loss {stage.final_loss:.4f}")
+    if report.heldout_token_accuracy is not None:
+        print(f"  held-out teacher-forced token accuracy: {report.heldout_token_accuracy:.2%}")
+    print(f"  total {report.wall_s:.0f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tandem.config import load_config
+    from tandem.data.scenes import SceneVocabulary
+    from tandem.eval.evaluate import (
+        agreement,
+        check_artifacts_match,
+        eval_captions,
+        evaluate_runtime,
+        pipeline_generator,
+        plot_samples,
+        server_generator,
+        write_report,
+    )
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes import RUNTIME_NAMES, make_runtime
+
+    config = load_config(args.config)
+    vocab = SceneVocabulary(config)
+    checkpoint = args.checkpoint or config.checkpoint
+    if checkpoint is None:
+        raise TandemError(
+            f"config {config.name!r} names no checkpoint, so there is nothing trained to evaluate; "
+            "pass --checkpoint or train one with `tandem train`"
+        )
+    if not Path(checkpoint).exists():
+        raise TandemError(f"checkpoint {checkpoint} does not exist; train it with `tandem train --out {checkpoint}`")
+    runtimes = args.runtime or ["torch", "onnxruntime"]
+    for name in runtimes:
+        if name not in RUNTIME_NAMES:
+            raise TandemError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIME_NAMES)}")
+    if args.per_count < 1:
+        raise TandemError("--per-count must be at least 1")
+    captions = eval_captions(config, args.per_count)
+    runs = []
+    for name in dict.fromkeys(runtimes):
+        if name == "torch":
+            runtime = make_runtime("torch", config=config, checkpoint=checkpoint)
+        else:
+            artifacts = Path(args.artifacts)
+            if not (artifacts / "manifest.json").exists():
+                raise TandemError(
+                    f"no export at {artifacts}; export the trained model first: "
+                    f"tandem export --config {args.config} --out {artifacts}"
+                )
+            check_artifacts_match(artifacts, checkpoint)
+            runtime = make_runtime(name, artifacts=artifacts)
+            if runtime.config.fingerprint() != config.fingerprint():
+                raise TandemError(f"{artifacts} was exported for another config; export {args.config} again")
+        runs.append(evaluate_runtime(name, runtime.describe(), pipeline_generator(Pipeline(runtime)), captions, vocab))
+    if args.server:
+        runs.append(evaluate_runtime("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model), captions, vocab))
+    agreements = [agreement(runs[0], other) for other in runs[1:]]
+    out = Path(args.out or DEFAULT_EVAL_OUT.format(config=config.name))
+    report = write_report(out, config, checkpoint, runs, agreements)
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    plot_samples(plot, runs[0])
+    print(f"held-out compositional accuracy ({len(captions)} captions, greedy):")
+    for run in runs:
+        print(f"  {run.runtime:<12} image {run.accuracy:7.2%}   tokens {run.token_accuracy:7.2%}   ({run.wall_s:.0f} s)")
+    for a in agreements:
+        print(f"  {a.runtimes[0]} vs {a.runtimes[1]}: identical tokens for {a.identical_tokens}/{a.captions} captions")
+    print(f"report: {out}  samples: {plot}")
+    if args.verbose:
+        print(json.dumps(report, indent=2))
+    return 0

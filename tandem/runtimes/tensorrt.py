@@ -1,0 +1,145 @@
+"""TensorRT runtime: deserializes the engines of a compiled build directory and runs them by tensor
+name on a CUDA stream (TensorRT 10's name-based I/O: ``set_input_shape``, ``set_tensor_address``,
+``execute_async_v3``), with torch CUDA tensors as device buffers.
+
+Before anything is deserialized, the compiled manifest is checked: toolchain, the GPU's compute
+capability against the engines' (``sm90`` engines refuse to load on an ``sm80`` GPU), the TensorRT
+version against the one that built them, and every engine's sha256. Requests outside an engine's
+optimization profile are refused with the profile's range.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from tandem.build.manifest import (
+    CompiledArtifact,
+    CompiledManifest,
+    Environment,
+    check_environment,
+    check_profile,
+    check_toolchain,
+    read_compiled_manifest,
+    resolve_compiled_dir,
+    verify_artifacts,
+)
+from tandem.build.targets import TENSORRT, get_target, sm_arch
+from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
+from tandem.runtimes.base import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def tensorrt_environment(trt, device_index: int) -> Environment:
+    import torch
+
+    return Environment(
+        archs=(sm_arch(torch.cuda.get_device_capability(device_index)),),
+        description=torch.cuda.get_device_name(device_index),
+        versions={"tensorrt": trt.__version__},
+    )
+
+
+def _load_tensorrt(manifest: CompiledManifest):
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        target = get_target(manifest.target)
+        raise ToolchainMissingError(
+            f"{target.name} engines need TensorRT {manifest.tool_versions.get('tensorrt', '10')} to run: "
+            f"pip install tensorrt=={manifest.tool_versions.get('tensorrt', '10.*')} on a machine with an "
+            f"{target.arch} NVIDIA GPU (or use NVIDIA's Triton/TensorRT containers)"
+        ) from exc
+    return trt
+
+
+def _to_numpy(tensor, dtype: str) -> np.ndarray:
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.numpy().astype(dtype, copy=False)
+
+
+class TensorRTRuntime(Runtime):
+    name = "tensorrt"
+
+    def __init__(self, artifacts: str | Path, graphs: list[str] | None = None, device: int | None = None):
+        self.artifacts = resolve_compiled_dir(artifacts)
+        self.manifest = read_compiled_manifest(self.artifacts)
+        super().__init__(self.manifest.config)
+        check_toolchain(self.manifest, self.artifacts, TENSORRT)
+        wanted = graphs or sorted({a.graph for a in self.manifest.artifacts if not a.served})
+        self.entries: dict[str, CompiledArtifact] = {}
+        for graph in wanted:
+            found = self.manifest.for_graph(graph)
+            if len(found) != 1:
+                raise ArtifactError(f"{self.artifacts} has no TensorRT engine for {graph!r}; build again")
+            self.entries[graph] = found[0]
+        shipped = self.manifest.model_copy(update={"artifacts": list(self.entries.values())})
+        verify_artifacts(shipped, self.artifacts)
+        trt = _load_tensorrt(self.manifest)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ToolchainMissingError("the tensorrt runtime needs an NVIDIA GPU and a CUDA build of torch for its buffers")
+        self.device = torch.device("cuda", device if device is not None else torch.cuda.current_device())
+        check_environment(shipped, self.artifacts, tensorrt_environment(trt, self.device.index))
+        dt = trt.DataType
+        self._dtypes = {
+            dt.FLOAT: torch.float32,
+            dt.HALF: torch.float16,
+            dt.BF16: torch.bfloat16,
+            dt.INT64: torch.int64,
+            dt.INT32: torch.int32,
+            dt.INT8: torch.int8,
+            dt.UINT8: torch.uint8,
+            dt.BOOL: torch.bool,
+        }
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engines, self.contexts = {}, {}
+        with torch.cuda.device(self.device):
+            for graph, entry in self.entries.items():
+                path = self.artifacts / entry.file  # verified above
+                engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+                if engine is None:
+                    raise ArtifactError(f"TensorRT could not deserialize {path} (see the TensorRT log); build again")
+                self.engines[graph] = engine
+                self.contexts[graph] = engine.create_execution_context()
+            self.stream = torch.cuda.Stream(self.device)
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        spec = self.check_feeds(graph, feeds)
+        if graph not in self.engines:
+            raise TandemError(f"graph {graph!r} was not loaded by this runtime")
+        check_profile(self.entries[graph], feeds)
+        engine, context = self.engines[graph], self.contexts[graph]
+        keep = []  # device buffers must outlive the asynchronous execution
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            for name in spec.input_names:
+                dtype = self._dtypes[engine.get_tensor_dtype(name)]
+                tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, dtype=dtype, non_blocking=True)
+                if not context.set_input_shape(name, tuple(tensor.shape)):
+                    raise TandemError(f"{graph}: TensorRT refused shape {list(tensor.shape)} for input {name}")
+                context.set_tensor_address(name, tensor.data_ptr())
+                keep.append(tensor)
+            outputs = {}
+            for name in spec.output_names:
+                shape = tuple(context.get_tensor_shape(name))
+                buffer = torch.empty(shape, dtype=self._dtypes[engine.get_tensor_dtype(name)], device=self.device)
+                context.set_tensor_address(name, buffer.data_ptr())
+                outputs[name] = buffer
+            if not context.execute_async_v3(self.stream.cuda_stream):
+                raise TandemError(f"TensorRT failed to run {graph} (see the TensorRT log)")
+            host = {name: out.to("cpu", non_blocking=False) for name, out in outputs.items()}
+        self.stream.synchronize()
+        # Engines built with reduced precision may return fp16/bf16; callers get the spec's dtypes.
+        return {t.name: _to_numpy(host[t.name], t.dtype) for t in spec.outputs}
+
+    def describe(self) -> str:
+        m = self.manifest
+        return f"tensorrt {m.tool_versions.get('tensorrt')} ({m.arch}, {m.precision})"

@@ -1,0 +1,288 @@
+"""tritonclient-based client for a tandem model repository, over HTTP or gRPC.
+
+``http://host:port`` (or a bare ``host:port``) uses ``tritonclient.http``; ``grpc://host:port``
+uses ``tritonclient.grpc``. Errors from the server (bad input, unknown model, overload) become
+:class:`~tandem.errors.TandemError` carrying the server's message.
+
+Request building (:func:`generation_arrays`, :func:`infer_inputs`) and URL parsing are plain
+functions so load generators can reuse them with tritonclient's asyncio clients
+(``tritonclient.http.aio`` / ``tritonclient.grpc.aio``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any
+
+import numpy as np
+
+from tandem.errors import TandemError
+from tandem.serving.interface import (
+    ENSEMBLE,
+    IMAGE,
+    PARAM_GRID,
+    PROMPT,
+    REASONING,
+    REFINEMENT,
+    SCENE_TOKENS,
+    SEED,
+    TEMPERATURE,
+    TOP_K,
+)
+
+DEFAULT_TIMEOUT_S = 300.0  # a CPU generation of the small config under load takes tens of seconds
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    protocol: str  # "http" | "grpc"
+    address: str  # host:port, as tritonclient wants it
+    ssl: bool = False
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.protocol == "http" and self.ssl else self.protocol
+        return f"{scheme}://{self.address}"
+
+
+def parse_url(url: str) -> Endpoint:
+    """``http://h:p``, ``https://h:p``, ``grpc://h:p`` or ``h:p`` (HTTP)."""
+    if not isinstance(url, str) or not url.strip():
+        raise TandemError("server URL is empty; pass e.g. http://127.0.0.1:8000 or grpc://127.0.0.1:8001")
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        scheme, rest = "http", url.strip()
+    scheme = scheme.lower()
+    if scheme not in ("http", "https", "grpc"):
+        raise TandemError(f"unsupported server URL scheme {scheme!r} in {url!r}; use http://, https:// or grpc://")
+    address = rest.rstrip("/")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in address:
+        raise TandemError(f"server URL {url!r} must be <scheme>://<host>:<port>, e.g. grpc://127.0.0.1:8001")
+    return Endpoint("grpc" if scheme == "grpc" else "http", address, ssl=scheme == "https")
+
+
+def protocol_module(protocol: str) -> ModuleType:
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    return module
+
+
+def _column(values: Any, rows: int, dtype: str, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim == 0:
+        array = np.full(rows, array)
+    if array.shape != (rows,):
+        raise TandemError(f"{name} must be one value or one per prompt ({rows}), got shape {list(array.shape)}")
+    return array.astype(dtype).reshape(rows, 1)
+
+
+def generation_arrays(
+    prompts: str | Sequence[str], seed: Any = 0, temperature: Any = 0.0, top_k: Any = 0
+) -> dict[str, np.ndarray]:
+    """Input arrays of one ``reasoning``/``tandem`` request: a row per prompt, sampling settings
+    either shared or one per prompt."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise TandemError("no prompts given")
+    rows = len(prompts)
+    return {
+        PROMPT: np.array([[p.encode("utf-8")] for p in prompts], dtype=object),
+        SEED: _column(seed, rows, "int64", "seed"),
+        TEMPERATURE: _column(temperature, rows, "float64", "temperature"),
+        TOP_K: _column(top_k, rows, "int32", "top_k"),
+    }
+
+
+def tokens_array(tokens: np.ndarray, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Scene tokens [h, w], [N], [B, h, w] or [B, N] -> the wire format INT32 [B, N]. A 2-D array
+    is one [h, w] grid when it has the served grid's shape (or, with no grid known, more than one
+    row). Values must fit INT32; the server checks the codebook range."""
+    tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise TandemError(f"scene tokens must be integers, got {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    elif tokens.ndim == 2 and (tuple(tokens.shape) == grid or (grid is None and tokens.shape[0] != 1)):
+        tokens = tokens.reshape(1, -1)
+    elif tokens.ndim == 3:
+        tokens = tokens.reshape(tokens.shape[0], -1)
+    elif tokens.ndim != 2:
+        raise TandemError(f"scene tokens must be [h, w], [N], [B, h, w] or [B, N], got shape {list(tokens.shape)}")
+    info = np.iinfo(np.int32)
+    if tokens.size and (tokens.min() < info.min or tokens.max() > info.max):
+        raise TandemError("scene tokens do not fit INT32; they must be codebook indices")
+    return np.ascontiguousarray(tokens, dtype=np.int32)
+
+
+def infer_inputs(module: ModuleType, arrays: dict[str, np.ndarray]) -> list:
+    """tritonclient InferInput objects (works for tritonclient.http/.grpc and their .aio clients)."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@dataclass
+class RemoteGeneration:
+    tokens: np.ndarray  # [B, h, w] int32
+    images: np.ndarray | None  # [B, H, W, 3] uint8 (None from a tokens-only model)
+
+
+class TandemClient:
+    """Blocking client for one server. Thread-safe for gRPC; use one per thread for HTTP."""
+
+    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, verbose: bool = False):
+        self.endpoint = parse_url(url)
+        self.module = protocol_module(self.endpoint.protocol)
+        self.timeout_s = timeout_s
+        try:
+            if self.endpoint.protocol == "grpc":
+                self.client = self.module.InferenceServerClient(self.endpoint.address, verbose=verbose)
+            else:
+                self.client = self.module.InferenceServerClient(
+                    self.endpoint.address, verbose=verbose, ssl=self.endpoint.ssl, connection_timeout=10.0, network_timeout=timeout_s
+                )
+        except Exception as exc:
+            raise TandemError(f"cannot create a client for {self.endpoint.url}: {exc}") from exc
+        self._configs: dict[str, dict] = {}
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    # -- errors -----------------------------------------------------------------------------------
+    def _error(self, exc: Exception, what: str) -> TandemError:
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(exc, InferenceServerException):
+            message = exc.message() or str(exc)
+            status = exc.status() or ""
+            if "UNAVAILABLE" in str(status) and ("connect" in message.lower() or "Socket closed" in message):
+                return TandemError(f"cannot reach Triton at {self.url} ({message}); is `tandem serve` running?")
+            if "unknown model" in message.lower():
+                message += f" (this server serves: {', '.join(self.served_models()) or 'nothing'})"
+            return TandemError(f"{what}: the server said: {message}")
+        if isinstance(exc, (ConnectionError, OSError, TimeoutError)):
+            return TandemError(f"cannot reach Triton at {self.url} ({exc}); is `tandem serve` running?")
+        return TandemError(f"{what} failed against {self.url}: {type(exc).__name__}: {exc}")
+
+    # -- server and model information --------------------------------------------------------------
+    def is_ready(self, model: str | None = None) -> bool:
+        try:
+            return bool(self.client.is_model_ready(model) if model else self.client.is_server_ready())
+        except Exception:
+            return False
+
+    def served_models(self) -> list[str]:
+        """Names (with version) of the models the server reports ready."""
+        try:
+            if self.endpoint.protocol == "grpc":
+                index = self.client.get_model_repository_index(as_json=True).get("models", [])
+            else:
+                index = self.client.get_model_repository_index()
+        except Exception:
+            return []
+        return sorted(f"{m['name']} v{m.get('version', '?')}" for m in index if m.get("state") == "READY")
+
+    def model_config(self, model: str) -> dict:
+        if model not in self._configs:
+            try:
+                if self.endpoint.protocol == "grpc":
+                    config = self.client.get_model_config(model, as_json=True)["config"]
+                else:
+                    config = self.client.get_model_config(model)
+            except Exception as exc:
+                raise self._error(exc, f"model {model!r}") from exc
+            self._configs[model] = config
+        return self._configs[model]
+
+    def output_names(self, model: str) -> list[str]:
+        return [o["name"] for o in self.model_config(model).get("output", [])]
+
+    def grid(self, model: str) -> tuple[int, int] | None:
+        value = self.model_config(model).get("parameters", {}).get(PARAM_GRID, {}).get("string_value")
+        if not value:
+            return None
+        h, _, w = value.partition("x")
+        return int(h), int(w)
+
+    def statistics(self, model: str = "") -> dict:
+        try:
+            if self.endpoint.protocol == "grpc":
+                return self.client.get_inference_statistics(model, as_json=True)
+            return self.client.get_inference_statistics(model)
+        except Exception as exc:
+            raise self._error(exc, f"statistics of {model or 'all models'}") from exc
+
+    # -- inference --------------------------------------------------------------------------------
+    def infer(
+        self, model: str, arrays: dict[str, np.ndarray], outputs: Sequence[str], version: str = ""
+    ) -> dict[str, np.ndarray]:
+        requested = [self.module.InferRequestedOutput(name) for name in outputs]
+        try:
+            inputs = infer_inputs(self.module, arrays)
+            if self.endpoint.protocol == "grpc":
+                result = self.client.infer(model, inputs, model_version=version, outputs=requested, client_timeout=self.timeout_s)
+            else:
+                result = self.client.infer(model, inputs, model_version=version, outputs=requested)
+        except TandemError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, f"model {model!r}" + (f" version {version}" if version else "")) from exc
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def _grid_tokens(self, model: str, flat: np.ndarray) -> np.ndarray:
+        grid = self.grid(model)
+        return flat.reshape(flat.shape[0], *grid) if grid else flat
+
+    def generate(
+        self, prompts: str | Sequence[str], seed: Any = 0, temperature: Any = 0.0, top_k: Any = 0, model: str = ENSEMBLE
+    ) -> RemoteGeneration:
+        """Prompts -> scene tokens [B, h, w] (+ images [B, H, W, 3] when the model renders them)."""
+        arrays = generation_arrays(prompts, seed, temperature, top_k)
+        outputs = [n for n in (SCENE_TOKENS, IMAGE) if n in self.output_names(model)]
+        if SCENE_TOKENS not in outputs:
+            raise TandemError(f"model {model!r} does not return {SCENE_TOKENS}; use {ENSEMBLE!r} or {REASONING!r}")
+        result = self.infer(model, arrays, outputs)
+        return RemoteGeneration(self._grid_tokens(model, result[SCENE_TOKENS]), result.get(IMAGE))
+
+    def render(self, tokens: np.ndarray, model: str = REFINEMENT) -> np.ndarray:
+        """Scene tokens ([h, w], [N], [B, h, w] or [B, N]) -> images [B, H, W, 3] uint8."""
+        return self.infer(model, {SCENE_TOKENS: tokens_array(tokens, self.grid(model))}, [IMAGE])[IMAGE]
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "TandemClient":
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def generate_remote(
+    url: str, prompt: str, seed: int = 0, temperature: float = 0.0, top_k: int = 0, model: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One prompt through a served model (default the ``tandem`` ensemble) -> (tokens [h, w] int32,
+    image [H, W, 3] uint8). A tokens-only model (``reasoning``) is followed by ``refinement``."""
+    with TandemClient(url) as client:
+        result = client.generate(prompt, seed, temperature, top_k, model=model or ENSEMBLE)
+        images = result.images if result.images is not None else client.render(result.tokens)
+        return result.tokens[0], images[0]
+
+
+def render_remote(url: str, tokens: np.ndarray, model: str | None = None) -> np.ndarray:
+    """Scene tokens [h, w] (or [N]) through ``refinement`` (or ``model``) -> image [H, W, 3] uint8."""
+    with TandemClient(url) as client:
+        return client.render(tokens, model=model or REFINEMENT)[0]

@@ -1,0 +1,89 @@
+"""The served interface: model names, tensor names and Triton data types, in one place.
+
+The repository writer, the python-backend models and the client all read these, so the wire
+format cannot drift between them. Shapes come from the stage descriptions (:mod:`tandem.stages`)
+of the config the artifacts were exported from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.config import ModelConfig
+from tandem.stages import graph_specs
+
+ENSEMBLE = "tandem"
+REASONING = "reasoning"
+REFINEMENT = "refinement"
+SERVED_MODELS = (REASONING, REFINEMENT, ENSEMBLE)
+
+PROMPT = "prompt"
+SEED = "seed"
+TEMPERATURE = "temperature"
+TOP_K = "top_k"
+SCENE_TOKENS = "scene_tokens"
+IMAGE = "image"
+
+# Parameters every generated config carries so clients and operators can see what is served.
+PARAM_GRID = "tandem.grid"  # "<h>x<w>": scene tokens travel flat ([h*w], row-major); this restores the grid
+PARAM_CODEBOOK = "tandem.codebook_size"
+PARAM_CONFIG = "tandem.config"
+PARAM_FINGERPRINT = "tandem.config_fingerprint"
+PARAM_FLAVOR = "tandem.flavor"
+
+
+@dataclass(frozen=True)
+class ServedTensor:
+    name: str
+    data_type: str  # model_config.proto DataType name, e.g. "TYPE_INT32"
+    dims: tuple[int, ...]  # per request row; the batch axis is implicit (max_batch_size > 0)
+    optional: bool = False
+
+    @property
+    def wire_type(self) -> str:
+        """The datatype string of the KServe v2 protocol ("INT32", "BYTES")."""
+        return "BYTES" if self.data_type == "TYPE_STRING" else self.data_type.removeprefix("TYPE_")
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.data_type == "TYPE_STRING" else np.dtype(_NUMPY[self.data_type])
+
+
+_NUMPY = {
+    "TYPE_INT32": "int32",
+    "TYPE_INT64": "int64",
+    "TYPE_FP64": "float64",
+    "TYPE_UINT8": "uint8",
+}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    inputs: tuple[ServedTensor, ...]
+    outputs: tuple[ServedTensor, ...]
+
+
+# Temperature travels as FP64 and seed as INT64 so a served request samples exactly like an
+# in-process SamplingParams(seed, temperature, top_k) (an FP32 temperature would round 0.8).
+SAMPLING_INPUTS = (
+    ServedTensor(SEED, "TYPE_INT64", (1,), optional=True),
+    ServedTensor(TEMPERATURE, "TYPE_FP64", (1,), optional=True),
+    ServedTensor(TOP_K, "TYPE_INT32", (1,), optional=True),
+)
+
+
+def served_models(config: ModelConfig) -> dict[str, ServedModel]:
+    """The three served models of ``config``, keyed by name."""
+    refine = graph_specs(config)["refinement"]
+    _, h, w = refine.inputs[0].shape  # ("batch", h, w)
+    _, _, height, width = refine.outputs[0].shape  # ("batch", 3, H, W)
+    tokens = ServedTensor(SCENE_TOKENS, "TYPE_INT32", (int(h) * int(w),))
+    image = ServedTensor(IMAGE, "TYPE_UINT8", (int(height), int(width), 3))
+    prompt = ServedTensor(PROMPT, "TYPE_STRING", (1,))
+    return {
+        REASONING: ServedModel(REASONING, (prompt, *SAMPLING_INPUTS), (tokens,)),
+        REFINEMENT: ServedModel(REFINEMENT, (tokens,), (image,)),
+        ENSEMBLE: ServedModel(ENSEMBLE, (prompt, *SAMPLING_INPUTS), (image, tokens)),
+    }

@@ -1,0 +1,56 @@
+"""Triton python-backend model ``refinement``: scene tokens [h*w] -> image [H, W, 3] uint8.
+
+Tokens of every valid request in a dynamic batch are rendered in one run; a request with tokens
+outside the codebook gets its own error and the others are still served. Imported only inside
+Triton's python backend stub."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tandem.errors import TandemError
+from tandem.serving.interface import IMAGE, SCENE_TOKENS
+from tandem.serving.models.common import load_pipeline, model_parameters, parse_scene_tokens
+from tandem.serving.models.reasoning import error_response
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        version_dir = f"{args['model_repository']}/{args['model_version']}"
+        self.pipeline = load_pipeline(version_dir, model_parameters(config), args.get("model_instance_kind", "CPU"))
+        self.codebook_size = self.pipeline.config.scene.codebook_size
+        pb_utils.Logger.log_info(f"refinement: {self.pipeline.config.name} on {self.pipeline.runtime.describe()}")
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        batches, owners = [], []
+        for index, request in enumerate(requests):
+            try:
+                tokens = parse_scene_tokens(
+                    pb_utils.get_input_tensor_by_name(request, SCENE_TOKENS).as_numpy(), self.pipeline.grid, self.codebook_size
+                )
+            except TandemError as exc:
+                responses[index] = error_response(str(exc))
+                continue
+            batches.append(tokens)
+            owners += [index] * len(tokens)
+        if batches:
+            try:
+                images = self.pipeline.render(np.concatenate(batches))
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, TandemError) else f"rendering failed: {type(exc).__name__}: {exc}"
+                for index in set(owners):
+                    responses[index] = error_response(message)
+                return responses
+            owners_arr = np.asarray(owners)
+            for index in sorted(set(owners)):
+                rows = np.ascontiguousarray(images[owners_arr == index])
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(IMAGE, rows)])
+        return responses
+
+    def finalize(self) -> None:
+        self.pipeline = None

@@ -1,0 +1,461 @@
+"""Triton model repository writer: export directory (manifest.json) -> ``<model>/config.pbtxt`` +
+``<model>/<version>/`` for ``reasoning``, ``refinement`` and the ensemble ``tandem``.
+
+What each stage becomes is decided by a *flavor*: a named set of :class:`ModelTarget` objects, one
+per stage. ``local`` hosts ONNX Runtime inside python-backend models (what the tritonserver in the
+nvidia-pytriton wheel can run); ``native`` gives refinement to Triton's own ``onnxruntime_onnx``
+backend (NVIDIA's Triton container) and keeps reasoning in the python backend, because its
+decode loop is stateful. Later targets (TensorRT plans, Neuron) add a flavor with
+:func:`register_flavor`; the batching, queueing, ensemble and atomic-write logic here is shared.
+For example, a TensorRT flavor pairs a ``PythonRuntimeTarget(runtime="tensorrt")`` subclass whose
+``collect_files`` ships the engines (the python model then runs ``make_runtime("tensorrt", ...)``)
+with a ``ModelTarget`` that sets ``platform: "tensorrt_plan"`` for refinement; options such as the
+build directory are declared in ``option_names`` and reach the target as ``ctx.target_options``.
+
+An ensemble gets ``max_batch_size`` but no ``dynamic_batching`` or ``instance_group``: Triton's
+schema makes ``dynamic_batching`` and ``ensemble_scheduling`` a oneof, and the server refuses an
+instance group on an ensemble. Its requests are batched and queue-limited in its composing models.
+
+Configs are built as ``model_config_pb2.ModelConfig`` messages (tritonclient's copy of Triton's
+schema) and printed with protobuf's text format, so every config.pbtxt parses by construction and
+is re-parsed before it is written. Each model version folder is staged and renamed into place
+(complete or absent); configs are replaced atomically after their version folder exists; the
+ensemble is written last so it never names a model that is not there yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tandem.errors import ArtifactError, TandemError
+from tandem.export.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_file
+from tandem.serving.interface import (
+    ENSEMBLE,
+    IMAGE,
+    PARAM_CODEBOOK,
+    PARAM_CONFIG,
+    PARAM_FINGERPRINT,
+    PARAM_FLAVOR,
+    PARAM_GRID,
+    PROMPT,
+    REASONING,
+    REFINEMENT,
+    SCENE_TOKENS,
+    SEED,
+    TEMPERATURE,
+    TOP_K,
+    ServedModel,
+    served_models,
+)
+from tandem.serving.models.common import PARAM_ARTIFACTS, PARAM_RUNTIME, PARAM_RUNTIME_OPTIONS
+from tandem.util import atomic_directory, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPOSITORY = "model_repository"
+CONFIG_NAME = "config.pbtxt"
+ARTIFACTS_DIR = "artifacts"  # inside a python-backend version folder
+
+# Why these defaults: a reasoning batch runs hundreds of decode steps, so waiting a few ms to fill
+# it is cheap; refinement is one short graph run, so it waits less.
+DEFAULT_QUEUE_DELAY_US = {REASONING: 5_000, REFINEMENT: 1_000}
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """Serving knobs shared by every flavor. Pass them as keyword options to :func:`write_repository`."""
+
+    max_batch_size: int = 8
+    preferred_batch_sizes: tuple[int, ...] | None = None  # default: powers of two in [2, max_batch_size]
+    max_queue_delay_us: int | None = None  # default: DEFAULT_QUEUE_DELAY_US per model
+    max_queue_size: int | None = None  # requests waiting per model before new ones are rejected; default 4x batch
+    queue_timeout_ms: int = 60_000  # a request queued this long is rejected (clients may ask for less)
+    instances: int = 1  # model instances (python backend: stub processes) per model
+    instance_kind: str | None = None  # "cpu" | "gpu"; default: the flavor's
+    intra_op_threads: int = 0  # ONNX Runtime threads per session in python-backend models (0 = all cores)
+    optimized: bool = True  # ship ONNX Runtime's offline-optimised graphs (python backend), as in-process does
+    version: int | None = None  # version folder to write; default: one above the newest present
+    keep_versions: int = 2  # older version folders are deleted (the newest N stay, for rollback)
+    link: bool = True  # hard-link artifacts into the repository when on the same filesystem (else copy)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise TandemError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        for size in self.preferred_batch_sizes or ():
+            if not 1 <= size <= self.max_batch_size:
+                raise TandemError(f"preferred batch size {size} must be within [1, max_batch_size={self.max_batch_size}]")
+        if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
+            raise TandemError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.max_queue_size is not None and self.max_queue_size < 1:
+            raise TandemError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.queue_timeout_ms < 1:
+            raise TandemError(f"queue_timeout_ms must be >= 1, got {self.queue_timeout_ms}")
+        if self.instances < 1:
+            raise TandemError(f"instances must be >= 1, got {self.instances}")
+        if self.instance_kind is not None and self.instance_kind.lower() not in ("cpu", "gpu"):
+            raise TandemError(f"instance_kind must be 'cpu' or 'gpu', got {self.instance_kind!r}")
+        if self.version is not None and self.version < 1:
+            raise TandemError(f"version must be >= 1 (Triton version folders are positive integers), got {self.version}")
+        if self.keep_versions < 1:
+            raise TandemError(f"keep_versions must be >= 1, got {self.keep_versions}")
+
+    def batch_sizes(self) -> list[int]:
+        if self.preferred_batch_sizes is not None:
+            return sorted(set(self.preferred_batch_sizes))
+        sizes, size = [], 2
+        while size < self.max_batch_size:
+            sizes.append(size)
+            size *= 2
+        return sizes + ([self.max_batch_size] if self.max_batch_size > 1 else [])
+
+
+@dataclass
+class BuildContext:
+    """What a target may read while it writes one model."""
+
+    artifacts: Path  # the export directory
+    manifest: Manifest
+    served: dict[str, ServedModel]
+    options: RepositoryOptions
+    flavor: str
+    target_options: dict[str, Any] = field(default_factory=dict)  # options a flavor's targets declared
+
+    def graph_files(self, graph: str, optimized: bool) -> list[str]:
+        """Files of one exported graph, checked against the manifest's hashes before they are shipped."""
+        entry = self.manifest.graphs.get(graph)
+        if entry is None:
+            raise ArtifactError(f"{self.artifacts} has no graph {graph!r}; it has {sorted(self.manifest.graphs)}")
+        if optimized and entry.optimized_file:
+            verify_file(self.artifacts, entry.optimized_file, entry.optimized_sha256 or "")
+            return [entry.optimized_file]
+        verify_file(self.artifacts, entry.file, entry.sha256)
+        for extra in entry.external_data:
+            if not (self.artifacts / extra).exists():
+                raise ArtifactError(f"external data {self.artifacts / extra} of {graph} is missing; export again")
+        return [entry.file, *entry.external_data]
+
+    def place(self, source: Path, target: Path) -> None:
+        """Hard link (cheap for artifacts of hundreds of MB; exports replace files, never edit them)
+        or copy when linking is not possible or not wanted."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.options.link:
+            try:
+                os.link(source, target)
+                return
+            except OSError:
+                pass
+        shutil.copy2(source, target)
+
+
+class ModelTarget(ABC):
+    """How one stage is materialised as a Triton model for one backend.
+
+    ``configure`` fills the backend-specific fields of the model's config (the writer has already
+    set name, I/O, batching, queue policy and instance group); ``populate`` writes the files of one
+    version folder (a staging folder that is renamed into place when complete)."""
+
+    default_instance_kind: str = "cpu"
+    option_names: tuple[str, ...] = ()  # extra keyword options this target reads from BuildContext.target_options
+
+    @abstractmethod
+    def configure(self, ctx: BuildContext, stage: str, config: mc.ModelConfig) -> None: ...
+
+    @abstractmethod
+    def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None: ...
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+_MODEL_PY = '''\
+# Generated by `tandem repo`: Triton's python backend loads this file. The backend stub ignores
+# PYTHONPATH, so `tandem serve` hands tandem's import path over in TANDEM_PYTHONPATH; in another
+# Triton (e.g. NVIDIA's container) install tandem and onnxruntime into the stub's Python instead.
+import os
+import site
+import sys
+
+for _path in reversed([p for p in os.environ.get("TANDEM_PYTHONPATH", "").split(os.pathsep) if p]):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+    if _path.endswith("-packages"):
+        site.addsitedir(_path)  # runs the .pth files (editable installs)
+
+from {module} import TritonPythonModel  # noqa: E402,F401
+'''
+
+
+class PythonRuntimeTarget(ModelTarget):
+    """A python-backend model running a tandem runtime in-process over the graphs shipped in its
+    version folder: the reasoning loop (prefill + decode over the static KV cache) or refinement."""
+
+    MODULES = {REASONING: "tandem.serving.models.reasoning", REFINEMENT: "tandem.serving.models.refinement"}
+    GRAPHS = {REASONING: ("reasoning_prefill", "reasoning_decode"), REFINEMENT: ("refinement",)}
+
+    def __init__(self, runtime: str = "onnxruntime", default_instance_kind: str = "cpu"):
+        self.runtime = runtime
+        self.default_instance_kind = default_instance_kind
+
+    def runtime_options(self, ctx: BuildContext, stage: str) -> dict[str, Any]:
+        return {
+            "graphs": list(self.GRAPHS[stage]),
+            "optimized": ctx.options.optimized,
+            "intra_op_threads": ctx.options.intra_op_threads,
+        }
+
+    def configure(self, ctx: BuildContext, stage: str, config: mc.ModelConfig) -> None:
+        config.backend = "python"
+        _set_parameter(config, PARAM_RUNTIME, self.runtime)
+        _set_parameter(config, PARAM_ARTIFACTS, ARTIFACTS_DIR)
+        _set_parameter(config, PARAM_RUNTIME_OPTIONS, json.dumps(self.runtime_options(ctx, stage), sort_keys=True))
+
+    def collect_files(self, ctx: BuildContext, stage: str) -> list[tuple[Path, str]]:
+        """(source, name inside artifacts/) of every file the runtime loads. A compiled-runtime
+        target (TensorRT engines, Neuron artifacts) overrides this to ship its build output."""
+        names = [MANIFEST_NAME]
+        for graph in self.GRAPHS[stage]:
+            names += ctx.graph_files(graph, ctx.options.optimized)
+        return [(ctx.artifacts / name, name) for name in names]
+
+    def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
+        for source, name in self.collect_files(ctx, stage):
+            ctx.place(source, version_dir / ARTIFACTS_DIR / name)
+        (version_dir / "model.py").write_text(_MODEL_PY.format(module=self.MODULES[stage]))
+
+    def describe(self) -> str:
+        return f"python backend + tandem {self.runtime} runtime"
+
+
+class OnnxRuntimeNativeTarget(ModelTarget):
+    """``platform: "onnxruntime_onnx"``: Triton's own ONNX Runtime backend runs the refinement graph.
+
+    The exported graph takes int64 [B, h, w] and returns float [B, 3, H, W] in [0, 1]; the shipped
+    model.onnx wraps it (Cast/Reshape before, Clip/scale/Cast/Transpose after) so it speaks the
+    same wire format as the python-backend model: INT32 [B, h*w] -> UINT8 [B, H, W, 3]."""
+
+    default_instance_kind = "gpu"
+
+    def configure(self, ctx: BuildContext, stage: str, config: mc.ModelConfig) -> None:
+        if stage != REFINEMENT:
+            raise TandemError(f"the onnxruntime_onnx target serves refinement only, not {stage}")
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = "model.onnx"
+
+    def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
+        from tandem.serving.native import write_wire_format_refinement
+
+        files = ctx.graph_files("refinement", optimized=False)  # the portable graph, not ORT's CPU-tuned copy
+        write_wire_format_refinement(ctx.artifacts / files[0], version_dir / "model.onnx", ctx.manifest.config)
+
+    def describe(self) -> str:
+        return "Triton onnxruntime_onnx backend"
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    description: str
+    targets: Mapping[str, ModelTarget]  # REASONING and REFINEMENT
+
+    def option_names(self) -> set[str]:
+        return {name for target in self.targets.values() for name in target.option_names}
+
+
+FLAVORS: dict[str, Flavor] = {}
+
+
+def register_flavor(flavor: Flavor, replace: bool = False) -> Flavor:
+    """Make a flavor available to :func:`write_repository` and ``tandem repo --flavor``."""
+    missing = {REASONING, REFINEMENT} - set(flavor.targets)
+    if missing:
+        raise TandemError(f"flavor {flavor.name!r} has no target for {sorted(missing)}")
+    if flavor.name in FLAVORS and not replace:
+        raise TandemError(f"flavor {flavor.name!r} is already registered")
+    FLAVORS[flavor.name] = flavor
+    return flavor
+
+
+def get_flavor(name: str) -> Flavor:
+    if name not in FLAVORS:
+        raise TandemError(f"unknown repository flavor {name!r}; choose one of {', '.join(sorted(FLAVORS))}")
+    return FLAVORS[name]
+
+
+register_flavor(
+    Flavor(
+        "local",
+        "python-backend models hosting ONNX Runtime (runs on the tritonserver bundled with nvidia-pytriton)",
+        {REASONING: PythonRuntimeTarget(), REFINEMENT: PythonRuntimeTarget()},
+    )
+)
+register_flavor(
+    Flavor(
+        "native",
+        "refinement on Triton's onnxruntime_onnx backend, reasoning in the python backend (NVIDIA's Triton container)",
+        {REASONING: PythonRuntimeTarget(default_instance_kind="gpu"), REFINEMENT: OnnxRuntimeNativeTarget()},
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_parameter(config: mc.ModelConfig, key: str, value: str) -> None:
+    config.parameters[key].string_value = value
+
+
+def _add_tensors(config: mc.ModelConfig, model: ServedModel) -> None:
+    for tensor in model.inputs:
+        entry = config.input.add(name=tensor.name, data_type=mc.DataType.Value(tensor.data_type), dims=list(tensor.dims))
+        entry.optional = tensor.optional
+    for tensor in model.outputs:
+        config.output.add(name=tensor.name, data_type=mc.DataType.Value(tensor.data_type), dims=list(tensor.dims))
+
+
+def _common_parameters(ctx: BuildContext, config: mc.ModelConfig) -> None:
+    scene = ctx.manifest.config.scene
+    _set_parameter(config, PARAM_GRID, f"{scene.grid_height}x{scene.grid_width}")
+    _set_parameter(config, PARAM_CODEBOOK, str(scene.codebook_size))
+    _set_parameter(config, PARAM_CONFIG, ctx.manifest.config.name)
+    _set_parameter(config, PARAM_FINGERPRINT, ctx.manifest.config_fingerprint)
+    _set_parameter(config, PARAM_FLAVOR, ctx.flavor)
+
+
+def stage_config(ctx: BuildContext, stage: str, target: ModelTarget) -> mc.ModelConfig:
+    """config.pbtxt of a composing model: I/O, dynamic batching with a bounded, timed-out queue, instances."""
+    opts = ctx.options
+    config = mc.ModelConfig(name=stage, max_batch_size=opts.max_batch_size)
+    config.version_policy.latest.num_versions = 1
+    _add_tensors(config, ctx.served[stage])
+    batching = config.dynamic_batching
+    batching.preferred_batch_size.extend(opts.batch_sizes())
+    delay = opts.max_queue_delay_us if opts.max_queue_delay_us is not None else DEFAULT_QUEUE_DELAY_US[stage]
+    batching.max_queue_delay_microseconds = delay
+    policy = batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = opts.queue_timeout_ms * 1000
+    policy.allow_timeout_override = True
+    policy.max_queue_size = opts.max_queue_size or 4 * opts.max_batch_size
+    kind = (opts.instance_kind or target.default_instance_kind).lower()
+    config.instance_group.add(
+        count=opts.instances, kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    )
+    _common_parameters(ctx, config)
+    target.configure(ctx, stage, config)
+    return config
+
+
+def ensemble_config(ctx: BuildContext) -> mc.ModelConfig:
+    """``tandem``: prompt -> reasoning -> refinement -> image, also returning the scene tokens.
+
+    Batching and queueing happen in the composing models (Triton refuses dynamic_batching and
+    instance_group on an ensemble: it has no instances of its own)."""
+    config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=ctx.options.max_batch_size)
+    config.version_policy.latest.num_versions = 1
+    _add_tensors(config, ctx.served[ENSEMBLE])
+    steps = config.ensemble_scheduling
+    reasoning = steps.step.add(model_name=REASONING, model_version=-1)
+    for name in (PROMPT, SEED, TEMPERATURE, TOP_K):
+        reasoning.input_map[name] = name
+    reasoning.output_map[SCENE_TOKENS] = SCENE_TOKENS
+    refinement = steps.step.add(model_name=REFINEMENT, model_version=-1)
+    refinement.input_map[SCENE_TOKENS] = SCENE_TOKENS
+    refinement.output_map[IMAGE] = IMAGE
+    _common_parameters(ctx, config)
+    return config
+
+
+def render_config(config: mc.ModelConfig) -> str:
+    """Protobuf text format, re-parsed with Triton's schema before anything is written."""
+    body = text_format.MessageToString(config)
+    text_format.Parse(body, mc.ModelConfig())
+    return f"# Generated by `tandem repo`; regenerate rather than edit.\n{body}"
+
+
+def parse_config(path: str | Path) -> mc.ModelConfig:
+    """Read a config.pbtxt with Triton's model-config schema (tritonclient's model_config_pb2)."""
+    path = Path(path)
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise TandemError(f"{path} is not a valid Triton model config: {exc}") from exc
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name))
+
+
+def _write_model(model_dir: Path, version: int, config: mc.ModelConfig, populate, keep_versions: int) -> None:
+    text = render_config(config)  # fail before touching the repository
+    with atomic_directory(model_dir / str(version)) as staging:
+        populate(staging)
+    atomic_write_text(model_dir / CONFIG_NAME, text)
+    for old in existing_versions(model_dir)[:-keep_versions]:
+        if old != version:
+            shutil.rmtree(model_dir / str(old), ignore_errors=True)
+
+
+def _parse_options(flavor: Flavor, options: dict[str, Any], max_batch_size: int) -> tuple[RepositoryOptions, dict]:
+    known = {f.name for f in dataclasses.fields(RepositoryOptions)} - {"max_batch_size"}
+    extra = flavor.option_names()
+    unknown = set(options) - known - extra
+    if unknown:
+        raise TandemError(
+            f"unknown repository option(s) {sorted(unknown)}; the {flavor.name!r} flavor accepts {sorted(known | extra)}"
+        )
+    if isinstance(options.get("preferred_batch_sizes"), list):
+        options = {**options, "preferred_batch_sizes": tuple(options["preferred_batch_sizes"])}
+    common = {k: v for k, v in options.items() if k in known}
+    return RepositoryOptions(max_batch_size=max_batch_size, **common), {k: v for k, v in options.items() if k in extra}
+
+
+def write_repository(
+    artifacts: str | Path,
+    out: str | Path = DEFAULT_REPOSITORY,
+    flavor: str = "local",
+    max_batch_size: int = 8,
+    **options: Any,
+) -> Path:
+    """Write (or add a version to) a Triton model repository serving the export in ``artifacts``.
+
+    ``options`` are :class:`RepositoryOptions` fields plus any the flavor's targets declare.
+    Returns the repository path."""
+    artifacts, out = Path(artifacts), Path(out)
+    chosen = get_flavor(flavor)
+    opts, target_options = _parse_options(chosen, dict(options), max_batch_size)
+    manifest = read_manifest(artifacts)
+    if not manifest.passed:
+        raise ArtifactError(f"{artifacts} failed validation against PyTorch (see its manifest.json); it will not be served")
+    graph_max = min(entry.dims["batch"][2] for entry in manifest.graphs.values())
+    if max_batch_size > graph_max:
+        raise TandemError(
+            f"max_batch_size {max_batch_size} exceeds the batch size the graphs were exported and validated for "
+            f"({graph_max}); use --max-batch-size {graph_max} or less"
+        )
+    if out.exists() and not out.is_dir():
+        raise TandemError(f"repository path {out} exists and is not a directory; choose another --out")
+    ctx = BuildContext(artifacts, manifest, served_models(manifest.config), opts, chosen.name, target_options)
+
+    version = opts.version or max([0, *(v for m in (REASONING, REFINEMENT, ENSEMBLE) for v in existing_versions(out / m))]) + 1
+    for stage in (REFINEMENT, REASONING):  # composing models first, the ensemble that names them last
+        target = chosen.targets[stage]
+        config = stage_config(ctx, stage, target)
+        _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), opts.keep_versions)
+    _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, opts.keep_versions)
+    log.debug("wrote %s flavor version %d of %s to %s", chosen.name, version, manifest.config.name, out)
+    return out

@@ -1,0 +1,419 @@
+"""Run the real ``tritonserver`` shipped in the nvidia-pytriton wheel over a tandem model repository.
+
+The wheel carries Triton 2.51 with its python backend, but not laid out as a server install: the
+backend library, its utils module and the per-Python-version stub must sit together in
+``<backend-dir>/python/``, and the bundled shared libraries must be on ``LD_LIBRARY_PATH``. This
+module assembles that in a temporary folder, starts the server bound to 127.0.0.1 (unless told
+otherwise), waits until the server and the ensemble report ready, and stops it cleanly.
+
+The python backend stub starts an embedded interpreter that ignores ``PYTHONPATH``; the generated
+model.py files read ``TANDEM_PYTHONPATH`` instead, which is set here to this interpreter's import
+path so the models import tandem, numpy and onnxruntime from the same environment.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from tandem.errors import TandemError
+from tandem.serving.interface import ENSEMBLE
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 60
+
+
+class ServerError(TandemError):
+    """tritonserver could not start, or stopped while we waited for it."""
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise ServerError("nvidia-pytriton is not installed; `pip install nvidia-pytriton==0.7.0` ships tritonserver") from exc
+    return Path(pytriton.__file__).resolve().parent
+
+
+def tritonserver_binary() -> Path:
+    binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    if not binary.exists():
+        raise ServerError(f"{binary} is missing; reinstall nvidia-pytriton==0.7.0")
+    return binary
+
+
+def prepare_backend_directory(target: Path) -> Path:
+    """``<target>/python/`` with the python backend, its utils and the stub for this Python version."""
+    root = pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        available = sorted(p.name for p in (root / "python_backend_stubs").iterdir())
+        raise ServerError(f"nvidia-pytriton ships no python backend stub for Python {version} (it has {available})")
+    backend = target / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for source in (root / "backends" / "python" / "libtriton_python.so", root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        link = backend / source.name
+        if not link.exists():
+            link.symlink_to(source)
+    return target
+
+
+def stub_python_path() -> list[str]:
+    """This interpreter's import path minus its standard library (the stub embeds its own): the
+    tandem checkout first, then site-packages and anything else on sys.path."""
+    import tandem
+
+    stdlib = os.path.realpath(sysconfig.get_path("stdlib"))
+    paths = [str(Path(tandem.__file__).resolve().parent.parent)]
+    for entry in sys.path:
+        if not entry or not os.path.isdir(entry):
+            continue
+        real = os.path.realpath(entry)
+        if real.startswith(stdlib) and not real.endswith("-packages"):
+            continue  # the standard library and lib-dynload of this interpreter
+        if entry not in paths:
+            paths.append(entry)
+    return paths
+
+
+def libpython_directory() -> str | None:
+    """The folder of this interpreter's shared libpython, if it has one. The stub links
+    libpython3.X.so; this interpreter's own copy makes the stub embed the same Python build (a
+    pyenv Python differs from the system's), and the system's copy is the fallback."""
+    import ctypes.util
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and any(Path(libdir).glob(f"libpython{version}*.so*")):
+        return libdir
+    if ctypes.util.find_library(f"python{version}") is None:
+        raise ServerError(
+            f"Triton's python backend stub needs the shared library libpython{version}.so, and this Python has "
+            f"none: use a Python built with --enable-shared, or install the system's (apt-get install libpython{version})"
+        )
+    return None
+
+
+def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    libs = [str(pytriton_root().parent / "nvidia_pytriton.libs")]
+    libdir = libpython_directory()
+    if libdir:
+        libs.append(libdir)
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    env["TANDEM_PYTHONPATH"] = os.pathsep.join(stub_python_path())
+    return env
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def check_port_free(address: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            raise ServerError(
+                f"{what} port {port} on {address} is already in use ({exc.strerror}); stop whatever holds it "
+                f"(another tritonserver?) or choose another port, e.g. --{what}-port {free_port(address)}"
+            ) from None
+
+
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child after fork must not dlopen
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the process that started the server dies (even by SIGKILL,
+    e.g. a test run killed by its timeout), the kernel sends the server SIGTERM."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+BUNDLED_BACKENDS = {"python"}  # what the nvidia-pytriton wheel's tritonserver can load (and ensembles)
+
+
+def check_bundled_support(repository: Path) -> None:
+    """Refuse, with the fix, a repository the bundled server cannot load (e.g. the native flavor)."""
+    from tandem.serving.repository import CONFIG_NAME, parse_config
+
+    for config_path in sorted(repository.glob(f"*/{CONFIG_NAME}")):
+        config = parse_config(config_path)
+        if config.platform == "ensemble":
+            continue
+        kind = config.backend or config.platform or "?"
+        if config.backend not in BUNDLED_BACKENDS:
+            raise ServerError(
+                f"model {config_path.parent.name!r} needs Triton's {kind!r} backend, which the tritonserver in "
+                "nvidia-pytriton does not include; serve this repository from NVIDIA's Triton container, or write "
+                "one for the bundled server with `tandem repo --flavor local`"
+            )
+
+
+class TritonServer:
+    """A tritonserver process over ``repository``; a context manager that starts and stops it.
+
+    Ports left as None are picked free. ``ready_models`` (default: the ``tandem`` ensemble) must
+    report ready before :meth:`start` returns; on failure the error carries the server's log tail.
+    With ``poll_seconds`` the server rescans the repository and serves new versions as they appear
+    (each appears complete or not at all, see :mod:`tandem.serving.repository`).
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        address: str = "127.0.0.1",
+        startup_timeout: float = 180.0,
+        ready_models: tuple[str, ...] = (ENSEMBLE,),
+        echo_log: bool = False,
+        log_verbose: int = 0,
+        exit_timeout: int = 10,
+        poll_seconds: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.repository = Path(repository).resolve()
+        self.address = address
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.startup_timeout = startup_timeout
+        self.ready_models = tuple(ready_models)
+        self.echo_log = echo_log
+        self.log_verbose = log_verbose
+        self.exit_timeout = exit_timeout
+        self.poll_seconds = poll_seconds
+        self.extra_args = tuple(extra_args)
+        self.process: subprocess.Popen | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+        self._log: collections.deque[str] = collections.deque(maxlen=2000)
+        self._reader: threading.Thread | None = None
+
+    # -- addresses --------------------------------------------------------------------------------
+    @property
+    def _host(self) -> str:
+        return "127.0.0.1" if self.address in ("0.0.0.0", "") else self.address
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self._host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._host}:{self.metrics_port}/metrics"
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def command(self, backend_dir: Path) -> list[str]:
+        prefix = f"tandem{os.getpid()}_{id(self) & 0xFFFFFF:x}_"  # python backend shm names: unique per server
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.address}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={self.exit_timeout}",
+            f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={prefix}",
+            *(  # pick up new version folders written by `tandem repo` while serving
+                ["--model-control-mode=poll", f"--repository-poll-secs={self.poll_seconds}"] if self.poll_seconds else []
+            ),
+            *self.extra_args,
+        ]
+
+    def start(self) -> "TritonServer":
+        if self.process is not None:
+            raise ServerError("this server is already started")
+        if not (self.repository / ENSEMBLE / "config.pbtxt").exists() and ENSEMBLE in self.ready_models:
+            raise ServerError(
+                f"{self.repository} is not a tandem model repository (no {ENSEMBLE}/config.pbtxt); "
+                "write one with `tandem repo --artifacts DIR --out REPO`"
+            )
+        check_bundled_support(self.repository)
+        chosen = {what: getattr(self, f"{what}_port") for what in ("http", "grpc", "metrics")}
+        for what, port in chosen.items():
+            if port is not None:
+                check_port_free(self.address, port, what)
+        if len({p for p in chosen.values() if p is not None}) != sum(p is not None for p in chosen.values()):
+            raise ServerError(f"http, grpc and metrics ports must differ, got {list(chosen.values())}")
+        # A port picked free can be taken by someone else before the server binds it: pick again.
+        attempts = 3 if None in chosen.values() else 1
+        for attempt in range(1, attempts + 1):
+            taken = {p for p in chosen.values() if p is not None}
+            for what, port in chosen.items():
+                if port is None:
+                    new = free_port(self.address)
+                    while new in taken:
+                        new = free_port(self.address)
+                    taken.add(new)
+                    port = new
+                setattr(self, f"{what}_port", port)
+            try:
+                self._launch()
+                self.wait_ready()
+                return self
+            except ServerError as exc:
+                self.stop()
+                if attempt == attempts or "already in use" not in str(exc):
+                    raise
+                log.info("a port was taken while tritonserver started; retrying on other ports")
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
+        self._log.clear()
+        self._workdir = tempfile.TemporaryDirectory(prefix="tandem-triton-")
+        backend_dir = prepare_backend_directory(Path(self._workdir.name) / "backends")
+        command = self.command(backend_dir)
+        log.debug("starting %s", " ".join(command))
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_environment(),
+            cwd=self._workdir.name,
+            start_new_session=True,  # our signal handling decides when it stops, not the terminal's Ctrl-C
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._read_log, args=(self.process,), name="tritonserver-log", daemon=True)
+        self._reader.start()
+
+    def _read_log(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self._log.append(line)
+            if self.echo_log:
+                print(line, file=sys.stderr, flush=True)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(list(self._log)[-lines:])
+
+    def log_text(self) -> str:
+        """Everything the server printed (its last 2000 lines)."""
+        return "\n".join(self._log)
+
+    def _failure(self, message: str) -> ServerError:
+        if self._reader is not None and self.process is not None and self.process.poll() is not None:
+            self._reader.join(timeout=2)  # collect the last lines of a process that has exited
+        tail = self.log_tail()
+        hint = ""
+        if "already in use" in tail.lower():
+            hint = "\na port is already in use; stop whatever holds it or choose other ports"
+        return ServerError(f"{message}{hint}\n--- tritonserver log (last lines) ---\n{tail}")
+
+    def wait_ready(self) -> None:
+        import tritonclient.http as httpclient
+
+        deadline = time.monotonic() + self.startup_timeout
+        client = httpclient.InferenceServerClient(f"{self._host}:{self.http_port}", connection_timeout=2.0, network_timeout=5.0)
+        try:
+            while True:
+                code = self.process.poll() if self.process else None
+                if code is not None:
+                    raise self._failure(f"tritonserver exited with code {code} before it was ready")
+                with contextlib.suppress(Exception):  # connection refused until the HTTP endpoint is up
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.ready_models):
+                        return
+                if time.monotonic() > deadline:
+                    raise self._failure(
+                        f"tritonserver did not report {'server and ' if self.ready_models else 'server '}"
+                        f"{', '.join(self.ready_models)} ready within {self.startup_timeout:.0f} s"
+                    )
+                time.sleep(0.25)
+        finally:
+            client.close()
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGINT (Triton drains in-flight requests, up to exit_timeout), then SIGKILL. Returns the exit code."""
+        process, self.process = self.process, None
+        code = None
+        if process is not None:
+            timeout = self.exit_timeout + 10 if timeout is None else timeout
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not stop within %.0f s; killing it and its backend stubs", timeout)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
+                    process.wait(timeout=10)
+            code = process.returncode
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+            if process.stdout is not None:
+                process.stdout.close()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+        return code
+
+    def serve_forever(self) -> int:
+        """Block until SIGINT/SIGTERM or until the server exits by itself; then stop it."""
+        stop = threading.Event()
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop.wait(0.5):
+                if not self.is_running():
+                    error = self._failure(f"tritonserver exited unexpectedly (code {self.process.poll()})")
+                    self.stop()
+                    raise error
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        return self.stop() or 0
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"TritonServer({self.repository}, http={self.http_port}, grpc={self.grpc_port}, {state})"

@@ -1,0 +1,176 @@
+"""`tandem bench`: a quick run on the tiny config against real runtimes and a live tritonserver, and
+the pieces that decide what the report says (targets, modelling, hardware file, bad input).
+
+Performance targets are NOT asserted here (they are report lines, measured on a quiet machine);
+these tests check that what is measured is recorded, consistent and reported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tandem.bench.hardware import load_hardware, modelled_call, per_image_seconds
+from tandem.bench.stagebench import decode_positions
+from tandem.bench.targets import Target
+from tandem.cli import main
+from tandem.errors import TandemError
+
+TARGET_IDS = {
+    "ort_decode_speedup",
+    "ort_refinement_speedup",
+    "decode_flat",
+    "served_overhead_http",
+    "served_scaling_http",
+    "served_overhead_grpc",
+    "served_scaling_grpc",
+    "refinement_peak",
+}
+
+
+def tandem(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tandem {' '.join(args)} failed:\n{result.stdout}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "report"
+    result = tandem(
+        "bench", "--config", "tiny", "--artifacts", str(tiny_artifacts), "--quick", "--out", str(out),
+        "--concurrency", "1,2", "--requests", "3", "--no-progress", "--runtimes", "torch,onnxruntime",
+    )
+    assert str(out / "report.md") in result.stdout
+    return out, json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+
+@pytest.mark.server
+def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run):
+    out, results, report = quick_run
+    env = results["environment"]
+    assert results["schema"] == "tandem-bench/1" and results["quick"] is True
+    assert results["config"]["name"] == "tiny" and env["cpu_model"] and env["versions"]["onnxruntime"]
+    assert env["cpu_model"] in report
+
+    # Every runtime x graph x batch measured, percentiles ordered, throughput derived from the samples.
+    assert set(results["stages"]) == {"torch", "onnxruntime"}
+    for graphs in results["stages"].values():
+        assert set(graphs) == {"reasoning_prefill", "reasoning_decode", "refinement"}
+        for graph in graphs.values():
+            assert set(graph["batches"]) == {"1", "2", "4", "8"}
+            for batch, s in graph["batches"].items():
+                assert s["n"] == len(s["samples_ms"]) >= 2
+                assert s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+                assert s["items_per_s"] == pytest.approx(int(batch) / (s["mean_ms"] / 1e3))
+
+    # Decode vs position covers the whole static cache (tiny: 64 positions).
+    assert set(results["decode_positions"]["onnxruntime"]) == {"16", "32", "63"}
+
+    # Roofline: FLOPs scale with the batch for the dense UNet; the decode step's traffic includes its cache.
+    work = results["roofline"]["work"]
+    assert work["refinement"]["2"]["flops"] == 2 * work["refinement"]["1"]["flops"] > 0
+    assert work["reasoning_decode"]["8"]["bytes"] > work["reasoning_decode"]["1"]["bytes"]
+    assert results["roofline"]["machine"]["matmul"]["peak_gflops"] > 0
+    assert results["roofline"]["machine"]["memory"]["bandwidth_gb_s"] > 0
+
+    # Served: every request answered with the in-process tokens, Triton's statistics account for each one.
+    served = results["served"]
+    assert served["status"] == "ok", served
+    for protocol in ("http", "grpc"):
+        levels = served["protocols"][protocol]
+        assert set(levels) == {"1", "2"}
+        for level in levels.values():
+            assert level["requests"] == 3 and level["failed"] == 0 and level["tokens_mismatched"] == 0
+            for model in ("tandem", "reasoning", "refinement"):
+                assert level["triton"][model]["requests"] == 3
+            formed = level["triton"]["reasoning"]["batch_sizes_formed"]
+            assert sum(int(size) * n for size, n in formed.items()) == 3
+        assert levels["1"]["triton"]["reasoning"]["batch_sizes_formed"] == {"1": 3}
+
+    # Targets: all eight reported, each line in the Markdown; quick mode at concurrency 1,2 has no scaling figure.
+    targets = {t["id"]: t for t in results["targets"]}
+    assert set(targets) == TARGET_IDS
+    for t in targets.values():
+        assert t["status"] in {"PASS", "FAIL", "NOT RUN"}
+        assert t["line"] in report
+    assert targets["decode_flat"]["status"] == "NOT RUN"  # tiny's cache ends at 63
+    assert targets["served_scaling_http"]["status"] == "NOT RUN"
+    assert targets["served_overhead_grpc"]["status"] in {"PASS", "FAIL"}
+
+    # Modelled rows are labelled as such, beside measured ones.
+    rows = results["cross_hardware"]["rows"]
+    assert {r["kind"] for r in rows} == {"measured", "modelled"}
+    assert {r["hardware"] for r in rows if r["kind"] == "modelled"} == {"h100-sxm", "a100-sxm-80gb", "inferentia2"}
+    assert report.count("*modelled*") >= sum(r["kind"] == "modelled" for r in rows)
+
+    # Every plot is drawn (served ran), is a real PNG and is linked from the report.
+    assert set(results["plots"].values()) == {"drawn"}
+    for name in results["plots"]:
+        path = out / "plots" / name
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 200
+        assert f"(plots/{name})" in report
+
+
+@pytest.mark.server
+def test_rerender_reproduces_the_report_from_json(quick_run):
+    out, _, report = quick_run
+    assert main(["bench", "--rerender", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
+
+
+def test_decode_positions_span_the_cache():
+    assert decode_positions(320) == [16, 32, 64, 128, 256, 319]
+    assert decode_positions(64) == [16, 32, 63]
+
+
+def test_target_lines_say_how_far_off():
+    miss = Target("x", "speedup", 2.0, ">=", "x").evaluate(1.5, "p50 3 ms vs 2 ms")
+    assert miss.status == "FAIL" and "missed by 0.50x (25% short of 2x)" in miss.line()
+    over = Target("y", "ratio", 1.1, "<=", "x").evaluate(1.21, "")
+    assert over.status == "FAIL" and "10% over 1.1x" in over.line()
+    assert Target("z", "peak", 0.5, ">=", "%").evaluate(0.6, "").line().startswith("**PASS** peak: 60.00%")
+    assert Target("w", "served", 1.1, "<=", "x").evaluate(None, "", "not run: --skip-served").status == "NOT RUN"
+
+
+def test_bundled_hardware_file_and_roofline_model():
+    hw = load_hardware()
+    assert {"h100-sxm", "a100-sxm-80gb", "inferentia2"} <= set(hw.accelerators)
+    assert all(acc.source.startswith("https://") for acc in hw.accelerators.values())
+    assert all(inst.usd_per_hour > 0 and inst.source.startswith("https://") for inst in hw.instances.values())
+    h100 = hw.accelerators["h100-sxm"]
+    # 1 GFLOP over 1 MB (fp32) on H100 at fp16: compute 1e9 / 989.4e12 s vs memory 0.5e6 / 3.35e12 s.
+    work = {"flops": 10**9, "weight_bytes_touched": 10**6, "io_float_bytes": 0, "io_int_bytes": 0}
+    call = modelled_call(work, h100, "fp16")
+    assert call["bound"] == "compute" and call["seconds"] == pytest.approx(1e9 / 989.4e12)
+    assert call["memory_seconds"] == pytest.approx(0.5e6 / 3350e9)
+    assert per_image_seconds({"reasoning_prefill": 1.0, "reasoning_decode": 0.5, "refinement": 2.0}, 2, 4) == 2.5
+
+
+def test_hardware_file_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "hw.yaml"
+    raw = yaml.safe_load(Path("configs/hardware.yaml").read_text())
+    raw["instances"]["p5.48xlarge"]["accelerator"] = "h200"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(TandemError, match="unknown accelerator 'h200'"):
+        load_hardware(bad)
+    with pytest.raises(TandemError, match="does not exist"):
+        load_hardware(tmp_path / "missing.yaml")
+
+
+def test_bad_arguments_are_refused_before_measuring(tiny_artifacts, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["bench", "--config", "small", "--artifacts", str(tiny_artifacts), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exported from another config" in err and "Traceback" not in err and not out.exists()
+    assert main(["bench", "--config", "tiny", "--protocols", "udp"]) == 2
+    assert "--protocols" in capsys.readouterr().err
+    assert main(["bench", "--rerender", str(tmp_path)]) == 2
+    assert "results.json" in capsys.readouterr().err

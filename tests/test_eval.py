@@ -1,0 +1,151 @@
+"""Synthetic scenes and the compositional checker, end to end: the data is deterministic and
+disjoint, the checker accepts every ground-truth render and rejects wrong captions, and the
+committed small checkpoint draws held-out captions that pass it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tandem.cli import main
+from tandem.config import load_config
+from tandem.data.scenes import (
+    SceneVocabulary,
+    all_scenes,
+    caption_split,
+    heldout_captions,
+    parse_caption,
+    sample_captions,
+)
+from tandem.errors import TandemError
+from tandem.eval.checker import check_image, check_tokens
+
+
+@pytest.fixture(scope="module")
+def small_config():
+    return load_config("small")
+
+
+@pytest.fixture(scope="module")
+def vocab(small_config) -> SceneVocabulary:
+    return SceneVocabulary(small_config)
+
+
+@pytest.fixture(scope="module")
+def sample_scenes(vocab):
+    scenes = all_scenes(vocab.max_caption_bytes)
+    picks = np.random.default_rng(0).permutation(len(scenes))[:60]
+    by_count = {n: [s for s in scenes if len(s.objects) == n][:5] for n in (1, 2, 3)}
+    return [scenes[i] for i in picks] + [s for group in by_count.values() for s in group]
+
+
+def test_tokens_fit_the_codebook_and_describe_the_scene(vocab):
+    scene = parse_caption("a red circle left of a blue square above a green triangle")
+    tokens = vocab.scene_tokens(scene)
+    assert tokens.shape == (16, 16) and tokens.min() >= 0 and tokens.max() < 512
+    placements = vocab.placements(scene)
+    assert placements == [(3, 3), (3, 8), (8, 8)]
+    assert vocab.describe_token(tokens[0, 0]) == ("background", 0, 0)
+    assert vocab.describe_token(tokens[15, 15]) == ("background", 15, 15)
+    assert vocab.describe_token(tokens[3, 3]) == ("object", "red", "circle", 0, 0)
+    assert vocab.describe_token(tokens[11, 11]) == ("object", "green", "triangle", 3, 3)
+    assert vocab.describe_token(511) == ("unused",)
+    assert vocab.object_offset + vocab.n_object_tokens <= 512
+
+
+def test_render_matches_token_patches(vocab, sample_scenes):
+    """The Pillow render is exactly the per-token painting: a cell's pixels depend on its token
+    alone, which is what lets the refinement stage paint exact shapes."""
+    for scene in sample_scenes:
+        image = vocab.render(scene)
+        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+        np.testing.assert_array_equal(image, vocab.render_tokens(vocab.scene_tokens(scene)), err_msg=scene.caption)
+
+
+def test_checker_accepts_every_ground_truth_render(vocab, sample_scenes):
+    for scene in sample_scenes:
+        result = check_image(scene.caption, vocab.render(scene), vocab.cell_px)
+        assert result.passed, (scene.caption, result.reason, result.detected)
+        assert check_tokens(scene.caption, vocab.scene_tokens(scene), vocab).passed
+
+
+@pytest.mark.parametrize(
+    ("wrong", "reason"),
+    [
+        ("a blue square above a red circle", "relation"),  # relation reversed
+        ("a red circle below a blue square", "relation"),
+        ("a red circle left of a blue square", "relation"),
+        ("a red square above a blue square", "not the caption's"),  # wrong shape
+        ("a green circle above a blue square", "not the caption's"),  # wrong colour
+        ("a red circle", "found 2 objects"),  # an object too many
+        ("a red circle above a blue square left of a red triangle", "found 2 objects"),  # one missing
+    ],
+)
+def test_checker_rejects_what_the_image_does_not_show(vocab, wrong, reason):
+    image = vocab.render(parse_caption("a red circle above a blue square"))
+    result = check_image(wrong, image, vocab.cell_px)
+    assert not result.passed and reason in result.reason
+
+
+def test_checker_ignores_specks_and_sees_blank_images(vocab):
+    image = vocab.render(parse_caption("a yellow triangle"))
+    image[0:3, 0:3] = (214, 48, 49)  # a red speck well below an object's area
+    assert check_image("a yellow triangle", image, vocab.cell_px).passed
+    blank = np.full_like(image, 236)
+    assert "found 0 objects" in check_image("a yellow triangle", blank, vocab.cell_px).reason
+
+
+def test_captions_are_deterministic_disjoint_and_fit_the_prompt(vocab):
+    held = heldout_captions(vocab.max_caption_bytes)
+    assert held == heldout_captions(vocab.max_caption_bytes)
+    assert len(held) == len(set(held)) >= 60
+    assert all(caption_split(c) == "heldout" for c in held)
+    train = sample_captions(np.random.default_rng(1), 300, vocab.max_caption_bytes, split="train")
+    assert not set(train) & set(held)
+    assert all(len(c.encode()) <= 62 for c in train + held)
+    assert {len(parse_caption(c).objects) for c in train} == {1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "caption",
+    ["a red blob", "a red circle near a blue square", "", "a red circle left of a blue square right of a red circle"],
+)
+def test_captions_outside_the_grammar_are_rejected(caption):
+    with pytest.raises(TandemError):
+        parse_caption(caption)
+
+
+def test_the_committed_checkpoint_draws_heldout_captions_that_pass(small_config, vocab):
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes import make_runtime
+
+    assert small_config.checkpoint is not None, "configs/models/small.yaml must name the trained checkpoint"
+    assert Path(small_config.checkpoint).exists(), f"{small_config.checkpoint} is missing; run `tandem train`"
+    held = heldout_captions(vocab.max_caption_bytes)
+    captions = [held[0], held[1], held[-2], held[-1]]  # two- and three-object captions
+    pipeline = Pipeline(make_runtime("torch", config=small_config))
+    tokens = pipeline.generate_tokens(captions)
+    images = pipeline.render(tokens)
+    for caption, grid, image in zip(captions, tokens, images):
+        assert check_tokens(caption, grid, vocab).passed, caption
+        result = check_image(caption, image, vocab.cell_px)
+        assert result.passed, (caption, result.reason)
+
+
+def test_eval_command_reports_accuracy(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--config", "small", "--runtime", "torch", "--per-count", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    run = report["runtimes"]["torch"]
+    assert report["captions"] == run["captions"] == 4  # no one-object caption is held out
+    assert 0.0 <= run["accuracy"] <= 1.0 and len(run["failures"]) == round((1 - run["accuracy"]) * 4)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_eval_command_explains_missing_export(tmp_path, capsys):
+    code = main(["eval", "--config", "small", "--runtime", "onnxruntime", "--artifacts", str(tmp_path / "none")])
+    assert code == 2 and "tandem export" in capsys.readouterr().err

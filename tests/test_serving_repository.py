@@ -1,0 +1,205 @@
+"""The Triton model repository writer, its configs, the native refinement graph and the request
+parsing shared by the python-backend models. No server here (see test_serving.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tandem.errors import ArtifactError, TandemError
+from tandem.pipeline import Pipeline
+from tandem.runtimes import make_runtime
+from tandem.serving.client import generation_arrays, parse_url, tokens_array
+from tandem.serving.interface import ENSEMBLE, IMAGE, PROMPT, REASONING, REFINEMENT, SCENE_TOKENS
+from tandem.serving.models.common import parse_prompts, parse_sampling, parse_scene_tokens
+from tandem.serving.repository import FLAVORS, existing_versions, write_repository
+
+MODELS = (REASONING, REFINEMENT, ENSEMBLE)
+
+
+def parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_artifacts: Path) -> Pipeline:
+    return Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts))
+
+
+@pytest.mark.parametrize("flavor", sorted(FLAVORS))
+def test_every_config_parses_with_tritons_schema(tmp_path: Path, tiny_artifacts: Path, tiny_config, flavor: str):
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", flavor=flavor, max_batch_size=4)
+    configs = {m: parse(repo / m / "config.pbtxt") for m in MODELS}
+    n_tokens = tiny_config.scene.num_tokens
+    for name in (REASONING, REFINEMENT):
+        c = configs[name]
+        assert c.name == name and c.max_batch_size == 4
+        assert list(c.dynamic_batching.preferred_batch_size) == [2, 4]
+        assert c.dynamic_batching.max_queue_delay_microseconds > 0
+        policy = c.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert policy.max_queue_size == 16 and policy.default_timeout_microseconds == 60_000_000
+        assert len(c.instance_group) == 1 and c.instance_group[0].count == 1
+        assert c.parameters["tandem.grid"].string_value == "4x4"
+    assert configs[REASONING].backend == "python"
+    assert [i.name for i in configs[REASONING].input] == [PROMPT, "seed", "temperature", "top_k"]
+    assert configs[REASONING].input[0].data_type == mc.TYPE_STRING
+    assert configs[REASONING].output[0].data_type == mc.TYPE_INT32 and list(configs[REASONING].output[0].dims) == [n_tokens]
+    image = configs[REFINEMENT].output[0]
+    assert image.data_type == mc.TYPE_UINT8 and list(image.dims) == [tiny_config.image_height, tiny_config.image_width, 3]
+    if flavor == "native":
+        assert configs[REFINEMENT].platform == "onnxruntime_onnx"
+        assert configs[REFINEMENT].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        assert (repo / REFINEMENT / "1" / "model.onnx").exists()
+    else:
+        assert configs[REFINEMENT].backend == "python"
+        assert configs[REFINEMENT].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert (repo / REFINEMENT / "1" / "model.py").exists()
+    ensemble = configs[ENSEMBLE]
+    assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 4
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [REASONING, REFINEMENT]
+    assert {o.name for o in ensemble.output} == {IMAGE, SCENE_TOKENS}
+    assert (repo / ENSEMBLE / "1").is_dir()
+
+
+def test_versions_are_added_atomically_and_pruned(tmp_path: Path, tiny_artifacts: Path):
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifacts, repo)
+    write_repository(tiny_artifacts, repo, max_queue_delay_us=123)
+    assert all(existing_versions(repo / m) == [1, 2] for m in MODELS)
+    write_repository(tiny_artifacts, repo, keep_versions=2)
+    assert all(existing_versions(repo / m) == [2, 3] for m in MODELS)
+
+    # A broken export fails while the new version is staged: no version 4, configs untouched, no debris.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifacts, broken)
+    (broken / "refinement.ort.onnx").write_bytes(b"not onnx")
+    before = {m: (repo / m / "config.pbtxt").read_text() for m in MODELS}
+    with pytest.raises(ArtifactError, match="corrupt or was modified"):
+        write_repository(broken, repo)
+    assert all(existing_versions(repo / m) == [2, 3] for m in MODELS)
+    assert {m: (repo / m / "config.pbtxt").read_text() for m in MODELS} == before
+    leftovers = [p for p in repo.rglob("*") if "staging" in p.name or p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_shipped_artifacts_are_hashed_copies_of_the_export(tmp_path: Path, tiny_artifacts: Path):
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", link=False)
+    shipped = repo / REASONING / "1" / "artifacts"
+    assert sorted(p.name for p in shipped.iterdir()) == ["manifest.json", "reasoning_decode.ort.onnx", "reasoning_prefill.ort.onnx"]
+    assert (shipped / "reasoning_decode.ort.onnx").read_bytes() == (tiny_artifacts / "reasoning_decode.ort.onnx").read_bytes()
+
+
+def test_bad_repository_requests_are_refused(tmp_path: Path, tiny_artifacts: Path):
+    with pytest.raises(TandemError, match="unknown repository flavor 'tensorrt'"):
+        write_repository(tiny_artifacts, tmp_path / "r", flavor="tensorrt")
+    with pytest.raises(TandemError, match=r"unknown repository option\(s\) \['max_delay'\]"):
+        write_repository(tiny_artifacts, tmp_path / "r", max_delay=5)
+    with pytest.raises(TandemError, match="exceeds the batch size the graphs were exported"):
+        write_repository(tiny_artifacts, tmp_path / "r", max_batch_size=64)
+    with pytest.raises(TandemError, match="preferred batch size 16"):
+        write_repository(tiny_artifacts, tmp_path / "r", preferred_batch_sizes=(16,))
+    with pytest.raises(ArtifactError, match="does not exist"):
+        write_repository(tmp_path / "missing", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_native_refinement_graph_matches_the_pipeline(tmp_path: Path, tiny_artifacts: Path, pipeline: Pipeline):
+    """The onnxruntime_onnx model speaks the wire format (INT32 [B, N] -> UINT8 [B, H, W, 3]) and
+    paints what the in-process pipeline paints."""
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", flavor="native")
+    session = ort.InferenceSession(str(repo / REFINEMENT / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [(SCENE_TOKENS, "tensor(int32)")]
+    assert [(o.name, o.type) for o in session.get_outputs()] == [(IMAGE, "tensor(uint8)")]
+    h, w = pipeline.grid
+    tokens = np.random.default_rng(0).integers(0, pipeline.config.scene.codebook_size, size=(3, h * w)).astype(np.int32)
+    (served,) = session.run([IMAGE], {SCENE_TOKENS: tokens})
+    expected = pipeline.render(tokens.reshape(3, h, w))
+    assert served.shape == expected.shape and served.dtype == np.uint8
+    # The native graph runs the plain export, in-process runs ORT's optimised copy: one level of rounding.
+    assert int(np.abs(served.astype(np.int16) - expected).max()) <= 1
+
+
+def test_request_parsing_names_the_problem():
+    prompts = parse_prompts(np.array([["a red circle".encode()], ["two squares".encode()]], dtype=object))
+    assert prompts == ["a red circle", "two squares"]
+    with pytest.raises(TandemError, match="not valid UTF-8"):
+        parse_prompts(np.array([[b"\xff\xfe"]], dtype=object))
+    params = parse_sampling(2, np.array([[1], [2]]), np.array([[0.5], [0.0]]), None)
+    assert [(p.seed, p.temperature, p.top_k) for p in params] == [(1, 0.5, 0), (2, 0.0, 0)]
+    with pytest.raises(TandemError, match="seed must be in"):
+        parse_sampling(1, np.array([[-3]]), None, None)
+    with pytest.raises(TandemError, match="'temperature' has 1 rows but 'prompt' has 2"):
+        parse_sampling(2, None, np.array([[0.5]]), None)
+    ok = parse_scene_tokens(np.arange(32, dtype=np.int32).reshape(2, 16) % 64, (4, 4), 64)
+    assert ok.shape == (2, 4, 4) and ok.dtype == np.int64
+    with pytest.raises(TandemError, match=r"1 scene tokens are outside the codebook \[0, 64\)") as info:
+        parse_scene_tokens(np.array([[7] * 15 + [9999]], dtype=np.int32), (4, 4), 64)
+    assert "9999" not in str(info.value)  # token values never appear in messages (or server logs)
+
+
+def test_client_helpers():
+    assert parse_url("grpc://127.0.0.1:8001").protocol == "grpc"
+    assert parse_url("127.0.0.1:8000").url == "http://127.0.0.1:8000"
+    for bad in ("ftp://h:1", "http://nohost", ""):
+        with pytest.raises(TandemError):
+            parse_url(bad)
+    arrays = generation_arrays(["a", "b"], seed=[1, 2], temperature=0.7, top_k=3)
+    assert arrays["seed"].tolist() == [[1], [2]] and arrays["temperature"].dtype == np.float64
+    assert tokens_array(np.zeros((4, 4), dtype=np.int64), grid=(4, 4)).shape == (1, 16)
+    assert tokens_array(np.zeros((3, 16), dtype=np.int64), grid=(4, 4)).shape == (3, 16)
+    with pytest.raises(TandemError, match="must be integers"):
+        tokens_array(np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(TandemError, match="do not fit INT32"):
+        tokens_array(np.array([2**40]))
+
+
+def test_tandem_repo_command(tmp_path: Path, tiny_artifacts: Path, capsys):
+    from tandem.cli import main
+
+    out = tmp_path / "repo"
+    argv = ["repo", "--artifacts", str(tiny_artifacts), "--out", str(out), "--max-batch-size", "4", "--instances", "2"]
+    assert main(argv) == 0
+    assert "tandem serve --repository" in capsys.readouterr().out
+    config = parse(out / REASONING / "config.pbtxt")
+    assert config.max_batch_size == 4 and config.instance_group[0].count == 2
+    assert main(["repo", "--artifacts", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_later_targets_plug_into_the_writer(tmp_path: Path, tiny_artifacts: Path):
+    """A flavor registered from outside (as a TensorRT or Neuron build would) reuses the writer:
+    its options reach its targets, batching/queueing/ensemble come for free."""
+    from tandem.serving.repository import Flavor, PythonRuntimeTarget, get_flavor, register_flavor
+
+    class PlainGraphs(PythonRuntimeTarget):
+        option_names = ("label",)
+
+        def configure(self, ctx, stage, config):
+            super().configure(ctx, stage, config)
+            config.parameters["label"].string_value = ctx.target_options["label"]
+
+    flavor = Flavor("test-plain", "unoptimised ONNX graphs", {REASONING: PlainGraphs(), REFINEMENT: PlainGraphs()})
+    register_flavor(flavor)
+    try:
+        with pytest.raises(TandemError, match="already registered"):
+            register_flavor(flavor)
+        repo = write_repository(tiny_artifacts, tmp_path / "repo", flavor="test-plain", label="x1", optimized=False)
+        config = parse(repo / REFINEMENT / "config.pbtxt")
+        assert config.parameters["label"].string_value == "x1"
+        assert config.parameters["tandem.flavor"].string_value == "test-plain"
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 32
+        assert sorted(p.name for p in (repo / REFINEMENT / "1" / "artifacts").iterdir()) == ["manifest.json", "refinement.onnx"]
+        with pytest.raises(TandemError, match="unknown repository option"):
+            write_repository(tiny_artifacts, tmp_path / "repo2", label="x1")  # local does not take it
+    finally:
+        FLAVORS.pop("test-plain", None)
+    with pytest.raises(TandemError, match="no target for"):
+        register_flavor(Flavor("half", "", {REASONING: PythonRuntimeTarget()}))
+    assert get_flavor("local").name == "local"
