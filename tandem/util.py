@@ -19,9 +19,11 @@ def atomic_write_path(target: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide the artifact from a server running as another user
     try:
         yield tmp_path
+        # mkstemp's 0600 (kept by writers that recreate the file, such as safetensors) would hide
+        # the artifact from a server running as another user.
+        os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,16 @@ def tiny_server(tiny_repository: Path):
 
     with TritonServer(tiny_repository, startup_timeout=120) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def small_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tandem export` of the small config (with its trained checkpoint) run as a user runs it, once
+    per test run (one to three minutes); treat the directory as read-only."""
+    out = tmp_path_factory.mktemp("small") / "export"
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem", "export", "--config", "configs/models/small.yaml", "--out", str(out)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, f"tandem export failed:\n{result.stdout}\n{result.stderr}"
+    return out

@@ -16,9 +16,8 @@ def tandem(*args, check=True):
     return result
 
 
-def test_small_export_matches_pytorch_and_generates_a_png(tmp_path):
-    out = tmp_path / "small"
-    tandem("export", "--config", "configs/models/small.yaml", "--out", str(out))
+def test_small_export_matches_pytorch_and_generates_a_png(small_artifacts, tmp_path):
+    out = small_artifacts
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["passed"] and manifest["generation"]["tokens_equal"]
     assert all(g["passed"] for g in manifest["graphs"].values())

@@ -28,6 +28,8 @@ def test_safetensors_round_trip(tiny_config, tmp_path):
     loaded = build_stages(tiny_config, checkpoint=path)
     a, b = _state(source), _state(loaded)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left
 
 
 def test_bad_checkpoints_are_refused(tiny_config, small_config_for_mismatch, tmp_path):

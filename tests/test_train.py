@@ -41,7 +41,7 @@ def test_teacher_forcing_alignment_matches_generation():
     scene token t (as decode_step's position is) and its target is token t + 1."""
     vocab = SceneVocabulary(load_config("small"))
     captions = ["a red circle above a blue square", "a green triangle"]
-    ids, targets = reasoning_batch(vocab, captions)
+    ids, targets, weights = reasoning_batch(vocab, captions, decision_weight=4.0)
     for row, caption in enumerate(captions):
         prompt = encode(caption, 64)
         scene = vocab.caption_tokens(caption).reshape(-1)
@@ -52,18 +52,30 @@ def test_teacher_forcing_alignment_matches_generation():
             assert ids[row, p + t] == scene[t] + SCENE_OFFSET
             assert targets[row, p + t] == scene[t + 1]
         assert (targets[row] != IGNORE).sum() == scene.size
+        # The decisions (3 plan entries in row 0, 9 lattice cells) weigh 1 + 4, other tokens 1.
+        scene_weights = weights[row, p - 1 : p - 1 + scene.size].reshape(16, 16)
+        decisions = sorted(map(tuple, torch.nonzero(scene_weights == 5.0).tolist()))
+        assert decisions == sorted([(0, 0), (0, 1), (0, 2), *vocab.slot_cells])
+        assert int((scene_weights == 1.0).sum()) == 256 - 12 and float(weights[row, : p - 1].sum()) == 0.0
     assert (targets[1, len(encode(captions[1], 64)) + 255 :] == IGNORE).all()  # padding of the shorter row
+    # Plan rows: cut after the plan and the token that ends it.
+    ids, targets, _ = reasoning_batch(vocab, captions, scene_tokens=4)
+    assert [int((t != IGNORE).sum()) for t in targets] == [4, 4]
+    scene = vocab.caption_tokens(captions[0]).reshape(-1)
+    assert targets[0, len(encode(captions[0], 64)) - 1 :][:4].tolist() == scene[:4].tolist()
 
 
 def test_train_rejects_a_config_without_room_for_scenes(tiny_config, tmp_path):
     with pytest.raises(TandemError, match="cannot hold synthetic scenes"):
-        train_model(tiny_config, tmp_path / "x.safetensors", TrainSettings(reasoning_steps=1, refinement_steps=1))
+        train_model(
+            tiny_config, tmp_path / "x.safetensors", TrainSettings(reasoning_steps=1, canvas_steps=1, refinement_steps=1)
+        )
 
 
 def test_train_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "small.safetensors"
     code = main(
-        ["train", "--config", "small", "--out", str(out), "--reasoning-steps", "2", "--focus-steps", "1",
+        ["train", "--config", "small", "--out", str(out), "--reasoning-steps", "2", "--canvas-steps", "1",
          "--refinement-steps", "2", "--batch", "2", "--threads", "1"]
     )
     assert code == 0, capsys.readouterr().err
@@ -82,3 +94,6 @@ def test_train_command_rejects_bad_arguments(tmp_path, capsys):
     assert ".safetensors" in capsys.readouterr().err
     assert main(["train", "--config", "small", "--out", str(tmp_path / "x.safetensors"), "--stages", "decoder"]) == 2
     assert "stages to train" in capsys.readouterr().err
+    assert main(["train", "--config", "small", "--out", str(tmp_path / "x.safetensors"), "--reasoning-steps", "0"]) == 2
+    assert "give --reasoning-steps or --init" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -24,12 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=DEFAULT_CHECKPOINT, help=f"checkpoint to write (default {DEFAULT_CHECKPOINT})")
     p.add_argument("--stages", default="reasoning,refinement", help="comma-separated stages to train (default both)")
     p.add_argument("--init", help="start from this checkpoint (the stages not trained keep its weights)")
-    p.add_argument("--reasoning-steps", type=int, default=d.reasoning_steps, help="reasoning phase 1: every token")
     p.add_argument(
-        "--focus-steps", type=int, default=d.focus_steps, help="reasoning phase 2: objects' first cells weighted up"
+        "--reasoning-steps", type=int, default=d.reasoning_steps, help="reasoning phase 1: plans and whole rows"
     )
+    p.add_argument("--canvas-steps", type=int, default=d.canvas_steps, help="reasoning phase 2: whole rows")
     p.add_argument("--refinement-steps", type=int, default=d.refinement_steps)
-    p.add_argument("--batch", type=int, default=d.reasoning_batch, help="captions per step, both stages")
+    p.add_argument("--batch", type=int, help="captions per batch everywhere (default: the recipe's, see TrainSettings)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument(
@@ -59,19 +59,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tandem.train.trainer import TrainSettings, plot_history, train_model
 
     config = load_config(args.config)
-    for name, least in (("reasoning_steps", 0), ("focus_steps", 0), ("refinement_steps", 1), ("batch", 1), ("threads", 1)):
-        if getattr(args, name) < least:
+    for name, least in (("reasoning_steps", 0), ("canvas_steps", 0), ("refinement_steps", 1), ("batch", 1), ("threads", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
             raise TandemError(f"--{name.replace('_', '-')} must be at least {least}")
     settings = TrainSettings(
         reasoning_steps=args.reasoning_steps,
-        focus_steps=args.focus_steps,
+        canvas_steps=args.canvas_steps,
         refinement_steps=args.refinement_steps,
-        reasoning_batch=args.batch,
-        refinement_batch=args.batch,
         seed=args.seed,
         threads=args.threads,
         stored_dtype=args.dtype,
     )
+    if args.batch is not None:
+        settings.reasoning_batch = settings.plan_batch = settings.canvas_batch = args.batch
+        settings.refinement_batch = args.batch
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     report = train_model(config, args.out, settings, init_checkpoint=args.init, stages_to_train=stages)
     plot = Path(args.out).with_suffix(".train.png")
@@ -82,7 +83,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if stage is not None:
             print(f"  {name:<11} {stage.steps} steps in {stage.wall_s:.0f} s, final loss {stage.final_loss:.4f}")
     if report.heldout_token_accuracy is not None:
-        print(f"  held-out teacher-forced token accuracy: {report.heldout_token_accuracy:.2%}")
+        print(
+            f"  held-out teacher-forced accuracy: {report.heldout_token_accuracy:.2%} of tokens, "
+            f"{report.heldout_decision_accuracy:.2%} of object-placement decisions"
+        )
     print(f"  total {report.wall_s:.0f} s")
     return 0
 

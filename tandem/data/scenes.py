@@ -9,28 +9,38 @@ Captions
     small config), so some long three-object captions do not exist.
 
 Layout (a function of the caption, so the reasoning stage can learn it exactly)
-    Each object covers a FOOTPRINT x FOOTPRINT block of grid cells. Objects sit on a lattice with
-    a pitch of PITCH cells (one empty cell between neighbours); the caption's relations fix each
-    object's lattice slot, and the occupied slots are centred in the grid. Captions whose relations
-    put two objects in one slot (``A left of B right of C``) are not valid scenes.
+    Each object covers a FOOTPRINT x FOOTPRINT block of grid cells. Objects sit in the slots of a
+    fixed 3x3 lattice with a pitch of PITCH cells (two empty cells between neighbours), centred in
+    the grid. The caption's relations fix each object's slot relative to the others; on each axis
+    the occupied slots are then centred in the lattice (a pair, which cannot be centred, takes the
+    first two slots). Captions whose relations put two objects in one slot
+    (``A left of B right of C``) are not valid scenes. Because the lattice is fixed, an object can
+    only ever sit at one of nine cells. Row 0 stays clear of the lattice for the plan.
 
 Scene tokens (one per grid cell, row-major, codebook ids)
     ``[0, h*w)``                     background at cell ``row * w + col``: every token says where it
                                      is, so the autoregressive reasoning stage always knows its cell
                                      whatever the prompt length;
-    ``h*w + ((shape * n_colours + colour) * F + fr) * F + fc``
-                                     part (fr, fc) of a FOOTPRINT-cell object of that shape and
-                                     colour, so the refinement stage can paint the exact shape cell
-                                     by cell;
-    the rest of the codebook         unused (drawn black by :meth:`SceneVocabulary.render_tokens`).
-    For the small config (16x16 grid, codebook 512): 256 background + 3*5*16 = 240 object ids.
+    ``h*w + kind``                   an object of that kind (``shape * n_colours + colour``) centred
+                                     on this cell (the other cells of its footprint are background
+                                     tokens), so the refinement stage paints it over the cells
+                                     around its token;
+    ``h*w + n_kinds + kind * 9 + slot``
+                                     a plan entry: "the caption's next object is of this kind and goes
+                                     in this lattice slot". Row 0 starts with one entry per caption
+                                     object, in caption order, and is painted as background. The
+                                     reasoning stage makes its decisions there, reading the caption in
+                                     order, before it writes the canvas; placing each object then
+                                     copies its plan entry;
+    the rest of the codebook         unused (painted black by :meth:`SceneVocabulary.render_tokens`).
+    For the small config (16x16 grid, codebook 512): 256 background + 15 object + 135 plan ids.
 
 Images
-    Pillow draws each shape inside its footprint (a margin of ``cell_px // 2 - 1`` pixels, for a
-    circle ``3 * cell_px // 4`` so that it leaves the footprint's corner cells empty) on a light
+    Pillow draws each shape inside its footprint (a margin of ``cell_px // 4`` pixels) on a light
     grey background, without anti-aliasing, at the refinement stage's output resolution
-    (``cell_px`` = 8 pixels per cell for small: 128x128). The pixels of a cell depend only on its
-    token, which :func:`test_render_matches_token_patches` checks.
+    (``cell_px`` = 8 pixels per cell for small: 128x128, objects 20 pixels across).
+    :meth:`SceneVocabulary.render_tokens` paints any token grid the same way (the ideal refinement
+    stage), which :func:`test_render_matches_token_painting` checks.
 """
 
 from __future__ import annotations
@@ -39,7 +49,6 @@ import hashlib
 import itertools
 import re
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -68,8 +77,9 @@ RELATIONS: dict[str, tuple[int, int]] = {
     "below": (1, 0),
 }
 MAX_OBJECTS = 3
-FOOTPRINT = 4  # grid cells per object side
-PITCH = 5  # lattice spacing in cells: FOOTPRINT plus one empty cell
+FOOTPRINT = 3  # grid cells per object side; the object's token sits in the centre cell
+PITCH = 5  # lattice spacing in cells: FOOTPRINT plus two empty cells
+LATTICE = MAX_OBJECTS  # slots per lattice side: a chain of 3 objects spans at most 3 slots
 
 _OBJECT_RE = "a (" + "|".join(COLOURS) + ") (" + "|".join(SHAPES) + ")"
 _RELATION_RE = "(" + "|".join(RELATIONS) + ")"
@@ -204,15 +214,18 @@ class SceneVocabulary:
         self.cell_px = config.refinement.upsample_factor
         self.max_caption_bytes = config.reasoning.max_prompt_len - 2  # BOS and BOI
         self.object_offset = self.height * self.width
-        self.n_object_tokens = len(SHAPES) * len(COLOURS) * FOOTPRINT * FOOTPRINT
-        needed_cells = FOOTPRINT + PITCH * (MAX_OBJECTS - 1)
+        self.n_object_tokens = len(SHAPES) * len(COLOURS)
+        self.plan_offset = self.object_offset + self.n_object_tokens
+        self.n_plan_tokens = self.n_object_tokens * LATTICE * LATTICE
+        lattice_cells = FOOTPRINT + PITCH * (LATTICE - 1)
+        used = self.plan_offset + self.n_plan_tokens
         problems = []
-        if min(self.height, self.width) < needed_cells:
-            problems.append(f"a grid of at least {needed_cells}x{needed_cells} cells (has {self.height}x{self.width})")
-        if self.object_offset + self.n_object_tokens > self.codebook_size:
+        if min(self.height, self.width) < lattice_cells + 1:  # + the plan row
             problems.append(
-                f"a codebook of at least {self.object_offset + self.n_object_tokens} entries (has {self.codebook_size})"
+                f"a grid of at least {lattice_cells + 1}x{lattice_cells + 1} cells (has {self.height}x{self.width})"
             )
+        if used > self.codebook_size:
+            problems.append(f"a codebook of at least {used} entries (has {self.codebook_size})")
         if self.cell_px < 4:
             problems.append(f"at least 4 pixels per grid cell (has {self.cell_px})")
         if problems:
@@ -220,47 +233,67 @@ class SceneVocabulary:
                 f"config {config.name!r} cannot hold synthetic scenes: they need " + " and ".join(problems)
                 + "; use the small config (16x16 grid, codebook 512) or a larger one"
             )
+        # Top-left cell of lattice slot 0 on each axis: the lattice is centred in the grid, below
+        # the plan row.
+        self.lattice_origin = (max(1, (self.height - lattice_cells) // 2), (self.width - lattice_cells) // 2)
 
     # --- tokens -------------------------------------------------------------------------------
     def background_token(self, row: int, col: int) -> int:
         return row * self.width + col
 
-    def object_token(self, obj: SceneObject, fr: int, fc: int) -> int:
-        kind = SHAPES.index(obj.shape) * len(COLOURS) + list(COLOURS).index(obj.colour)
-        return self.object_offset + (kind * FOOTPRINT + fr) * FOOTPRINT + fc
+    def object_token(self, obj: SceneObject) -> int:
+        return self.object_offset + SHAPES.index(obj.shape) * len(COLOURS) + list(COLOURS).index(obj.colour)
 
-    def describe_token(self, token: int) -> tuple[str, ...]:
-        """("background", row, col) | ("object", colour, shape, fr, fc) | ("unused",)"""
+    def plan_token(self, obj: SceneObject, slot: tuple[int, int]) -> int:
+        """The plan entry "``obj`` goes in lattice slot ``slot`` (row, col)"."""
+        kind = self.object_token(obj) - self.object_offset
+        return self.plan_offset + (kind * LATTICE + slot[0]) * LATTICE + slot[1]
+
+    def describe_token(self, token: int) -> tuple:
+        """("background", row, col) | ("object", colour, shape) | ("plan", colour, shape, (slot row,
+        slot col)) | ("unused",)"""
         token = int(token)
         if 0 <= token < self.object_offset:
             return ("background", token // self.width, token % self.width)
-        part = token - self.object_offset
-        if 0 <= part < self.n_object_tokens:
-            kind, cell = divmod(part, FOOTPRINT * FOOTPRINT)
+        kind = token - self.object_offset
+        if 0 <= kind < self.n_object_tokens:
             shape, colour = divmod(kind, len(COLOURS))
-            return ("object", list(COLOURS)[colour], SHAPES[shape], cell // FOOTPRINT, cell % FOOTPRINT)
+            return ("object", list(COLOURS)[colour], SHAPES[shape])
+        entry = token - self.plan_offset
+        if 0 <= entry < self.n_plan_tokens:
+            kind, slot = divmod(entry, LATTICE * LATTICE)
+            shape, colour = divmod(kind, len(COLOURS))
+            return ("plan", list(COLOURS)[colour], SHAPES[shape], divmod(slot, LATTICE))
         return ("unused",)
 
+    @property
+    def slot_cells(self) -> list[tuple[int, int]]:
+        """The nine cells (row, col) that can hold an object token (footprint centres), row-major."""
+        r0, c0 = self.lattice_origin
+        centre = FOOTPRINT // 2
+        return [(r0 + centre + PITCH * i, c0 + centre + PITCH * j) for i in range(LATTICE) for j in range(LATTICE)]
+
     def placements(self, scene: Scene) -> list[tuple[int, int]]:
-        """Top-left grid cell (row, col) of every object: the occupied lattice slots, centred."""
+        """Top-left grid cell (row, col) of every object: its lattice slot, occupied slots centred."""
         slots = scene.slots()
         placed = [[0, 0] for _ in slots]
-        for axis, size in ((0, self.height), (1, self.width)):
+        for axis in (0, 1):
             values = [slot[axis] for slot in slots]
             low, span = min(values), max(values) - min(values) + 1
-            origin = (size - (FOOTPRINT + PITCH * (span - 1))) // 2
+            first = (LATTICE - span) // 2
             for p, v in zip(placed, values):
-                p[axis] = origin + PITCH * (v - low)
+                p[axis] = self.lattice_origin[axis] + PITCH * (first + v - low)
         return [(r, c) for r, c in placed]
 
     def scene_tokens(self, scene: Scene) -> np.ndarray:
-        """The scene as codebook ids [h, w] int32."""
+        """The scene as codebook ids [h, w] int32: the plan in row 0, objects on the lattice."""
         rows, cols = np.indices((self.height, self.width))
         tokens = (rows * self.width + cols).astype(np.int32)
-        for obj, (top, left) in zip(scene.objects, self.placements(scene)):
-            for fr in range(FOOTPRINT):
-                for fc in range(FOOTPRINT):
-                    tokens[top + fr, left + fc] = self.object_token(obj, fr, fc)
+        centre = FOOTPRINT // 2
+        r0, c0 = self.lattice_origin
+        for k, (obj, (top, left)) in enumerate(zip(scene.objects, self.placements(scene))):
+            tokens[0, k] = self.plan_token(obj, ((top - r0) // PITCH, (left - c0) // PITCH))
+            tokens[top + centre, left + centre] = self.object_token(obj)
         return tokens
 
     def caption_tokens(self, caption: str) -> np.ndarray:
@@ -278,9 +311,7 @@ class SceneVocabulary:
     # --- pixels -------------------------------------------------------------------------------
     def _draw(self, draw: ImageDraw.ImageDraw, obj: SceneObject, top_px: int, left_px: int) -> None:
         size = FOOTPRINT * self.cell_px
-        # A circle keeps clear of its footprint's corner cells, so even a painter that only gets
-        # whole cells right draws it with cut corners (a circle) rather than as a square.
-        m = (3 * self.cell_px) // 4 if obj.shape == "circle" else self.cell_px // 2 - 1
+        m = self.cell_px // 4
         x0, y0, x1, y1 = left_px + m, top_px + m, left_px + size - 1 - m, top_px + size - 1 - m
         fill = COLOURS[obj.colour]
         if obj.shape == "square":
@@ -290,41 +321,35 @@ class SceneVocabulary:
         else:  # triangle, apex up
             draw.polygon([(x0, y1), (x1, y1), (left_px + size // 2, y0)], fill=fill)
 
-    def render(self, scene: Scene) -> np.ndarray:
-        """The scene drawn with Pillow: [H, W, 3] uint8."""
-        image = Image.new("RGB", (self.width * self.cell_px, self.height * self.cell_px), BACKGROUND_RGB)
+    def _paint(self, objects: list[tuple[SceneObject, int, int]], unused: list[tuple[int, int]] = ()) -> np.ndarray:
+        px = self.cell_px
+        image = Image.new("RGB", (self.width * px, self.height * px), BACKGROUND_RGB)
         draw = ImageDraw.Draw(image)
-        for obj, (top, left) in zip(scene.objects, self.placements(scene)):
-            self._draw(draw, obj, top * self.cell_px, left * self.cell_px)
+        for row, col in unused:
+            draw.rectangle([col * px, row * px, (col + 1) * px - 1, (row + 1) * px - 1], fill=UNUSED_RGB)
+        for obj, top, left in objects:
+            self._draw(draw, obj, top * px, left * px)
         return np.asarray(image, dtype=np.uint8).copy()
 
-    @cached_property
-    def patches(self) -> np.ndarray:
-        """What each codebook id paints: [codebook, cell_px, cell_px, 3] uint8."""
-        px = self.cell_px
-        table = np.empty((self.codebook_size, px, px, 3), dtype=np.uint8)
-        table[:] = UNUSED_RGB
-        table[: self.object_offset] = BACKGROUND_RGB
-        size = FOOTPRINT * px
-        for colour in COLOURS:
-            for shape in SHAPES:
-                obj = SceneObject(colour, shape)
-                image = Image.new("RGB", (size, size), BACKGROUND_RGB)
-                self._draw(ImageDraw.Draw(image), obj, 0, 0)
-                pixels = np.asarray(image)
-                for fr in range(FOOTPRINT):
-                    for fc in range(FOOTPRINT):
-                        table[self.object_token(obj, fr, fc)] = pixels[fr * px : (fr + 1) * px, fc * px : (fc + 1) * px]
-        return table
+    def render(self, scene: Scene) -> np.ndarray:
+        """The scene drawn with Pillow: [H, W, 3] uint8."""
+        return self._paint([(obj, top, left) for obj, (top, left) in zip(scene.objects, self.placements(scene))])
 
     def render_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """The ideal painting of a token grid [h, w] -> [H, W, 3] uint8 (what a perfect refinement
-        stage would produce); the token-level checker reads this."""
+        stage would produce; the token-level checker reads this): each object token's shape drawn
+        over the footprint centred on its cell (clipped at the grid's edge), in raster order, plan
+        tokens as background (the plan is not painted), unused tokens as black cells."""
         tokens = np.asarray(tokens)
         if tokens.shape != (self.height, self.width):
             raise TandemError(f"scene tokens must have shape [{self.height}, {self.width}], got {list(tokens.shape)}")
         if tokens.min() < 0 or tokens.max() >= self.codebook_size:
             raise TandemError(f"scene tokens must be in [0, {self.codebook_size})")
-        px = self.cell_px
-        cells = self.patches[tokens]  # [h, w, px, px, 3]
-        return cells.transpose(0, 2, 1, 3, 4).reshape(self.height * px, self.width * px, 3)
+        objects, unused = [], []
+        for (row, col), token in np.ndenumerate(tokens):
+            kind = self.describe_token(token)
+            if kind[0] == "object":
+                objects.append((SceneObject(kind[1], kind[2]), row - FOOTPRINT // 2, col - FOOTPRINT // 2))
+            elif kind[0] == "unused":
+                unused.append((row, col))
+        return self._paint(objects, unused)

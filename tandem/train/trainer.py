@@ -3,7 +3,12 @@
 Reasoning stage: teacher forcing. The input is ``[BOS, caption bytes, BOI, scene token 0 .. 254]``
 and the logits at position ``p`` predict the token at ``p + 1``: the logits at BOI predict scene
 token 0, exactly as :meth:`ReasoningTransformer.prefill` does at generation time, and scene token
-``t`` sits at position ``prompt_len + t`` as in :meth:`decode_step`.
+``t`` sits at position ``prompt_len + t`` as in :meth:`decode_step`. The decisions (the plan
+entries at the start of row 0 and the nine lattice cells that may hold an object, see
+:mod:`tandem.data.scenes`) weigh ``1 + decision_weight`` in the loss, every other scene token
+(carrying the cell position forward) 1. Phase 1 trains each step on a few whole rows plus many
+rows cut after the plan (the plan is where the caption is read; a cut row costs a quarter of a
+whole one); phase 2 (canvas) trains on whole rows only, at a lower learning rate.
 
 The MoE layers are evaluated grouped by expert (each expert runs only on the tokens routed to
 it): the same function as the module's dense evaluation, with the same gradients, at a quarter of
@@ -11,7 +16,7 @@ the expert FLOPs (top-2 of 8). :func:`reasoning_hidden` is checked against
 ``ReasoningTransformer.forward`` in tests/test_train.py. A small Switch-style load-balancing loss
 keeps every expert in use, so the served checkpoint routes like a real MoE.
 
-Refinement stage: ground-truth token grids -> the Pillow render, L1 + MSE on pixels.
+Refinement stage: ground-truth token grids -> the Pillow render, L1 + squared error on pixels.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +36,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tandem.config import ModelConfig
-from tandem.data.scenes import COLOURS, SHAPES, SceneVocabulary, heldout_captions, sample_captions
+from tandem.data.scenes import (
+    BACKGROUND_RGB,
+    COLOURS,
+    LATTICE,
+    MAX_OBJECTS,
+    SHAPES,
+    SceneObject,
+    SceneVocabulary,
+    heldout_captions,
+    sample_captions,
+)
 from tandem.errors import TandemError
 from tandem.models import Stages, build_stages, save_weights
 from tandem.models.reasoning import MoEFeedForward, ReasoningTransformer
@@ -43,16 +59,17 @@ IGNORE = -100
 
 @dataclass
 class TrainSettings:
-    reasoning_steps: int = 700
-    reasoning_batch: int = 8
+    reasoning_steps: int = 850
+    reasoning_batch: int = 4  # whole rows (plan and canvas) per step
+    plan_batch: int = 24  # rows cut after the plan per step: the decisions at a fraction of the cost
     reasoning_lr: float = 2e-3
-    focus_steps: int = 400  # phase 2 of the reasoning stage: see train_reasoning_focus
-    focus_batch: int = 16
-    focus_lr: float = 1e-3
-    focus_weight: float = 20.0  # extra loss weight of an object's first cell
+    decision_weight: float = 8.0  # extra loss weight of the decisions: plan entries, object cells
+    canvas_steps: int = 250  # reasoning phase 2: whole rows only, so placing objects from the plan is exact
+    canvas_batch: int = 8
+    canvas_lr: float = 5e-4
     refinement_steps: int = 1000
     refinement_batch: int = 8
-    refinement_lr: float = 5e-3
+    refinement_lr: float = 1e-3  # 5e-3 never learns to tell the object tokens apart
     warmup_steps: int = 30
     load_balance_weight: float = 0.01
     object_pixel_weight: float = 4.0  # refinement loss weight of object pixels, on top of 1
@@ -76,6 +93,7 @@ class TrainReport:
     reasoning: StageReport | None
     refinement: StageReport | None
     heldout_token_accuracy: float | None  # teacher-forced, per scene token
+    heldout_decision_accuracy: float | None  # teacher-forced, at the nine cells where objects may start
     wall_s: float
     out: str
 
@@ -130,38 +148,56 @@ def reasoning_hidden(model: ReasoningTransformer, input_ids: torch.Tensor) -> tu
     return model.final_norm(h), balance
 
 
-def reasoning_batch(vocab: SceneVocabulary, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forcing ids [B, S] and targets [B, S] (codebook ids, IGNORE where nothing is
-    predicted). Rows are right-padded; the causal mask keeps padding out of real positions."""
+def decision_cells(vocab: SceneVocabulary) -> list[int]:
+    """Flat indices of the scene tokens that decide something: the plan entries (row 0, one per
+    possible object) and the nine lattice cells that may hold an object."""
+    return list(range(MAX_OBJECTS)) + [row * vocab.width + col for row, col in vocab.slot_cells]
+
+
+def reasoning_batch(
+    vocab: SceneVocabulary, captions: list[str], decision_weight: float = 0.0, scene_tokens: int | None = None
+):
+    """Teacher-forcing ids [B, S], targets [B, S] (codebook ids, IGNORE where nothing is
+    predicted) and loss weights [B, S] (``1 + decision_weight`` at the decision cells, else 1),
+    for the first ``scene_tokens`` scene tokens (default all). Rows are right-padded; the causal
+    mask keeps padding out of real positions."""
     max_prompt = vocab.config.reasoning.max_prompt_len
-    rows, targets = [], []
+    cell_weights = np.ones(vocab.height * vocab.width, dtype=np.float32)
+    cell_weights[decision_cells(vocab)] += decision_weight
+    keep = scene_tokens or vocab.height * vocab.width
+    rows, targets, weights = [], [], []
     for caption in captions:
         prompt = encode(caption, max_prompt)
-        scene = vocab.caption_tokens(caption).reshape(-1).astype(np.int64)
+        scene = vocab.caption_tokens(caption).reshape(-1).astype(np.int64)[:keep]
         rows.append(np.concatenate([prompt, scene[:-1] + SCENE_OFFSET]))
         target = np.full(len(rows[-1]), IGNORE, dtype=np.int64)
         target[len(prompt) - 1 :] = scene  # logits at BOI predict scene token 0
         targets.append(target)
+        weight = np.zeros(len(rows[-1]), dtype=np.float32)
+        weight[len(prompt) - 1 :] = cell_weights[:keep]
+        weights.append(weight)
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), PAD, dtype=np.int64)
     tgt = np.full((len(rows), width), IGNORE, dtype=np.int64)
-    for i, (r, t) in enumerate(zip(rows, targets)):
-        ids[i, : len(r)] = r
-        tgt[i, : len(t)] = t
-    return torch.from_numpy(ids), torch.from_numpy(tgt)
+    wgt = np.zeros((len(rows), width), dtype=np.float32)
+    for i, (r, t, w) in enumerate(zip(rows, targets, weights)):
+        ids[i, : len(r)], tgt[i, : len(t)], wgt[i, : len(w)] = r, t, w
+    return torch.from_numpy(ids), torch.from_numpy(tgt), torch.from_numpy(wgt)
 
 
-def _sinusoid(values: np.ndarray, dim: int) -> np.ndarray:
-    """[n] -> [n, dim] sin/cos features at geometric frequencies, RMS 1."""
-    freqs = np.exp(np.linspace(np.log(0.15), np.log(3.0), dim // 2))
+def _sinusoid(values: np.ndarray, dim: int, low: float = 0.15, high: float = 3.0) -> np.ndarray:
+    """[n] -> [n, dim] sin/cos features at geometric frequencies in [low, high], RMS 1."""
+    freqs = np.exp(np.linspace(np.log(low), np.log(high), dim // 2))
     angles = values[:, None] * freqs[None, :]
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1) * math.sqrt(2.0)
 
 
-def init_scene_embeddings(model: ReasoningTransformer, vocab: SceneVocabulary, rng: np.random.Generator) -> None:
-    """Give scene-token input embeddings the structure the data has, so training starts from
-    geometry instead of rediscovering it: a background token's embedding encodes its row and
-    column (sinusoids), an object token's its shape, colour and footprint row/column."""
+def init_reasoning_embeddings(model: ReasoningTransformer, vocab: SceneVocabulary, rng: np.random.Generator) -> None:
+    """Give the embeddings the structure the data has, so training starts from geometry instead
+    of rediscovering it: a background token's embedding encodes its row and column (sinusoids),
+    an object token's its shape and colour (random codes), a plan entry's its object's code plus
+    its slot's cell (so that placing an object is matching a cell against the plan), and
+    positions are sinusoids (so that attending a fixed distance back is a linear map)."""
     d = model.token_embedding.weight.shape[1]
     half = d // 2
     scale = 0.02
@@ -173,17 +209,19 @@ def init_scene_embeddings(model: ReasoningTransformer, vocab: SceneVocabulary, r
             table[SCENE_OFFSET + vocab.background_token(r, c)] = scale * np.concatenate([rows[r], cols[c]])
     shape_codes = rng.standard_normal((len(SHAPES), d))
     colour_codes = rng.standard_normal((len(COLOURS), d))
-    from tandem.data.scenes import FOOTPRINT, SceneObject
-
     for si, shape in enumerate(SHAPES):
         for ci, colour in enumerate(COLOURS):
-            for fr in range(FOOTPRINT):
-                for fc in range(FOOTPRINT):
-                    token = vocab.object_token(SceneObject(colour, shape), fr, fc)
-                    code = np.concatenate([rows[fr], cols[fc]]) + shape_codes[si] + colour_codes[ci]
-                    table[SCENE_OFFSET + token] = scale * code / math.sqrt(3.0)
+            obj = SceneObject(colour, shape)
+            code = (shape_codes[si] + colour_codes[ci]) / math.sqrt(2.0)
+            table[SCENE_OFFSET + vocab.object_token(obj)] = scale * code
+            for slot, (r, c) in enumerate(vocab.slot_cells):
+                cell = np.concatenate([rows[r], cols[c]])
+                token = vocab.plan_token(obj, divmod(slot, LATTICE))
+                table[SCENE_OFFSET + token] = scale * (code + cell) / math.sqrt(2.0)
+    positions = scale * _sinusoid(np.arange(model.max_len, dtype=np.float64), d, low=0.01, high=3.0)
     with torch.no_grad():
         model.token_embedding.weight.copy_(torch.from_numpy(table.astype(np.float32)))
+        model.position_embedding.weight.copy_(torch.from_numpy(positions.astype(np.float32)))
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -193,8 +231,40 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _optimizer(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+def _train_loop(
+    module: torch.nn.Module,
+    name: str,
+    steps: int,
+    lr: float,
+    settings: TrainSettings,
+    loss_of_step: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor, dict[str, float]]],
+    rng: np.random.Generator,
+    progress: bool,
+) -> StageReport:
+    """AdamW with warmup and cosine decay; ``loss_of_step(rng)`` samples a batch and returns
+    (loss to optimise, loss to report, extra figures for the progress bar)."""
+    module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    start = time.perf_counter()
+    smoothed, history = None, []
+    bar = tqdm(range(steps), desc=f"train {name}", unit="step", disable=not progress, mininterval=5.0)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _schedule(step, steps, settings.warmup_steps)
+        total_loss, loss, extra = loss_of_step(rng)
+        optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        value = float(loss.detach())
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        if step % 10 == 0 or step == steps - 1:
+            history.append((step, smoothed))
+            bar.set_postfix(loss=f"{smoothed:.4f}", **{k: f"{v:.3f}" for k, v in extra.items()})
+            if not progress:
+                log.info("%s step %d/%d loss %.4f", name, step, steps, smoothed)
+    module.eval().requires_grad_(False)
+    return StageReport(steps, time.perf_counter() - start, smoothed or float("nan"), history)
 
 
 def train_reasoning(
@@ -206,151 +276,100 @@ def train_reasoning(
 ) -> StageReport:
     rng = np.random.Generator(np.random.PCG64(settings.seed))
     if fresh:
-        init_scene_embeddings(model, vocab, rng)
-    model.train().requires_grad_(True)
-    optimizer = _optimizer(model, settings.reasoning_lr)
-    total = settings.reasoning_steps
-    start = time.perf_counter()
-    smoothed, history = None, []
-    bar = tqdm(range(total), desc="train reasoning", unit="step", disable=not progress, mininterval=5.0)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.reasoning_lr * _schedule(step, total, settings.warmup_steps)
-        captions = sample_captions(rng, settings.reasoning_batch, vocab.max_caption_bytes, split="train")
-        ids, targets = reasoning_batch(vocab, captions)
-        hidden, balance = reasoning_hidden(model, ids)
-        mask = targets != IGNORE
-        logits = model.lm_head(hidden[mask])
-        loss = F.cross_entropy(logits, targets[mask])
-        total_loss = loss + settings.load_balance_weight * balance
-        optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        value = float(loss)
-        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-        if step % 10 == 0 or step == total - 1:
-            history.append((step, smoothed))
-            bar.set_postfix(loss=f"{smoothed:.4f}", balance=f"{float(balance) / len(model.blocks):.3f}")
-            if not progress:
-                log.info("reasoning step %d/%d loss %.4f", step, total, smoothed)
-    model.eval().requires_grad_(False)
-    return StageReport(total, time.perf_counter() - start, smoothed or float("nan"), history)
+        init_reasoning_embeddings(model, vocab, rng)
+
+    return _train_reasoning_phase(
+        model, vocab, settings, "reasoning", settings.reasoning_steps, settings.reasoning_lr,
+        ((settings.reasoning_batch, None), (settings.plan_batch, MAX_OBJECTS + 1)), rng, progress,
+    )
 
 
-def focus_batch(vocab: SceneVocabulary, captions: list[str], weight: float):
-    """Phase-2 batch: each row cut just after its last object's first cell (every later token
-    is a copy the model has already learned), and per-token loss weights that single out the
-    first cell of each object: the one token where the stage decides which caption object, with
-    which colour and shape, comes next in raster order."""
-    ids, targets = reasoning_batch(vocab, captions)
-    weights = torch.ones(targets.shape, dtype=torch.float32)
-    first = torch.zeros(targets.shape, dtype=torch.bool)
-    for token in range(vocab.object_offset, vocab.object_offset + vocab.n_object_tokens):
-        kind = vocab.describe_token(token)
-        if kind[3] == 0 and kind[4] == 0:
-            first |= targets == token
-    weights[first] += weight
-    positions = torch.arange(targets.shape[1]).expand_as(targets)
-    last = torch.where(first, positions, torch.zeros_like(positions)).max(dim=1).values
-    targets = torch.where(positions <= last.unsqueeze(1), targets, torch.full_like(targets, IGNORE))
-    width = int(last.max()) + 1
-    return ids[:, :width], targets[:, :width], weights[:, :width]
-
-
-def train_reasoning_focus(
+def train_reasoning_canvas(
     model: ReasoningTransformer, vocab: SceneVocabulary, settings: TrainSettings, progress: bool = True
 ) -> StageReport:
-    """Phase 2 of the reasoning stage. After phase 1 every token but an object's first cell is
-    right (background, footprint copies, row starts, exits: >98% teacher-forced), while the first
-    cell, which binds a caption object to a place, is right about half the time. This phase trains
-    on that decision: truncated rows (half the compute per caption), twice the captions per
-    step, the decision weighted up, a fresh optimizer and its own data stream."""
+    """Phase 2: after phase 1 the plan is right for almost every caption, but placing objects from
+    it and keeping track of the cell over 256 tokens (phase 1 sees few whole rows) still slip;
+    whole rows only, a lower learning rate, a fresh optimizer and its own data stream."""
     rng = np.random.Generator(np.random.PCG64(settings.seed + 2))
-    model.train().requires_grad_(True)
-    optimizer = _optimizer(model, settings.focus_lr)
-    total = settings.focus_steps
-    start = time.perf_counter()
-    smoothed, history = None, []
-    bar = tqdm(range(total), desc="train reasoning (focus)", unit="step", disable=not progress, mininterval=5.0)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.focus_lr * _schedule(step, total, settings.warmup_steps)
-        captions = sample_captions(rng, settings.focus_batch, vocab.max_caption_bytes, split="train")
-        ids, targets, weights = focus_batch(vocab, captions, settings.focus_weight)
-        hidden, balance = reasoning_hidden(model, ids)
-        mask = targets != IGNORE
-        losses = F.cross_entropy(model.lm_head(hidden[mask]), targets[mask], reduction="none")
-        loss = (losses * weights[mask]).sum() / weights[mask].sum()
-        total_loss = loss + settings.load_balance_weight * balance
-        optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        value = float(loss)
-        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-        if step % 10 == 0 or step == total - 1:
-            history.append((step, smoothed))
-            bar.set_postfix(loss=f"{smoothed:.4f}", balance=f"{float(balance) / len(model.blocks):.3f}")
-            if not progress:
-                log.info("reasoning focus step %d/%d loss %.4f", step, total, smoothed)
-    model.eval().requires_grad_(False)
-    return StageReport(total, time.perf_counter() - start, smoothed or float("nan"), history)
+    return _train_reasoning_phase(
+        model, vocab, settings, "reasoning (canvas)", settings.canvas_steps, settings.canvas_lr,
+        ((settings.canvas_batch, None),), rng, progress,
+    )
+
+
+def _train_reasoning_phase(
+    model: ReasoningTransformer,
+    vocab: SceneVocabulary,
+    settings: TrainSettings,
+    name: str,
+    steps: int,
+    lr: float,
+    batches: tuple[tuple[int, int | None], ...],  # (captions, scene tokens kept or None for all)
+    rng: np.random.Generator,
+    progress: bool,
+) -> StageReport:
+    def loss_of_step(rng: np.random.Generator):
+        losses, weights, balance = [], [], 0.0
+        for count, keep in batches:
+            if not count:
+                continue
+            captions = sample_captions(rng, count, vocab.max_caption_bytes, split="train")
+            ids, targets, weight = reasoning_batch(vocab, captions, settings.decision_weight, scene_tokens=keep)
+            hidden, layer_balance = reasoning_hidden(model, ids)
+            mask = targets != IGNORE
+            losses.append(F.cross_entropy(model.lm_head(hidden[mask]), targets[mask], reduction="none"))
+            weights.append(weight[mask])
+            balance = balance + layer_balance
+        # The balance term is summed over both forward passes; the bar shows it per layer and pass.
+        per_pass = float(balance.detach()) / len(model.blocks) / len(losses)
+        losses, weights = torch.cat(losses), torch.cat(weights)
+        loss = (losses * weights).sum() / weights.sum()
+        return loss + settings.load_balance_weight * balance, loss, {"balance": per_pass}
+
+    return _train_loop(model, name, steps, lr, settings, loss_of_step, rng, progress)
 
 
 @torch.no_grad()
-def first_cell_accuracy(model: ReasoningTransformer, vocab: SceneVocabulary, captions: list[str]) -> float:
-    """Teacher-forced accuracy on objects' first cells alone (the binding decisions)."""
-    correct = count = 0
+def teacher_forced_accuracy(
+    model: ReasoningTransformer, vocab: SceneVocabulary, captions: list[str]
+) -> tuple[float, float]:
+    """(accuracy over every scene token, accuracy at the decision cells), teacher-forced."""
+    correct = count = decided = decisions = 0
     for i in range(0, len(captions), 8):
-        ids, targets, weights = focus_batch(vocab, captions[i : i + 8], 1.0)
-        hidden, _ = reasoning_hidden(model, ids)
-        decisions = weights > 1.0
-        predicted = model.lm_head(hidden[decisions]).argmax(-1)
-        correct += int((predicted == targets[decisions]).sum())
-        count += int(decisions.sum())
-    return correct / max(1, count)
-
-
-@torch.no_grad()
-def teacher_forced_accuracy(model: ReasoningTransformer, vocab: SceneVocabulary, captions: list[str]) -> float:
-    correct = count = 0
-    for i in range(0, len(captions), 8):
-        ids, targets = reasoning_batch(vocab, captions[i : i + 8])
+        ids, targets, weights = reasoning_batch(vocab, captions[i : i + 8], decision_weight=1.0)
         hidden, _ = reasoning_hidden(model, ids)
         mask = targets != IGNORE
-        predicted = model.lm_head(hidden[mask]).argmax(-1)
-        correct += int((predicted == targets[mask]).sum())
+        right = model.lm_head(hidden[mask]).argmax(-1) == targets[mask]
+        at_decision = weights[mask] > 1.0
+        correct += int(right.sum())
         count += int(mask.sum())
-    return correct / max(1, count)
+        decided += int(right[at_decision].sum())
+        decisions += int(at_decision.sum())
+    return correct / max(1, count), decided / max(1, decisions)
 
 
 # --- refinement -----------------------------------------------------------------------------------
 
 
 def init_refinement_embeddings(model: torch.nn.Module, vocab: SceneVocabulary, rng: np.random.Generator) -> None:
-    """Start the painter from what each token means: its colour (RGB), shape, footprint row and
-    column (one-hot), plus small noise; otherwise 240 object ids, each seen in a few percent of
-    images, must first discover that 48 of them share a colour."""
-    from tandem.data.scenes import BACKGROUND_RGB, FOOTPRINT
-
+    """Start the painter from what each token means: its colour (RGB), an object flag and its
+    shape (one-hot), on top of the seeded init's noise."""
     weight = model.token_embedding.weight
-    dim = weight.shape[1]
-    features = 8 + 2 * FOOTPRINT  # rgb(3) + object flag + shape one-hot(3) + spare, fr/fc one-hot
-    if dim < features + 4:
+    features = 7  # rgb(3) + object flag + shape one-hot(3)
+    if weight.shape[1] < features + 4:
         return  # too narrow to structure; keep the seeded init
     table = rng.standard_normal(weight.shape)  # the seeded init's scale, structure added on top
     for token in range(vocab.codebook_size):
         kind = vocab.describe_token(token)
         if kind[0] == "background":
             rgb = BACKGROUND_RGB
+        elif kind[0] == "plan":
+            rgb = BACKGROUND_RGB  # the plan is not painted
         elif kind[0] == "object":
-            _, colour, shape, fr, fc = kind
+            _, colour, shape = kind
             rgb = COLOURS[colour]
             table[token, 3] += 3.0
             table[token, 4 + SHAPES.index(shape)] += 3.0
-            table[token, 8 + fr] += 3.0
-            table[token, 8 + FOOTPRINT + fc] += 3.0
         else:
             continue
         table[token, :3] += (np.asarray(rgb) / 255.0 * 2.0 - 1.0) * 3.0
@@ -372,18 +391,9 @@ def train_refinement(
     rng = np.random.Generator(np.random.PCG64(settings.seed + 1))
     if fresh:
         init_refinement_embeddings(model, vocab, rng)
-    from tandem.data.scenes import BACKGROUND_RGB
-
     background = torch.tensor(BACKGROUND_RGB, dtype=torch.float32).view(1, 3, 1, 1) / 255.0
-    model.train().requires_grad_(True)
-    optimizer = _optimizer(model, settings.refinement_lr)
-    total = settings.refinement_steps
-    start = time.perf_counter()
-    smoothed, history = None, []
-    bar = tqdm(range(total), desc="train refinement", unit="step", disable=not progress, mininterval=5.0)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.refinement_lr * _schedule(step, total, settings.warmup_steps)
+
+    def loss_of_step(rng: np.random.Generator):
         captions = sample_captions(rng, settings.refinement_batch, vocab.max_caption_bytes, split="train")
         tokens, images = refinement_batch(vocab, captions)
         predicted = model(tokens)
@@ -392,19 +402,11 @@ def train_refinement(
         weight = 1.0 + settings.object_pixel_weight * (images != background).any(dim=1, keepdim=True)
         error = (predicted - images).abs()
         loss = ((error + error * error) * weight).mean() / weight.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        value = float(loss)
-        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-        if step % 10 == 0 or step == total - 1:
-            history.append((step, smoothed))
-            bar.set_postfix(loss=f"{smoothed:.4f}")
-            if not progress:
-                log.info("refinement step %d/%d loss %.4f", step, total, smoothed)
-    model.eval().requires_grad_(False)
-    return StageReport(total, time.perf_counter() - start, smoothed or float("nan"), history)
+        return loss, loss, {}
+
+    return _train_loop(
+        model, "refinement", settings.refinement_steps, settings.refinement_lr, settings, loss_of_step, rng, progress
+    )
 
 
 # --- both -----------------------------------------------------------------------------------------
@@ -440,6 +442,18 @@ def _round_to_stored(module: torch.nn.Module, settings: TrainSettings) -> None:
                 tensor.copy_(tensor.to(dtype).to(tensor.dtype))
 
 
+def _join(first: StageReport | None, second: StageReport) -> StageReport:
+    """One report for both reasoning phases; the second phase's steps follow the first's."""
+    if first is None:
+        return second
+    return StageReport(
+        steps=first.steps + second.steps,
+        wall_s=first.wall_s + second.wall_s,
+        final_loss=second.final_loss,
+        history=first.history + [(first.steps + step, loss) for step, loss in second.history],
+    )
+
+
 def train_model(
     config: ModelConfig,
     out: str | Path,
@@ -453,7 +467,8 @@ def train_model(
 
     Stages start from ``init_checkpoint`` when its metadata lists them as trained, else from the
     config's seeded init (with the structured embedding init of a fresh stage). The reasoning
-    stage trains in two phases, ``reasoning_steps`` then ``focus_steps`` (either may be 0)."""
+    stage trains in two phases, ``reasoning_steps`` then ``canvas_steps``; either may be 0 (the
+    canvas phase alone refines a reasoning stage from ``init_checkpoint``)."""
     settings = settings or TrainSettings()
     unknown = set(stages_to_train) - {"reasoning", "refinement"}
     if unknown or not stages_to_train:
@@ -475,28 +490,34 @@ def train_model(
         for name in trained:
             setattr(stages, name, getattr(loaded, name))
     reasoning_report = refinement_report = None
-    accuracy = None
+    accuracy = decision_accuracy = None
     if "reasoning" in stages_to_train:
         fresh = "reasoning" not in trained
         if settings.reasoning_steps:
             reasoning_report = train_reasoning(stages.reasoning, vocab, settings, progress, fresh=fresh)
             _round_to_stored(stages.reasoning, settings)
             fresh = False
-        if settings.focus_steps:
+        if settings.canvas_steps:
             if fresh:
-                raise TandemError("the focus phase refines a trained reasoning stage; give --reasoning-steps or --init")
-            focus = train_reasoning_focus(stages.reasoning, vocab, settings, progress)
+                raise TandemError("the canvas phase refines a trained reasoning stage; give --reasoning-steps or --init")
+            canvas = train_reasoning_canvas(stages.reasoning, vocab, settings, progress)
             _round_to_stored(stages.reasoning, settings)
-            reasoning_report = _join(reasoning_report, focus)
-        accuracy = teacher_forced_accuracy(stages.reasoning, vocab, heldout_captions(vocab.max_caption_bytes, 8))
-        log.info("held-out teacher-forced token accuracy %.4f", accuracy)
+            reasoning_report = _join(reasoning_report, canvas)
+        if reasoning_report is None:
+            raise TandemError("no reasoning steps to train; give --reasoning-steps or --canvas-steps")
+        accuracy, decision_accuracy = teacher_forced_accuracy(
+            stages.reasoning, vocab, heldout_captions(vocab.max_caption_bytes, 16)
+        )
+        log.info("held-out teacher-forced accuracy: tokens %.4f, decisions %.4f", accuracy, decision_accuracy)
         trained.add("reasoning")
     if "refinement" in stages_to_train:
         fresh = "refinement" not in trained
         refinement_report = train_refinement(stages.refinement, vocab, settings, progress, fresh=fresh)
         trained.add("refinement")
     wall = time.perf_counter() - start
-    report = TrainReport(config.name, settings, reasoning_report, refinement_report, accuracy, wall, str(out))
+    report = TrainReport(
+        config.name, settings, reasoning_report, refinement_report, accuracy, decision_accuracy, wall, str(out)
+    )
     metadata = {
         "tandem.config": config.name,
         "tandem.config_fingerprint": config.fingerprint(),
@@ -510,19 +531,6 @@ def train_model(
 
     atomic_write_text(out.with_suffix(".train.json"), report.to_json())
     return report
-
-
-def _join(first: StageReport | None, second: StageReport) -> StageReport:
-    """One report for both reasoning phases; the second phase's steps follow the first's."""
-    if first is None:
-        return second
-    offset = first.steps
-    return StageReport(
-        steps=first.steps + second.steps,
-        wall_s=first.wall_s + second.wall_s,
-        final_loss=second.final_loss,
-        history=first.history + [(offset + step, loss) for step, loss in second.history],
-    )
 
 
 def plot_history(report: TrainReport, path: Path) -> None:
