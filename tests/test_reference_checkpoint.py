@@ -15,9 +15,9 @@ import pytest
 from tandem.config import load_config
 from tandem.data.scenes import SceneVocabulary, heldout_captions
 from tandem.eval.checker import check_image, check_tokens
+from tandem.eval.evaluate import pipeline_generator, server_generator
 from tandem.pipeline import Pipeline
 from tandem.runtimes import make_runtime
-from tandem.sampling import SamplingParams
 from tandem.train.trainer import trained_stages_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,17 +57,12 @@ def recorded_verdicts(captions) -> dict[str, bool]:
     return verdicts
 
 
-def _generate(pipeline: Pipeline, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    tokens = pipeline.generate_tokens(captions, SamplingParams())
-    return np.asarray(tokens), np.asarray(pipeline.render(tokens))
-
-
 def test_captions_get_the_recorded_verdicts_identically_across_runtimes(
     config, captions, recorded_verdicts, small_artifacts
 ):
     vocab = SceneVocabulary(config)
-    eager = _generate(Pipeline(make_runtime("torch", config=config)), captions)
-    onnx = _generate(Pipeline(make_runtime("onnxruntime", artifacts=small_artifacts)), captions)
+    eager = pipeline_generator(Pipeline(make_runtime("torch", config=config)))(captions)
+    onnx = pipeline_generator(Pipeline(make_runtime("onnxruntime", artifacts=small_artifacts)))(captions)
     np.testing.assert_array_equal(onnx[0], eager[0])
     for caption, image, onnx_image in zip(captions, eager[1], onnx[1]):
         verdict = check_image(caption, image, vocab.cell_px)
@@ -78,17 +73,15 @@ def test_captions_get_the_recorded_verdicts_identically_across_runtimes(
 
 
 def test_the_served_ensemble_agrees(config, captions, recorded_verdicts, small_artifacts, tmp_path):
-    from tandem.serving.client import TandemClient
     from tandem.serving.repository import write_repository
     from tandem.serving.server import TritonServer
 
     vocab = SceneVocabulary(config)
-    expected = _generate(Pipeline(make_runtime("onnxruntime", artifacts=small_artifacts)), captions)[0]
+    expected = pipeline_generator(Pipeline(make_runtime("onnxruntime", artifacts=small_artifacts)))(captions)[0]
     repository = write_repository(small_artifacts, tmp_path / "model_repository")
-    with TritonServer(repository, startup_timeout=180) as server, TandemClient(server.grpc_url) as client:
-        result = client.generate(captions, 0, 0.0, 0)
-    served = np.asarray(result.tokens).reshape(len(captions), -1)
-    np.testing.assert_array_equal(served, expected.reshape(len(captions), -1))
-    for caption, image in zip(captions, np.asarray(result.images)):
+    with TritonServer(repository, startup_timeout=180) as server:
+        served, images = server_generator(server.grpc_url)(captions)
+    np.testing.assert_array_equal(served.reshape(len(captions), -1), expected.reshape(len(captions), -1))
+    for caption, image in zip(captions, images):
         verdict = check_image(caption, image, vocab.cell_px)
         assert verdict.passed == recorded_verdicts[caption], (caption, verdict.reason)
