@@ -20,9 +20,9 @@ import onnx
 import pytest
 import torch
 
-from tandem.build import BuildOptions, get_target, run_build
-from tandem.build.core import BUILD_MANIFEST
-from tandem.build.steps import FAILED, OK, SKIPPED, Step, StepFailed, StepRunner
+from tandem.compiler import BuildOptions, get_target, run_build
+from tandem.compiler.core import BUILD_MANIFEST
+from tandem.compiler.steps import FAILED, OK, SKIPPED, Step, StepFailed, StepRunner
 from tandem.config import ModelConfig
 from tandem.errors import TandemError, ToolchainMissingError
 from tandem.util import sha256_file
@@ -246,7 +246,7 @@ def test_cli_accelerator_build_exits_nonzero_with_the_toolchain_message(tmp_path
 def test_tensorrt_engines_build_and_match_onnxruntime(tmp_path: Path, tiny_artifacts: Path, tiny_config: ModelConfig):
     import torch as _torch
 
-    from tandem.build.targets import TARGETS, sm_arch
+    from tandem.compiler.targets import TARGETS, sm_arch
     from tandem.pipeline import Pipeline
     from tandem.runtimes import make_runtime
     from tandem.sampling import SamplingParams
@@ -288,7 +288,7 @@ def test_inf2_build_plans_buckets_and_stops_at_torch_neuronx(tmp_path: Path, tin
 def test_neuron_bucket_padding_gives_the_unpadded_result(tiny_config: ModelConfig):
     """The runtime's padding (batch rows, prompt positions) and trimming, run with eager PyTorch at the
     bucket shapes: a whole greedy generation must give exactly the unpadded tokens."""
-    from tandem.build.neuron import axis_buckets, select_bucket
+    from tandem.compiler.neuron import axis_buckets, select_bucket
     from tandem.pipeline import Pipeline
     from tandem.runtimes.neuron import run_bucketed
     from tandem.runtimes.torch_eager import TorchRuntime
@@ -333,7 +333,7 @@ def test_neuron_compile_runs(tmp_path: Path, tiny_artifacts: Path, tiny_config: 
 
 
 def test_cuda_torch_needs_a_cuda_gpu():
-    from tandem.build.torch_aot import require_device
+    from tandem.compiler.torch_aot import require_device
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")

@@ -19,15 +19,15 @@ import pytest
 import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tandem.build import BuildOptions, get_target, run_build
-from tandem.build.manifest import (
+from tandem.compiler import BuildOptions, get_target, run_build
+from tandem.compiler.manifest import (
     Environment,
     check_compatible,
     check_profile,
     read_compiled_manifest,
 )
-from tandem.build.served import neuron_cores, placement
-from tandem.build.tensorrt import BuilderSettings, engine_artifact, engines_manifest, read_plans
+from tandem.compiler.served import neuron_cores, placement
+from tandem.compiler.tensorrt import BuilderSettings, engine_artifact, engines_manifest, read_plans
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
 from tandem.export.manifest import read_manifest
 from tandem.runtimes import make_runtime
@@ -148,7 +148,7 @@ def _aot_manifest(compiled: Path, **update) -> Path:
 
 
 def test_aot_packages_are_refused_for_another_torch_cpu_isa_or_missing_gpu(compiled: Path):
-    from tandem.build.torch_aot import supported_cpu_archs
+    from tandem.compiler.torch_aot import supported_cpu_archs
 
     assert "cpu-scalar" in supported_cpu_archs()
     with pytest.raises(ArtifactError, match=r"built with torch 2\.0\.0 but this machine has torch .*links against the exact libtorch"):
@@ -165,7 +165,7 @@ def test_aot_packages_are_refused_for_another_torch_cpu_isa_or_missing_gpu(compi
 
 @pytest.fixture
 def compiled_flavors():
-    from tandem.build.repository import registered_flavors
+    from tandem.compiler.repository import registered_flavors
     from tandem.serving.repository import FLAVORS
 
     before = set(FLAVORS)
@@ -188,7 +188,7 @@ def test_tensorrt_repository_serves_refinement_as_a_tensorrt_plan(compiled: Path
     assert [g.kind for g in reasoning.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     shipped = read_compiled_manifest(repo / "reasoning" / "1" / "artifacts")
     assert sorted(a.graph for a in shipped.artifacts) == ["reasoning_decode", "reasoning_prefill"]
-    assert "tandem.build.served.reasoning" in (repo / "reasoning" / "1" / "model.py").read_text()
+    assert "tandem.compiler.served.reasoning" in (repo / "reasoning" / "1" / "model.py").read_text()
     check_compatible(shipped, repo / "reasoning" / "1" / "artifacts", "tensorrt", H100)
     assert parse_config(repo / "tandem" / "config.pbtxt").platform == "ensemble"
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tandem.build.targets import TARGETS
+from tandem.compiler.targets import TARGETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tandem.build.core import BUILD_MANIFEST, BuildOptions, run_build
-    from tandem.build.steps import summary_table
+    from tandem.compiler.core import BUILD_MANIFEST, BuildOptions, run_build
+    from tandem.compiler.steps import summary_table
     from tandem.config import load_config
 
     config = load_config(args.config)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.build.manifest import (
+from tandem.compiler.manifest import (
     CompiledArtifact,
     Environment,
     check_environment,
@@ -24,8 +24,8 @@ from tandem.build.manifest import (
     resolve_compiled_dir,
     verify_artifacts,
 )
-from tandem.build.neuron import INSTALL_HINT, installed_versions, select_bucket
-from tandem.build.targets import NEURON
+from tandem.compiler.neuron import INSTALL_HINT, installed_versions, select_bucket
+from tandem.compiler.targets import NEURON
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
 from tandem.runtimes.base import Runtime
 from tandem.stages import GraphSpec

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.build.manifest import (
+from tandem.compiler.manifest import (
     CompiledArtifact,
     CompiledManifest,
     Environment,
@@ -26,7 +26,7 @@ from tandem.build.manifest import (
     resolve_compiled_dir,
     verify_artifacts,
 )
-from tandem.build.targets import TENSORRT, get_target, sm_arch
+from tandem.compiler.targets import TENSORRT, get_target, sm_arch
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
 from tandem.runtimes.base import Runtime
 

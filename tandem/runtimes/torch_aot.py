@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandem.build.manifest import (
+from tandem.compiler.manifest import (
     CompiledArtifact,
     CompiledManifest,
     Environment,
@@ -25,7 +25,7 @@ from tandem.build.manifest import (
     resolve_compiled_dir,
     verify_artifacts,
 )
-from tandem.build.targets import TORCH_AOT, sm_arch
+from tandem.compiler.targets import TORCH_AOT, sm_arch
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
 from tandem.runtimes.base import Runtime
 
@@ -43,7 +43,7 @@ def torch_aot_environment(manifest: CompiledManifest, device_index: int | None =
             )
         index = torch.cuda.current_device() if device_index is None else device_index
         return Environment((sm_arch(torch.cuda.get_device_capability(index)),), torch.cuda.get_device_name(index), versions)
-    from tandem.build.torch_aot import supported_cpu_archs
+    from tandem.compiler.torch_aot import supported_cpu_archs
 
     return Environment(supported_cpu_archs(), "cpu", versions)
 

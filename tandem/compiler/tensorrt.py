@@ -20,9 +20,9 @@ from typing import Any
 
 import onnx
 
-from tandem.build.manifest import CompiledArtifact, CompiledManifest
-from tandem.build.steps import StepFailed
-from tandem.build.targets import Target, describe_arch, sm_arch
+from tandem.compiler.manifest import CompiledArtifact, CompiledManifest
+from tandem.compiler.steps import StepFailed
+from tandem.compiler.targets import Target, describe_arch, sm_arch
 from tandem.config import ModelConfig
 from tandem.errors import ToolchainMissingError
 from tandem.export.manifest import Manifest, TensorEntry

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem.build.manifest import CompiledArtifact, CompiledManifest
-from tandem.build.steps import StepFailed
-from tandem.build.targets import Target
+from tandem.compiler.manifest import CompiledArtifact, CompiledManifest
+from tandem.compiler.steps import StepFailed
+from tandem.compiler.targets import Target
 from tandem.config import ModelConfig
 from tandem.errors import ToolchainMissingError
 from tandem.export.manifest import Manifest, TensorEntry

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandem.build.manifest import CompiledArtifact, CompiledManifest
-from tandem.build.steps import StepFailed
-from tandem.build.targets import Target, sm_arch
+from tandem.compiler.manifest import CompiledArtifact, CompiledManifest
+from tandem.compiler.steps import StepFailed
+from tandem.compiler.targets import Target, sm_arch
 from tandem.config import ModelConfig
 from tandem.errors import ToolchainMissingError
 from tandem.export.manifest import Manifest, TensorEntry

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from tandem.config import ModelConfig
 from tandem.errors import ArtifactError, TandemError
 from tandem.export.manifest import TensorEntry
-from tandem.build.targets import TARGETS, describe_arch
+from tandem.compiler.targets import TARGETS, describe_arch
 from tandem.util import atomic_write_text, sha256_file
 
 COMPILED_MANIFEST = "manifest.json"

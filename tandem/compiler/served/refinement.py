@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tandem.build.served import place_instance
+from tandem.compiler.served import place_instance
 from tandem.serving.models.common import model_parameters
 from tandem.serving.models.refinement import TritonPythonModel as _ServedModel
 

@@ -2,7 +2,7 @@
 Neuron for Inferentia2, AOTInductor for CUDA or CPU) through status-reporting steps
 (:mod:`.steps`): export -> optimise -> compile -> Triton model repository."""
 
-from tandem.build.core import BuildOptions, BuildResult, run_build
-from tandem.build.targets import TARGETS, Target, get_target
+from tandem.compiler.core import BuildOptions, BuildResult, run_build
+from tandem.compiler.targets import TARGETS, Target, get_target
 
 __all__ = ["BuildOptions", "BuildResult", "TARGETS", "Target", "get_target", "run_build"]

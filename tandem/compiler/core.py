@@ -28,10 +28,10 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
-from tandem.build import neuron as neuron_build
-from tandem.build import tensorrt as trt_build
-from tandem.build.manifest import COMPILED_MANIFEST, read_compiled_manifest
-from tandem.build.steps import (
+from tandem.compiler import neuron as neuron_build
+from tandem.compiler import tensorrt as trt_build
+from tandem.compiler.manifest import COMPILED_MANIFEST, read_compiled_manifest
+from tandem.compiler.steps import (
     FAILED,
     Step,
     StepFailed,
@@ -40,7 +40,7 @@ from tandem.build.steps import (
     source_hash,
     tree_hashes,
 )
-from tandem.build.targets import CPU, NEURON, TENSORRT, TORCH_AOT, Target, get_target
+from tandem.compiler.targets import CPU, NEURON, TENSORRT, TORCH_AOT, Target, get_target
 from tandem.config import ModelConfig
 from tandem.errors import ArtifactError, TandemError
 from tandem.export.manifest import MANIFEST_NAME, read_manifest
@@ -51,10 +51,10 @@ FORMAT_VERSION = 1
 EXPORT, OPTIMISED, COMPILED, REPOSITORY, CACHE = "export", "optimised", "compiled", "model_repository", "cache"
 # The code each toolchain's optimise and compile steps run: a change re-runs them, an unrelated edit does not.
 TOOLCHAIN_CODE = {
-    CPU: ("tandem.build.targets",),
-    TENSORRT: ("tandem.build.tensorrt", "tandem.build.manifest", "tandem.build.targets", "tandem.serving.native"),
-    NEURON: ("tandem.build.neuron", "tandem.build.manifest", "tandem.build.targets"),
-    TORCH_AOT: ("tandem.build.torch_aot", "tandem.build.manifest", "tandem.build.targets"),
+    CPU: ("tandem.compiler.targets",),
+    TENSORRT: ("tandem.compiler.tensorrt", "tandem.compiler.manifest", "tandem.compiler.targets", "tandem.serving.native"),
+    NEURON: ("tandem.compiler.neuron", "tandem.compiler.manifest", "tandem.compiler.targets"),
+    TORCH_AOT: ("tandem.compiler.torch_aot", "tandem.compiler.manifest", "tandem.compiler.targets"),
 }
 
 
@@ -235,7 +235,7 @@ class Build:
                 buckets = neuron_build.write_bucket_plan(manifest.config, staging, self.precision)
                 note = f"{len(buckets)} static-shape buckets planned for neuronx-cc ({neuron_build.BUCKETS_FILE})"
             elif toolchain == TORCH_AOT:
-                from tandem.build import torch_aot
+                from tandem.compiler import torch_aot
 
                 written = torch_aot.export_programs(manifest.config, self.options.checkpoint, staging)
                 note = f"{len(written)} graphs exported with torch.export and checked against eager PyTorch"
@@ -307,7 +307,7 @@ class Build:
                     workdir=self.path(CACHE) / "neuronx-cc",
                 )
             elif toolchain == TORCH_AOT:
-                from tandem.build import torch_aot
+                from tandem.compiler import torch_aot
 
                 compiled = torch_aot.compile_packages(self.target, self.path(OPTIMISED), staging, manifest, inputs)
             else:  # pragma: no cover
@@ -324,7 +324,7 @@ class Build:
             "compiled": self.outputs_of(COMPILED),
             "flavor": self.target.flavor,
             "options": self.options.repository,
-            "code": source_hash("tandem.serving", "tandem.build.repository", "tandem.build.served"),
+            "code": source_hash("tandem.serving", "tandem.compiler.repository", "tandem.compiler.served"),
         }
 
     def run_repository(self) -> tuple[list[Path], str]:
@@ -334,7 +334,7 @@ class Build:
             raise StepFailed(
                 f"the Triton model repository writer (tandem.serving.repository) is not available: {exc}"
             ) from exc
-        from tandem.build.repository import registered_flavors
+        from tandem.compiler.repository import registered_flavors
 
         out = self.path(REPOSITORY)
         options = dict(self.options.repository)

@@ -25,8 +25,8 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tandem.build.manifest import COMPILED_MANIFEST, CompiledManifest, read_compiled_manifest, verify_artifact
-from tandem.build.targets import sm_capability
+from tandem.compiler.manifest import COMPILED_MANIFEST, CompiledManifest, read_compiled_manifest, verify_artifact
+from tandem.compiler.targets import sm_capability
 from tandem.errors import ArtifactError, TandemError
 from tandem.serving.interface import REASONING, REFINEMENT
 from tandem.serving.repository import (
@@ -63,7 +63,7 @@ def compiled_manifest(ctx: BuildContext) -> tuple[Path, CompiledManifest]:
 class CompiledRuntimeTarget(PythonRuntimeTarget):
     """A python-backend model running a tandem runtime over compiled artifacts shipped in its version folder."""
 
-    MODULES = {REASONING: "tandem.build.served.reasoning", REFINEMENT: "tandem.build.served.refinement"}
+    MODULES = {REASONING: "tandem.compiler.served.reasoning", REFINEMENT: "tandem.compiler.served.refinement"}
     option_names = ("compiled",)
 
     def __init__(self, runtime: str, default_instance_kind: str, toolchain: str):
