@@ -93,7 +93,7 @@ class CompiledRuntimeTarget(PythonRuntimeTarget):
             raise ArtifactError(f"{directory} has no artifacts for {missing}; build again")
         target_dir = version_dir / ARTIFACTS_DIR
         for artifact in shipped:
-            ctx.place(verify_artifact(directory, artifact), target_dir / artifact.file)
+            ctx.place(verify_artifact(directory, artifact), target_dir / artifact.file, target_dir)
         manifest.model_copy(update={"artifacts": shipped}).write(target_dir)
         (version_dir / "model.py").write_text(_model_py(self.MODULES[stage]))
 
@@ -153,7 +153,7 @@ class TensorRTPlanTarget(ModelTarget):
 
     def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
         directory, _, engine = self._served(ctx)
-        ctx.place(verify_artifact(directory, engine), version_dir / engine.file)
+        ctx.place(verify_artifact(directory, engine), version_dir / engine.file, version_dir)
 
     def describe(self) -> str:
         return "Triton tensorrt_plan backend"

@@ -27,11 +27,13 @@ import sysconfig
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
 from tandem.errors import TandemError
 from tandem.serving.interface import ENSEMBLE
+from tandem.serving.models.common import BUSY_PREFIX, DRAIN_DIR_ENV, DRAINING_FILE
 from tandem.serving.security import APIRestriction, TLSOptions, admin_restriction
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,8 @@ def _server_preexec() -> None:
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "tandem-shm-"
 SHM_GUARD_INTERVAL_S = 0.1
+DEFAULT_GRACE_S = 60.0  # what `tandem serve` waits on SIGTERM for generations in flight to finish
+DRAIN_SETTLE_S = 0.3
 _shm_counter = itertools.count()
 
 
@@ -237,6 +241,34 @@ def check_bundled_support(repository: Path) -> None:
                 "nvidia-pytriton does not include; serve this repository from NVIDIA's Triton container, or write "
                 "one for the bundled server with `tandem repo --flavor local`"
             )
+
+
+@dataclass(frozen=True)
+class StopReport:
+    drained: bool  # everything in flight finished within the grace period
+    exit_code: int | None  # tritonserver's; negative: killed by that signal
+    grace_s: float
+    queued: int = 0  # still queued / running when the grace period ran out
+    busy: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.drained and self.exit_code == 0
+
+    def describe(self) -> str:
+        if self.ok:
+            return "tritonserver stopped cleanly; every request in flight was answered"
+        why = []
+        if not self.drained:
+            why.append(
+                f"work was still in flight after the {self.grace_s:.0f} s grace period ({self.queued} queued requests, "
+                f"{self.busy} busy model processes) and was dropped; raise --grace to wait longer"
+            )
+        if self.exit_code is not None and self.exit_code < 0:
+            why.append(f"tritonserver had to be killed (signal {-self.exit_code})")
+        elif self.exit_code:
+            why.append(f"tritonserver exited with code {self.exit_code}")
+        return "; ".join(why)
 
 
 class TritonServer:
@@ -396,6 +428,8 @@ class TritonServer:
         self._log.clear()
         self._workdir = tempfile.TemporaryDirectory(prefix="tandem-triton-")
         backend_dir = prepare_backend_directory(Path(self._workdir.name) / "backends")
+        self.drain_dir = Path(self._workdir.name) / "drain"
+        self.drain_dir.mkdir()
         command = self.command(backend_dir)
         log.debug("starting %s", " ".join(command))
         self.process = subprocess.Popen(
@@ -403,7 +437,7 @@ class TritonServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_environment(),
+            env={**server_environment(), DRAIN_DIR_ENV: str(self.drain_dir)},
             cwd=self._workdir.name,
             start_new_session=True,  # our signal handling decides when it stops, not the terminal's Ctrl-C
             preexec_fn=_server_preexec,
@@ -496,8 +530,57 @@ class TritonServer:
         remove_shm_regions(self.shm_prefix)  # the stubs unlink theirs on a clean stop; not after a kill
         return code
 
-    def serve_forever(self) -> int:
-        """Block until SIGINT/SIGTERM or until the server exits by itself; then stop it."""
+    # -- drain --------------------------------------------------------------------------------------
+    def in_flight(self) -> tuple[int, int]:
+        """(requests queued in Triton's schedulers, model processes running work now). Queued
+        requests are Triton's ``nv_inference_pending_request_count`` metric; running work is
+        the models' busy markers (see tandem.serving.models.common.Activity)."""
+        import urllib.request
+
+        busy = 0
+        for marker in self.drain_dir.glob(f"{BUSY_PREFIX}*"):
+            pid = marker.name[len(BUSY_PREFIX):]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                busy += 1
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        pending = sum(
+            int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith("nv_inference_pending_request_count{")
+        )
+        return pending, busy
+
+    def drain(self, grace_s: float, settle_s: float = DRAIN_SETTLE_S) -> bool:
+        """Stop taking new generations and wait up to ``grace_s`` for the work in flight to finish.
+
+        tritonserver's own stop (SIGINT/SIGTERM) refuses every new request at once, including the
+        ensemble's second step of a generation whose reasoning step already ran ("Server is
+        stopping"), so a plain stop fails the generations in flight. Here reasoning refuses new
+        work first (UNAVAILABLE) while refinement keeps serving, and the server is idle once no
+        request is queued and no model is busy for ``settle_s`` in a row (a finished step reaches
+        the next step's queue within milliseconds). Returns whether it became idle in time."""
+        if not self.is_running():
+            return True
+        (self.drain_dir / DRAINING_FILE).touch()
+        deadline = time.monotonic() + grace_s
+        idle_since = None
+        while time.monotonic() < deadline and self.is_running():
+            try:
+                idle = self.in_flight() == (0, 0)
+            except OSError:
+                idle = False
+            now = time.monotonic()
+            if not idle:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= settle_s:
+                return True
+            time.sleep(0.05)
+        return not self.is_running()
+
+    def serve_forever(self, grace_s: float = DEFAULT_GRACE_S) -> "StopReport":
+        """Block until SIGINT/SIGTERM or until the server exits by itself; then drain (up to
+        ``grace_s``) and stop it."""
         stop = threading.Event()
 
         def handler(signum: int, frame: FrameType | None) -> None:
@@ -510,10 +593,15 @@ class TritonServer:
                     error = self._failure(f"tritonserver exited unexpectedly (code {self.process.poll()})")
                     self.stop()
                     raise error
-        finally:
+            drained = self.drain(grace_s)
+            left = (0, 0)
+            if not drained and self.is_running():
+                with contextlib.suppress(OSError):
+                    left = self.in_flight()
+        finally:  # a second signal while draining must not kill us half-way: restore handlers only now
             for sig, old in previous.items():
                 signal.signal(sig, old)
-        return self.stop() or 0
+        return StopReport(drained, self.stop(), grace_s, *left)
 
     def __enter__(self) -> "TritonServer":
         return self.start()
