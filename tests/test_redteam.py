@@ -8,6 +8,7 @@ for the TLS and key checks; the stop/restart checks run `tandem serve` as a user
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -143,3 +144,257 @@ def test_admin_apis_closed_by_default_over_grpc(tiny_server: TritonServer):
         assert client.is_model_ready("reasoning")
     finally:
         client.close()
+
+
+# -- defect 1: a crafted export cannot place or load files outside its folder -----------------------
+
+
+def _tampered_copy(source: Path, target: Path, edit) -> Path:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    edit(manifest, target)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _escape_through_symlink(manifest: dict, folder: Path) -> None:
+    """The red team's export: refinement's external data climbs out of the version folder through a
+    symlink and lands as reasoning version 99's model.py."""
+    (folder / "a" / "b" / "c" / "d").mkdir(parents=True)
+    (folder / "lnk").symlink_to(folder / "a" / "b" / "c" / "d")
+    payload = folder / "lnk" / ".." / ".." / ".." / ".." / "reasoning" / "99"
+    payload.mkdir(parents=True, exist_ok=True)
+    (payload / "model.py").write_text("import os\nos.system('touch /tmp/tandem-redteam-pwned')\n")
+    graph = manifest["graphs"]["refinement"]
+    graph["optimized_file"] = None
+    graph["external_data"] = ["lnk/../../../../reasoning/99/model.py"]
+
+
+def _symlinked_graph(manifest: dict, folder: Path) -> None:
+    outside = folder.parent / f"{folder.name}-outside.onnx"
+    shutil.copy(folder / "refinement.ort.onnx", outside)
+    (folder / "refinement.ort.onnx").unlink()
+    (folder / "refinement.ort.onnx").symlink_to(outside)  # same bytes, same hash: still refused
+
+
+def _absolute_path(manifest: dict, folder: Path) -> None:
+    manifest["graphs"]["refinement"]["optimized_file"] = str((folder / "refinement.ort.onnx").resolve())
+
+
+def _unhashed_external_data(manifest: dict, folder: Path) -> None:
+    (folder / "refinement.onnx.data").write_bytes(b"\0" * 64)
+    manifest["graphs"]["refinement"]["optimized_file"] = None
+    manifest["graphs"]["refinement"]["external_data"] = ["refinement.onnx.data"]
+
+
+def _edited_config(manifest: dict, folder: Path) -> None:
+    manifest["config"]["scene"]["codebook_size"] = 1024  # the red team's edit: tokens beyond the graphs' codebook
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_escape_through_symlink, "not a plain relative path"),
+        (_symlinked_graph, "symbolic link"),
+        (_absolute_path, "not a plain relative path"),
+        (_unhashed_external_data, "records no sha256"),
+        (_edited_config, "does not match its config_fingerprint"),
+    ],
+    ids=["escape-through-symlink", "symlinked-graph", "absolute-path", "unhashed-external-data", "edited-config"],
+)
+def test_a_crafted_export_is_refused_and_leaves_the_repository_as_it_was(
+    tmp_path: Path, tiny_artifacts: Path, edit, message: str, capsys
+):
+    from tandem.cli import main
+    from tandem.serving.repository import write_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    crafted = _tampered_copy(tiny_artifacts, tmp_path / "crafted", edit)
+    assert main(["repo", "--artifacts", str(crafted), "--out", str(repo)]) != 0
+    assert message in capsys.readouterr().err
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before  # no version 2, no version 99
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(TandemError, match=message):
+        write_repository(crafted, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()  # a failed `tandem repo` leaves nothing behind
+
+
+def test_an_edited_manifest_in_a_served_repository_does_not_load(tmp_path: Path, tiny_artifacts: Path):
+    """Editing the config inside a repository (not the export) is caught when the model loads: the
+    server refuses to start and says why, instead of serving out-of-range generations."""
+    from tandem.serving.repository import write_repository
+    from tandem.serving.server import ServerError
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    for shipped in repo.glob("*/1/artifacts/manifest.json"):
+        manifest = json.loads(shipped.read_text())
+        manifest["config"]["scene"]["codebook_size"] = 1024
+        shipped.write_text(json.dumps(manifest))
+    with pytest.raises(ServerError, match="config_fingerprint") as info:
+        TritonServer(repo, startup_timeout=90).start()
+    assert "Traceback" not in str(info.value).split("--- tritonserver log")[0]
+
+
+# -- defect 10: the repository copies, so editing it cannot corrupt the export ----------------------
+
+
+def test_repository_files_are_copies_not_links(tmp_path: Path, tiny_artifacts: Path):
+    from tandem.serving.repository import write_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    shipped = repo / "refinement" / "1" / "artifacts" / "refinement.ort.onnx"
+    assert shipped.stat().st_ino != (tiny_artifacts / "refinement.ort.onnx").stat().st_ino
+    assert shipped.stat().st_nlink == 1
+    linked = write_repository(tiny_artifacts, tmp_path / "linked", link=True)  # opt-in
+    assert (linked / "refinement" / "1" / "artifacts" / "refinement.ort.onnx").stat().st_ino == (
+        tiny_artifacts / "refinement.ort.onnx"
+    ).stat().st_ino
+
+
+# -- defect 12: exports never delete what they did not write ------------------------------------------
+
+
+def test_export_refuses_a_folder_with_files_it_did_not_write(tmp_path: Path, tiny_artifacts: Path, monkeypatch, capsys):
+    from tandem.cli import main
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "keep.txt").write_text("mine too")
+    assert main(["export", "--config", "tiny", "--out", str(out)]) != 0
+    assert "did not write" in capsys.readouterr().err and "--force" in capsys.readouterr().err + "--force"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "keep.txt").read_text() == "mine too"
+    # the default output folder follows the config: `--config tiny` goes to build/tiny, not build/small
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "build" / "small").mkdir(parents=True)
+    (tmp_path / "build" / "small" / "notes.txt").write_text("small's")
+    (tmp_path / "build" / "tiny").mkdir()
+    (tmp_path / "build" / "tiny" / "notes.txt").write_text("tiny's")
+    assert main(["export", "--config", "tiny"]) != 0
+    err = capsys.readouterr().err
+    assert "build/tiny holds files" in err
+    assert (tmp_path / "build" / "small" / "notes.txt").read_text() == "small's"
+    # a folder holding only an earlier export is replaced (that export's own files)
+    from tandem.export.onnx_export import check_replaceable
+
+    check_replaceable(tiny_artifacts, force=False)
+
+
+# -- defects 8 and 9: sampling range, subset requests, missing prompt ---------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 1e-5, 0.009, 11.0, float("inf"), float("nan"), -1.0])
+def test_out_of_range_temperature_is_refused_served_and_in_process(tiny_server: TritonServer, tiny_artifacts: Path, temperature):
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes import make_runtime
+
+    with TandemClient(tiny_server.grpc_url) as client:
+        with pytest.raises(TandemError, match=r"temperature must be 0 \(greedy\) or within \[0.01, 10.0\]"):
+            client.generate(PROMPT_TEXT, temperature=temperature)
+    with pytest.raises(TandemError, match="temperature must be 0"):
+        Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts)).generate(PROMPT_TEXT, temperature=temperature)
+
+
+def test_minimum_temperature_samples_sanely(tiny_server: TritonServer, tiny_artifacts: Path, tiny_config):
+    """The red team's 1e-308 gave every token the last codebook index; at the documented minimum the
+    served sample is finite, in range, not that degenerate pattern, and equal to the in-process one."""
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes import make_runtime
+    from tandem.sampling import MIN_TEMPERATURE
+
+    with TandemClient(tiny_server.http_url) as client:
+        tokens = client.generate(PROMPT_TEXT, temperature=MIN_TEMPERATURE, seed=3).tokens[0]
+    expected = Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts)).generate(PROMPT_TEXT, seed=3, temperature=MIN_TEMPERATURE)
+    assert np.array_equal(tokens, expected.tokens)
+    assert len(np.unique(tokens)) > 1 and tokens.max() < tiny_config.scene.codebook_size
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_ensemble_answers_a_subset_of_its_outputs(tiny_server: TritonServer, protocol: str):
+    from tandem.serving.client import generation_arrays
+
+    url = tiny_server.http_url if protocol == "http" else tiny_server.grpc_url
+    with TandemClient(url) as client:
+        both = client.infer("tandem", generation_arrays(PROMPT_TEXT, seed=5), ["image", "scene_tokens"])
+        image = client.infer("tandem", generation_arrays(PROMPT_TEXT, seed=5), ["image"])
+        tokens = client.infer("tandem", generation_arrays(PROMPT_TEXT, seed=5), ["scene_tokens"])
+        assert set(image) == {"image"} and set(tokens) == {"scene_tokens"}
+        assert np.array_equal(image["image"], both["image"]) and np.array_equal(tokens["scene_tokens"], both["scene_tokens"])
+        no_prompt = generation_arrays(PROMPT_TEXT)
+        del no_prompt["prompt"]
+        for outputs in (["image", "scene_tokens"], ["image"]):
+            with pytest.raises(TandemError, match="input 'prompt' is missing") as info:
+                client.infer("tandem", no_prompt, outputs)
+            assert "deadlock" not in str(info.value)
+    # and a plain HTTP request naming no outputs gets all of them
+    body = {"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPT_TEXT]}]}
+    status, text = _http(f"{tiny_server.http_url}/v2/models/tandem/infer", "POST", body)
+    assert status == 200 and {o["name"] for o in json.loads(text)["outputs"]} == {"image", "scene_tokens"}
+
+
+# -- defect 7 (and 2): no token values in error bodies or the server log ------------------------------
+
+PLANTED = 7777  # recognisable, outside every codebook
+
+
+def test_planted_token_values_never_reach_error_bodies_or_the_log(tiny_server: TritonServer, tiny_config):
+    n = tiny_config.scene.num_tokens
+    planted = np.full((1, n), PLANTED, np.int32)
+    planted[0, 1] = PLANTED + 1
+    bodies = []
+    for url in (tiny_server.http_url, tiny_server.grpc_url):
+        with TandemClient(url) as client:
+            with pytest.raises(TandemError, match="outside the codebook") as info:
+                client.render(planted)
+            bodies.append(str(info.value))
+    body = {"inputs": [{"name": "scene_tokens", "shape": [1, n], "datatype": "INT32", "data": planted.ravel().tolist()}]}
+    bodies.append(_http(f"{tiny_server.http_url}/v2/models/refinement/infer", "POST", body)[1])
+    for text in [*bodies, tiny_server.log_text()]:
+        assert str(PLANTED) not in text and str(PLANTED + 1) not in text
+
+
+def test_runtime_errors_are_masked_before_they_are_sent_or_logged(tiny_artifacts: Path, tiny_config):
+    """ONNX Runtime's own error for an out-of-range token quotes it (the red team's "idx=777"):
+    that text is what a model would have sent; failure_message masks every number in it."""
+    import onnxruntime as ort
+
+    from tandem.serving.models.common import failure_message
+
+    session = ort.InferenceSession(str(tiny_artifacts / "refinement.onnx"), providers=["CPUExecutionProvider"])
+    h, w = tiny_config.scene.grid_height, tiny_config.scene.grid_width
+    feed = {session.get_inputs()[0].name: np.full((1, h, w), PLANTED, np.int64)}
+    with pytest.raises(Exception) as info:
+        session.run(None, feed)
+    assert str(PLANTED) in str(info.value)  # the leak is real...
+    message = failure_message("rendering", info.value)
+    assert str(PLANTED) not in message and "rendering failed" in message  # ...and masked
+    assert failure_message("rendering", TandemError("3 scene tokens are outside")) == "3 scene tokens are outside"
+
+
+# -- defect 3: the python backend's shared memory is private and does not outlive the server -----------
+
+
+def test_shared_memory_regions_are_private_and_stale_ones_are_removed(tiny_server: TritonServer):
+    import os
+
+    from tandem.serving.server import SHM_DIR, remove_shm_regions
+
+    with TandemClient(tiny_server.grpc_url) as client:
+        client.generate(PROMPT_TEXT)
+    regions = list(SHM_DIR.glob(f"{tiny_server.shm_prefix}*"))
+    assert regions, "the python backend's regions should carry the server's prefix"
+    assert all(region.stat().st_mode & 0o777 == 0o600 for region in regions)
+    # a region left by a server whose process is gone (a crash, SIGKILL) is removed; live ones stay
+    dead_pid = 2**22 + 12345
+    stale = SHM_DIR / f"tandem-shm-{os.getuid()}-{dead_pid}-0-leftover"
+    stale.write_bytes(b"tokens")
+    other = SHM_DIR / f"not-tandem-{dead_pid}"
+    other.write_bytes(b"")
+    try:
+        removed = remove_shm_regions()
+        assert stale.name in removed and not stale.exists()
+        assert other.exists() and all(region.exists() for region in regions)
+    finally:
+        stale.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)

@@ -563,20 +563,19 @@ class TritonServer:
         (self.drain_dir / DRAINING_FILE).touch()
         deadline = time.monotonic() + grace_s
         idle_since = None
-        while time.monotonic() < deadline and self.is_running():
+        while self.is_running():
             try:
                 idle = self.in_flight() == (0, 0)
             except OSError:
                 idle = False
             now = time.monotonic()
-            if not idle:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = now
-            elif now - idle_since >= settle_s:
+            idle_since = (idle_since or now) if idle else None
+            if idle_since is not None and (now - idle_since >= settle_s or now >= deadline):
                 return True
+            if now >= deadline:
+                return False
             time.sleep(0.05)
-        return not self.is_running()
+        return False  # it stopped by itself while draining
 
     def serve_forever(self, grace_s: float = DEFAULT_GRACE_S) -> "StopReport":
         """Block until SIGINT/SIGTERM or until the server exits by itself; then drain (up to
