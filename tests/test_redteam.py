@@ -398,3 +398,115 @@ def test_shared_memory_regions_are_private_and_stale_ones_are_removed(tiny_serve
     finally:
         stale.unlink(missing_ok=True)
         other.unlink(missing_ok=True)
+
+
+# -- defects 4 and 5: SIGTERM under load drains; a restart on the same ports works at once -------------
+
+
+def _start_serve(repository: Path, ports: list[int], *extra: str):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tandem", "serve", "--repository", str(repository), "--quiet",
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "Ctrl-C" in line or "Error" in line:
+            break
+    assert process.poll() is None, "".join(lines) + process.stdout.read()
+    return process, "".join(lines)
+
+
+def _load(url: str, stop, outcomes: list, prompts: int = 4) -> None:
+    """One client sending generations back to back until ``stop`` is set or it is refused;
+    records (sent at, outcome) of each."""
+    import time
+
+    with TandemClient(url, timeout_s=120) as client:
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                client.generate([PROMPT_TEXT] * prompts, seed=1)
+                outcomes.append((sent, "ok"))
+            except TandemError as exc:
+                outcomes.append((sent, str(exc)))
+                return  # a refused client goes elsewhere (and closes its connection)
+
+
+def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repository: Path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from tandem.serving.server import SHM_DIR, free_port
+
+    ports = [free_port() for _ in range(3)]
+    process, banner = _start_serve(tiny_repository, ports)
+    try:
+        assert "loopback only" in banner and "admin APIs need tandem-admin-key" in banner
+        regions = list(SHM_DIR.glob(f"tandem-shm-{os.getuid()}-{process.pid}-*"))
+        assert regions and all(r.stat().st_mode & 0o777 == 0o600 for r in regions)
+        stop, outcomes = threading.Event(), []
+        urls = [f"grpc://127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[0]}"] * 3
+        clients = [threading.Thread(target=_load, args=(url, stop, outcomes)) for url in urls]
+        for client in clients:
+            client.start()
+        while len(outcomes) < 12:  # the load is running
+            threading.Event().wait(0.05)
+        sigterm_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+        stop.set()
+        for client in clients:
+            client.join(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, out
+    assert "stopped cleanly; every generation in flight was answered" in out
+    before = [outcome for sent, outcome in outcomes if sent < sigterm_at]
+    # every request sent before the stop completed, or was refused before it started (retryable);
+    # none failed half-way ("Server is stopping" in the ensemble's second step was the defect)
+    failed = [o for o in before if o != "ok" and "starts no new generations" not in o]
+    assert failed == [], failed
+    assert before.count("ok") >= 12
+    assert not list(SHM_DIR.glob(f"tandem-shm-{os.getuid()}-{process.pid}-*"))  # regions removed at stop
+
+    # defect 5: the same ports, right away (TIME-WAIT sockets of the old server remain)
+    again = TritonServer(tiny_repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], startup_timeout=120)
+    with again:
+        with TandemClient(again.grpc_url) as client:
+            assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
+
+
+def test_sigterm_with_work_left_after_the_grace_period_exits_non_zero(tiny_repository: Path):
+    import signal
+    import threading
+
+    from tandem.serving.server import free_port
+
+    ports = [free_port() for _ in range(3)]
+    process, _ = _start_serve(tiny_repository, ports, "--grace", "0")
+    stop, outcomes = threading.Event(), []
+    clients = [threading.Thread(target=_load, args=(f"grpc://127.0.0.1:{ports[1]}", stop, outcomes, 8)) for _ in range(8)]
+    try:
+        for client in clients:
+            client.start()
+        while len(outcomes) < 8:
+            threading.Event().wait(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=120)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, out
+    assert "grace period" in out and "dropped" in out

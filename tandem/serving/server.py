@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from tandem.errors import TandemError
-from tandem.serving.interface import ENSEMBLE
+from tandem.serving.interface import ENSEMBLE, REASONING
 from tandem.serving.models.common import BUSY_PREFIX, DRAIN_DIR_ENV, DRAINING_FILE
 from tandem.serving.security import APIRestriction, TLSOptions, admin_restriction
 
@@ -253,11 +253,16 @@ class StopReport:
 
     @property
     def ok(self) -> bool:
-        return self.drained and self.exit_code == 0
+        # After a drain every generation that started has been answered. tritonserver may still
+        # exit 1 when its exit timeout ran out on idle keep-alive connections or on requests that
+        # arrived after the drain began (refused, never started): nothing was dropped then.
+        # Killed (a negative code) is never clean.
+        return self.drained and self.exit_code is not None and self.exit_code >= 0
 
     def describe(self) -> str:
         if self.ok:
-            return "tritonserver stopped cleanly; every request in flight was answered"
+            note = f" (tritonserver exited {self.exit_code}: requests that arrived while stopping were refused)" if self.exit_code else ""
+            return f"tritonserver stopped cleanly; every generation in flight was answered{note}"
         why = []
         if not self.drained:
             why.append(
@@ -544,9 +549,12 @@ class TritonServer:
                 busy += 1
         with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
             text = response.read().decode()
-        pending = sum(
-            int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith("nv_inference_pending_request_count{")
-        )
+        pending = 0
+        for line in text.splitlines():
+            # Requests queued for reasoning never start once a drain began (it refuses them), so
+            # they are not work to wait for; what is queued anywhere else is (refinement steps).
+            if line.startswith("nv_inference_pending_request_count{") and f'model="{REASONING}"' not in line:
+                pending += int(float(line.rsplit(" ", 1)[1]))
         return pending, busy
 
     def drain(self, grace_s: float, settle_s: float = DRAIN_SETTLE_S) -> bool:
