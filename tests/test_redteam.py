@@ -484,29 +484,28 @@ def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repos
             assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
 
 
-def test_sigterm_with_work_left_after_the_grace_period_exits_non_zero(tiny_repository: Path):
-    import signal
-    import threading
+def test_a_drain_refuses_new_generations_and_waits_for_running_work(tiny_server: TritonServer, tiny_config):
+    """The drain protocol on the shared server: once draining, reasoning refuses new generations
+    (retryable) while refinement still serves the ensemble's second step; the drain waits for busy
+    model processes (Activity markers, as a decoupled model holds them per generation) and gives up
+    after the grace period. The drain is undone afterwards so the shared server keeps serving."""
+    from tandem.serving.models.common import DRAINING_FILE, Activity
+    from tandem.serving.server import StopReport
 
-    from tandem.serving.server import free_port
-
-    ports = [free_port() for _ in range(3)]
-    process, _ = _start_serve(tiny_repository, ports, "--grace", "0")
-    stop, outcomes = threading.Event(), []
-    clients = [threading.Thread(target=_load, args=(f"grpc://127.0.0.1:{ports[1]}", stop, outcomes, 8)) for _ in range(8)]
+    generation = Activity(str(tiny_server.drain_dir))  # this test process plays a model still generating
     try:
-        for client in clients:
-            client.start()
-        while len(outcomes) < 8:
-            threading.Event().wait(0.05)
-        process.send_signal(signal.SIGTERM)
-        out, _ = process.communicate(timeout=120)
+        with generation.busy():
+            assert tiny_server.in_flight()[1] == 1
+            assert tiny_server.drain(grace_s=0.5) is False
+            with TandemClient(tiny_server.grpc_url) as client:
+                with pytest.raises(TandemError, match="starts no new generations"):
+                    client.generate(PROMPT_TEXT)
+                assert client.render(np.zeros((tiny_config.scene.num_tokens,), np.int32)).shape[0] == 1
+        assert tiny_server.drain(grace_s=30) is True  # idle once the work finished
     finally:
-        stop.set()
-        for client in clients:
-            client.join(timeout=120)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 1, out
-    assert "grace period" in out and "dropped" in out
+        (tiny_server.drain_dir / DRAINING_FILE).unlink(missing_ok=True)
+    report = StopReport(drained=False, exit_code=0, grace_s=0.5, queued=0, busy=1)
+    assert not report.ok and "dropped" in report.describe() and "--grace" in report.describe()
+    assert not StopReport(drained=True, exit_code=-9, grace_s=60).ok  # killed is never clean
+    with TandemClient(tiny_server.grpc_url) as client:
+        assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
