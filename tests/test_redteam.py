@@ -509,3 +509,22 @@ def test_a_drain_refuses_new_generations_and_waits_for_running_work(tiny_server:
     assert not StopReport(drained=True, exit_code=-9, grace_s=60).ok  # killed is never clean
     with TandemClient(tiny_server.grpc_url) as client:
         assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
+
+
+# -- defect 10: --poll loads each model once ----------------------------------------------------------
+
+
+def test_poll_mode_loads_each_model_once(tmp_path: Path, tiny_artifacts: Path):
+    """The backend stub used to write __pycache__ into the version folders on load, which Triton's
+    poll took for a new model: everything loaded twice. The writer now ships model.py's bytecode."""
+    import time
+
+    from tandem.serving.repository import write_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    files = {p: p.stat().st_mtime_ns for p in repo.rglob("*")}
+    with TritonServer(repo, poll_seconds=1, startup_timeout=120) as server:
+        time.sleep(3.5)  # three polls
+        loads = [line for line in server.log_text().splitlines() if '"loading: reasoning:1"' in line]
+        assert len(loads) == 1, "\n".join(loads)
+        assert {p: p.stat().st_mtime_ns for p in repo.rglob("*")} == files  # serving writes nothing into the repository

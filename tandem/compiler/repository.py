@@ -37,6 +37,7 @@ from tandem.serving.repository import (
     ModelTarget,
     PythonRuntimeTarget,
     register_flavor,
+    write_model_py,
 )
 
 PARAM_NEURON_CORES = "neuron_cores_per_instance"
@@ -95,7 +96,7 @@ class CompiledRuntimeTarget(PythonRuntimeTarget):
         for artifact in shipped:
             ctx.place(verify_artifact(directory, artifact), target_dir / artifact.file, target_dir)
         manifest.model_copy(update={"artifacts": shipped}).write(target_dir)
-        (version_dir / "model.py").write_text(_model_py(self.MODULES[stage]))
+        write_model_py(version_dir, self.MODULES[stage])
 
     def describe(self) -> str:
         return f"python backend + tandem {self.runtime} runtime over compiled artifacts"
@@ -157,13 +158,6 @@ class TensorRTPlanTarget(ModelTarget):
 
     def describe(self) -> str:
         return "Triton tensorrt_plan backend"
-
-
-def _model_py(module: str) -> str:
-    """The serving writer's generated model.py (it makes tandem importable in the backend stub)."""
-    from tandem.serving.repository import _MODEL_PY
-
-    return _MODEL_PY.format(module=module)
 
 
 def compiled_flavors() -> list[Flavor]:

@@ -196,6 +196,19 @@ from {module} import TritonPythonModel  # noqa: E402,F401
 '''
 
 
+def write_model_py(version_dir: Path, module: str) -> Path:
+    """The generated model.py, with its bytecode beside it: the backend stub would otherwise write
+    ``__pycache__`` into the version folder on load, and Triton's poll mode takes that change for a
+    new model and loads everything a second time."""
+    import importlib.util
+    import py_compile
+
+    path = version_dir / "model.py"
+    path.write_text(_MODEL_PY.format(module=module))
+    py_compile.compile(str(path), cfile=importlib.util.cache_from_source(str(path)), doraise=True)
+    return path
+
+
 class PythonRuntimeTarget(ModelTarget):
     """A python-backend model running a tandem runtime in-process over the graphs shipped in its
     version folder: the reasoning loop (prefill + decode over the static KV cache) or refinement."""
@@ -231,7 +244,7 @@ class PythonRuntimeTarget(ModelTarget):
     def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
         for source, name in self.collect_files(ctx, stage):
             ctx.place(source, version_dir / ARTIFACTS_DIR / name, version_dir / ARTIFACTS_DIR)
-        (version_dir / "model.py").write_text(_MODEL_PY.format(module=self.MODULES[stage]))
+        write_model_py(version_dir, self.MODULES[stage])
 
     def describe(self) -> str:
         return f"python backend + tandem {self.runtime} runtime"
