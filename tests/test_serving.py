@@ -96,8 +96,7 @@ def test_concurrent_requests_become_one_batched_generation(tiny_server: TritonSe
 
 def _bad_requests(grid_tokens: int):
     good = generation_arrays("a red circle")
-    both = [IMAGE, SCENE_TOKENS]  # Triton 2.51 hides a step's error behind "unexpected deadlock" when an
-    # ensemble request asks for a subset of its outputs; TandemClient always asks for both.
+    both = [IMAGE, SCENE_TOKENS]  # as TandemClient asks (subset requests: tests/test_redteam.py)
     return [
         ("prompt as INT32", ENSEMBLE, {**good, PROMPT: np.array([[1]], dtype=np.int32)}, both, "input 'prompt' data-type is 'INT32'"),
         ("seed as FP32", ENSEMBLE, {**good, "seed": np.array([[1.5]], dtype=np.float32)}, both, "input 'seed' data-type is 'FP32'"),
