@@ -99,6 +99,48 @@ def test_mutual_tls_and_api_key(secured_server: TritonServer, pki: dict[str, Pat
     assert _http(f"{secured_server.http_url}/v2/logging", headers={"tandem-admin-key": ADMIN_KEY})[0] == 200
 
 
+def test_cli_credentials_reach_the_secured_server(secured_server: TritonServer, pki: dict[str, Path], tmp_path: Path, capsys):
+    from tandem.cli import main
+
+    key_file = tmp_path / "api.key"
+    key_file.write_text(API_KEY + "\n")
+    out = tmp_path / "out.png"
+    argv = ["generate", PROMPT_TEXT, "--server", secured_server.grpc_url, "--out", str(out), "--tls-ca", str(pki["ca"]),
+            "--tls-client-cert", str(pki["client.pem"]), "--tls-client-key", str(pki["client.key"])]
+    assert main([*argv, "--api-key-file", str(key_file)]) == 0 and out.exists()
+    assert main(argv) != 0 and "API key" in capsys.readouterr().err  # the key is required
+
+
+def test_serve_security_flags_are_checked(tmp_path: Path, pki: dict[str, Path]):
+    import argparse
+
+    from tandem.cli.serving import add_security_arguments, security_options
+
+    parser = argparse.ArgumentParser()
+    add_security_arguments(parser)
+    (tmp_path / "admin.key").write_text(ADMIN_KEY)
+    (tmp_path / "empty.key").write_text("")
+    bad = [
+        (["--tls-cert", str(pki["server.pem"])], "go together"),
+        (["--tls-client-ca", str(pki["ca"])], "needs --tls-cert"),
+        (["--open-admin-api", "--admin-key-file", str(tmp_path / "admin.key")], "contradict"),
+        (["--api-key-file", str(tmp_path / "empty.key")], "is empty"),
+        (["--api-key-file", str(tmp_path / "missing.key")], "cannot read"),
+        (["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(pki["server.key"])], "does not exist"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(TandemError, match=message):
+            security_options(parser.parse_args(argv))
+    default = security_options(parser.parse_args([]))
+    assert default["tls"] is None and [r.apis for r in default["restrictions"]] == [ADMIN_APIS]
+    opened = security_options(parser.parse_args(["--open-admin-api"]))
+    assert opened["restrictions"] == ()
+    mutual = security_options(parser.parse_args(["--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]),
+                                                 "--tls-client-ca", str(pki["ca"]), "--admin-key-file", str(tmp_path / "admin.key")]))
+    assert mutual["tls"].mutual and "--grpc-use-ssl-mutual=true" in mutual["tls"].server_args()
+    assert mutual["restrictions"][0].value == ADMIN_KEY
+
+
 def test_client_refuses_tls_options_without_grpcs():
     with pytest.raises(TandemError, match="grpcs://"):
         TandemClient("grpc://127.0.0.1:1", tls=ClientTLS())
