@@ -13,7 +13,7 @@ from tandem.errors import ArtifactError
 from tandem.util import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer cache tensors (past_key_{l}, new_key_{l}, present_key_{l})
 
 
 class TensorEntry(BaseModel):

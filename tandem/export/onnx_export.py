@@ -10,6 +10,7 @@ complete, and the export fails (nothing replaced) when a tolerance is not met.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from collections.abc import Iterator
@@ -71,9 +72,16 @@ class ExportResult:
     manifest: Manifest
 
 
-def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, torch.export.Dim] | None]:
+def _dynamic_shapes(spec: GraphSpec, module: torch.nn.Module) -> tuple:
+    """Positional, in the spec's input order, shaped like ``module.forward``'s signature: the inputs
+    a ``*args`` parameter takes (the decode module's ``*cache``) form one nested tuple."""
     dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.dims.items()}
-    return {t.name: ({i: dims[d] for i, d in t.dynamic_axes().items()} or None) for t in spec.inputs}
+    shapes = [({i: dims[d] for i, d in t.dynamic_axes().items()} or None) for t in spec.inputs]
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_POSITIONAL:
+        named = len(parameters) - 1
+        return (*shapes[:named], tuple(shapes[named:]))
+    return tuple(shapes)
 
 
 def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry:
@@ -88,7 +96,7 @@ def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry
             args,
             input_names=spec.input_names,
             output_names=spec.output_names,
-            dynamic_shapes=_dynamic_shapes(spec),
+            dynamic_shapes=_dynamic_shapes(spec, module),
             opset_version=OPSET,
             dynamo=True,
             verbose=False,

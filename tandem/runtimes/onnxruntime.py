@@ -68,5 +68,14 @@ class OnnxRuntime(Runtime):
         outputs = self.sessions[graph].run(spec.output_names, {n: feeds[n] for n in spec.input_names})
         return dict(zip(spec.output_names, outputs))
 
+    def decode_engine(self, capacity: int):
+        from tandem.decoding import CacheDecodeEngine, OrtDecodeEngine
+
+        if self.providers[0] != "CPUExecutionProvider":
+            # IO binding here binds host memory; a CUDA session would copy it every step. Until
+            # device buffers are bound (ortvalue on "cuda"), run through plain feeds.
+            return CacheDecodeEngine(self, capacity)
+        return OrtDecodeEngine(self, capacity)
+
     def describe(self) -> str:
         return f"onnxruntime {ort.__version__} ({self.providers[0]})"

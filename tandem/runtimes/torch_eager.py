@@ -28,3 +28,8 @@ class TorchRuntime(Runtime):
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         return {name: out.numpy() for name, out in zip(spec.output_names, outputs)}
+
+    def decode_engine(self, capacity: int):
+        from tandem.decoding import TorchDecodeEngine
+
+        return TorchDecodeEngine(self, capacity)
