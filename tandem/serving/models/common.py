@@ -19,11 +19,34 @@ from tandem.sampling import SamplingParams
 PARAM_RUNTIME = "runtime"  # a tandem.runtimes name: onnxruntime today, more as compilers land
 PARAM_ARTIFACTS = "artifacts"  # artifact folder, relative to the version folder
 PARAM_RUNTIME_OPTIONS = "runtime_options"  # JSON keyword arguments for make_runtime
+PARAM_SCHEDULER = "scheduler"  # reasoning only: one of SCHEDULERS
+PARAM_MAX_WAITING = "max_waiting"  # in-flight reasoning: prompts that may wait for a slot before new ones are refused
+
+# How the served reasoning model batches: "inflight" schedules per decode step (requests join and
+# leave the running batch at every step, tandem.scheduler); "request" runs each group of requests
+# Triton's dynamic batcher hands over as one generation to its end.
+SCHEDULER_INFLIGHT, SCHEDULER_REQUEST = "inflight", "request"
+SCHEDULERS = (SCHEDULER_INFLIGHT, SCHEDULER_REQUEST)
 
 
 def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     """config.pbtxt ``parameters`` as plain strings (Triton hands them over as JSON)."""
     return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+def scheduler_kind(parameters: dict[str, str]) -> str:
+    kind = parameters.get(PARAM_SCHEDULER, SCHEDULER_REQUEST)
+    if kind not in SCHEDULERS:
+        raise TandemError(f"parameter {PARAM_SCHEDULER!r} is {kind!r}; it must be one of {SCHEDULERS} (regenerate with `tandem repo`)")
+    return kind
+
+
+def waiting_limit(parameters: dict[str, str]) -> int | None:
+    """The in-flight scheduler's waiting limit in prompts (None: unbounded)."""
+    value = parameters.get(PARAM_MAX_WAITING, "")
+    if value and not value.isdigit():
+        raise TandemError(f"parameter {PARAM_MAX_WAITING!r} must be a whole number, got {value!r}; regenerate with `tandem repo`")
+    return int(value) or None if value else None
 
 
 def load_pipeline(version_dir: str | Path, parameters: dict[str, str], instance_kind: str = "CPU") -> Pipeline:
