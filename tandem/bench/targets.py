@@ -11,8 +11,8 @@ class Target:
     id: str
     description: str
     threshold: float
-    comparison: str  # ">=" or "<="
-    unit: str  # "x" (ratio) or "%"
+    comparison: str  # ">=", ">" or "<="
+    unit: str  # "x" (ratio), "%" or "" (a count)
     value: float | None = None
     status: str = "NOT RUN"  # PASS | FAIL | NOT RUN
     detail: str = ""
@@ -23,7 +23,7 @@ class Target:
             self.status = "NOT RUN"
             return self
         self.value = float(value)
-        ok = value >= self.threshold if self.comparison == ">=" else value <= self.threshold
+        ok = {">=": value >= self.threshold, ">": value > self.threshold, "<=": value <= self.threshold}[self.comparison]
         self.status = "PASS" if ok else "FAIL"
         return self
 
@@ -34,8 +34,10 @@ class Target:
             return ""
         scale = 100.0 if self.unit == "%" else 1.0
         got, need = self.value * scale, self.threshold * scale
-        suffix = "%" if self.unit == "%" else "x"
-        if self.comparison == ">=":
+        suffix = self.unit
+        if not self.threshold:
+            return f"{got:g}{suffix} against {need:g}{suffix}"
+        if self.comparison in (">=", ">"):
             rel = (self.threshold - self.value) / self.threshold * 100
             return f"missed by {need - got:.2f}{suffix} ({rel:.0f}% short of {need:g}{suffix})"
         rel = (self.value - self.threshold) / self.threshold * 100
@@ -43,7 +45,7 @@ class Target:
 
     def line(self) -> str:
         scale = 100.0 if self.unit == "%" else 1.0
-        suffix = "%" if self.unit == "%" else "x"
+        suffix = self.unit
         value = f"{self.value * scale:.2f}{suffix}" if self.value is not None else "-"
         head = f"**{self.status}** {self.description}: {value} (target {self.comparison} {self.threshold * scale:g}{suffix})"
         tail = "; ".join(x for x in (self.shortfall, self.detail) if x)
@@ -123,6 +125,8 @@ def evaluate_targets(results: dict) -> list[Target]:
             )
         )
 
+    targets += served_scheduler_targets(results)
+
     best = results.get("roofline", {}).get("refinement_best")
     variant = results.get("roofline", {}).get("refinement_best_variant")
     t = Target("refinement_peak", "refinement achieved FLOP/s vs measured matmul peak", 0.5, ">=", "%")
@@ -138,4 +142,74 @@ def evaluate_targets(results: dict) -> list[Target]:
                 f"at batch {variant['batch']})"
             )
     targets.append(t.evaluate(best["fraction_of_matmul_peak"] if best else None, detail, "roofline not measured"))
+    return targets
+
+
+def _all_levels(served: dict):
+    """(scheduler, where, level) for every closed-loop and open-loop level of every scheduler."""
+    for scheduler, entry in served.get("schedulers", {}).items():
+        for protocol, levels in entry.get("protocols", {}).items():
+            for conc, level in levels.items():
+                yield scheduler, f"{protocol} concurrency {conc}", level
+        for rate, level in entry.get("open_loop", {}).items():
+            yield scheduler, f"open loop {rate}/s", level
+
+
+def served_scheduler_targets(results: dict) -> list[Target]:
+    """Issue 11's targets: tail latency, time to first decode step, the open-loop knee of in-flight
+    vs request-level batching, and exactness at every level."""
+    served = results.get("served", {})
+    ok = served.get("status") == "ok"
+    missing = served.get("status", "not run") if not ok else ""
+    primary = served.get("scheduler", "?")
+    targets = []
+    for protocol in ("http", "grpc"):
+        c8 = served.get("protocols", {}).get(protocol, {}).get("8", {}) if ok else {}
+        p50, p99 = c8.get("latency", {}).get("p50_ms"), c8.get("latency", {}).get("p99_ms")
+        t = Target(f"served_tail_{protocol}", f"served p99 vs p50 latency ({protocol.upper()}, {primary} batching), concurrency 8", 1.5, "<=", "x")
+        targets.append(
+            t.evaluate(
+                p99 / p50 if p50 and p99 else None,
+                f"p99 {p99:.1f} ms vs p50 {p50:.1f} ms" + ("" if p99 <= 1.5 * p50 else "; a request waited behind others' generations: "
+                "serve with --scheduler inflight and enough slots (--max-batch-size)") if p50 and p99 else "",
+                missing or f"no {protocol} level at concurrency 8",
+            )
+        )
+
+    c8 = served.get("protocols", {}).get("grpc", {}).get("8", {}) if ok else {}
+    first = (c8.get("first_step") or {}).get("p50_ms")
+    prefill, decode = _p50(results, "onnxruntime", "reasoning_prefill", 1), _p50(results, "onnxruntime", "reasoning_decode", 8)
+    budget = prefill + 2 * decode if prefill and decode else None
+    t = Target("served_first_step", f"time to first decode step, p50 at concurrency 8 (gRPC, {primary} batching) vs prefill + 2 decode steps", 1.0, "<=", "x")
+    detail = ""
+    if first and budget:
+        detail = (
+            f"{first:.1f} ms (server-side: Triton queue {c8['first_step']['triton_queue_ms']:.1f} ms + model histogram) vs "
+            f"{prefill:.1f} ms prefill + 2 x {decode:.1f} ms decode (batch 8, in-process)"
+        )
+        if first > budget:
+            detail += "; requests wait for slots or behind whole generations: more slots, or in-flight batching"
+    targets.append(t.evaluate(first / budget if first and budget else None, detail, missing or "needs the gRPC level at concurrency 8 and the onnxruntime stage figures"))
+
+    knees = {name: entry.get("open_loop_knee", {}) for name, entry in served.get("schedulers", {}).items()} if ok else {}
+    inflight, request = (knees.get(k, {}).get("rate_per_s") for k in ("inflight", "request"))
+    t = Target("served_knee", "open-loop knee (highest offered rate within the same p99 budget), in-flight vs request-level batching", 1.0, ">", "x")
+    if "inflight" in knees and "request" in knees and inflight:
+        budget_ms = knees["inflight"].get("budget_p99_ms", 0.0)
+        if request:
+            t.evaluate(inflight / request, f"{inflight:.3g} vs {request:.3g} requests/s within p99 {budget_ms:.0f} ms")
+        else:
+            t.evaluate(float("inf"), f"in-flight sustains {inflight:.3g} requests/s within p99 {budget_ms:.0f} ms; request-level sustains none of the offered rates")
+    else:
+        t.evaluate(None, "", missing or "needs both schedulers measured, and in-flight batching within the p99 budget at some offered rate")
+    targets.append(t)
+
+    bad = [(s, where, lv["failed"], lv["tokens_mismatched"]) for s, where, lv in _all_levels(served)] if ok else []
+    wrong = [b for b in bad if b[2] or b[3]]
+    t = Target("served_exact", "failed requests + token differences from the in-process pipeline, every level and scheduler", 0, "<=", "")
+    detail = (
+        "; ".join(f"{s} {where}: {f} failed, {m} differing" for s, where, f, m in wrong[:6]) + " (see the per-level errors)"
+        if wrong else f"{len(bad)} levels checked"
+    )
+    targets.append(t.evaluate(sum(f + m for _, _, f, m in bad) if bad else None, detail, missing or "no served level measured"))
     return targets
