@@ -57,8 +57,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
 
 @pytest.fixture(scope="module")
 def one_slot_server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
-    """One slot and two waiting places: any burst overloads it."""
-    running = start_server(tmp_path_factory, tiny_artifacts, 1, 2)
+    """One slot and one waiting place: any burst overloads it."""
+    running = start_server(tmp_path_factory, tiny_artifacts, 1, 1)
     yield running
     running.stop()
 
@@ -181,13 +181,13 @@ def test_overload_is_refused_with_a_clear_error_and_nothing_hangs(one_slot_serve
     ready and serves the next request."""
     server = one_slot_server
     before = events(server)
-    futures = backlog(server, requests=24, rows=1)
+    futures = backlog(server, requests=48, rows=1)
     results = [future.result(timeout=180) for future in futures]
     refused = [r for r in results if isinstance(r, str)]
     served = [(i, r) for i, r in enumerate(results) if not isinstance(r, str)]
     assert refused and served
     for error in refused:
-        assert "at capacity" in error and "max_queue_size 2" in error and "retry later" in error
+        assert "at capacity" in error and "max_queue_size 1" in error and "retry later" in error
     for i, tokens in served:
         assert np.array_equal(tokens, expected_backlog(pipeline, i, rows=1))
     after = events(server)
