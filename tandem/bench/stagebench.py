@@ -18,7 +18,7 @@ from tandem.bench.timing import Budget, measure, summarize
 from tandem.config import ModelConfig
 from tandem.errors import TandemError
 from tandem.runtimes import RUNTIME_NAMES, Runtime, make_runtime
-from tandem.stages import GraphSpec
+from tandem.stages import GraphSpec, cache_layout
 
 # Captions the end-to-end and served measurements send, in this order (request i uses seed i).
 PROMPTS = (
@@ -98,9 +98,28 @@ def graph_feeds(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, np.ndar
     return spec.sample_inputs({"batch": batch}, seed=seed)
 
 
+def decode_step_call(runtime: Runtime, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """One decode step as generation runs it: through the runtime's decode engine, its cache
+    buffers holding ``feeds``' cache (allocated and bound once, outside the timed call)."""
+    from tandem.decoding import make_decode_engine
+
+    batch = len(feeds["token_ids"])
+    engine = make_decode_engine(runtime, batch)
+    for name in cache_layout(runtime.config).names("past"):
+        engine.load_cache(name, feeds[name])
+    token_ids, positions = feeds["token_ids"], feeds["positions"]
+    return lambda: engine.step(batch, token_ids, positions)
+
+
+def graph_call(runtime: Runtime, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    if spec.name == "reasoning_decode":
+        return decode_step_call(runtime, spec, feeds)
+    return lambda: runtime.run(spec.name, feeds)
+
+
 def bench_graph(runtime: Runtime, spec: GraphSpec, batch: int, budget: Budget) -> dict:
     feeds = graph_feeds(spec, batch)
-    samples = measure(lambda: runtime.run(spec.name, feeds), budget)
+    samples = measure(graph_call(runtime, spec, feeds), budget)
     stats = summarize(samples)
     stats["batch"] = batch
     stats["dims"] = {name: (batch if name == "batch" else r.opt) for name, r in spec.dims.items()}
@@ -157,7 +176,7 @@ def bench_decode_positions(
             feeds = graph_feeds(spec, 1)
             feeds["positions"] = np.array([position], dtype=np.int64)
             try:
-                per_position[str(position)] = summarize(measure(lambda: runtime.run(spec.name, feeds), budget))
+                per_position[str(position)] = summarize(measure(graph_call(runtime, spec, feeds), budget))
             except TandemError as exc:
                 per_position[str(position)] = {"error": str(exc)}
         results[rt_name] = per_position
@@ -198,12 +217,23 @@ class TimedRuntime(Runtime):
         self.calls: dict[str, int] = defaultdict(int)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.timed(graph, self.inner.run, graph, feeds)
+
+    def timed(self, graph: str, fn: Callable, *args):
         start = time.perf_counter()
         try:
-            return self.inner.run(graph, feeds)
+            return fn(*args)
         finally:
             self.seconds[graph] += time.perf_counter() - start
             self.calls[graph] += 1
+
+    def decode_engine(self, capacity: int):
+        """The inner runtime's own engine, its prefill and steps timed as the graphs they run."""
+        engine = self.inner.decode_engine(capacity)
+        prefill, step = engine.prefill, engine.step
+        engine.prefill = lambda *args: self.timed("reasoning_prefill", prefill, *args)
+        engine.step = lambda *args: self.timed("reasoning_decode", step, *args)
+        return engine
 
     def reset(self) -> None:
         self.seconds.clear()
