@@ -86,10 +86,17 @@ class CacheDecodeEngine:
         self.past_names = self.layout.names("past")
         self.new_names = self.layout.names("new")
         self.present_names = self.layout.names("present")
+        self._allocate()
+
+    def _allocate(self) -> None:
         # Zeros, not empty: slots beyond a row's position are masked, but must never hold NaN/inf.
         self.cache: dict[str, np.ndarray] = {
-            name: np.zeros(self.layout.shape(capacity), dtype=self.layout.dtype) for name in self.past_names
+            name: np.zeros(self.layout.shape(self.capacity), dtype=self.layout.dtype) for name in self.past_names
         }
+
+    def load_cache(self, name: str, values: np.ndarray) -> None:
+        """Overwrite a whole cache buffer (benchmarks start a step from a given cache)."""
+        self.cache[name][:] = values
 
     # -- the DecodeEngine contract -----------------------------------------------------------
     def prefill(self, slots: Sequence[int], input_ids: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
@@ -149,35 +156,61 @@ class CacheDecodeEngine:
 
 
 class TorchDecodeEngine(CacheDecodeEngine):
-    """PyTorch eager: the cache buffers as torch tensors (sharing the numpy memory), the decode
-    module called directly and each step's rows written in place with ``index_copy_``."""
+    """The cache as torch tensors on the runtime's device (a fixed address for the engine's life:
+    CUDA-graph friendly), rows written in place with ``index_copy_``, graphs run through
+    ``runtime.run_tensors(graph, tensors) -> tensors`` (PyTorch eager, AOTInductor, TensorRT), so
+    the cache never leaves the device. On the CPU the tensors share the numpy buffers in ``cache``."""
 
-    def __init__(self, runtime, capacity: int):
-        super().__init__(runtime, capacity)
+    def __init__(self, runtime, capacity: int, device: str | torch.device = "cpu"):
         import torch
 
         self.torch = torch
-        self.module = runtime.modules[DECODE]
-        self.tensors: dict[str, torch.Tensor] = {name: torch.from_numpy(b) for name, b in self.cache.items()}
+        self.device = torch.device(device)
+        super().__init__(runtime, capacity)
         heads, max_len = self.layout.n_heads, self.layout.max_len
         # Flat row of (slot, head, position) in a [capacity * heads * max_len, head_dim] view.
-        self._head_offsets = torch.arange(heads).view(1, heads) * max_len
+        self._head_offsets = torch.arange(heads, device=self.device).view(1, heads) * max_len
         self._slot_stride = heads * max_len
+        self._token_ids = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        self._positions = torch.ones(capacity, dtype=torch.int64, device=self.device)
+
+    def _allocate(self) -> None:
+        torch = self.torch
+        shape, dtype = self.layout.shape(self.capacity), getattr(torch, self.layout.dtype)
+        self.tensors = {name: torch.zeros(shape, dtype=dtype, device=self.device) for name in self.past_names}
+        # Host views of the same memory on the CPU (inspection, tests); none for device memory.
+        self.cache = {n: t.numpy() for n, t in self.tensors.items()} if self.device.type == "cpu" else {}
+
+    def load_cache(self, name: str, values: np.ndarray) -> None:
+        self.tensors[name].copy_(self.torch.from_numpy(np.ascontiguousarray(values)))
+
+    def move(self, src: int, dst: int) -> None:
+        self._check_slots([src, dst])
+        if src != dst:
+            for tensor in self.tensors.values():
+                tensor[dst].copy_(tensor[src])
 
     def _run_step(self, n, token_ids, positions):
-        torch = self.torch
-        with torch.inference_mode():
-            outputs = self.module(
-                torch.from_numpy(token_ids), torch.from_numpy(positions), *(self.tensors[name][:n] for name in self.past_names)
-            )
-        return outputs[0].numpy(), dict(zip(self.new_names, outputs[1:]))
+        self._token_ids[:n].copy_(self.torch.from_numpy(token_ids))
+        self._positions[:n].copy_(self.torch.from_numpy(positions))
+        inputs = [self._token_ids[:n], self._positions[:n], *(self.tensors[name][:n] for name in self.past_names)]
+        outputs = self.runtime.run_tensors(DECODE, inputs)
+        logits = outputs[0].float().cpu().numpy()
+        return logits, dict(zip(self.new_names, outputs[1:]))
 
     def _write_rows(self, past, n, positions, rows):
         torch = self.torch
-        index = (torch.arange(n).view(n, 1) * self._slot_stride + self._head_offsets + torch.from_numpy(positions).view(n, 1)).view(-1)
+        positions = self._positions[:n]  # already on the device
+        index = (torch.arange(n, device=self.device).view(n, 1) * self._slot_stride + self._head_offsets + positions.view(n, 1)).view(-1)
         flat = self.tensors[past].view(-1, self.layout.head_dim)
         with torch.inference_mode():
-            flat.index_copy_(0, index, rows.reshape(-1, self.layout.head_dim))
+            flat.index_copy_(0, index, rows.reshape(-1, self.layout.head_dim).to(flat.dtype))
+
+    def _write_prefix(self, past, slots, present, length):
+        slots_t = self.torch.from_numpy(slots).to(self.device)
+        target = self.tensors[past][:, :, :length]
+        with self.torch.inference_mode():
+            target.index_copy_(0, slots_t, self.torch.from_numpy(np.ascontiguousarray(present)).to(self.device, target.dtype))
 
 
 class OrtDecodeEngine(CacheDecodeEngine):

@@ -35,6 +35,10 @@ TARGET_IDS = {
     "served_first_step",
     "served_knee",
     "served_exact",
+    "decode_roofline_b1",
+    "decode_roofline_b8",
+    "decode_rows_scaling",
+    "pipeline_scaling",
 }
 
 
@@ -122,6 +126,14 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run):
     assert targets["served_overhead_grpc"]["status"] in {"PASS", "FAIL"}
     assert targets["served_exact"]["status"] == "PASS" and targets["served_knee"]["status"] in {"PASS", "FAIL", "NOT RUN"}
     assert targets["served_tail_grpc"]["status"] == "NOT RUN"  # quick mode has no concurrency 8
+    for tid in ("decode_roofline_b1", "decode_roofline_b8", "decode_rows_scaling"):
+        assert targets[tid]["status"] in {"PASS", "FAIL"}, targets[tid]
+    assert "cache read" in targets["decode_roofline_b8"]["detail"] and "GB/s" in targets["decode_roofline_b8"]["detail"]
+    assert targets["pipeline_scaling"]["status"] == "NOT RUN"  # the quick budget generates at batch 1 only
+    work = results["roofline"]["work"]["reasoning_decode"]
+    for batch in ("1", "8"):  # the cache counts as what a step reads ([0, position)) and writes
+        assert 0 < work[batch]["cache_read_bytes"] < work[batch]["cache_bytes_bound"]
+        assert work[batch]["cache_written_bytes"] > 0
 
     # Modelled rows are labelled as such, beside measured ones.
     rows = results["cross_hardware"]["rows"]

@@ -41,8 +41,9 @@ class GraphEntry(BaseModel):
     file: str
     sha256: str
     external_data: list[str] = []
-    optimized_file: str | None = None  # ONNX Runtime offline-optimised graph
+    optimized_file: str | None = None  # ONNX Runtime's graph: its rewrites (tandem.export.rewrites), optimised offline
     optimized_sha256: str | None = None
+    optimized_rewrites: list[str] = []  # the rewrites that made it differ from `file` beyond optimisation
     inputs: list[TensorEntry]
     outputs: list[TensorEntry]
     dims: dict[str, list[int]]  # name -> [min, opt, max]
@@ -50,10 +51,12 @@ class GraphEntry(BaseModel):
     atol: float
     rtol: float
     validation: list[ValidationCase]
+    optimized_validation: list[ValidationCase] = []  # the same cases run on `optimized_file`
     passed: bool
 
 
 class GenerationCheck(BaseModel):
+    variant: str = "onnxruntime"  # "onnxruntime" (the optimised graphs) or "plain" (the standard-op graphs)
     prompts: list[str]
     seed: int
     tokens_equal: bool
@@ -70,7 +73,8 @@ class Manifest(BaseModel):
     weights: str  # "seed:<n>" or "checkpoint:<sha256>"
     versions: dict[str, str]
     graphs: dict[str, GraphEntry]
-    generation: GenerationCheck | None = None
+    generation: GenerationCheck | None = None  # the ONNX Runtime graphs over VALIDATION_PROMPTS
+    generation_checks: list[GenerationCheck] = []  # every variant at batch 1 and the largest batch
     passed: bool = False
 
     def write(self, directory: Path) -> Path:

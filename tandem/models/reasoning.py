@@ -112,6 +112,9 @@ class MoEFeedForward(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.last_routing: torch.Tensor | None = None  # [N, k] expert ids, kept for inspection in eager mode
+        # A target's replacement for the whole layer while its graphs are traced
+        # (tandem.export.rewrites); None everywhere else.
+        self.evaluate = None
 
     def reset_parameters(self) -> None:
         for w in (self.w_gate, self.w_up):
@@ -124,6 +127,8 @@ class MoEFeedForward(nn.Module):
         return weights / weights.sum(dim=-1, keepdim=True), experts
 
     def forward(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        if self.evaluate is not None:
+            return self.evaluate(x)
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, d]
         weights, experts = self.route(x)

@@ -33,3 +33,9 @@ class TorchRuntime(Runtime):
         from tandem.decoding import TorchDecodeEngine
 
         return TorchDecodeEngine(self, capacity)
+
+    @torch.inference_mode()
+    def run_tensors(self, graph: str, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The graph's module on torch tensors in the spec's input order (decode engines)."""
+        outputs = self.modules[graph](*tensors)
+        return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
