@@ -239,7 +239,9 @@ def _scheduler_section(results: dict) -> list[str]:
         rows,
     )
     knees = [
-        f"{name}: {_g(entry.get('open_loop_knee', {}).get('rate_per_s'))} req/s" for name, entry in runs.items()
+        f"{name}: {_g(entry.get('open_loop_knee', {}).get('rate_per_s'))} req/s"
+        + ("" if entry.get("open_loop_knee", {}).get("reached") else " (no offered rate broke the budget: a lower bound)")
+        for name, entry in runs.items()
     ]
     out += [f"Knee (p99 budget {_f(next(iter(runs.values())).get('open_loop_knee', {}).get('budget_p99_ms'), 0)} ms): "
             + "; ".join(knees) + ".", ""]

@@ -199,12 +199,18 @@ def _scrape(server):
 
 
 def open_loop_knee(levels: dict, budget_ms: float) -> dict:
-    """The highest offered rate served with no failure and p99 within ``budget_ms`` (None: none was)."""
-    good = [
-        float(rate) for rate, lv in levels.items()
-        if lv["failed"] == 0 and lv["latency"].get("p99_ms") is not None and lv["latency"]["p99_ms"] <= budget_ms
-    ]
-    return {"budget_p99_ms": budget_ms, "rate_per_s": max(good) if good else None}
+    """The knee: the highest offered rate, walking up from the lowest, served with no failure and
+    p99 within ``budget_ms``; ``reached`` says whether a higher rate broke the budget (otherwise the
+    sweep stopped below the knee and the rate is a lower bound)."""
+    rate, reached = None, False
+    for key in sorted(levels, key=float):
+        lv = levels[key]
+        p99 = lv["latency"].get("p99_ms")
+        if lv["failed"] or p99 is None or p99 > budget_ms:
+            reached = True
+            break
+        rate = float(key)
+    return {"budget_p99_ms": budget_ms, "rate_per_s": rate, "reached": reached}
 
 
 def _statistics(http_address: str) -> dict[str, dict]:

@@ -194,16 +194,23 @@ def served_scheduler_targets(results: dict) -> list[Target]:
     targets.append(t.evaluate(first / budget if first and budget else None, detail, missing or "needs the gRPC level at concurrency 8 and the onnxruntime stage figures"))
 
     knees = {name: entry.get("open_loop_knee", {}) for name, entry in served.get("schedulers", {}).items()} if ok else {}
-    inflight, request = (knees.get(k, {}).get("rate_per_s") for k in ("inflight", "request"))
     t = Target("served_knee", "open-loop knee (highest offered rate within the same p99 budget), in-flight vs request-level batching", 1.0, ">", "x")
-    if "inflight" in knees and "request" in knees and inflight:
-        budget_ms = knees["inflight"].get("budget_p99_ms", 0.0)
-        if request:
-            t.evaluate(inflight / request, f"{inflight:.3g} vs {request:.3g} requests/s within p99 {budget_ms:.0f} ms")
+    if "inflight" in knees and "request" in knees:
+        fast, slow = knees["inflight"], knees["request"]
+        budget_ms = fast.get("budget_p99_ms", 0.0)
+        rate = lambda k: f"{k['rate_per_s']:.3g}/s" if k.get("rate_per_s") else "none"  # noqa: E731
+        said = f"in-flight {rate(fast)}{'' if fast.get('reached') else ' or more'} vs request-level {rate(slow)}" + (
+            "" if slow.get("reached") else " or more") + f" within p99 {budget_ms:.0f} ms"
+        if not fast.get("reached") and not slow.get("reached"):
+            t.evaluate(None, "", f"{said}: the sweep stayed below both knees; offer higher rates (--open-loop-loads)")
+        elif not fast.get("rate_per_s"):
+            t.evaluate(0.0, f"{said}; in-flight batching missed the budget at the lowest rate: more slots or a larger p99 budget")
+        elif not slow.get("rate_per_s"):
+            t.evaluate(float("inf"), f"{said}; request-level batching missed the budget at every offered rate")
         else:
-            t.evaluate(float("inf"), f"in-flight sustains {inflight:.3g} requests/s within p99 {budget_ms:.0f} ms; request-level sustains none of the offered rates")
+            t.evaluate(fast["rate_per_s"] / slow["rate_per_s"], said + ("" if fast.get("reached") else " (in-flight: a lower bound)"))
     else:
-        t.evaluate(None, "", missing or "needs both schedulers measured, and in-flight batching within the p99 budget at some offered rate")
+        t.evaluate(None, "", missing or "needs both schedulers measured in the same run")
     targets.append(t)
 
     bad = [(s, where, lv["failed"], lv["tokens_mismatched"]) for s, where, lv in _all_levels(served)] if ok else []
