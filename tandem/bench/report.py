@@ -197,7 +197,9 @@ def _scheduler_section(results: dict) -> list[str]:
         "One server per scheduler, same requests. *inflight*: requests join and leave the running decode batch at every "
         "step (tandem.scheduler); *request*: Triton's dynamic batcher groups requests and each group runs its whole "
         "generation. Time to first decode step is server-side: the reasoning model's histogram (arrival at the model to "
-        "its first decode step, percentile within 15% by bucket width) plus Triton's mean queue time in front of it.",
+        "its first decode step, percentile within 15% by bucket width) plus Triton's mean queue time in front of it. "
+        "With in-flight batching Triton's compute time for `reasoning` (tables above) only covers handing requests to "
+        "the scheduler: the generation runs on its loop thread.",
         "",
     ]
     rows = []
