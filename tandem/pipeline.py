@@ -1,7 +1,8 @@
 """Text -> scene tokens -> image over any runtime.
 
-The reasoning stage runs one prefill over the prompts and then one decode step per scene token,
-reading and writing the static KV cache (no recomputation of the prefix)."""
+The reasoning stage runs one prefill over the prompts and then one decode step per scene token
+over a decode engine (:mod:`tandem.decoding`): the KV cache stays in the engine's buffers and each
+step writes only its new rows (no recomputation of the prefix, no copy of the cache)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tandem.decoding import make_decode_engine, max_capacity
 from tandem.errors import TandemError
 from tandem.runtimes.base import Runtime
 from tandem.sampling import SamplingParams, select_next
@@ -48,23 +50,29 @@ class Pipeline:
             raise TandemError(f"{len(prompts)} prompts but {len(params)} sampling settings")
         input_ids, lengths = encode_batch(list(prompts), self.config.reasoning.max_prompt_len)
         rngs = [p.generator() for p in params]
-        n_tokens = self.config.scene.num_tokens
-        out = self.runtime.run("reasoning_prefill", {"input_ids": input_ids, "prompt_lengths": lengths})
-        logits, cache = out["logits"], out["kv_cache"]
-        positions = lengths.copy()
-        tokens = np.empty((len(prompts), n_tokens), dtype=np.int64)
+        tokens = np.empty((len(prompts), self.config.scene.num_tokens), dtype=np.int64)
+        chunk = max_capacity(self.runtime)  # rows are independent: larger requests run in chunks
+        for start in range(0, len(prompts), chunk):
+            rows = slice(start, start + chunk)
+            self._generate_rows(input_ids[rows], lengths[rows], params[rows], rngs[rows], tokens[rows], on_step)
+        return tokens.reshape(len(prompts), *self.grid).astype(np.int32)
+
+    def _generate_rows(self, input_ids, lengths, params, rngs, tokens: np.ndarray, on_step) -> None:
+        """Fill ``tokens`` [n, num_tokens] for up to one engine's capacity of prompts."""
+        n, n_tokens = len(lengths), tokens.shape[1]
+        engine = make_decode_engine(self.runtime, n)
+        # Trim the padding shared by every row: positions past the longest prompt are never read.
+        width = int(lengths.max())
+        logits = engine.prefill(range(n), input_ids[:, :width], lengths)
+        positions = lengths.astype(np.int64)
         for step in range(n_tokens):
             tokens[:, step] = select_next(logits, params, rngs)
             if on_step is not None:
                 on_step(step)
             if step == n_tokens - 1:
                 break  # the last token needs no logits after it
-            out = self.runtime.run(
-                "reasoning_decode", {"token_ids": tokens[:, step], "positions": positions, "kv_cache": cache}
-            )
-            logits, cache = out["logits"], out["kv_cache_out"]
+            logits = engine.step(n, tokens[:, step], positions)
             positions = positions + 1
-        return tokens.reshape(len(prompts), *self.grid).astype(np.int32)
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)

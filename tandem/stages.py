@@ -102,6 +102,52 @@ class StageSpec:
         raise KeyError(f"stage {self.name} has no graph {name!r}; it has {[g.name for g in self.graphs]}")
 
 
+def interleave(keys, values) -> list:
+    """[k0, k1, ...], [v0, v1, ...] -> [k0, v0, k1, v1, ...]: the order cache tensors take in every
+    graph's inputs and outputs."""
+    return [t for pair in zip(keys, values) for t in pair]
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The reasoning stage's KV cache as every graph, runtime and the bench see it: per layer one
+    key and one value tensor [batch, n_heads, max_len, head_dim] (separate tensors, so no graph
+    slices, i.e. copies, a larger one). The decode graph reads them as ``past_key_{l}`` /
+    ``past_value_{l}`` and returns only this step's rows as ``new_key_{l}`` / ``new_value_{l}``
+    [batch, n_heads, 1, head_dim]; prefill returns ``present_key_{l}`` / ``present_value_{l}``
+    [batch, n_heads, prompt_len, head_dim]. The caller (tandem.decoding) owns the buffers and
+    writes returned rows in place."""
+
+    n_layers: int
+    n_heads: int
+    max_len: int
+    head_dim: int
+    dtype: str = "float32"
+
+    def names(self, role: str) -> list[str]:
+        """``role`` is "past", "new" or "present"; keys and values interleaved per layer."""
+        if role not in ("past", "new", "present"):
+            raise ValueError(f"cache role must be past, new or present, not {role!r}")
+        return [f"{role}_{kind}_{layer}" for layer in range(self.n_layers) for kind in ("key", "value")]
+
+    def shape(self, batch: int | str, length: int | str | None = None) -> tuple[int | str, ...]:
+        return (batch, self.n_heads, self.max_len if length is None else length, self.head_dim)
+
+    def specs(self, role: str) -> tuple[TensorSpec, ...]:
+        length = {"past": None, "new": 1, "present": "prompt_len"}[role]
+        return tuple(TensorSpec(n, self.dtype, self.shape("batch", length)) for n in self.names(role))
+
+    @property
+    def bytes_per_position(self) -> int:
+        """Key and value bytes of one row at one position, all layers."""
+        return 2 * self.n_layers * self.n_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+def cache_layout(config: ModelConfig) -> CacheLayout:
+    r = config.reasoning
+    return CacheLayout(r.n_layers, r.n_heads, config.max_len, r.head_dim)
+
+
 @functools.cache
 def _module_classes() -> dict[str, type]:
     """The graphs' nn.Module wrappers, defined on first use (see the torch import note above)."""
@@ -114,15 +160,20 @@ def _module_classes() -> dict[str, type]:
             self.model = stages.reasoning
 
         def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor):
-            return self.model.prefill(input_ids, prompt_lengths)
+            logits, keys, values = self.model.prefill(input_ids, prompt_lengths)
+            return logits, *interleave(keys, values)
 
     class Decode(nn.Module):
+        """forward(token_ids, positions, past_key_0, past_value_0, past_key_1, ...) ->
+        (logits, new_key_0, new_value_0, ...), as the decode graph's spec lists them."""
+
         def __init__(self, stages: Stages):
             super().__init__()
             self.model = stages.reasoning
 
-        def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor):
-            return self.model.decode_step(token_ids, positions, kv_cache)
+        def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, *cache: torch.Tensor):
+            logits, keys, values = self.model.decode_step(token_ids, positions, cache[0::2], cache[1::2])
+            return logits, *interleave(keys, values)
 
     class Refine(nn.Module):
         def __init__(self, stages: Stages):
@@ -149,7 +200,7 @@ def _Refine(stages: Stages) -> nn.Module:
 
 def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
     r, s = config.reasoning, config.scene
-    cache_shape = ("batch", r.n_layers, 2, r.n_heads, config.max_len, r.head_dim)
+    cache = cache_layout(config)
     batch = DimRange(1, 1, MAX_BATCH)
     prompt = DimRange(3, min(32, r.max_prompt_len), r.max_prompt_len)
 
@@ -165,12 +216,13 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
 
     def decode_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         b = dims["batch"]
-        shape = tuple(dims["batch"] if d == "batch" else d for d in cache_shape)
-        return {
+        feeds = {
             "token_ids": rng.integers(0, s.codebook_size, size=b).astype(np.int64),
             "positions": rng.integers(3, config.max_len, size=b).astype(np.int64),
-            "kv_cache": rng.standard_normal(shape).astype(np.float32),
         }
+        for name in cache.names("past"):  # random beyond each row's position too: it must be ignored
+            feeds[name] = rng.standard_normal(cache.shape(b)).astype(np.float32)
+        return feeds
 
     def refine_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         shape = (dims["batch"], s.grid_height, s.grid_width)
@@ -188,7 +240,7 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
                 ),
                 outputs=(
                     TensorSpec("logits", "float32", ("batch", s.codebook_size)),
-                    TensorSpec("kv_cache", "float32", cache_shape),
+                    *cache.specs("present"),
                 ),
                 dims={"batch": batch, "prompt_len": prompt},
                 make_module=_Prefill,
@@ -203,11 +255,11 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
                 inputs=(
                     TensorSpec("token_ids", "int64", ("batch",)),
                     TensorSpec("positions", "int64", ("batch",)),
-                    TensorSpec("kv_cache", "float32", cache_shape),
+                    *cache.specs("past"),
                 ),
                 outputs=(
                     TensorSpec("logits", "float32", ("batch", s.codebook_size)),
-                    TensorSpec("kv_cache_out", "float32", cache_shape),
+                    *cache.specs("new"),
                 ),
                 dims={"batch": batch},
                 make_module=_Decode,

@@ -30,10 +30,23 @@ def tiny_artifacts(tiny_export: ExportResult) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path) -> Path:
-    """A local-flavor Triton model repository of the tiny export (default serving options)."""
+    """A local-flavor Triton model repository of the tiny export (default serving options: in-flight
+    batching of reasoning)."""
     from tandem.serving.repository import write_repository
 
     return write_repository(tiny_artifacts, tmp_path_factory.mktemp("serving") / "model_repository")
+
+
+@pytest.fixture(scope="session")
+def tiny_request_level_server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
+    """Like ``tiny_server`` but with request-level batching of reasoning (``--scheduler request``):
+    Triton's dynamic batcher groups requests into whole generations."""
+    from tandem.serving.repository import write_repository
+    from tandem.serving.server import TritonServer
+
+    repository = write_repository(tiny_artifacts, tmp_path_factory.mktemp("serving-request") / "model_repository", scheduler="request")
+    with TritonServer(repository, startup_timeout=120) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,15 @@ TARGET_IDS = {
     "served_overhead_grpc",
     "served_scaling_grpc",
     "refinement_peak",
+    "served_tail_http",
+    "served_tail_grpc",
+    "served_first_step",
+    "served_knee",
+    "served_exact",
+    "decode_roofline_b1",
+    "decode_roofline_b8",
+    "decode_rows_scaling",
+    "pipeline_scaling",
 }
 
 
@@ -94,7 +103,19 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run):
             assert sum(int(size) * n for size, n in formed.items()) == 3
         assert levels["1"]["triton"]["reasoning"]["batch_sizes_formed"] == {"1": 3}
 
-    # Targets: all eight reported, each line in the Markdown; quick mode at concurrency 1,2 has no scaling figure.
+    # Both reasoning schedulers measured in the same run, closed and open loop, every answer exact;
+    # time to first decode step read from the server's histogram.
+    assert set(served["schedulers"]) == {"inflight", "request"} and served["scheduler"] == "inflight"
+    for entry in served["schedulers"].values():
+        assert set(entry["protocols"]) == {"http", "grpc"} and len(entry["open_loop"]) == 2
+        for level in entry["open_loop"].values():
+            assert level["requests"] == 3 and level["failed"] == 0 and level["tokens_mismatched"] == 0
+            assert level["offered_per_s"] > 0
+        first = entry["protocols"]["grpc"]["2"]["first_step"]
+        assert first["p50_ms"] is not None and 0 < first["p50_ms"] <= first["p99_ms"]
+        assert "budget_p99_ms" in entry["open_loop_knee"]
+
+    # Targets: all reported, each line in the Markdown; quick mode at concurrency 1,2 has no scaling figure.
     targets = {t["id"]: t for t in results["targets"]}
     assert set(targets) == TARGET_IDS
     for t in targets.values():
@@ -103,6 +124,16 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run):
     assert targets["decode_flat"]["status"] == "NOT RUN"  # tiny's cache ends at 63
     assert targets["served_scaling_http"]["status"] == "NOT RUN"
     assert targets["served_overhead_grpc"]["status"] in {"PASS", "FAIL"}
+    assert targets["served_exact"]["status"] == "PASS" and targets["served_knee"]["status"] in {"PASS", "FAIL", "NOT RUN"}
+    assert targets["served_tail_grpc"]["status"] == "NOT RUN"  # quick mode has no concurrency 8
+    for tid in ("decode_roofline_b1", "decode_roofline_b8", "decode_rows_scaling"):
+        assert targets[tid]["status"] in {"PASS", "FAIL"}, targets[tid]
+    assert "cache read" in targets["decode_roofline_b8"]["detail"] and "GB/s" in targets["decode_roofline_b8"]["detail"]
+    assert targets["pipeline_scaling"]["status"] == "NOT RUN"  # the quick budget generates at batch 1 only
+    work = results["roofline"]["work"]["reasoning_decode"]
+    for batch in ("1", "8"):  # the cache counts as what a step reads ([0, position)) and writes
+        assert 0 < work[batch]["cache_read_bytes"] < work[batch]["cache_bytes_bound"]
+        assert work[batch]["cache_written_bytes"] > 0
 
     # Modelled rows are labelled as such, beside measured ones.
     rows = results["cross_hardware"]["rows"]

@@ -209,7 +209,9 @@ def test_tensorrt_profiles_come_from_the_stage_description(h100_build, tiny_conf
     r = tiny_config.reasoning
     assert profiles["reasoning_prefill"]["profile"]["min"]["input_ids"] == [1, 3]
     assert profiles["reasoning_prefill"]["profile"]["max"]["input_ids"] == [8, r.max_prompt_len]
-    assert profiles["reasoning_decode"]["profile"]["max"]["kv_cache"] == [8, r.n_layers, 2, r.n_heads, tiny_config.max_len, r.head_dim]
+    for layer in range(r.n_layers):
+        for kind in ("key", "value"):
+            assert profiles["reasoning_decode"]["profile"]["max"][f"past_{kind}_{layer}"] == [8, r.n_heads, tiny_config.max_len, r.head_dim]
     served = profiles["refinement_served"]
     assert served["served"] and served["profile"]["max"] == {"scene_tokens": [8, tiny_config.scene.num_tokens]}
     assert [t["dtype"] for t in served["inputs"]] == ["int32"]
@@ -290,7 +292,7 @@ def test_neuron_bucket_padding_gives_the_unpadded_result(tiny_config: ModelConfi
     bucket shapes: a whole greedy generation must give exactly the unpadded tokens."""
     from tandem.compiler.neuron import axis_buckets, select_bucket
     from tandem.pipeline import Pipeline
-    from tandem.runtimes.neuron import run_bucketed
+    from tandem.runtimes.neuron import NeuronRuntime, run_bucketed
     from tandem.runtimes.torch_eager import TorchRuntime
     from tandem.sampling import SamplingParams
 
@@ -298,7 +300,10 @@ def test_neuron_bucket_padding_gives_the_unpadded_result(tiny_config: ModelConfi
     shapes: list[tuple[str, dict]] = []
 
     class EagerAtBuckets(TorchRuntime):
-        """Runs each graph only at the Neuron bucket shapes, through the Neuron runtime's padding."""
+        """Runs each graph only at the Neuron bucket shapes, through the Neuron runtime's padding
+        and the decode engine the Neuron runtime gets (the cache passed through ``run``)."""
+
+        decode_engine = NeuronRuntime.decode_engine
 
         def run(self, graph, feeds):
             spec = self.specs[graph]
@@ -318,7 +323,7 @@ def test_neuron_bucket_padding_gives_the_unpadded_result(tiny_config: ModelConfi
         np.testing.assert_array_equal(Pipeline(bucketed).generate_tokens(prompts, params), expected)
     prefill_shapes = [s for g, s in shapes if g == "reasoning_prefill"]
     assert prefill_shapes[0]["input_ids"][0] == 4 and prefill_shapes[0]["input_ids"][1] in (16, 32, 48)
-    assert {s["kv_cache"][0] for g, s in shapes if g == "reasoning_decode"} == {4}
+    assert {s["past_key_0"][0] for g, s in shapes if g == "reasoning_decode"} == {4}
     assert select_bucket([{"batch": 1}, {"batch": 8}], {"batch": 9}) is None
 
 

@@ -21,13 +21,19 @@ def test_manifest_shows_every_graph_within_tolerance(tiny_export):
     assert set(manifest.graphs) == {"reasoning_prefill", "reasoning_decode", "refinement"}
     for entry in manifest.graphs.values():
         assert entry.passed and entry.opset >= 17
-        batches = {case.dims["batch"] for case in entry.validation}
-        assert max(batches) > 1 and 1 in batches
-        for case in entry.validation:
-            for err in case.outputs.values():
-                assert err.within_tolerance and err.max_abs <= entry.atol + 1e-12
-    assert manifest.generation.tokens_equal and manifest.generation.mismatched_tokens == 0
-    assert manifest.generation.image_max_abs_diff <= manifest.generation.image_atol
+        for cases in (entry.validation, entry.optimized_validation):  # both shipped variants
+            batches = {case.dims["batch"] for case in cases}
+            assert max(batches) > 1 and 1 in batches
+            for case in cases:
+                for err in case.outputs.values():
+                    assert err.within_tolerance and err.max_abs <= entry.atol + 1e-12
+    assert manifest.graphs["reasoning_decode"].optimized_rewrites == ["moe_kernel"]
+    assert manifest.graphs["refinement"].optimized_rewrites == []
+    checked = {(g.variant, len(g.prompts)) for g in manifest.generation_checks}
+    assert checked >= {(variant, batch) for variant in ("onnxruntime", "plain") for batch in (1, MAX_BATCH)}
+    for g in manifest.generation_checks:
+        assert g.tokens_equal and g.mismatched_tokens == 0, g
+        assert g.image_max_abs_diff <= g.image_atol
 
 
 def test_onnx_interface_follows_the_stage_description(tiny_artifacts, tiny_config):
@@ -45,15 +51,22 @@ def test_onnx_interface_follows_the_stage_description(tiny_artifacts, tiny_confi
                     assert dims[axis].dim_value == size
 
 
-def test_moe_routing_stays_data_dependent(tiny_artifacts, tiny_config):
-    """Inputs that route to different experts must be followed by ONNX Runtime. A trace that baked
-    the export dummy's expert choice would give the 'baked' output instead, which we compute as a
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain-graph", "onnxruntime-graph"])
+def test_moe_routing_stays_data_dependent(tiny_artifacts, tiny_config, optimized):
+    """Inputs that route to different experts must be followed by every shipped decode graph (the
+    standard-op one compilers take, ONNX Runtime's with its MoE kernel). A trace that baked the
+    export dummy's expert choice would give the 'baked' output instead, which we compute as a
     counterfactual to show this test can tell the two apart."""
-    decode = onnx.load(str(tiny_artifacts / "reasoning_decode.onnx"))
-    assert sum(n.op_type == "TopK" for n in decode.graph.node) == tiny_config.reasoning.n_layers
+    entry = read_manifest(tiny_artifacts).graphs["reasoning_decode"]
+    decode = onnx.load(str(tiny_artifacts / (entry.optimized_file if optimized else entry.file)))
+    ops = [n.op_type for n in decode.graph.node]
+    # Routing is computed in the graph at run time: TopK in standard ops, inside each MoE kernel.
+    assert ops.count("MoE" if optimized else "TopK") == tiny_config.reasoning.n_layers
+    if optimized:
+        assert "TopK" not in ops and "GatherElements" not in ops
 
     reference = TorchRuntime(tiny_config)
-    ort_runtime = OnnxRuntime(tiny_artifacts, optimized=False, graphs=["reasoning_decode"])
+    ort_runtime = OnnxRuntime(tiny_artifacts, optimized=optimized, graphs=["reasoning_decode"])
     spec = graph_specs(tiny_config)["reasoning_decode"]
     moe = reference.stages.reasoning.blocks[0].moe
 
@@ -166,3 +179,18 @@ def test_failed_write_keeps_the_previous_directory(tmp_path):
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_moe_kernel_packing_matches_the_reference_layer(tiny_config):
+    """The ONNX Runtime rewrite's packed weights (interleaved gate/up rows) computed the way its MoE
+    kernel computes them give the reference layer's output; a wrong interleave would not."""
+    from tandem.export.rewrites import _moe_op, pack_moe_weights
+
+    moe = build_stages(tiny_config).reasoning.blocks[1].moe
+    x = torch.randn(7, tiny_config.reasoning.d_model, generator=torch.Generator().manual_seed(3))
+    fc1, fc2 = pack_moe_weights(moe)
+    with torch.no_grad():
+        expected = moe(x, sparse=False)
+        torch.testing.assert_close(_moe_op()(x, moe.router(x), fc1, fc2, moe.top_k), expected, atol=1e-5, rtol=1e-4)
+        swapped = fc1.view(fc1.shape[0], -1, 2, fc1.shape[-1]).flip(2).reshape(fc1.shape)
+        assert (_moe_op()(x, moe.router(x), swapped, fc2, moe.top_k) - expected).abs().max() > 1e-3

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from tandem.decoding import make_decode_engine
 from tandem.errors import ArtifactError
 from tandem.models import build_stages, load_weights, save_weights
 from tandem.pipeline import Pipeline
@@ -51,20 +52,20 @@ def small_config_for_mismatch(tiny_config):
 
 
 def test_kv_cache_decode_matches_full_recompute(tiny_config):
-    """Prefill + cached decode steps give the same logits as running the whole sequence."""
-    model = build_stages(tiny_config).reasoning
+    """Prefill + decode steps over the engine's in-place cache give the same logits as running the
+    whole sequence (the two-part softmax over cache and new key equals one softmax over both)."""
+    runtime = TorchRuntime(tiny_config)
+    model = runtime.stages.reasoning
     ids, lengths = encode_batch(["a red circle"], tiny_config.reasoning.max_prompt_len)
-    ids_t, lengths_t = torch.from_numpy(ids), torch.from_numpy(lengths)
-    scene = torch.tensor([5, 17, 3, 42, 0, 63])
+    scene = np.array([5, 17, 3, 42, 0, 63])
+    engine = make_decode_engine(runtime, 1)
+    step_logits = [engine.prefill([0], ids, lengths)]
+    for i, token in enumerate(scene[:-1]):
+        step_logits.append(engine.step(1, np.array([token]), lengths + i))
     with torch.no_grad():
-        logits, cache = model.prefill(ids_t, lengths_t)
-        step_logits = [logits]
-        for i, token in enumerate(scene[:-1]):
-            logits, cache = model.decode_step(token.view(1), lengths_t + i, cache)
-            step_logits.append(logits)
-        full = model(torch.cat([ids_t, (scene[:-1] + SCENE_OFFSET).view(1, -1)], dim=1))
+        full = model(torch.from_numpy(np.concatenate([ids, (scene[None, :-1] + SCENE_OFFSET)], axis=1)))
     expected = full[0, ids.shape[1] - 1 :]
-    torch.testing.assert_close(torch.cat(step_logits), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(np.concatenate(step_logits)), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_sparse_and_dense_moe_agree(tiny_config):

@@ -41,14 +41,28 @@ def test_top_k_limits_the_choice(ort_pipe, torch_pipe):
 
 
 class CountingRuntime:
-    """Wraps a real runtime and counts graph calls (instrumentation, not a stand-in)."""
+    """Wraps a real runtime and counts graph calls, the decode engine's included (instrumentation,
+    not a stand-in: every call goes to the real runtime and its real engine)."""
 
     def __init__(self, inner):
-        self.inner, self.config, self.calls = inner, inner.config, {}
+        self.inner, self.calls = inner, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _count(self, graph):
+        self.calls[graph] = self.calls.get(graph, 0) + 1
 
     def run(self, graph, feeds):
-        self.calls[graph] = self.calls.get(graph, 0) + 1
+        self._count(graph)
         return self.inner.run(graph, feeds)
+
+    def decode_engine(self, capacity):
+        engine = self.inner.decode_engine(capacity)
+        prefill, step = engine.prefill, engine.step
+        engine.prefill = lambda *a: (self._count("reasoning_prefill"), prefill(*a))[1]
+        engine.step = lambda *a: (self._count("reasoning_decode"), step(*a))[1]
+        return engine
 
 
 def test_decode_uses_the_cache_one_step_per_token(tiny_artifacts, tiny_config):

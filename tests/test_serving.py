@@ -67,9 +67,11 @@ def test_multi_prompt_request_samples_each_row_with_its_own_settings(url: str, p
     assert np.array_equal(result.tokens, pipeline.generate_tokens(PROMPTS, params))
 
 
-def test_concurrent_requests_become_one_batched_generation(tiny_server: TritonServer, pipeline: Pipeline):
-    """Eight clients at once: Triton's dynamic batcher hands the reasoning model several requests
-    per execution, and every client still gets exactly its own in-process result."""
+def test_concurrent_requests_become_one_batched_generation(tiny_request_level_server: TritonServer, pipeline: Pipeline):
+    """Request-level batching (--scheduler request): eight clients at once, Triton's dynamic batcher
+    hands the reasoning model several requests per execution, and every client still gets exactly
+    its own in-process result."""
+    tiny_server = tiny_request_level_server
     jobs = [(PROMPTS[i % 4], i, 0.8 if i % 2 else 0.0, i % 5) for i in range(8)]
     with TandemClient(tiny_server.grpc_url) as stats_client:
         before = stats_client.statistics(REASONING)["model_stats"][0]

@@ -41,12 +41,20 @@ def test_every_config_parses_with_tritons_schema(tmp_path: Path, tiny_artifacts:
         c = configs[name]
         assert c.name == name and c.max_batch_size == 4
         assert list(c.dynamic_batching.preferred_batch_size) == [2, 4]
-        assert c.dynamic_batching.max_queue_delay_microseconds > 0
         policy = c.dynamic_batching.default_queue_policy
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
-        assert policy.max_queue_size == 16 and policy.default_timeout_microseconds == 60_000_000
+        assert policy.default_timeout_microseconds == 60_000_000
         assert len(c.instance_group) == 1 and c.instance_group[0].count == 1
         assert c.parameters["tandem.grid"].string_value == "4x4"
+    refinement = configs[REFINEMENT].dynamic_batching
+    assert refinement.max_queue_delay_microseconds > 0 and refinement.default_queue_policy.max_queue_size == 16
+    # In-flight batching (the default): reasoning takes requests at every decode step, so it never
+    # waits to fill a batch; its scheduler holds the 16 waiting prompts, Triton's queue is a backstop.
+    reasoning = configs[REASONING]
+    assert reasoning.parameters["scheduler"].string_value == "inflight"
+    assert reasoning.parameters["max_waiting"].string_value == "16"
+    assert reasoning.dynamic_batching.max_queue_delay_microseconds == 0
+    assert reasoning.dynamic_batching.default_queue_policy.max_queue_size >= 16
     assert configs[REASONING].backend == "python"
     assert [i.name for i in configs[REASONING].input] == [PROMPT, "seed", "temperature", "top_k"]
     assert configs[REASONING].input[0].data_type == mc.TYPE_STRING
@@ -204,3 +212,13 @@ def test_later_targets_plug_into_the_writer(tmp_path: Path, tiny_artifacts: Path
     with pytest.raises(TandemError, match="no target for"):
         register_flavor(Flavor("half", "", {REASONING: PythonRuntimeTarget()}))
     assert get_flavor("local").name == "local"
+
+
+def test_request_level_batching_stays_selectable(tmp_path: Path, tiny_artifacts: Path):
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", max_batch_size=4, scheduler="request")
+    reasoning = parse(repo / REASONING / "config.pbtxt")
+    assert reasoning.parameters["scheduler"].string_value == "request" and "max_waiting" not in reasoning.parameters
+    assert reasoning.dynamic_batching.max_queue_delay_microseconds == 5_000
+    assert reasoning.dynamic_batching.default_queue_policy.max_queue_size == 16
+    with pytest.raises(TandemError, match="scheduler must be one of inflight, request"):
+        write_repository(tiny_artifacts, tmp_path / "bad", scheduler="continuous")

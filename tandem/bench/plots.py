@@ -19,7 +19,7 @@ from tandem.util import atomic_write_path  # noqa: E402
 log = logging.getLogger(__name__)
 
 GRAPHS = ("reasoning_prefill", "reasoning_decode", "refinement")
-COLORS = {"torch": "#d62728", "onnxruntime": "#1f77b4", "onnxruntime_all": "#17becf", "torch_aot": "#9467bd"}
+COLORS = {"torch": "#d62728", "onnxruntime": "#1f77b4", "onnxruntime_basic": "#17becf", "torch_aot": "#9467bd"}
 
 
 def _color(name: str, index: int) -> str:
@@ -130,36 +130,85 @@ def runtime_comparison(results: dict, path: Path) -> bool:
     return True
 
 
+def _scheduler_runs(served: dict) -> dict[str, dict]:
+    """{scheduler: its entry}; a run from before schedulers were compared has one, unnamed."""
+    return served.get("schedulers") or {"": {"protocols": served.get("protocols", {})}}
+
+
 def latency_vs_concurrency(results: dict, path: Path) -> bool:
     served = results.get("served", {})
     if served.get("status") != "ok" or not served.get("protocols"):
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    styles = {"p50_ms": "-", "p95_ms": "--", "p99_ms": ":"}
-    for i, (protocol, levels) in enumerate(served["protocols"].items()):
-        xs = sorted(levels, key=int)
-        color = f"C{i}"
-        for key, style in styles.items():
-            ys = [levels[x]["latency"].get(key) for x in xs]
-            left.plot([int(x) for x in xs], ys, linestyle=style, marker="o", color=color, label=f"{protocol} {key[:-3]}")
-        right.plot(
-            [int(x) for x in xs], [levels[x]["images_per_s"] for x in xs], marker="o", color=color, label=protocol
-        )
+    styles = {"p50_ms": "-", "p99_ms": ":"}
+    markers = ["o", "s", "^", "D"]
+    for j, (scheduler, entry) in enumerate(_scheduler_runs(served).items()):
+        for i, (protocol, levels) in enumerate(entry["protocols"].items()):
+            xs = sorted(levels, key=int)
+            color, name = f"C{i + 2 * j}", f"{scheduler} {protocol}".strip()
+            for key, style in styles.items():
+                ys = [levels[x]["latency"].get(key) for x in xs]
+                left.plot([int(x) for x in xs], ys, linestyle=style, marker=markers[j % 4], color=color, label=f"{name} {key[:-3]}")
+            right.plot([int(x) for x in xs], [levels[x]["images_per_s"] for x in xs], marker=markers[j % 4], color=color, label=name)
     inproc = served.get("inprocess", {}).get("latency", {})
     if inproc.get("p50_ms"):
         left.axhline(inproc["p50_ms"], color="gray", linestyle="-.", label="in-process p50 (sequential)")
         right.axhline(served["inprocess"]["images_per_s"], color="gray", linestyle="-.", label="in-process (sequential)")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
+    _finish_pair(
+        fig, path, "concurrent requests (closed loop)",
+        ("request latency, ms", "latency vs concurrency (solid p50, dotted p99)"),
+        ("images / s", "throughput vs concurrency"),
+        f"Served ensemble through tritonserver (measured) - {_title(results)}",
+    )
+    return True
+
+
+def _finish_pair(fig, path: Path, xlabel: str, left_labels: tuple[str, str], right_labels: tuple[str, str], title: str) -> None:
+    """Label, grid and save a figure of two side-by-side panels: (y label, title) per panel."""
+    for ax, (ylabel, panel_title) in zip(fig.axes, (left_labels, right_labels)):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    left.set_ylabel("request latency, ms")
-    left.set_title("latency vs concurrency")
-    right.set_ylabel("images / s")
-    right.set_title("throughput vs concurrency")
-    fig.suptitle(f"Served ensemble through tritonserver (measured) - {_title(results)}")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     _save(fig, path)
+
+
+def open_loop(results: dict, path: Path) -> bool:
+    """Latency and time to first decode step against offered load (Poisson arrivals), one line
+    per scheduler, the p99 budget and each scheduler's knee marked."""
+    served = results.get("served", {})
+    runs = {k: v for k, v in (served.get("schedulers") or {}).items() if v.get("open_loop")}
+    if served.get("status") != "ok" or not runs:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    budget = None
+    for j, (scheduler, entry) in enumerate(runs.items()):
+        levels = entry["open_loop"]
+        xs = sorted(levels, key=float)
+        rates = [float(x) for x in xs]
+        color = f"C{j}"
+        for key, style in (("p50_ms", "-"), ("p99_ms", ":")):
+            left.plot(rates, [levels[x]["latency"].get(key) for x in xs], linestyle=style, marker="o", color=color, label=f"{scheduler} {key[:-3]}")
+        first = [(levels[x].get("first_step") or {}).get("p50_ms") for x in xs]
+        right.plot(rates, [f if f is not None else float("nan") for f in first], marker="o", color=color, label=f"{scheduler} p50")
+        knee = entry.get("open_loop_knee", {})
+        budget = knee.get("budget_p99_ms", budget)
+        if knee.get("rate_per_s"):
+            left.axvline(knee["rate_per_s"], color=color, alpha=0.4, linestyle="--", label=f"{scheduler} knee {knee['rate_per_s']:.3g}/s")
+    if budget:
+        left.axhline(budget, color="gray", linestyle="-.", label=f"p99 budget {budget:.0f} ms")
+    for ax in (left, right):
+        ax.set_yscale("log")
+    _finish_pair(
+        fig, path, "offered load, requests/s (Poisson arrivals)",
+        ("request latency, ms", "latency vs offered load (solid p50, dotted p99)"),
+        ("ms (server-side)", "time from arrival to first decode step"),
+        f"Open loop: in-flight vs request-level batching (measured) - {_title(results)}",
+    )
     return True
 
 
@@ -228,6 +277,7 @@ PLOTS = {
     "decode_cost_vs_position.png": decode_cost_vs_position,
     "runtime_comparison.png": runtime_comparison,
     "latency_vs_concurrency.png": latency_vs_concurrency,
+    "open_loop.png": open_loop,
     "roofline.png": roofline,
     "cross_hardware.png": cross_hardware,
 }

@@ -147,6 +147,7 @@ def render(results: dict) -> str:
         out += _table(["runtime", "batch", "p50 ms / generation", "images/s", "samples", "time per generation by graph"], rows)
 
     out += _served_section(results)
+    out += _scheduler_section(results)
     out += _roofline_section(results)
     out += _cross_hardware_section(results)
 
@@ -182,6 +183,73 @@ def busy_warning(results: dict) -> str:
     return ""
 
 
+def _scheduler_section(results: dict) -> list[str]:
+    """In-flight vs request-level batching of reasoning, measured in the same run: the closed-loop
+    sweep with time to first decode step, and the open-loop sweep with its knee."""
+    served = results.get("served", {})
+    runs = served.get("schedulers") or {}
+    if served.get("status") != "ok" or not runs:
+        return []
+    loop = served.get("open_loop", {})
+    out = [
+        "## Served: in-flight vs request-level batching of reasoning",
+        "",
+        "One server per scheduler, same requests. *inflight*: requests join and leave the running decode batch at every "
+        "step (tandem.scheduler); *request*: Triton's dynamic batcher groups requests and each group runs its whole "
+        "generation. Time to first decode step is server-side: the reasoning model's histogram (arrival at the model to "
+        "its first decode step, percentile within 15% by bucket width) plus Triton's mean queue time in front of it. "
+        "With in-flight batching Triton's compute time for `reasoning` (tables above) only covers handing requests to "
+        "the scheduler: the generation runs on its loop thread.",
+        "",
+    ]
+    rows = []
+    for scheduler, entry in runs.items():
+        for protocol, levels in entry.get("protocols", {}).items():
+            for conc, lv in sorted(levels.items(), key=lambda kv: int(kv[0])):
+                first = lv.get("first_step") or {}
+                rows.append(
+                    [
+                        scheduler, protocol, conc, _f(lv["images_per_s"], 3), _f(lv["latency"].get("p50_ms"), 1),
+                        _f(lv["latency"].get("p99_ms"), 1), _f(first.get("p50_ms"), 1), _f(first.get("p99_ms"), 1),
+                        f"{lv['failed']}/{lv['requests']}", lv["tokens_mismatched"],
+                    ]
+                )
+    out += _table(
+        ["scheduler", "protocol", "concurrency", "images/s", "p50 ms", "p99 ms", "first step p50 ms", "first step p99 ms",
+         "failed", "tokens differing"],
+        rows,
+    )
+    out += [
+        f"Open loop over {loop.get('protocol', '?')}: Poisson arrivals, {loop.get('requests_per_rate', '?')} requests per "
+        f"offered rate (multiples of the in-process sequential rate). The knee is the highest offered rate served with no "
+        f"failure and p99 within {loop.get('slo_p99_factor', '?')}x the in-process p50 latency.",
+        "",
+    ]
+    rows = []
+    for scheduler, entry in runs.items():
+        for rate, lv in sorted(entry.get("open_loop", {}).items(), key=lambda kv: float(kv[0])):
+            first = lv.get("first_step") or {}
+            rows.append(
+                [
+                    scheduler, _g(lv.get("offered_per_s")), _f(lv["images_per_s"], 3), _f(lv["latency"].get("p50_ms"), 1),
+                    _f(lv["latency"].get("p99_ms"), 1), _f(first.get("p50_ms"), 1), f"{lv['failed']}/{lv['requests']}",
+                    lv["tokens_mismatched"],
+                ]
+            )
+    out += _table(
+        ["scheduler", "offered req/s", "achieved images/s", "p50 ms", "p99 ms", "first step p50 ms", "failed", "tokens differing"],
+        rows,
+    )
+    knees = [
+        f"{name}: {_g(entry.get('open_loop_knee', {}).get('rate_per_s'))} req/s"
+        + ("" if entry.get("open_loop_knee", {}).get("reached") else " (no offered rate broke the budget: a lower bound)")
+        for name, entry in runs.items()
+    ]
+    out += [f"Knee (p99 budget {_f(next(iter(runs.values())).get('open_loop_knee', {}).get('budget_p99_ms'), 0)} ms): "
+            + "; ".join(knees) + ".", ""]
+    return out
+
+
 def _served_section(results: dict) -> list[str]:
     served = results.get("served", {})
     out = ["## Served: tritonserver ensemble under load", ""]
@@ -191,7 +259,8 @@ def _served_section(results: dict) -> list[str]:
     inproc = served["inprocess"]
     out += [
         f"Model `{served['model']}`, {served['requests_per_level']} requests per concurrency level (request i = caption "
-        f"i mod 8, seed i, greedy), after an untimed warm-up. Queue limits per model: {served.get('queue_limits')}.",
+        f"i mod 8, seed i, greedy), after an untimed warm-up, reasoning with {served.get('scheduler', 'request')} batching "
+        f"(both schedulers side by side below). Queue limits per model: {served.get('queue_limits')}.",
         f"In-process ONNX Runtime pipeline, same requests one after another: p50 {inproc['latency']['p50_ms']:.1f} ms, "
         f"p99 {inproc['latency']['p99_ms']:.1f} ms, {inproc['images_per_s']:.3f} images/s.",
         "",

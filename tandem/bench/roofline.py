@@ -6,8 +6,10 @@ measured latency comes to what the machine could do.
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over the same graph modules the exporter
   traces (matmuls and convolutions; elementwise work, softmax and norms are not counted).
 - Bytes: the compulsory traffic of one call: the weights it actually touches (embedding rows looked
-  up, only the routed experts of a sparse MoE layer, everything else in full) plus its inputs and
-  outputs (for the decode step that includes the whole static KV cache, read and written).
+  up, only the experts some token is routed to, everything else in full) plus its inputs and
+  outputs. For the decode step the cache counts as what a step must read (each row's keys and
+  values at positions [0, position)) and write (its new rows), not the whole static buffer the
+  graph is handed (``cache_bytes_bound`` records that).
   Intermediate activations are assumed to stay in cache, so this is a lower bound on traffic and
   the roofline time derived from it a lower bound on latency.
 """
@@ -23,7 +25,7 @@ from torch import nn
 from tandem.bench.timing import Budget, measure, summarize
 from tandem.models import Stages
 from tandem.models.reasoning import MoEFeedForward
-from tandem.stages import GraphSpec
+from tandem.stages import GraphSpec, cache_layout
 
 GEMM_SIZES = (512, 1024, 2048)
 
@@ -76,7 +78,6 @@ def count_graph_work(stages: Stages, spec: GraphSpec, batch: int, seed: int = 0)
     args = [torch.from_numpy(feeds[n]) for n in spec.input_names]
 
     lookups: dict[nn.Embedding, set[int]] = {}
-    moe_sparse: dict[MoEFeedForward, bool] = {}
     moe_experts: dict[MoEFeedForward, set[int]] = {}
     handles = []
     for sub in module.modules():
@@ -88,15 +89,11 @@ def count_graph_work(stages: Stages, spec: GraphSpec, batch: int, seed: int = 0)
         elif isinstance(sub, MoEFeedForward):
             moe_experts[sub] = set()
 
-            def pre(m, a, kw):
-                moe_sparse[m] = bool(kw.get("sparse", a[1] if len(a) > 1 else False))
-
-            def post(m, a, kw, out):
+            def post(m, a, out):
                 if m.last_routing is not None:
                     moe_experts[m].update(m.last_routing.unique().tolist())
 
-            handles.append(sub.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(sub.register_forward_hook(post, with_kwargs=True))
+            handles.append(sub.register_forward_hook(post))
     counter = FlopCounterMode(display=False)
     try:
         with counter, torch.inference_mode():
@@ -112,7 +109,7 @@ def count_graph_work(stages: Stages, spec: GraphSpec, batch: int, seed: int = 0)
         special.add(id(emb.weight))
         weight_bytes += len(rows) * emb.embedding_dim * emb.weight.element_size()
     for moe, experts in moe_experts.items():
-        fraction = len(experts) / moe.n_experts if moe_sparse.get(moe, False) else 1.0
+        fraction = len(experts) / moe.n_experts  # what a kernel that reads only routed experts reads
         for w in (moe.w_gate, moe.w_up, moe.w_down):
             special.add(id(w))
             weight_bytes += int(fraction * w.numel() * w.element_size())
@@ -127,8 +124,14 @@ def count_graph_work(stages: Stages, spec: GraphSpec, batch: int, seed: int = 0)
         ints = sum(a.nbytes for a in arrays if not np.issubdtype(a.dtype, np.floating))
         return floats, ints
 
-    in_float, in_int = split(feeds.values())
+    layout = cache_layout(stages.reasoning.config)
+    past = [n for n in layout.names("past") if n in feeds]
+    in_float, in_int = split(v for k, v in feeds.items() if k not in past)
     out_float, out_int = split(o.numpy() for o in outputs)
+    cache_bound = sum(feeds[n].nbytes for n in past)
+    cache_read = int(feeds["positions"].sum()) * layout.bytes_per_position if past else 0
+    cache_written = sum(o.numpy().nbytes for o, n in zip(outputs, spec.output_names) if n in layout.names("new"))
+    in_float += cache_read
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     total_bytes = weight_bytes + in_float + in_int + out_float + out_int
     flops = int(counter.get_total_flops())
@@ -142,6 +145,9 @@ def count_graph_work(stages: Stages, spec: GraphSpec, batch: int, seed: int = 0)
         "weight_bytes_total": int(weight_total),
         "io_float_bytes": int(in_float + out_float),
         "io_int_bytes": int(in_int + out_int),
+        "cache_read_bytes": int(cache_read),
+        "cache_written_bytes": int(cache_written),
+        "cache_bytes_bound": int(cache_bound),
         "bytes": int(total_bytes),
         "intensity_flop_per_byte": flops / total_bytes if total_bytes else 0.0,
         "routed_experts_per_layer": [len(e) for e in moe_experts.values()] or None,

@@ -1,6 +1,15 @@
 """Served benchmark: an async load generator over tritonclient (HTTP and gRPC) against the
 ``tandem`` ensemble of a real tritonserver, a concurrency sweep with a fixed request count per
-level, Triton's own per-model statistics, and the same requests through the in-process pipeline.
+level (closed loop), an open-loop sweep (Poisson arrivals at offered rates), Triton's own
+per-model statistics, and the same requests through the in-process pipeline. Both reasoning
+schedulers (in-flight and request-level batching, see tandem.serving.models.reasoning) are measured
+in the same run, one server each; the first one listed also fills ``protocols`` (what the targets
+and plots of the closed-loop sweep read).
+
+Time to first decode step comes from the server: the reasoning model's Prometheus histogram
+(time from the request reaching the model to its first decode step), read as a percentile of the
+observations made during a level, plus Triton's mean queue time of ``reasoning`` over the level
+(the wait in front of the model, which the model cannot see).
 
 Request ``i`` of every level is ``PROMPTS[i % len(PROMPTS)]`` with seed ``i`` (greedy), so every
 served answer has a known in-process counterpart: scene tokens that differ are counted.
@@ -14,6 +23,7 @@ its dynamic batcher actually formed (``batch_stats``), and queue vs compute time
 from __future__ import annotations
 
 import asyncio
+import math
 import tempfile
 import time
 from collections import Counter
@@ -39,6 +49,15 @@ class ServedSettings:
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 300.0
     repository_options: dict = field(default_factory=dict)
+    schedulers: tuple[str, ...] = ("inflight", "request")  # each gets its own server; the first fills `protocols`
+    # Open loop: offered rates as multiples of the in-process pipeline's sequential rate (images/s),
+    # requests per rate, over one protocol.
+    open_loop_loads: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+    open_loop_requests: int = 32
+    open_loop_protocol: str = "grpc"
+    # The knee: the highest offered rate still served within this p99 budget (a multiple of the
+    # in-process p50 latency), the same budget for both schedulers.
+    slo_p99_factor: float = 3.0
 
 
 def serving_available() -> str | None:
@@ -96,10 +115,27 @@ class _Protocol:
     def outputs(self, model) -> list:
         return [self.mod.InferRequestedOutput(t.name) for t in model.outputs]
 
+    async def send(self, client, model, index: int, outputs: list, timeout_s: float) -> RequestResult:
+        """Request ``index`` (prompt i mod 8, seed i, greedy), timed; a failure is recorded, not raised.
+        The timeout also travels server-side, as TandemClient sends it."""
+        from tandem.serving.client import server_timeout_us
+        from tandem.serving.interface import SCENE_TOKENS
+
+        inputs = self.inputs(model, PROMPTS[index % len(PROMPTS)], index)
+        start = time.perf_counter()
+        try:
+            if self.protocol == "grpc":
+                response = await client.infer(
+                    model.name, inputs, outputs=outputs, client_timeout=timeout_s, timeout=server_timeout_us(timeout_s)
+                )
+            else:
+                response = await client.infer(model.name, inputs, outputs=outputs, timeout=server_timeout_us(timeout_s))
+            return RequestResult(index, True, time.perf_counter() - start, tokens=response.as_numpy(SCENE_TOKENS))
+        except Exception as exc:  # InferenceServerException, connection errors: counted, not fatal
+            return RequestResult(index, False, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+
 
 async def _run_level(proto: _Protocol, model, concurrency: int, indices: list[int], timeout_s: float, on_done) -> tuple[list[RequestResult], float]:
-    from tandem.serving.interface import SCENE_TOKENS
-
     client = proto.client()
     pending = list(indices)
     results: list[RequestResult] = []
@@ -107,18 +143,7 @@ async def _run_level(proto: _Protocol, model, concurrency: int, indices: list[in
 
     async def worker() -> None:
         while pending:
-            index = pending.pop(0)
-            inputs = proto.inputs(model, PROMPTS[index % len(PROMPTS)], index)
-            start = time.perf_counter()
-            try:
-                if proto.protocol == "grpc":
-                    response = await client.infer(model.name, inputs, outputs=outputs, client_timeout=timeout_s)
-                else:
-                    response = await client.infer(model.name, inputs, outputs=outputs)
-                elapsed = time.perf_counter() - start
-                results.append(RequestResult(index, True, elapsed, tokens=response.as_numpy(SCENE_TOKENS)))
-            except Exception as exc:  # InferenceServerException, connection errors: counted, not fatal
-                results.append(RequestResult(index, False, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}"))
+            results.append(await proto.send(client, model, pending.pop(0), outputs, timeout_s))
             on_done()
 
     start = time.perf_counter()
@@ -127,6 +152,65 @@ async def _run_level(proto: _Protocol, model, concurrency: int, indices: list[in
     finally:
         await client.close()
     return results, time.perf_counter() - start
+
+
+async def _run_open_loop(proto: _Protocol, model, rate: float, indices: list[int], timeout_s: float, seed: int, on_done) -> tuple[list[RequestResult], float]:
+    """Poisson arrivals at ``rate`` requests/s (seeded exponential gaps), each sent when it is due
+    whatever is still in flight: latency then includes queueing, as clients see it."""
+    client = proto.client()
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=len(indices))
+    due = np.cumsum(gaps) - gaps[0]
+    outputs = proto.outputs(model)
+    results: list[RequestResult] = []
+
+    async def one(index: int, at: float, origin: float) -> None:
+        await asyncio.sleep(max(0.0, origin + at - time.perf_counter()))
+        results.append(await proto.send(client, model, index, outputs, timeout_s))
+        on_done()
+
+    origin = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i, float(t), origin) for i, t in zip(indices, due)))
+    finally:
+        await client.close()
+    return results, time.perf_counter() - origin
+
+
+def first_step_summary(before, after, triton: dict, scheduler: str) -> dict:
+    """Time to first decode step over a level: the reasoning model's histogram percentiles plus
+    Triton's mean queue time in front of ``reasoning`` (ms; None where nothing was observed)."""
+    from tandem.serving.metrics import FIRST_STEP, histogram_quantile
+
+    queue_ms = (triton.get("reasoning", {}) or {}).get("queue_ms_per_request") or 0.0
+    out = {"triton_queue_ms": queue_ms}
+    for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
+        value = histogram_quantile(before, after, FIRST_STEP, q, scheduler=scheduler) if before and after else math.nan
+        out[name] = None if math.isnan(value) else value * 1e3 + queue_ms
+    return out
+
+
+def _scrape(server):
+    from tandem.serving.metrics import scrape
+
+    try:
+        return scrape(server.metrics_url)
+    except Exception:  # metrics are context; a level is still measured without them
+        return None
+
+
+def open_loop_knee(levels: dict, budget_ms: float) -> dict:
+    """The knee: the highest offered rate, walking up from the lowest, served with no failure and
+    p99 within ``budget_ms``; ``reached`` says whether a higher rate broke the budget (otherwise the
+    sweep stopped below the knee and the rate is a lower bound)."""
+    rate, reached = None, False
+    for key in sorted(levels, key=float):
+        lv = levels[key]
+        p99 = lv["latency"].get("p99_ms")
+        if lv["failed"] or p99 is None or p99 > budget_ms:
+            reached = True
+            break
+        rate = float(key)
+    return {"budget_p99_ms": budget_ms, "rate_per_s": rate, "reached": reached}
 
 
 def _statistics(http_address: str) -> dict[str, dict]:
@@ -227,7 +311,8 @@ def inprocess_reference(artifacts: Path, n: int, tick: Progress) -> dict:
 
 
 def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> dict:
-    """Write a local-flavor repository for ``artifacts``, start tritonserver, sweep, stop it."""
+    """Per scheduler: write a local-flavor repository for ``artifacts``, start tritonserver, run the
+    closed-loop and open-loop sweeps, stop it."""
     reason = serving_available()
     if reason is not None:
         return {"status": "not run: serving unavailable", "reason": reason}
@@ -239,7 +324,7 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
 
     config = read_manifest(artifacts).config
     model = served_models(config)[ENSEMBLE]
-    n = settings.requests
+    n = max(settings.requests, settings.open_loop_requests)  # every served request has its in-process twin
     bar = progress_factory(total=n, desc="served: in-process reference", unit="req")
     reference = inprocess_reference(artifacts, n, lambda _: bar.update())
     bar.close()
@@ -248,38 +333,83 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
     result: dict = {
         "status": "ok",
         "model": ENSEMBLE,
-        "requests_per_level": n,
+        "requests_per_level": settings.requests,
         "concurrencies": list(settings.concurrencies),
         "inprocess": reference,
-        "protocols": {},
+        "schedulers": {},
     }
-    with tempfile.TemporaryDirectory(prefix="tandem-bench-repo-") as tmp:
-        repository = write_repository(artifacts, Path(tmp) / "repository", flavor="local", **settings.repository_options)
-        result["queue_limits"] = _queue_limits(repository)
-        with TritonServer(repository, startup_timeout=settings.startup_timeout_s) as server:
-            result["server"] = {"http_url": server.http_url, "grpc_url": server.grpc_url}
-            http_address = server.http_url.split("://", 1)[-1]
-            sent = 0  # requests sent to the ensemble so far, to know when Triton's statistics are complete
-            for protocol in settings.protocols:
-                proto = _Protocol(protocol, server.http_url if protocol == "http" else server.grpc_url)
-                total = settings.warmup_requests + n * len(settings.concurrencies)
-                bar = progress_factory(total=total, desc=f"served: {protocol}", unit="req")
-                warm = list(range(settings.warmup_requests))
-                asyncio.run(_run_level(proto, model, max(1, len(warm)), warm, settings.request_timeout_s, bar.update))
-                sent += len(warm)
-                levels = {}
-                for concurrency in settings.concurrencies:
-                    bar.set_postfix_str(f"concurrency {concurrency}")
-                    before = settled_statistics(http_address, model.name, sent)
-                    results, wall = asyncio.run(
-                        _run_level(proto, model, concurrency, list(range(n)), settings.request_timeout_s, bar.update)
-                    )
-                    sent += n
-                    after = settled_statistics(http_address, model.name, sent)
-                    levels[str(concurrency)] = _summarize_level(results, wall, expected_tokens, statistics_delta(before, after))
-                bar.close()
-                result["protocols"][protocol] = levels
+    base_rate = reference["images_per_s"]
+    rates = [round(base_rate * load, 4) for load in settings.open_loop_loads]
+    budget_ms = settings.slo_p99_factor * reference["latency"]["p50_ms"]
+    for scheduler in settings.schedulers:
+        options = {**settings.repository_options, "scheduler": scheduler}
+        with tempfile.TemporaryDirectory(prefix="tandem-bench-repo-") as tmp:
+            repository = write_repository(artifacts, Path(tmp) / "repository", flavor="local", **options)
+            entry: dict = {"queue_limits": _queue_limits(repository), "protocols": {}}
+            with TritonServer(repository, startup_timeout=settings.startup_timeout_s) as server:
+                entry["protocols"] = _closed_loop(server, model, settings, scheduler, expected_tokens, progress_factory)
+                entry["open_loop"] = _open_loop(server, model, settings, scheduler, rates, expected_tokens, progress_factory)
+            entry["open_loop_knee"] = open_loop_knee(entry["open_loop"], budget_ms)
+        result["schedulers"][scheduler] = entry
+    first = result["schedulers"][settings.schedulers[0]]
+    result["scheduler"] = settings.schedulers[0]
+    result["protocols"] = first["protocols"]
+    result["queue_limits"] = first["queue_limits"]
+    result["open_loop"] = {
+        "protocol": settings.open_loop_protocol,
+        "requests_per_rate": settings.open_loop_requests,
+        "rates_per_s": rates,
+        "slo_p99_factor": settings.slo_p99_factor,
+    }
     return result
+
+
+def _closed_loop(server, model, settings: ServedSettings, scheduler: str, expected_tokens, progress_factory) -> dict:
+    n = settings.requests
+    http_address = server.http_url.split("://", 1)[-1]
+    sent = 0  # requests sent to the ensemble so far, to know when Triton's statistics are complete
+    protocols = {}
+    for protocol in settings.protocols:
+        proto = _Protocol(protocol, server.http_url if protocol == "http" else server.grpc_url)
+        total = settings.warmup_requests + n * len(settings.concurrencies)
+        bar = progress_factory(total=total, desc=f"served {scheduler}: {protocol}", unit="req")
+        warm = list(range(settings.warmup_requests))
+        asyncio.run(_run_level(proto, model, max(1, len(warm)), warm, settings.request_timeout_s, bar.update))
+        sent += len(warm)
+        levels = {}
+        for concurrency in settings.concurrencies:
+            bar.set_postfix_str(f"concurrency {concurrency}")
+            before, metrics_before = settled_statistics(http_address, model.name, sent), _scrape(server)
+            results, wall = asyncio.run(_run_level(proto, model, concurrency, list(range(n)), settings.request_timeout_s, bar.update))
+            sent += n
+            after = settled_statistics(http_address, model.name, sent)
+            level = _summarize_level(results, wall, expected_tokens, statistics_delta(before, after))
+            level["first_step"] = first_step_summary(metrics_before, _scrape(server), level["triton"], scheduler)
+            levels[str(concurrency)] = level
+        bar.close()
+        protocols[protocol] = levels
+    return protocols
+
+
+def _open_loop(server, model, settings: ServedSettings, scheduler: str, rates: list[float], expected_tokens, progress_factory) -> dict:
+    protocol = settings.open_loop_protocol
+    proto = _Protocol(protocol, server.http_url if protocol == "http" else server.grpc_url)
+    http_address = server.http_url.split("://", 1)[-1]
+    n = settings.open_loop_requests
+    bar = progress_factory(total=n * len(rates), desc=f"served {scheduler}: open loop ({protocol})", unit="req")
+    levels = {}
+    for step, rate in enumerate(rates):
+        bar.set_postfix_str(f"{rate:.3g} req/s")
+        before, metrics_before = _statistics(http_address), _scrape(server)
+        indices = list(range(n))
+        results, wall = asyncio.run(_run_open_loop(proto, model, rate, indices, settings.request_timeout_s, step, bar.update))
+        time.sleep(0.2)  # Triton records statistics just after it answers
+        level = _summarize_level(results, wall, expected_tokens, statistics_delta(before, _statistics(http_address)))
+        level["offered_per_s"] = rate
+        level["first_step"] = first_step_summary(metrics_before, _scrape(server), level["triton"], scheduler)
+        levels[f"{rate:g}"] = level
+    bar.close()
+    return levels
 
 
 def _summarize_level(results: list[RequestResult], wall: float, expected: list[np.ndarray], triton: dict) -> dict:

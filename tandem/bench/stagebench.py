@@ -18,7 +18,7 @@ from tandem.bench.timing import Budget, measure, summarize
 from tandem.config import ModelConfig
 from tandem.errors import TandemError
 from tandem.runtimes import RUNTIME_NAMES, Runtime, make_runtime
-from tandem.stages import GraphSpec
+from tandem.stages import GraphSpec, cache_layout
 
 # Captions the end-to-end and served measurements send, in this order (request i uses seed i).
 PROMPTS = (
@@ -38,7 +38,7 @@ Progress = Callable[[str], None]
 # spinning for a while after their last call, and on a small machine that spinning would be
 # charged to whichever runtime is measured next.
 SETTLE_SECONDS = 0.5
-VARIANTS = ("onnxruntime_all",)  # measured for comparison, not what tandem ships
+VARIANTS = ("onnxruntime_basic",)  # measured for comparison, not what tandem ships
 
 
 def settle() -> None:
@@ -61,10 +61,10 @@ def build_runtimes(
 
     built: dict[str, Runtime] = {}
     unavailable: dict[str, str] = {}
-    for name in names or [*RUNTIME_NAMES, "onnxruntime_all"]:
-        if name == "onnxruntime_all":
+    for name in names or [*RUNTIME_NAMES, *VARIANTS]:
+        if name == "onnxruntime_basic":
             try:
-                built[name] = onnxruntime_all_variant(artifacts)
+                built[name] = onnxruntime_basic_variant(artifacts)
                 built[name].bench_source = str(artifacts)
             except Exception as exc:
                 unavailable[name] = f"{type(exc).__name__}: {exc}"
@@ -98,9 +98,28 @@ def graph_feeds(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, np.ndar
     return spec.sample_inputs({"batch": batch}, seed=seed)
 
 
+def decode_step_call(runtime: Runtime, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """One decode step as generation runs it: through the runtime's decode engine, its cache
+    buffers holding ``feeds``' cache (allocated and bound once, outside the timed call)."""
+    from tandem.decoding import make_decode_engine
+
+    batch = len(feeds["token_ids"])
+    engine = make_decode_engine(runtime, batch)
+    for name in cache_layout(runtime.config).names("past"):
+        engine.load_cache(name, feeds[name])
+    token_ids, positions = feeds["token_ids"], feeds["positions"]
+    return lambda: engine.step(batch, token_ids, positions)
+
+
+def graph_call(runtime: Runtime, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    if spec.name == "reasoning_decode":
+        return decode_step_call(runtime, spec, feeds)
+    return lambda: runtime.run(spec.name, feeds)
+
+
 def bench_graph(runtime: Runtime, spec: GraphSpec, batch: int, budget: Budget) -> dict:
     feeds = graph_feeds(spec, batch)
-    samples = measure(lambda: runtime.run(spec.name, feeds), budget)
+    samples = measure(graph_call(runtime, spec, feeds), budget)
     stats = summarize(samples)
     stats["batch"] = batch
     stats["dims"] = {name: (batch if name == "batch" else r.opt) for name, r in spec.dims.items()}
@@ -157,7 +176,7 @@ def bench_decode_positions(
             feeds = graph_feeds(spec, 1)
             feeds["positions"] = np.array([position], dtype=np.int64)
             try:
-                per_position[str(position)] = summarize(measure(lambda: runtime.run(spec.name, feeds), budget))
+                per_position[str(position)] = summarize(measure(graph_call(runtime, spec, feeds), budget))
             except TandemError as exc:
                 per_position[str(position)] = {"error": str(exc)}
         results[rt_name] = per_position
@@ -198,12 +217,23 @@ class TimedRuntime(Runtime):
         self.calls: dict[str, int] = defaultdict(int)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.timed(graph, self.inner.run, graph, feeds)
+
+    def timed(self, graph: str, fn: Callable, *args):
         start = time.perf_counter()
         try:
-            return self.inner.run(graph, feeds)
+            return fn(*args)
         finally:
             self.seconds[graph] += time.perf_counter() - start
             self.calls[graph] += 1
+
+    def decode_engine(self, capacity: int):
+        """The inner runtime's own engine, its prefill and steps timed as the graphs they run."""
+        engine = self.inner.decode_engine(capacity)
+        prefill, step = engine.prefill, engine.step
+        engine.prefill = lambda *args: self.timed("reasoning_prefill", prefill, *args)
+        engine.step = lambda *args: self.timed("reasoning_decode", step, *args)
+        return engine
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -237,28 +267,13 @@ def bench_pipeline(runtime: Runtime, batch: int, budget: Budget) -> dict:
     return stats
 
 
-def onnxruntime_all_variant(artifacts: Path):
-    """ONNX Runtime over the same verified graphs, with ``ORT_ENABLE_ALL`` applied when the session is
-    created (tandem's runtime loads its offline-optimised graphs with BASIC only, because ALL's
-    layout choices (NCHWc convolutions) depend on the CPU). Measured beside the shipped setting to
-    show what the online level would buy on this machine; the targets stay on the shipped one."""
-    import onnxruntime as ort
-
+def onnxruntime_basic_variant(artifacts: Path):
+    """ONNX Runtime over the same verified graphs with only BASIC optimisation at session load (what
+    tandem shipped before it applied ALL at load): measured beside the shipped setting to show what
+    the load-time, CPU-specific optimisations (NCHWc layouts) buy on this machine."""
     from tandem.runtimes.onnxruntime import OnnxRuntime
 
-    class OnnxRuntimeAll(OnnxRuntime):
-        name = "onnxruntime_all"
+    class OnnxRuntimeBasic(OnnxRuntime):
+        name = "onnxruntime_basic"
 
-        def __init__(self, directory: Path):
-            super().__init__(directory, optimized=True, device="cpu")  # verifies every file's sha256
-            for graph, entry in self.manifest.graphs.items():
-                options = ort.SessionOptions()
-                options.log_severity_level = 3
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                path = self.artifacts / (entry.optimized_file or entry.file)
-                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
-
-        def describe(self) -> str:
-            return super().describe() + ", ORT_ENABLE_ALL at session load"
-
-    return OnnxRuntimeAll(artifacts)
+    return OnnxRuntimeBasic(artifacts, optimized=True, device="cpu", graph_optimization="basic")

@@ -18,6 +18,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -47,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=_int_list, help="served concurrency levels (default 1,2,4,8,16; quick: 1,2)")
     p.add_argument("--requests", type=int, help="served requests per concurrency level and protocol (default 32; quick: 4)")
     p.add_argument("--protocols", default="http,grpc", help="served protocols (default http,grpc)")
+    p.add_argument("--schedulers", default="inflight,request",
+                   help="reasoning schedulers to serve and compare, one server each (default inflight,request)")
+    p.add_argument("--open-loop-loads", type=_float_list,
+                   help="open-loop offered rates as multiples of the in-process rate (default 0.5,1,2,3,4,6; quick: 1,4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--rerender", type=Path, metavar="DIR", help="only redraw report.md and plots/ of DIR from its results.json")
     p.set_defaults(handler=cmd_bench)
@@ -68,11 +82,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise TandemError(f"--protocols must be a comma-separated subset of {','.join(PROTOCOLS)}, got {args.protocols!r}")
     if args.requests is not None and args.requests < 1:
         raise TandemError(f"--requests must be >= 1, got {args.requests}")
+    from tandem.serving.models.common import SCHEDULERS
+
+    schedulers = tuple(x.strip() for x in args.schedulers.split(",") if x.strip())
+    if not schedulers or any(x not in SCHEDULERS for x in schedulers) or len(set(schedulers)) != len(schedulers):
+        raise TandemError(f"--schedulers must be a comma-separated subset of {','.join(SCHEDULERS)}, got {args.schedulers!r}")
     served = ServedSettings(
         concurrencies=args.concurrency or ((1, 2) if args.quick else (1, 2, 4, 8, 16)),
         requests=args.requests or (4 if args.quick else 32),
         protocols=protocols,
         warmup_requests=2 if args.quick else 8,
+        schedulers=schedulers,
+        open_loop_loads=args.open_loop_loads or ((1.0, 4.0) if args.quick else ServedSettings.open_loop_loads),
+        open_loop_requests=args.requests or (4 if args.quick else 32),
     )
     options = BenchOptions(
         config=args.config,

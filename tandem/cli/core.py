@@ -102,10 +102,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {config.name} to {result.out} (manifest: {result.out / 'manifest.json'})")
     for entry in result.manifest.graphs.values():
         worst = max(err.max_abs for case in entry.validation for err in case.outputs.values())
-        print(f"  {entry.name:<20} max abs err vs PyTorch {worst:.2e}  within tolerance: {entry.passed}")
-    g = result.manifest.generation
-    if g is not None:
-        print(f"  greedy tokens identical to PyTorch: {g.tokens_equal}; image max diff {g.image_max_abs_diff:.0f}/255")
+        worst_ort = max((err.max_abs for case in entry.optimized_validation for err in case.outputs.values()), default=0.0)
+        rewrites = f" ({', '.join(entry.optimized_rewrites)})" if entry.optimized_rewrites else ""
+        print(
+            f"  {entry.name:<20} max abs err vs PyTorch {worst:.2e}, onnxruntime graph{rewrites} {worst_ort:.2e}  "
+            f"within tolerance: {entry.passed}"
+        )
+    for g in result.manifest.generation_checks:
+        print(
+            f"  greedy tokens identical to PyTorch ({g.variant} graphs, batch {len(g.prompts)}): {g.tokens_equal}; "
+            f"image max diff {g.image_max_abs_diff:.0f}/255"
+        )
     return 0
 
 

@@ -56,9 +56,13 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     g = p.add_argument_group("repository")
     g.add_argument("--flavor", default="local", choices=flavors, help="local: python backend + ONNX Runtime (default); "
                    "native: refinement on Triton's onnxruntime_onnx backend (NVIDIA's container)")
-    g.add_argument("--max-batch-size", type=int, default=8)
+    g.add_argument("--max-batch-size", type=int, default=8, help="batch per model; with --scheduler inflight, the reasoning slots")
+    g.add_argument("--scheduler", choices=("inflight", "request"), default="inflight",
+                   help="reasoning batching: inflight (requests join and leave the decode batch at every step, default) "
+                   "or request (Triton's dynamic batcher groups whole generations)")
     g.add_argument("--preferred-batch-sizes", type=int, nargs="+", help="dynamic batching preferred sizes")
-    g.add_argument("--max-queue-delay-us", type=int, help="dynamic batching delay (default 5000 reasoning, 1000 refinement)")
+    g.add_argument("--max-queue-delay-us", type=int,
+                   help="dynamic batching delay (default 1000 refinement; reasoning 0 in-flight, 5000 request-level)")
     g.add_argument("--max-queue-size", type=int, help="queued requests per model before rejecting (default 4 x batch)")
     g.add_argument("--queue-timeout-ms", type=int, default=60_000, help="reject requests queued longer (default 60000)")
     g.add_argument("--instances", type=int, default=1, help="model instances per model")
@@ -129,6 +133,7 @@ def repository_options(args: argparse.Namespace) -> dict:
         "version": args.version,
         "keep_versions": args.keep_versions,
         "link": args.link,
+        "scheduler": args.scheduler,
     }
 
 

@@ -200,7 +200,7 @@ def _arch_fix(manifest: CompiledManifest, env: Environment) -> str:
     return rebuild_hint(manifest)
 
 
-def check_profile(artifact: CompiledArtifact, feeds: Mapping[str, np.ndarray]) -> None:
+def check_profile(artifact: CompiledArtifact, feeds: Mapping) -> None:
     """Every input shape must lie within the range the artifact was compiled for (a TensorRT
     optimization profile, the dynamic dims of an AOTInductor package)."""
     if artifact.profile is None:
@@ -209,7 +209,7 @@ def check_profile(artifact: CompiledArtifact, feeds: Mapping[str, np.ndarray]) -
     for name, value in feeds.items():
         if name not in low:
             continue
-        shape = list(np.shape(value))
+        shape = list(value.shape) if hasattr(value, "shape") else list(np.shape(value))  # numpy or torch
         if len(shape) != len(low[name]) or any(s < lo or s > hi for s, lo, hi in zip(shape, low[name], high[name])):
             raise TandemError(
                 f"{artifact.graph}: input {name} has shape {shape}, outside the compiled profile "

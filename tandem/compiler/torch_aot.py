@@ -70,15 +70,9 @@ def package_name(graph: str, arch: str) -> str:
     return f"{graph}.{arch}.pt2"
 
 
-def _dynamic_shapes(spec):
-    from tandem.export.onnx_export import _dynamic_shapes as onnx_dynamic_shapes
-
-    return onnx_dynamic_shapes(spec)  # the same named dims (torch.export.Dim) the ONNX export uses
-
-
 def export_programs(config: ModelConfig, checkpoint: str | Path | None, out: Path, graphs: list[str] | None = None) -> list[Path]:
     """The optimise step: torch.export every graph and check the exported program against eager."""
-    from tandem.export.onnx_export import compare, export_patches
+    from tandem.export.onnx_export import compare, dynamic_shapes, export_patches
     from tandem.models import build_stages
 
     stages = build_stages(config, checkpoint)
@@ -90,7 +84,8 @@ def export_programs(config: ModelConfig, checkpoint: str | Path | None, out: Pat
         example = spec.sample_inputs(spec.export_dims, seed=0)
         args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
         with export_patches():
-            program = torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(spec))
+            # the same named dims (torch.export.Dim) the ONNX export uses
+            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec, module))
             exported = program.module()
             for seed, which in enumerate(("min", "max"), start=1):
                 dims = {name: getattr(r, which) for name, r in spec.dims.items()}

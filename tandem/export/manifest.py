@@ -13,7 +13,7 @@ from tandem.errors import ArtifactError
 from tandem.util import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer cache tensors (past_key_{l}, new_key_{l}, present_key_{l})
 
 
 class TensorEntry(BaseModel):
@@ -42,8 +42,9 @@ class GraphEntry(BaseModel):
     sha256: str
     external_data: list[str] = []
     external_data_sha256: dict[str, str] = {}  # file -> sha256 of every external_data file
-    optimized_file: str | None = None  # ONNX Runtime offline-optimised graph
+    optimized_file: str | None = None  # ONNX Runtime's graph: its rewrites (tandem.export.rewrites), optimised offline
     optimized_sha256: str | None = None
+    optimized_rewrites: list[str] = []  # the rewrites that made it differ from `file` beyond optimisation
     inputs: list[TensorEntry]
     outputs: list[TensorEntry]
     dims: dict[str, list[int]]  # name -> [min, opt, max]
@@ -51,10 +52,12 @@ class GraphEntry(BaseModel):
     atol: float
     rtol: float
     validation: list[ValidationCase]
+    optimized_validation: list[ValidationCase] = []  # the same cases run on `optimized_file`
     passed: bool
 
 
 class GenerationCheck(BaseModel):
+    variant: str = "onnxruntime"  # "onnxruntime" (the optimised graphs) or "plain" (the standard-op graphs)
     prompts: list[str]
     seed: int
     tokens_equal: bool
@@ -71,7 +74,8 @@ class Manifest(BaseModel):
     weights: str  # "seed:<n>" or "checkpoint:<sha256>"
     versions: dict[str, str]
     graphs: dict[str, GraphEntry]
-    generation: GenerationCheck | None = None
+    generation: GenerationCheck | None = None  # the ONNX Runtime graphs over VALIDATION_PROMPTS
+    generation_checks: list[GenerationCheck] = []  # every variant at batch 1 and the largest batch
     passed: bool = False
 
     def write(self, directory: Path) -> Path:

@@ -1,15 +1,18 @@
 """Per-stage ONNX export, validated against PyTorch.
 
 Reads only the stage descriptions in :mod:`tandem.stages`. For every graph: export with the
-dynamo exporter (named dynamic axes), validate several inputs (batch > 1 included) against
-PyTorch, save an ONNX Runtime offline-optimised copy; then check a whole greedy generation
-token for token. Everything is written into a staging directory that replaces ``out`` only when
+dynamo exporter (named dynamic axes) in standard ops, export ONNX Runtime's variant (its rewrites,
+:mod:`tandem.export.rewrites`) and optimise it offline, validate both on several inputs (batch > 1
+included) against PyTorch; then check whole greedy generations token for token, for both
+variants, at batch 1 and at the largest batch. Everything is written into a staging directory that replaces ``out`` only when
 complete, and the export fails (nothing replaced) when a tolerance is not met.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import tempfile
 import logging
 import warnings
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 
 from tandem.config import ModelConfig
 from tandem.errors import TandemError
+from tandem.export.rewrites import rewrites_for, target_rewrites
 from tandem.export.manifest import (
     MANIFEST_NAME,
     GenerationCheck,
@@ -72,31 +76,45 @@ class ExportResult:
     manifest: Manifest
 
 
-def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, torch.export.Dim] | None]:
+def dynamic_shapes(spec: GraphSpec, module: torch.nn.Module) -> tuple:
+    """Positional, in the spec's input order, shaped like ``module.forward``'s signature: the inputs
+    a ``*args`` parameter takes (the decode module's ``*cache``) form one nested tuple."""
     dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.dims.items()}
-    return {t.name: ({i: dims[d] for i, d in t.dynamic_axes().items()} or None) for t in spec.inputs}
+    shapes = [({i: dims[d] for i, d in t.dynamic_axes().items()} or None) for t in spec.inputs]
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_POSITIONAL:
+        named = len(parameters) - 1
+        return (*shapes[:named], tuple(shapes[named:]))
+    return tuple(shapes)
 
 
-def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry:
+def _export_onnx(spec: GraphSpec, stages: Stages, path: Path, target: str | None = None) -> None:
+    """``spec``'s module traced to ``path``: standard ops, or ``target``'s rewrites applied."""
     module = spec.make_module(stages).eval()
     example = spec.sample_inputs(spec.export_dims, seed=0)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    path = directory / f"{spec.name}.onnx"
-    with export_patches():
+    rewrites = target_rewrites(target, stages) if target else contextlib.nullcontext({})
+    with export_patches(), rewrites as translations:
         program = torch.onnx.export(
             module,
             args,
             input_names=spec.input_names,
             output_names=spec.output_names,
-            dynamic_shapes=_dynamic_shapes(spec),
+            dynamic_shapes=dynamic_shapes(spec, module),
             opset_version=OPSET,
             dynamo=True,
             verbose=False,
+            custom_translation_table=translations or None,
         )
         external = weight_bytes > EXTERNAL_DATA_THRESHOLD
         program.save(str(path), external_data=external)
     onnx.checker.check_model(str(path))
+
+
+def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry:
+    path = directory / f"{spec.name}.onnx"
+    _export_onnx(spec, stages, path)
     external_files = [p.name for p in directory.iterdir() if p.name.startswith(f"{spec.name}.onnx.")]
     return GraphEntry(
         name=spec.name,
@@ -116,17 +134,25 @@ def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry
     )
 
 
-def optimize_for_onnxruntime(directory: Path, entry: GraphEntry) -> None:
-    """Save ONNX Runtime's offline-optimised graph beside the plain one. EXTENDED, not ALL: ALL
-    bakes in layout choices for the CPU it ran on, which would not travel to another machine."""
+def optimize_for_onnxruntime(spec: GraphSpec, stages: Stages, directory: Path, entry: GraphEntry) -> None:
+    """Save ONNX Runtime's graph beside the plain one: exported again with its rewrites when any
+    applies to this graph, then optimised offline. EXTENDED, not ALL: ALL bakes in layout choices
+    for the CPU it ran on, which would not travel to another machine."""
     optimized = f"{Path(entry.file).stem}.ort.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(directory / optimized)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(directory / entry.file), options, providers=["CPUExecutionProvider"])
+    rewrites = rewrites_for("onnxruntime", spec)
+    with tempfile.TemporaryDirectory(prefix="tandem-rewrite-") as scratch:
+        source = directory / entry.file
+        if rewrites:
+            source = Path(scratch) / entry.file
+            _export_onnx(spec, stages, source, target="onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(directory / optimized)
+        options.log_severity_level = 3
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     entry.optimized_file = optimized
     entry.optimized_sha256 = sha256_file(directory / optimized)
+    entry.optimized_rewrites = list(rewrites)
 
 
 def validation_cases(spec: GraphSpec) -> list[dict[str, int]]:
@@ -163,20 +189,24 @@ def validate_graph(spec: GraphSpec, reference, session: ort.InferenceSession) ->
     return results
 
 
-def check_generation(reference, candidate, prompts: list[str], seed: int = 0) -> GenerationCheck:
-    """A whole greedy generation (batched, so padding is exercised) must give identical tokens."""
+def check_generation(
+    reference, candidate, prompts: list[str], seed: int = 0, variant: str = "onnxruntime", expected=None
+) -> GenerationCheck:
+    """A whole greedy generation (batched, so padding is exercised) must give identical tokens.
+    ``expected``: the reference's (tokens, images) for these prompts, when already generated."""
     from tandem.pipeline import Pipeline
     from tandem.sampling import SamplingParams
 
-    ref_pipe, cand_pipe = Pipeline(reference), Pipeline(candidate)
     params = SamplingParams(seed=seed)
-    ref_tokens = ref_pipe.generate_tokens(prompts, params)
+    ref_tokens, ref_images = expected or reference_generation(reference, prompts, seed)
+    cand_pipe = Pipeline(candidate)
     cand_tokens = cand_pipe.generate_tokens(prompts, params)
     mismatched = int((ref_tokens != cand_tokens).sum())
     # Images are compared on the same (reference) tokens so a token mismatch is not counted twice.
-    diff = np.abs(ref_pipe.render(ref_tokens).astype(np.int16) - cand_pipe.render(ref_tokens).astype(np.int16))
+    diff = np.abs(ref_images.astype(np.int16) - cand_pipe.render(ref_tokens).astype(np.int16))
     image_diff = float(diff.max())
     return GenerationCheck(
+        variant=variant,
         prompts=prompts,
         seed=seed,
         tokens_equal=mismatched == 0,
@@ -185,6 +215,37 @@ def check_generation(reference, candidate, prompts: list[str], seed: int = 0) ->
         image_atol=IMAGE_ATOL,
         passed=mismatched == 0 and image_diff <= IMAGE_ATOL,
     )
+
+
+def reference_generation(reference, prompts: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from tandem.pipeline import Pipeline
+    from tandem.sampling import SamplingParams
+
+    pipe = Pipeline(reference)
+    tokens = pipe.generate_tokens(prompts, SamplingParams(seed=seed))
+    return tokens, pipe.render(tokens)
+
+
+def generation_checks(reference, artifacts: Path) -> list[GenerationCheck]:
+    """Greedy generations of both shipped variants (ONNX Runtime's graphs, the standard-op graphs
+    other compilers take) against PyTorch, at the largest batch (the validation prompts first, so
+    padding is exercised) and at batch 1 (the first of them alone)."""
+    from tandem.runtimes.onnxruntime import OnnxRuntime
+
+    full = [*VALIDATION_PROMPTS, *(f"{VALIDATION_PROMPTS[i % 2]} {i}" for i in range(MAX_BATCH - len(VALIDATION_PROMPTS)))]
+    batches = [full, VALIDATION_PROMPTS[:1]]
+    expected = [reference_generation(reference, prompts) for prompts in batches]
+    checks = []
+    for variant, optimized in (("onnxruntime", True), ("plain", False)):
+        candidate = OnnxRuntime(artifacts, optimized=optimized, device="cpu")
+        checks += [check_generation(reference, candidate, p, variant=variant, expected=e) for p, e in zip(batches, expected)]
+    return checks
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _weights_label(config: ModelConfig, checkpoint: str | Path | None) -> str:
@@ -226,7 +287,6 @@ def export_model(
 ) -> ExportResult:
     """Export and validate both stages into ``out``, staged and swapped in whole. ``out`` must not
     hold files an export did not write unless ``force`` (see :func:`check_replaceable`)."""
-    from tandem.runtimes.onnxruntime import OnnxRuntime
     from tandem.runtimes.torch_eager import TorchRuntime
 
     out = Path(out)
@@ -242,14 +302,12 @@ def export_model(
             entry = export_graph(spec, stages, staging)
             steps.update()
             steps.set_postfix_str(f"{spec.name}: validate")
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            session = ort.InferenceSession(str(staging / entry.file), options, providers=["CPUExecutionProvider"])
-            entry.validation = validate_graph(spec, reference, session)
-            entry.passed = all(case.passed for case in entry.validation)
+            entry.validation = validate_graph(spec, reference, _session(staging / entry.file))
             steps.update()
-            steps.set_postfix_str(f"{spec.name}: optimise for onnxruntime")
-            optimize_for_onnxruntime(staging, entry)
+            steps.set_postfix_str(f"{spec.name}: rewrite and optimise for onnxruntime")
+            optimize_for_onnxruntime(spec, stages, staging, entry)
+            entry.optimized_validation = validate_graph(spec, reference, _session(staging / entry.optimized_file))
+            entry.passed = all(case.passed for case in (*entry.validation, *entry.optimized_validation))
             steps.update()
             entries[spec.name] = entry
         manifest = Manifest(
@@ -264,9 +322,9 @@ def export_model(
         manifest.write(staging)
         steps.set_postfix_str("greedy generation vs PyTorch")
         if manifest.passed:
-            candidate = OnnxRuntime(staging, optimized=True, device="cpu")
-            manifest.generation = check_generation(reference, candidate, VALIDATION_PROMPTS)
-            manifest.passed = manifest.generation.passed
+            manifest.generation_checks = generation_checks(reference, staging)
+            manifest.generation = manifest.generation_checks[0]
+            manifest.passed = all(check.passed for check in manifest.generation_checks)
         manifest.write(staging)
         steps.update()
         steps.close()
@@ -278,14 +336,17 @@ def export_model(
 def _failure_report(manifest: Manifest, out: Path) -> str:
     lines = [f"export to {out} failed validation against PyTorch; nothing was written:"]
     for entry in manifest.graphs.values():
-        for case in entry.validation:
+        for case in (*entry.validation, *entry.optimized_validation):
             for name, err in case.outputs.items():
                 if not err.within_tolerance:
                     lines.append(
                         f"  {entry.name} {case.dims} output {name}: max abs {err.max_abs:.3g} "
                         f"(atol {entry.atol}, rtol {entry.rtol})"
                     )
-    if manifest.generation and not manifest.generation.passed:
-        g = manifest.generation
-        lines.append(f"  greedy generation: {g.mismatched_tokens} tokens differ, image max diff {g.image_max_abs_diff}")
+    for g in manifest.generation_checks:
+        if not g.passed:
+            lines.append(
+                f"  greedy generation ({g.variant} graphs, batch {len(g.prompts)}): {g.mismatched_tokens} tokens "
+                f"differ, image max diff {g.image_max_abs_diff}"
+            )
     return "\n".join(lines)

@@ -1,17 +1,19 @@
 """Reasoning stage: a decoder-only transformer with Mixture-of-Experts feed-forward layers.
 
 It reads a byte-level prompt and writes the scene as discrete codebook tokens, one grid cell at a
-time. The KV cache is static and preallocated (``max_len`` positions) and every update is an
-index-based write at the current position, so every graph has fixed shapes apart from batch and
-prompt length: the same graphs serve ONNX Runtime, TensorRT profiles, Neuron static shapes and
-CUDA graphs.
+time. The KV cache is static and preallocated (``max_len`` positions) and owned by the caller
+(:mod:`tandem.decoding`): graphs read it and return only the keys/values they computed, which the
+caller writes into its buffer in place. Every graph has fixed shapes apart from batch and prompt
+length: the same graphs serve ONNX Runtime, TensorRT profiles, Neuron static shapes and CUDA graphs.
 
-Cache layout: ``[batch, n_layers, 2 (key, value), n_heads, max_len, head_dim]``.
+Cache layout: one key and one value tensor per layer, each ``[batch, n_heads, max_len, head_dim]``
+(separate tensors, so a graph never slices, i.e. copies, one big cache).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,26 +70,38 @@ class Attention(nn.Module):
     def forward_step(
         self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new token per row written into the static cache at ``positions`` [B]."""
+        """One new token per row at ``positions`` [B], attending to the cache's positions
+        [0, position) and to its own key. The cache is only read; the new key and value
+        [B, H, 1, Dh] are returned for the caller to write at ``positions``.
+
+        The softmax is taken in two parts (cache, new key) over a shared maximum, so the new key is
+        never concatenated onto (a copy of) the cache."""
         q, k, v = self._split(x)  # [B, H, 1, Dh]
-        batch, heads, _, head_dim = q.shape
-        index = positions.view(batch, 1, 1, 1).expand(batch, heads, 1, head_dim)
-        k_cache = k_cache.scatter(2, index, k)
-        v_cache = v_cache.scatter(2, index, v)
+        batch = q.shape[0]
+        scale = 1.0 / math.sqrt(q.shape[-1])
         slots = torch.arange(k_cache.shape[2], device=x.device)
-        visible = (slots.unsqueeze(0) <= positions.unsqueeze(1)).view(batch, 1, 1, -1)
-        return self._merge(_attend(q, k_cache, v_cache, visible)), k_cache, v_cache
+        past = (slots.unsqueeze(0) < positions.unsqueeze(1)).view(batch, 1, 1, -1)
+        cache_scores = (torch.matmul(q, k_cache.transpose(-1, -2)) * scale).masked_fill(~past, torch.finfo(q.dtype).min)
+        new_score = (q * k).sum(dim=-1, keepdim=True) * scale  # [B, H, 1, 1]
+        peak = torch.maximum(cache_scores.amax(dim=-1, keepdim=True), new_score)
+        cache_weights, new_weight = torch.exp(cache_scores - peak), torch.exp(new_score - peak)
+        total = cache_weights.sum(dim=-1, keepdim=True) + new_weight
+        y = (torch.matmul(cache_weights, v_cache) + new_weight * v) / total
+        return self._merge(y), k, v
 
 
 class MoEFeedForward(nn.Module):
     """Top-k of E SwiGLU experts with renormalised gate weights.
 
-    Routing is computed in the graph (softmax -> TopK -> gather/scatter), never in Python control
+    Routing is computed in the graph (softmax -> TopK -> scatter), never in Python control
     flow, so an exported graph follows whatever experts each token picks at run time. Two
     equivalent evaluation strategies:
-    - ``sparse``: gathers only the k chosen experts' weights per token (decode: few tokens);
-    - ``dense``: runs every expert and zero-weights the unchosen ones (prefill/training: many tokens,
-      where all experts are busy anyway and batched matmuls beat per-token gathers).
+    - ``sparse``: gathers only the k chosen experts' weights per token. The gather copies
+      k * 3 weight matrices per token, so it is kept for eager inspection and comparison only;
+    - ``dense``: runs every expert once over all rows and zero-weights the unchosen ones: the
+      weights are read where they are, never copied, in standard ops every compiler takes. ONNX
+      Runtime replaces it with its own MoE kernel (:mod:`tandem.export.rewrites`), which reads
+      only the routed experts.
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int):
@@ -98,6 +112,9 @@ class MoEFeedForward(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.last_routing: torch.Tensor | None = None  # [N, k] expert ids, kept for inspection in eager mode
+        # A target's replacement for the whole layer while its graphs are traced
+        # (tandem.export.rewrites); None everywhere else.
+        self.evaluate = None
 
     def reset_parameters(self) -> None:
         for w in (self.w_gate, self.w_up):
@@ -110,6 +127,8 @@ class MoEFeedForward(nn.Module):
         return weights / weights.sum(dim=-1, keepdim=True), experts
 
     def forward(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        if self.evaluate is not None:
+            return self.evaluate(x)
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, d]
         weights, experts = self.route(x)
@@ -163,8 +182,10 @@ class ReasoningTransformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward_sequence(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Hidden states [B, S, d] for a whole sequence, plus per-layer (k, v) stacked [B, 2, H, S, Dh]."""
+    def forward_sequence(
+        self, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Hidden states [B, S, d] for a whole sequence, plus per-layer keys and values [B, H, S, Dh]."""
         seq = input_ids.shape[1]
         positions = torch.arange(seq, device=input_ids.device)
         h = self.token_embedding(input_ids) + self.position_embedding(positions).unsqueeze(0)
@@ -173,7 +194,7 @@ class ReasoningTransformer(nn.Module):
             attn_out, k, v = block.attn.forward_full(block.attn_norm(h))
             h = h + attn_out
             h = h + block.moe(block.ffn_norm(h), sparse=False)
-            layer_kv.append(torch.stack([k, v], dim=1))
+            layer_kv.append((k, v))
         return self.final_norm(h), layer_kv
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -181,31 +202,35 @@ class ReasoningTransformer(nn.Module):
         hidden, _ = self.forward_sequence(input_ids)
         return self.lm_head(hidden)
 
-    def prefill(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded prompts [B, P] -> logits of each prompt's last real token [B, V] and the
-        static cache [B, L, 2, H, max_len, Dh] with positions [0, P) filled."""
-        batch, seq = input_ids.shape
+    def prefill(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Right-padded prompts [B, P] -> logits of each prompt's last real token [B, V] and every
+        layer's keys and values for positions [0, P), each [B, H, P, Dh], for the caller's cache."""
+        batch = input_ids.shape[0]
         hidden, layer_kv = self.forward_sequence(input_ids)
         last = (prompt_lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden.shape[-1])
         logits = self.lm_head(torch.gather(hidden, 1, last).squeeze(1))
-        kv = torch.stack(layer_kv, dim=1)  # [B, L, 2, H, P, Dh]
-        free = kv.new_zeros(batch, self.n_layers, 2, self.n_heads, self.max_len - seq, self.head_dim)
-        return logits, torch.cat([kv, free], dim=4)
+        return logits, [k for k, _ in layer_kv], [v for _, v in layer_kv]
 
     def decode_step(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scene tokens [B] (codebook ids) at ``positions`` [B] -> next-token logits [B, V] and the
-        cache with this step's keys/values written in place of the free slots."""
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        past_keys: Sequence[torch.Tensor],
+        past_values: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Scene tokens [B] (codebook ids) at ``positions`` [B], with each layer's cache
+        [B, H, max_len, Dh] valid at [0, position) -> next-token logits [B, V] and this step's keys
+        and values per layer [B, H, 1, Dh] (the caller writes them at ``positions``)."""
         h = self.token_embedding(token_ids + SCENE_OFFSET) + self.position_embedding(positions)
         h = h.unsqueeze(1)  # [B, 1, d]
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            attn_out, k_cache, v_cache = block.attn.forward_step(
-                block.attn_norm(h), kv_cache[:, i, 0], kv_cache[:, i, 1], positions
-            )
+        new_keys, new_values = [], []
+        for block, k_cache, v_cache in zip(self.blocks, past_keys, past_values):
+            attn_out, k, v = block.attn.forward_step(block.attn_norm(h), k_cache, v_cache, positions)
             h = h + attn_out
-            h = h + block.moe(block.ffn_norm(h), sparse=True)
-            new_layers.append(torch.stack([k_cache, v_cache], dim=1))
+            h = h + block.moe(block.ffn_norm(h), sparse=False)
+            new_keys.append(k)
+            new_values.append(v)
         logits = self.lm_head(self.final_norm(h.squeeze(1)))
-        return logits, torch.stack(new_layers, dim=1)
+        return logits, new_keys, new_values

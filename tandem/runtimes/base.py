@@ -36,5 +36,12 @@ class Runtime(ABC):
             raise TandemError(f"{graph}: inputs must be {spec.input_names} (missing {missing}, unexpected {extra})")
         return spec
 
+    def decode_engine(self, capacity: int):
+        """A :class:`tandem.decoding.DecodeEngine` of ``capacity`` slots over this runtime's graphs
+        (host cache buffers passed to :meth:`run`); runtimes with a faster path override it."""
+        from tandem.decoding import CacheDecodeEngine
+
+        return CacheDecodeEngine(self, capacity)
+
     def describe(self) -> str:
         return self.name

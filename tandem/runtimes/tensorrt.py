@@ -110,6 +110,45 @@ class TensorRTRuntime(Runtime):
                 self.contexts[graph] = engine.create_execution_context()
             self.stream = torch.cuda.Stream(self.device)
 
+    def decode_engine(self, capacity: int):
+        """The cache as CUDA tensors at a fixed address for the engine's life, bound to the engine's
+        inputs by address every step: the cache never crosses PCIe."""
+        from tandem.decoding import TorchDecodeEngine
+
+        return TorchDecodeEngine(self, capacity, device=self.device)
+
+    def run_tensors(self, graph: str, tensors: list) -> tuple:
+        """Run ``graph`` on CUDA tensors (in the spec's input order) by address; outputs stay on the
+        device in the engine's own dtypes."""
+        import torch
+
+        spec = self.specs[graph]
+        if graph not in self.engines:
+            raise TandemError(f"graph {graph!r} was not loaded by this runtime")
+        check_profile(self.entries[graph], dict(zip(spec.input_names, tensors)))
+        engine, context = self.engines[graph], self.contexts[graph]
+        # The engine wrote its buffers (index_copy_) on the default stream: order them before this run.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            keep = []
+            for name, tensor in zip(spec.input_names, tensors):
+                dtype = self._dtypes[engine.get_tensor_dtype(name)]
+                if tensor.dtype != dtype or not tensor.is_contiguous():  # e.g. an fp16 engine's cache
+                    tensor = tensor.to(dtype).contiguous()
+                    keep.append(tensor)
+                if not context.set_input_shape(name, tuple(tensor.shape)):
+                    raise TandemError(f"{graph}: TensorRT refused shape {list(tensor.shape)} for input {name}")
+                context.set_tensor_address(name, tensor.data_ptr())
+            outputs = []
+            for name in spec.output_names:
+                buffer = torch.empty(tuple(context.get_tensor_shape(name)), dtype=self._dtypes[engine.get_tensor_dtype(name)], device=self.device)
+                context.set_tensor_address(name, buffer.data_ptr())
+                outputs.append(buffer)
+            if not context.execute_async_v3(self.stream.cuda_stream):
+                raise TandemError(f"TensorRT failed to run {graph} (see the TensorRT log)")
+        self.stream.synchronize()
+        return tuple(outputs)
+
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 

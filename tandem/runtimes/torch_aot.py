@@ -49,32 +49,38 @@ def torch_aot_environment(manifest: CompiledManifest, device_index: int | None =
 
 
 class _CudaGraphed:
-    """Replays a fixed-shape call as a CUDA graph, one graph per input shape signature."""
+    """Replays a fixed-shape call as a CUDA graph, one graph per input shape signature. Inputs that
+    live at fixed addresses (a decode engine's cache and step buffers: ``fixed_inputs=True``) are
+    captured in place, so a replay copies nothing into the graph; others are copied into static
+    buffers first."""
 
     def __init__(self, model):
         self.model = model
         self.graphs: dict[tuple, tuple] = {}
         self.failed = False
 
-    def __call__(self, *tensors: torch.Tensor):
+    def __call__(self, *tensors: torch.Tensor, fixed_inputs: bool = False):
         if self.failed:
             return self.model(*tensors)
         key = tuple(tuple(t.shape) for t in tensors)
+        if fixed_inputs:
+            key += tuple(t.data_ptr() for t in tensors)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(tensors)
+                self.graphs[key] = self._capture(tensors, fixed_inputs)
             except RuntimeError as exc:  # capture is an optimisation; fall back to plain launches
                 log.warning("CUDA graph capture failed (%s); running without CUDA graphs", exc)
                 self.failed = True
                 return self.model(*tensors)
         graph, static_in, static_out = self.graphs[key]
-        for dst, src in zip(static_in, tensors):
-            dst.copy_(src)
+        if not fixed_inputs:
+            for dst, src in zip(static_in, tensors):
+                dst.copy_(src)
         graph.replay()
         return tuple(o.clone() for o in static_out)
 
-    def _capture(self, tensors):
-        static_in = [t.clone() for t in tensors]
+    def _capture(self, tensors, fixed_inputs: bool = False):
+        static_in = list(tensors) if fixed_inputs else [t.clone() for t in tensors]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy initialisation)
@@ -127,6 +133,24 @@ class TorchAOTRuntime(Runtime):
         outputs = self.models[graph](*args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         return {name: out.cpu().numpy() for name, out in zip(spec.output_names, outputs)}
+
+    def decode_engine(self, capacity: int):
+        """The cache as tensors on this runtime's device, at a fixed address for the engine's life
+        (the decode step's CUDA graph is captured on them)."""
+        from tandem.decoding import TorchDecodeEngine
+
+        return TorchDecodeEngine(self, capacity, device=self.device)
+
+    @torch.inference_mode()
+    def run_tensors(self, graph: str, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """A package on tensors already on this runtime's device (decode engines' fixed buffers)."""
+        spec = self.specs[graph]
+        if graph not in self.models:
+            raise TandemError(f"graph {graph!r} was not loaded by this runtime")
+        check_profile(self.entries[graph], dict(zip(spec.input_names, tensors)))
+        model = self.models[graph]
+        outputs = model(*tensors, fixed_inputs=True) if isinstance(model, _CudaGraphed) else model(*tensors)
+        return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
     def describe(self) -> str:
         return f"torch_aot (AOTInductor, torch {self.manifest.tool_versions.get('torch')}, {self.manifest.arch})"

@@ -28,3 +28,14 @@ class TorchRuntime(Runtime):
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         return {name: out.numpy() for name, out in zip(spec.output_names, outputs)}
+
+    def decode_engine(self, capacity: int):
+        from tandem.decoding import TorchDecodeEngine
+
+        return TorchDecodeEngine(self, capacity)
+
+    @torch.inference_mode()
+    def run_tensors(self, graph: str, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The graph's module on torch tensors in the spec's input order (decode engines)."""
+        outputs = self.modules[graph](*tensors)
+        return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)

@@ -134,6 +134,14 @@ def infer_inputs(module: ModuleType, arrays: dict[str, np.ndarray]) -> list:
     return inputs
 
 
+def server_timeout_us(timeout_s: float) -> int:
+    """A client timeout as Triton's per-request ``timeout`` parameter (microseconds): requests
+    queued longer are rejected, and the in-flight reasoning scheduler evicts a generation past it."""
+    if not timeout_s > 0:
+        raise TandemError(f"timeout must be > 0 seconds, got {timeout_s}")
+    return max(1, int(timeout_s * 1_000_000))
+
+
 @dataclass
 class RemoteGeneration:
     tokens: np.ndarray  # [B, h, w] int32
@@ -259,12 +267,18 @@ class TandemClient:
         requested = [self.module.InferRequestedOutput(name) for name in outputs]
         try:
             inputs = infer_inputs(self.module, arrays)
+            # The same limit server-side (Triton's request timeout, microseconds): the reasoning
+            # model's in-flight scheduler frees a slot whose client has stopped waiting.
+            server_timeout = server_timeout_us(self.timeout_s)
             if self.endpoint.protocol == "grpc":
                 result = self.client.infer(
-                    model, inputs, model_version=version, outputs=requested, client_timeout=self.timeout_s, headers=self.headers
+                    model, inputs, model_version=version, outputs=requested, client_timeout=self.timeout_s,
+                    headers=self.headers, timeout=server_timeout,
                 )
             else:
-                result = self.client.infer(model, inputs, model_version=version, outputs=requested, headers=self.headers)
+                result = self.client.infer(
+                    model, inputs, model_version=version, outputs=requested, headers=self.headers, timeout=server_timeout
+                )
         except TandemError:
             raise
         except Exception as exc:

@@ -61,7 +61,15 @@ from tandem.serving.interface import (
     ServedModel,
     served_models,
 )
-from tandem.serving.models.common import PARAM_ARTIFACTS, PARAM_RUNTIME, PARAM_RUNTIME_OPTIONS
+from tandem.serving.models.common import (
+    PARAM_ARTIFACTS,
+    PARAM_MAX_WAITING,
+    PARAM_RUNTIME,
+    PARAM_RUNTIME_OPTIONS,
+    PARAM_SCHEDULER,
+    SCHEDULER_INFLIGHT,
+    SCHEDULERS,
+)
 from tandem.util import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -72,8 +80,11 @@ ARTIFACTS_DIR = "artifacts"  # inside a python-backend version folder
 ENSEMBLE_INTERNAL_TOKENS = "reasoning_scene_tokens"  # reasoning -> refinement inside the ensemble
 
 # Why these defaults: a reasoning batch runs hundreds of decode steps, so waiting a few ms to fill
-# it is cheap; refinement is one short graph run, so it waits less.
+# it is cheap; refinement is one short graph run, so it waits less. With in-flight batching the
+# reasoning model takes requests at every decode step and must not wait at all.
 DEFAULT_QUEUE_DELAY_US = {REASONING: 5_000, REFINEMENT: 1_000}
+INFLIGHT_QUEUE_DELAY_US = 0
+INFLIGHT_BACKSTOP_QUEUE = 256  # requests in Triton's queue in front of the in-flight scheduler (see stage_config)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,9 @@ class RepositoryOptions:
     version: int | None = None  # version folder to write; default: one above the newest present
     keep_versions: int = 2  # older version folders are deleted (the newest N stay, for rollback)
     link: bool = False  # hard-link artifacts (same filesystem only) instead of copying: cheap, but shares the export's files
+    # reasoning: "inflight" (requests join/leave the decode batch every step) or "request" (Triton's
+    # dynamic batcher forms groups that each run a whole generation); see tandem.serving.models.reasoning
+    scheduler: str = SCHEDULER_INFLIGHT
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -111,6 +125,8 @@ class RepositoryOptions:
             raise TandemError(f"instance_kind must be 'cpu' or 'gpu', got {self.instance_kind!r}")
         if self.version is not None and self.version < 1:
             raise TandemError(f"version must be >= 1 (Triton version folders are positive integers), got {self.version}")
+        if self.scheduler not in SCHEDULERS:
+            raise TandemError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.keep_versions < 1:
             raise TandemError(f"keep_versions must be >= 1, got {self.keep_versions}")
 
@@ -353,18 +369,30 @@ def stage_config(ctx: BuildContext, stage: str, target: ModelTarget) -> mc.Model
     _add_tensors(config, ctx.served[stage])
     batching = config.dynamic_batching
     batching.preferred_batch_size.extend(opts.batch_sizes())
-    delay = opts.max_queue_delay_us if opts.max_queue_delay_us is not None else DEFAULT_QUEUE_DELAY_US[stage]
+    inflight = stage == REASONING and opts.scheduler == SCHEDULER_INFLIGHT
+    default_delay = INFLIGHT_QUEUE_DELAY_US if inflight else DEFAULT_QUEUE_DELAY_US[stage]
+    delay = opts.max_queue_delay_us if opts.max_queue_delay_us is not None else default_delay
     batching.max_queue_delay_microseconds = delay
     policy = batching.default_queue_policy
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.default_timeout_microseconds = opts.queue_timeout_ms * 1000
     policy.allow_timeout_override = True
-    policy.max_queue_size = opts.max_queue_size or 4 * opts.max_batch_size
+    queue_size = opts.max_queue_size or 4 * opts.max_batch_size
+    policy.max_queue_size = queue_size
+    if inflight:
+        # execute() hands requests to the scheduler at once, so they wait in the scheduler's queue,
+        # which refuses beyond max_queue_size prompts with the reason and the fix. Triton's own
+        # queue only holds a burst for as long as execute() takes to drain it; its limit is a
+        # backstop, large enough that a burst reaches the scheduler's clear refusal first.
+        policy.max_queue_size = max(INFLIGHT_BACKSTOP_QUEUE, 4 * queue_size * opts.max_batch_size)
+        _set_parameter(config, PARAM_MAX_WAITING, str(queue_size))
     kind = (opts.instance_kind or target.default_instance_kind).lower()
     config.instance_group.add(
         count=opts.instances, kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     )
     _common_parameters(ctx, config)
+    if stage == REASONING:  # the in-flight scheduler's slots are max_batch_size; its waiting limit is max_queue_size
+        _set_parameter(config, PARAM_SCHEDULER, opts.scheduler)
     target.configure(ctx, stage, config)
     return config
 

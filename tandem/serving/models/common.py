@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,18 +16,41 @@ from typing import Any
 
 import numpy as np
 
-from tandem.errors import TandemError
+from tandem.errors import TandemError, failure_message  # noqa: F401  (re-exported for the served models)
 from tandem.pipeline import Pipeline
 from tandem.sampling import SamplingParams
 
 PARAM_RUNTIME = "runtime"  # a tandem.runtimes name: onnxruntime today, more as compilers land
 PARAM_ARTIFACTS = "artifacts"  # artifact folder, relative to the version folder
 PARAM_RUNTIME_OPTIONS = "runtime_options"  # JSON keyword arguments for make_runtime
+PARAM_SCHEDULER = "scheduler"  # reasoning only: one of SCHEDULERS
+PARAM_MAX_WAITING = "max_waiting"  # in-flight reasoning: prompts that may wait for a slot before new ones are refused
+
+# How the served reasoning model batches: "inflight" schedules per decode step (requests join and
+# leave the running batch at every step, tandem.scheduler); "request" runs each group of requests
+# Triton's dynamic batcher hands over as one generation to its end.
+SCHEDULER_INFLIGHT, SCHEDULER_REQUEST = "inflight", "request"
+SCHEDULERS = (SCHEDULER_INFLIGHT, SCHEDULER_REQUEST)
 
 
 def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     """config.pbtxt ``parameters`` as plain strings (Triton hands them over as JSON)."""
     return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+def scheduler_kind(parameters: dict[str, str]) -> str:
+    kind = parameters.get(PARAM_SCHEDULER, SCHEDULER_REQUEST)
+    if kind not in SCHEDULERS:
+        raise TandemError(f"parameter {PARAM_SCHEDULER!r} is {kind!r}; it must be one of {SCHEDULERS} (regenerate with `tandem repo`)")
+    return kind
+
+
+def waiting_limit(parameters: dict[str, str]) -> int | None:
+    """The in-flight scheduler's waiting limit in prompts (None: unbounded)."""
+    value = parameters.get(PARAM_MAX_WAITING, "")
+    if value and not value.isdigit():
+        raise TandemError(f"parameter {PARAM_MAX_WAITING!r} must be a whole number, got {value!r}; regenerate with `tandem repo`")
+    return int(value) or None if value else None
 
 
 def load_pipeline(version_dir: str | Path, parameters: dict[str, str], instance_kind: str = "CPU") -> Pipeline:
@@ -108,21 +130,6 @@ def parse_scene_tokens(array: np.ndarray, grid: tuple[int, int], codebook_size: 
     return array.reshape(-1, h, w).astype(np.int64)
 
 
-# -- errors that reach clients and the server log ---------------------------------------------------
-
-_NUMBERS = re.compile(r"\d+")
-
-
-def failure_message(what: str, exc: BaseException) -> str:
-    """The message of a failure while running a batch, safe to send and log. A TandemError was
-    written for the client and never quotes token values; anything else (ONNX Runtime's own errors
-    print offending indices, e.g. "idx=777", i.e. scene-token values) keeps its type and text with
-    every number masked."""
-    if isinstance(exc, TandemError):
-        return str(exc)
-    return f"{what} failed: {type(exc).__name__}: {_NUMBERS.sub('#', str(exc))[:500]}"
-
-
 # -- drain: finishing in-flight work when the server stops ------------------------------------------
 
 DRAIN_DIR_ENV = "TANDEM_DRAIN_DIR"  # set by tandem.serving.server for the stubs it starts
@@ -151,20 +158,27 @@ class Activity:
         if self.folder is not None and (self.folder / DRAINING_FILE).exists():
             raise DrainingError("the server is stopping and starts no new generations; retry on another replica or after the restart")
 
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
+    def enter(self) -> None:
+        """One more piece of work running (pair with :meth:`leave`)."""
         if self.folder is None:
-            yield
             return
-        marker = self.folder / f"{BUSY_PREFIX}{os.getpid()}"
         with self._lock:
             self._count += 1
             if self._count == 1:
-                marker.touch()
+                (self.folder / f"{BUSY_PREFIX}{os.getpid()}").touch()
+
+    def leave(self) -> None:
+        if self.folder is None:
+            return
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                (self.folder / f"{BUSY_PREFIX}{os.getpid()}").unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        self.enter()
         try:
             yield
         finally:
-            with self._lock:
-                self._count -= 1
-                if self._count == 0:
-                    marker.unlink(missing_ok=True)
+            self.leave()

@@ -1,21 +1,46 @@
 """Triton python-backend model ``reasoning``: prompts -> scene tokens, the whole autoregressive loop
-in-process (one prefill, then one decode step per token over the static KV cache).
+in-process (one prefill, then one decode step per token over the KV cache).
 
-All requests Triton's dynamic batcher hands to one ``execute`` call become ONE batched generation
-(:meth:`tandem.pipeline.Pipeline.generate_tokens` right-pads the prompts and samples every row
-with its own seed, temperature and top-k). A bad request gets its own error response; the rest of
-the batch is still served. Imported only inside Triton's python backend stub."""
+Two schedulers, chosen by the config parameter ``scheduler`` (``tandem repo --scheduler``):
+
+- ``inflight`` (default): every request goes to a :class:`~tandem.scheduler.InflightScheduler` whose
+  loop thread owns the decode engine; requests join and leave the running batch at every decode
+  step. ``execute`` only hands requests over and returns None; the loop answers each request
+  through its response sender, exactly one response with the final flag (Triton 2.51's python
+  backend allows a response sender in a non-decoupled model, so the model stays non-decoupled,
+  the ``tandem`` ensemble keeps working and HTTP/gRPC ``infer`` still work: a decoupled step would
+  make the ensemble decoupled, which both refuse). A request whose client cancels it
+  (``request.is_cancelled()``, e.g. a gRPC deadline on a direct call) or whose timeout passes
+  (``request.timeout()``, the client's ``timeout`` parameter, which the ensemble forwards) frees its
+  slot at the next step (cancellation is polled every ``CANCEL_POLL_S``: each poll is a round trip
+  to the Triton process that holds up new arrivals). Requests wait in the scheduler's queue, not Triton's (``execute`` returns at
+  once), so the repository's ``max_queue_size`` becomes the scheduler's waiting limit (parameter
+  ``max_waiting``, in prompts), which refuses the excess at once with the reason.
+- ``request``: all requests Triton's dynamic batcher hands to one ``execute`` call become ONE
+  batched generation run to its end (:meth:`tandem.pipeline.Pipeline.generate_tokens`).
+
+Either way a bad request gets its own error response and the rest are still served, and the time
+from a request reaching the model to its first decode step is observed in the Prometheus histogram
+``tandem_reasoning_first_step_seconds`` on Triton's metrics endpoint (label ``scheduler``), next to
+``tandem_reasoning_queue_seconds`` (to its prefill); the in-flight scheduler's counters (requests
+completed, failed, cancelled, timed out, rejected; decode steps, mixed-position steps, rows stepped)
+are ``tandem_reasoning_scheduler_total{event=...}``. Imported only inside Triton's python backend stub."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tandem.errors import TandemError
+from tandem.scheduler import InflightScheduler, Job, Outcome, SchedulerStats
 from tandem.serving.interface import PROMPT, SCENE_TOKENS, SEED, TEMPERATURE, TOP_K
 from tandem.serving.models.common import (
+    SCHEDULER_INFLIGHT,
     Activity,
     DrainingError,
     check_prompts,
@@ -24,15 +49,27 @@ from tandem.serving.models.common import (
     model_parameters,
     parse_prompts,
     parse_sampling,
+    scheduler_kind,
+    waiting_limit,
 )
 
+FIRST_STEP_METRIC = "tandem_reasoning_first_step_seconds"
+QUEUE_METRIC = "tandem_reasoning_queue_seconds"
+SCHEDULER_METRIC = "tandem_reasoning_scheduler_total"
+CANCEL_POLL_S = 0.05  # how often each row asks Triton whether its request was cancelled (see submit)
+# Geometric buckets, 1.15x apart from 0.5 ms to ~2 min: a percentile read from them is within 15%.
+TIMING_BUCKETS = [float(f"{0.0005 * 1.15**i:.6g}") for i in range(90)]
 
-def error_response(message: str, code: str = "INVALID_ARG") -> "pb_utils.InferenceResponse":
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
+
+def error_response(message: str, code=None) -> "pb_utils.InferenceResponse":
+    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
-def refusal(exc: Exception) -> "pb_utils.InferenceResponse":
-    return error_response(str(exc), "UNAVAILABLE" if isinstance(exc, DrainingError) else "INVALID_ARG")
+def refusal(exc: TandemError) -> "pb_utils.InferenceResponse":
+    """A request refused before it started: retryable while the server drains, else the client's fault."""
+    code = pb_utils.TritonError.UNAVAILABLE if isinstance(exc, DrainingError) else pb_utils.TritonError.INVALID_ARG
+    return error_response(str(exc), code)
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -40,30 +77,184 @@ def _input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
+class TimingMetrics:
+    """Per-request histograms on Triton's metrics endpoint (seconds since the request reached the model)."""
+
+    def __init__(self, scheduler: str):
+        labels = {"scheduler": scheduler}
+        self.families = [
+            pb_utils.MetricFamily(
+                name=FIRST_STEP_METRIC,
+                description="time from a request reaching the reasoning model to its first decode step",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
+            pb_utils.MetricFamily(
+                name=QUEUE_METRIC,
+                description="time from a request reaching the reasoning model to the start of its prefill",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
+        ]
+        self.first_step, self.queue = (f.Metric(labels=labels, buckets=TIMING_BUCKETS) for f in self.families)
+
+    def observe(self, queue_s: float, first_step_s: float) -> None:
+        if np.isfinite(queue_s):
+            self.queue.observe(float(queue_s))
+        if np.isfinite(first_step_s):
+            self.first_step.observe(float(first_step_s))
+
+
+class SchedulerCounters:
+    """The scheduler's :class:`SchedulerStats` as Prometheus counters, published as deltas when a
+    request is answered (not per step: every metric update is a message to the Triton process)."""
+
+    def __init__(self, scheduler: InflightScheduler, kind: str):
+        self.scheduler = scheduler
+        self.family = pb_utils.MetricFamily(
+            name=SCHEDULER_METRIC, description="in-flight reasoning scheduler events", kind=pb_utils.MetricFamily.COUNTER
+        )
+        self.fields = [f.name for f in dataclasses.fields(SchedulerStats)]
+        self.counters = {name: self.family.Metric(labels={"scheduler": kind, "event": name}) for name in self.fields}
+        self.published = SchedulerStats()
+        self._lock = threading.Lock()
+
+    def publish(self) -> None:
+        with self._lock:
+            current = dataclasses.replace(self.scheduler.stats)
+            for name in self.fields:
+                delta = getattr(current, name) - getattr(self.published, name)
+                if delta:
+                    self.counters[name].increment(delta)
+            self.published = current
+
+
+class _Answer:
+    """Collects the outcomes of one request's prompts and sends its one response (final flag) when
+    all are in, or an error as soon as one fails; later outcomes of a failed request are dropped
+    and its other rows leave the engine at the next step (:attr:`failed` is their cancellation)."""
+
+    def __init__(self, rows: int, sender, metrics: TimingMetrics, counters: SchedulerCounters, activity: Activity):
+        self.activity = activity  # entered by submit; left when the one response is sent (drain waits for it)
+        self.tokens: list[np.ndarray | None] = [None] * rows
+        self.remaining = rows
+        self.sender = sender
+        self.metrics = metrics
+        self.counters = counters
+        self.failed = False
+        self._lock = threading.Lock()
+
+    def row(self, index: int):
+        return lambda outcome: self.done(index, outcome)
+
+    def fail(self, message: str, code) -> None:
+        with self._lock:
+            if self.failed or self.remaining == 0:
+                return
+            self.failed = True
+        self._send(error_response(message, code))
+
+    def done(self, index: int, outcome: Outcome) -> None:
+        queue_s, first_step_s, _ = outcome.timing.seconds()
+        self.metrics.observe(queue_s, first_step_s)
+        try:
+            if not outcome.ok:
+                code = pb_utils.TritonError.CANCELLED if outcome.cancelled else pb_utils.TritonError.INTERNAL
+                self.fail(outcome.error, code)
+                return
+            with self._lock:
+                if self.failed:
+                    return
+                self.tokens[index] = outcome.tokens
+                self.remaining -= 1
+                if self.remaining:
+                    return
+            rows = np.ascontiguousarray(np.stack(self.tokens), dtype=np.int32)
+            self._send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCENE_TOKENS, rows)]))
+        finally:
+            self.counters.publish()
+
+    def _send(self, response) -> None:
+        try:
+            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self.activity.leave()
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
+        parameters = model_parameters(config)
         version_dir = f"{args['model_repository']}/{args['model_version']}"
-        self.pipeline = load_pipeline(version_dir, model_parameters(config), args.get("model_instance_kind", "CPU"))
+        self.pipeline = load_pipeline(version_dir, parameters, args.get("model_instance_kind", "CPU"))
         self.max_prompt_len = self.pipeline.config.reasoning.max_prompt_len
         self.activity = Activity()
+        self.scheduler_kind = scheduler_kind(parameters)
+        self.metrics = TimingMetrics(self.scheduler_kind)
+        self.scheduler: InflightScheduler | None = None
+        if self.scheduler_kind == SCHEDULER_INFLIGHT:
+            self.scheduler = InflightScheduler.for_runtime(
+                self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters)
+            )
+            self.counters = SchedulerCounters(self.scheduler, self.scheduler_kind)
+            self.scheduler.start(name=f"{args.get('model_instance_name', 'reasoning')}-scheduler")
         pb_utils.Logger.log_info(
             f"reasoning: {self.pipeline.config.name} on {self.pipeline.runtime.describe()}, "
-            f"{self.pipeline.config.scene.num_tokens} scene tokens per prompt"
+            f"{self.pipeline.config.scene.num_tokens} scene tokens per prompt, {self.scheduler_kind} batching"
+            + (f" ({self.scheduler.capacity} slots, {self.scheduler.max_waiting or 'unbounded'} waiting)" if self.scheduler else "")
         )
 
     def parse(self, request) -> tuple[list[str], list]:
-        self.activity.admit()
+        self.activity.admit()  # DrainingError once the server is stopping
         prompts = parse_prompts(_input(request, PROMPT))
         check_prompts(prompts, self.max_prompt_len)
         params = parse_sampling(len(prompts), _input(request, SEED), _input(request, TEMPERATURE), _input(request, TOP_K))
         return prompts, params
 
-    def execute(self, requests: list) -> list:
-        with self.activity.busy():
-            return self._execute(requests)
+    def execute(self, requests: list) -> list | None:
+        if self.scheduler is None:
+            with self.activity.busy():
+                return self.execute_batch(requests)
+        for request in requests:
+            self.submit(request)
+        return None
 
-    def _execute(self, requests: list) -> list:
+    # -- in-flight batching ---------------------------------------------------------------------------
+    def submit(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            prompts, params = self.parse(request)
+        except TandemError as exc:
+            sender.send(refusal(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        # The generation outlives execute(): the drain waits until its response is sent.
+        self.activity.enter()
+        answer = _Answer(len(prompts), sender, self.metrics, self.counters, self.activity)
+        timeout_us = int(request.timeout() or 0)  # the client's timeout parameter (0: none)
+        polled = [time.monotonic()]
+
+        def cancelled() -> bool:
+            # request.is_cancelled() is a round trip to the Triton process; asked at every step for
+            # every row it stalled execute() (new arrivals) by 15-20 ms per call, so ask at most
+            # every CANCEL_POLL_S: a cancelled row leaves at the first step after that.
+            if answer.failed:
+                return True
+            now = time.monotonic()
+            if now - polled[0] < CANCEL_POLL_S:
+                return False
+            polled[0] = now
+            return request.is_cancelled()
+
+        for index, (prompt, row_params) in enumerate(zip(prompts, params)):
+            job = Job(prompt, row_params, answer.row(index), is_cancelled=cancelled, timeout_s=timeout_us / 1e6 or None)
+            try:
+                self.scheduler.submit(job)
+            except TandemError as exc:  # QueueFullError, or the model is shutting down
+                answer.fail(str(exc), pb_utils.TritonError.UNAVAILABLE)
+                self.counters.publish()
+                return
+
+    # -- request-level batching ---------------------------------------------------------------------------
+    def execute_batch(self, requests: list) -> list:
+        arrived = time.monotonic()
         responses: list = [None] * len(requests)
         prompts, params, owners = [], [], []
         for index, request in enumerate(requests):
@@ -76,13 +267,22 @@ class TritonPythonModel:
             params += row_params
             owners += [index] * len(rows)
         if prompts:
+            marks: dict[str, float] = {}
+
+            def on_step(step: int) -> None:
+                if step == 0:  # the first token is sampled from the prefill: the first decode step starts now
+                    marks["first_step"] = time.monotonic()
+
             try:
-                tokens = self.pipeline.generate_tokens(prompts, params)
+                prefill_start = time.monotonic()
+                tokens = self.pipeline.generate_tokens(prompts, params, on_step=on_step)
             except Exception as exc:  # one failure answers every request of the batch, and the model keeps serving
                 message = failure_message("generation", exc)
                 for index in set(owners):
                     responses[index] = error_response(message)
                 return responses
+            for _ in prompts:
+                self.metrics.observe(prefill_start - arrived, marks.get("first_step", np.nan) - arrived)
             flat = tokens.reshape(len(prompts), -1)
             owners_arr = np.asarray(owners)
             for index in sorted(set(owners)):
@@ -91,4 +291,6 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
         self.pipeline = None

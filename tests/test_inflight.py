@@ -1,0 +1,227 @@
+"""In-flight batching served by a real tritonserver (tiny export, two reasoning slots so requests
+queue and join running generations): requests arriving at random times through the ``tandem``
+ensemble get exactly their in-process tokens and images, a client that gives up frees its slot,
+overload is refused with a clear error, and the server keeps serving throughout.
+
+The scheduler's own counters come from Triton's metrics endpoint (tandem.serving.metrics)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from tandem.errors import TandemError
+from tandem.pipeline import Pipeline
+from tandem.runtimes import make_runtime
+from tandem.sampling import SamplingParams
+from tandem.serving.client import TandemClient, generation_arrays, infer_inputs, server_timeout_us
+from tandem.serving.interface import ENSEMBLE, REASONING, SCENE_TOKENS
+from tandem.serving.metrics import FIRST_STEP, SCHEDULER_EVENTS, histogram_quantile, scrape
+from tandem.serving.repository import write_repository
+from tandem.serving.server import TritonServer
+
+pytestmark = pytest.mark.server
+
+PROMPTS = ["a red circle above a blue square", "two green triangles", "x", "a yellow star at night"]
+SLOTS, WAITING = 2, 32
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_artifacts: Path) -> Pipeline:
+    return Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts))
+
+
+def start_server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path, slots: int, waiting: int) -> TritonServer:
+    repository = write_repository(
+        artifacts, tmp_path_factory.mktemp("inflight") / "repo", max_batch_size=slots, max_queue_size=waiting, scheduler="inflight"
+    )
+    running = TritonServer(repository, startup_timeout=120).start()
+    with TandemClient(running.grpc_url) as client:
+        client.generate(PROMPTS[0])  # warm up: the first run of each graph is slow
+    return running
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
+    running = start_server(tmp_path_factory, tiny_artifacts, SLOTS, WAITING)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
+    """One slot and one waiting place: any burst overloads it."""
+    running = start_server(tmp_path_factory, tiny_artifacts, 1, 1)
+    yield running
+    running.stop()
+
+
+def events(server: TritonServer) -> dict[str, float]:
+    metrics = scrape(server.metrics_url)
+    names = ("completed", "failed", "cancelled", "timed_out", "rejected", "steps", "mixed_steps")
+    return {name: metrics.value(SCHEDULER_EVENTS, event=name) for name in names}
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def backlog(server: TritonServer, requests: int, rows: int = 2) -> list[Future]:
+    """``rows``-prompt requests to ``reasoning`` issued at once from one gRPC client (async_infer);
+    each future resolves to the tokens [rows, h*w] or to the error message."""
+    client = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+    futures: list[Future] = []
+    for i in range(requests):
+        future: Future = Future()
+
+        def done(result, error, future=future):
+            future.set_result(error.message() if error is not None else result.as_numpy(SCENE_TOKENS))
+
+        arrays = generation_arrays([PROMPTS[(i + r) % 4] for r in range(rows)], seed=i)
+        client.async_infer(REASONING, infer_inputs(grpcclient, arrays), done, client_timeout=120)
+        futures.append(future)
+    threading.Thread(target=lambda: ([f.result(timeout=180) for f in futures], client.close()), daemon=True).start()
+    return futures
+
+
+def expected_backlog(pipeline: Pipeline, i: int, rows: int = 2) -> np.ndarray:
+    tokens = pipeline.generate_tokens([PROMPTS[(i + r) % 4] for r in range(rows)], SamplingParams(seed=i))
+    return tokens.reshape(rows, -1)
+
+
+def test_requests_arriving_at_random_times_get_their_tokens_alone(server: TritonServer, pipeline: Pipeline):
+    """Requests through the ensemble, HTTP and gRPC, greedy and sampled, each starting at its own
+    moment (about one per generation time, jittered): every one gets bitwise its in-process tokens
+    and image, and rows at different positions shared decode steps (requests joined running
+    generations; a round where arrivals happened to line up is repeated, at most three times)."""
+    metrics_before = scrape(server.metrics_url)
+    rng = np.random.default_rng(7)
+    jobs = [(PROMPTS[i % 4], 40 + i, [0.0, 0.9, 1.2][i % 3], [0, 8, 0][i % 3]) for i in range(12)]
+    expected = [pipeline.generate(prompt, seed=s, temperature=t, top_k=k) for prompt, s, t, k in jobs]
+
+    def send(index: int, delay: float):
+        prompt, seed, temperature, top_k = jobs[index]
+        url = server.http_url if index % 2 else server.grpc_url
+        with TandemClient(url, timeout_s=120) as client:
+            time.sleep(delay)
+            return client.generate(prompt, seed=seed, temperature=temperature, top_k=top_k, model=ENSEMBLE)
+
+    for attempt in range(3):
+        before = events(server)
+        delays = 0.015 * np.arange(len(jobs)) + rng.uniform(0, 0.01, len(jobs))
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(send, range(len(jobs)), delays))
+        for job, result, want in zip(jobs, results, expected):
+            assert np.array_equal(result.tokens[0], want.tokens), job
+            assert np.array_equal(result.images[0], want.image), job
+        after = events(server)
+        assert after["completed"] - before["completed"] == len(jobs)
+        if after["mixed_steps"] > before["mixed_steps"]:
+            break
+    else:
+        pytest.fail("in three rounds no request joined a running generation")
+    ttfs = histogram_quantile(metrics_before, scrape(server.metrics_url), FIRST_STEP, 0.5, scheduler="inflight")
+    assert 0 < ttfs < 30
+
+
+def test_a_client_that_gives_up_frees_its_slot(server: TritonServer, pipeline: Pipeline):
+    """Behind a backlog, a request whose timeout passes (the client's timeout, sent as Triton's
+    request timeout, which the ensemble forwards) and a direct gRPC call cancelled by its deadline
+    never run to their end (the scheduler evicts them, or Triton drops them from its queue in front
+    of it); the backlog is still served in full and the server keeps serving."""
+    before = events(server)
+    futures = backlog(server, requests=WAITING // 2)  # 2 rows in the slots, 30 waiting, room for 2 more
+    time.sleep(0.05)  # the backlog is queued first: what follows waits (about a second) for a slot
+    arrays = generation_arrays(PROMPTS[1], seed=2)
+    direct = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+    try:
+        with pytest.raises(Exception, match="Deadline Exceeded"):
+            direct.infer(REASONING, infer_inputs(grpcclient, arrays), client_timeout=0.1)  # no server-side timeout
+    finally:
+        direct.close()
+    # What TandemClient sends when its timeout is 20 ms (here the client waits for the server's answer):
+    # the scheduler drops it, or Triton's queue in front of it already did (its queue policy).
+    impatient = httpclient.InferenceServerClient(server.http_url.split("://", 1)[1])
+    try:
+        with pytest.raises(Exception, match=r"timed out after 0\.020 s|Request timeout expired") as timed_out:
+            impatient.infer(ENSEMBLE, infer_inputs(httpclient, generation_arrays(PROMPTS[0])), timeout=server_timeout_us(0.02))
+    finally:
+        impatient.close()
+    for i, future in enumerate(futures):
+        tokens = future.result(timeout=120)
+        assert not isinstance(tokens, str), tokens
+        assert np.array_equal(tokens, expected_backlog(pipeline, i))
+    # Neither request that was given up ran to its end: the scheduler evicted it (counted), or
+    # Triton dropped it from its queue before it reached the scheduler.
+    assert wait_for(lambda: events(server)["completed"] - before["completed"] == 2 * len(futures))
+    time.sleep(0.5)
+    after = events(server)
+    assert after["completed"] - before["completed"] == 2 * len(futures)
+    if "timed out after" in str(timed_out.value):
+        assert after["timed_out"] > before["timed_out"]
+    with TandemClient(server.grpc_url) as client:
+        assert client.is_ready(ENSEMBLE) and client.generate(PROMPTS[2]).images is not None
+
+
+def test_overload_is_refused_with_a_clear_error_and_nothing_hangs(one_slot_server: TritonServer, pipeline: Pipeline):
+    """Far more requests than slots plus waiting places, all at once: the excess is refused at
+    once with the reason and the fix, everything accepted is answered correctly, the server stays
+    ready and serves the next request."""
+    server = one_slot_server
+    before = events(server)
+    futures = backlog(server, requests=48, rows=1)
+    results = [future.result(timeout=180) for future in futures]
+    refused = [r for r in results if isinstance(r, str)]
+    served = [(i, r) for i, r in enumerate(results) if not isinstance(r, str)]
+    assert refused and served
+    for error in refused:
+        assert "at capacity" in error and "max_queue_size 1" in error and "retry later" in error
+    for i, tokens in served:
+        assert np.array_equal(tokens, expected_backlog(pipeline, i, rows=1))
+    after = events(server)
+    assert after["rejected"] - before["rejected"] == len(refused)
+    with TandemClient(server.http_url) as client:
+        assert client.is_ready() and client.is_ready(REASONING)
+        assert client.generate(PROMPTS[3], seed=5).tokens.shape[0] == 1
+
+
+def test_a_bad_row_fails_alone_inside_a_running_batch(server: TritonServer, pipeline: Pipeline):
+    """A request with an empty prompt is refused on its own while good requests generate."""
+    barrier = threading.Barrier(4)
+
+    def send(prompt: str):
+        with TandemClient(server.grpc_url, timeout_s=120) as client:
+            barrier.wait()
+            try:
+                return client.generate(prompt, seed=3, temperature=0.7, model=REASONING).tokens[0]
+            except TandemError as exc:
+                return exc
+
+    prompts = [PROMPTS[0], "   ", PROMPTS[1], PROMPTS[2]]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(send, prompts))
+    assert isinstance(results[1], TandemError) and "prompt is empty" in str(results[1])
+    for prompt, tokens in zip(prompts, results):
+        if prompt.strip():
+            assert np.array_equal(tokens, pipeline.generate(prompt, seed=3, temperature=0.7).tokens)
+
+
+def test_scene_tokens_come_back_over_both_protocols_from_one_endpoint(server: TritonServer, pipeline: Pipeline):
+    expected = pipeline.generate(PROMPTS[0], seed=9, temperature=0.8, top_k=4)
+    for url in (server.http_url, server.grpc_url):
+        with TandemClient(url) as client:
+            result = client.generate(PROMPTS[0], seed=9, temperature=0.8, top_k=4)
+        assert np.array_equal(result.tokens[0], expected.tokens) and np.array_equal(result.images[0], expected.image)
+        assert SCENE_TOKENS in client.output_names(ENSEMBLE)
