@@ -429,13 +429,19 @@ def write_repository(
     out: str | Path = DEFAULT_REPOSITORY,
     flavor: str = "local",
     max_batch_size: int = 8,
+    stages: tuple[str, ...] = (REASONING, REFINEMENT),
     **options: Any,
 ) -> Path:
     """Write (or add a version to) a Triton model repository serving the export in ``artifacts``.
 
     ``options`` are :class:`RepositoryOptions` fields plus any the flavor's targets declare.
+    ``stages`` chooses the composing models; the ensemble is written only when both are (a
+    one-stage repository is what each pool of a split deployment serves, see tandem.deploy).
     Returns the repository path."""
     artifacts, out = Path(artifacts), Path(out)
+    unknown_stages = set(stages) - {REASONING, REFINEMENT}
+    if not stages or unknown_stages:
+        raise TandemError(f"stages must be a non-empty subset of ({REASONING!r}, {REFINEMENT!r}), got {list(stages)}")
     chosen = get_flavor(flavor)
     opts, target_options = _parse_options(chosen, dict(options), max_batch_size)
     manifest = read_manifest(artifacts)
@@ -453,9 +459,12 @@ def write_repository(
 
     version = opts.version or max([0, *(v for m in (REASONING, REFINEMENT, ENSEMBLE) for v in existing_versions(out / m))]) + 1
     for stage in (REFINEMENT, REASONING):  # composing models first, the ensemble that names them last
+        if stage not in stages:
+            continue
         target = chosen.targets[stage]
         config = stage_config(ctx, stage, target)
         _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), opts.keep_versions)
-    _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, opts.keep_versions)
+    if {REASONING, REFINEMENT} <= set(stages):
+        _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, opts.keep_versions)
     log.debug("wrote %s flavor version %d of %s to %s", chosen.name, version, manifest.config.name, out)
     return out
