@@ -114,9 +114,8 @@ def validate_istio(obj: dict) -> None:
     try:
         schema.model_validate(obj)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        location = ".".join(str(p) for p in first["loc"])
-        raise ManifestError(f"{obj.get('kind')} {obj.get('metadata', {}).get('name', '?')}: {location}: {first['msg']}") from None
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ManifestError(f"{obj.get('kind')} {obj.get('metadata', {}).get('name', '?')}: {problems}") from None
 
 
 def validate_object(obj: dict) -> str:
