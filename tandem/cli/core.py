@@ -54,8 +54,26 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="Triton URL (http://127.0.0.1:8000 or grpc://127.0.0.1:8001); default in-process")
+    p.add_argument("--server", help="Triton URL (http://127.0.0.1:8000, grpc://127.0.0.1:8001 or grpcs:// for TLS); "
+                   "default in-process")
     p.add_argument("--model", default=None, help="served model name (default: the ensemble / refinement)")
+    g = p.add_argument_group("server credentials (grpcs:// and API keys)")
+    g.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (default: the system's roots)")
+    g.add_argument("--tls-client-cert", help="PEM client certificate, for a server with mutual TLS")
+    g.add_argument("--tls-client-key", help="PEM key of --tls-client-cert")
+    g.add_argument("--api-key-file", help="file holding the key of a server started with `tandem serve --api-key-file`")
+
+
+def client_options(args: argparse.Namespace) -> dict:
+    """TandemClient keyword options from the credential flags of add_server_arguments."""
+    from tandem.serving.security import ClientTLS, read_key_file
+
+    options: dict = {}
+    if args.tls_ca or args.tls_client_cert or args.tls_client_key:
+        options["tls"] = ClientTLS(args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    if args.api_key_file:
+        options["api_key"] = read_key_file(args.api_key_file, "API key")
+    return options
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -135,7 +153,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         from tandem.serving.client import generate_remote
 
-        tokens, image = generate_remote(args.server, args.prompt, args.seed, args.temperature, args.top_k, model=args.model)
+        tokens, image = generate_remote(
+            args.server, args.prompt, args.seed, args.temperature, args.top_k, model=args.model, **client_options(args)
+        )
     else:
         result = _pipeline(args).generate(args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k)
         tokens, image = result.tokens, result.image
@@ -152,7 +172,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.server:
         from tandem.serving.client import render_remote
 
-        image = render_remote(args.server, tokens, model=args.model)
+        image = render_remote(args.server, tokens, model=args.model, **client_options(args))
     else:
         image = _pipeline(args).render(tokens)[0]
     path = save_png(image, args.out)

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help=f"repository folder (default {DEFAULT_REPOSITORY})")
     add_repository_arguments(p, sorted(FLAVORS))
     add_server_arguments(p, defaults=True)
+    add_security_arguments(p)
     p.add_argument("--quiet", action="store_true", help="do not echo the server's log")
     p.add_argument("--poll", type=int, metavar="SECONDS", help="rescan the repository every SECONDS and serve new "
                    "versions as `tandem repo` writes them (default: load once)")
@@ -72,6 +73,44 @@ def add_server_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
     g.add_argument("--grpc-port", type=int, default=8001 if defaults else None, help="default " + ("8001" if defaults else "free"))
     g.add_argument("--metrics-port", type=int, default=8002 if defaults else None, help="default " + ("8002" if defaults else "free"))
     g.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+
+
+def add_security_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (see README, Security)")
+    g.add_argument("--tls-cert", help="PEM server certificate: serve gRPC over TLS (clients use grpcs://)")
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", help="PEM CA bundle: mutual TLS, gRPC clients must present a certificate it signed")
+    g.add_argument("--http-address", help="bind the plaintext HTTP and metrics endpoints here (default --address); "
+                   "e.g. 127.0.0.1 while gRPC with TLS listens on 0.0.0.0")
+    g.add_argument("--api-key-file", help="file holding a key every client must send (header tandem-api-key) for "
+                   "inference, metadata, model config and statistics; health stays open")
+    g.add_argument("--admin-key-file", help="file holding the key (header tandem-admin-key) that opens the admin APIs: "
+                   "shared memory, logging, trace, model control (default: closed to everyone)")
+    g.add_argument("--open-admin-api", action="store_true", help="leave the admin APIs open to any client "
+                   "(unsafe: a client can register shared memory, silence logging, load models)")
+
+
+def security_options(args: argparse.Namespace) -> dict:
+    """TritonServer keyword options from the flags of add_security_arguments."""
+    from tandem.serving.security import TLSOptions, admin_restriction, client_restriction, read_key_file
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise TandemError("--tls-cert and --tls-key go together: pass the server certificate and its key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise TandemError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key for the server's own certificate")
+    if args.open_admin_api and args.admin_key_file:
+        raise TandemError("--open-admin-api and --admin-key-file contradict each other; pass one")
+    restrictions = []
+    if not args.open_admin_api:
+        key = read_key_file(args.admin_key_file, "admin key") if args.admin_key_file else None
+        restrictions.append(admin_restriction(key))
+    if args.api_key_file:
+        restrictions.append(client_restriction(read_key_file(args.api_key_file, "API key")))
+    return {
+        "tls": TLSOptions(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        "restrictions": tuple(restrictions),
+        "http_address": args.http_address,
+    }
 
 
 def repository_options(args: argparse.Namespace) -> dict:
@@ -121,6 +160,7 @@ def _server(repository: str | Path, args: argparse.Namespace, echo: bool):
         startup_timeout=args.startup_timeout,
         echo_log=echo,
         poll_seconds=getattr(args, "poll", None),
+        **(security_options(args) if hasattr(args, "tls_cert") else {}),
     )
 
 
@@ -132,7 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"starting tritonserver over {args.repository} ...", flush=True)
     server.start()
     print(
-        f"serving {server.repository}\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}\n"
+        f"serving {server.repository}\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}"
+        f"{' (mutual TLS)' if server.tls and server.tls.mutual else ' (TLS)' if server.tls else ''}\n"
+        f"  metrics {server.metrics_url}\n  {_exposure(server)}\n"
         f"try: tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url} --out out.png\n"
         "Ctrl-C (or SIGTERM) stops the server",
         flush=True,
@@ -140,6 +182,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     code = server.serve_forever()
     print(f"tritonserver stopped (exit code {code})")
     return 0
+
+
+def _exposure(server) -> str:
+    """One line saying who can reach what; printed at start so an exposed plaintext port is seen."""
+    admin = "admin APIs need tandem-admin-key" if server.restriction_headers("shared-memory") else "admin APIs OPEN"
+    clients = "; clients need tandem-api-key" if server.restriction_headers("inference") else ""
+    public = [name for name, bound in (("gRPC", server.address), ("HTTP+metrics", server.http_address)) if bound not in LOOPBACK]
+    reach = f"reachable from other hosts: {', '.join(public)}" if public else "loopback only"
+    plaintext = " (HTTP has no TLS: bind it with --http-address 127.0.0.1)" if "HTTP+metrics" in public else ""
+    return f"{reach}{plaintext}; {admin}{clients}"
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 SKIPPED = object()

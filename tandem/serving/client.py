@@ -1,7 +1,9 @@
 """tritonclient-based client for a tandem model repository, over HTTP or gRPC.
 
 ``http://host:port`` (or a bare ``host:port``) uses ``tritonclient.http``; ``grpc://host:port``
-uses ``tritonclient.grpc``. Errors from the server (bad input, unknown model, overload) become
+uses ``tritonclient.grpc`` and ``grpcs://host:port`` the same over TLS (with a
+:class:`~tandem.serving.security.ClientTLS` for a private CA or mutual TLS). An ``api_key`` (a server
+started with ``--api-key-file``) goes with every call. Errors from the server (bad input, unknown model, overload) become
 :class:`~tandem.errors.TandemError` carrying the server's message.
 
 Request building (:func:`generation_arrays`, :func:`infer_inputs`) and URL parsing are plain
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tandem.errors import TandemError
+from tandem.serving.security import ClientTLS, client_restriction
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
@@ -42,25 +45,25 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        scheme = "https" if self.protocol == "http" and self.ssl else self.protocol
+        scheme = self.protocol + ("s" if self.ssl else "")
         return f"{scheme}://{self.address}"
 
 
 def parse_url(url: str) -> Endpoint:
-    """``http://h:p``, ``https://h:p``, ``grpc://h:p`` or ``h:p`` (HTTP)."""
+    """``http://h:p``, ``https://h:p``, ``grpc://h:p``, ``grpcs://h:p`` or ``h:p`` (HTTP)."""
     if not isinstance(url, str) or not url.strip():
         raise TandemError("server URL is empty; pass e.g. http://127.0.0.1:8000 or grpc://127.0.0.1:8001")
     scheme, sep, rest = url.strip().partition("://")
     if not sep:
         scheme, rest = "http", url.strip()
     scheme = scheme.lower()
-    if scheme not in ("http", "https", "grpc"):
-        raise TandemError(f"unsupported server URL scheme {scheme!r} in {url!r}; use http://, https:// or grpc://")
+    if scheme not in ("http", "https", "grpc", "grpcs"):
+        raise TandemError(f"unsupported server URL scheme {scheme!r} in {url!r}; use http://, https://, grpc:// or grpcs://")
     address = rest.rstrip("/")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or "/" in address:
         raise TandemError(f"server URL {url!r} must be <scheme>://<host>:<port>, e.g. grpc://127.0.0.1:8001")
-    return Endpoint("grpc" if scheme == "grpc" else "http", address, ssl=scheme == "https")
+    return Endpoint(scheme.removesuffix("s"), address, ssl=scheme.endswith("s"))
 
 
 def protocol_module(protocol: str) -> ModuleType:
@@ -139,13 +142,24 @@ class RemoteGeneration:
 class TandemClient:
     """Blocking client for one server. Thread-safe for gRPC; use one per thread for HTTP."""
 
-    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, verbose: bool = False):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        verbose: bool = False,
+        tls: ClientTLS | None = None,
+        api_key: str | None = None,
+    ):
         self.endpoint = parse_url(url)
         self.module = protocol_module(self.endpoint.protocol)
         self.timeout_s = timeout_s
+        self.headers = client_restriction(api_key).headers(self.endpoint.protocol) if api_key else None
+        if tls is not None and not self.endpoint.ssl:
+            raise TandemError(f"TLS options were given for {self.endpoint.url}; use a grpcs:// URL to connect over TLS")
         try:
             if self.endpoint.protocol == "grpc":
-                self.client = self.module.InferenceServerClient(self.endpoint.address, verbose=verbose)
+                tls_kwargs = (tls or ClientTLS()).grpc_kwargs() if self.endpoint.ssl else {}
+                self.client = self.module.InferenceServerClient(self.endpoint.address, verbose=verbose, **tls_kwargs)
             else:
                 self.client = self.module.InferenceServerClient(
                     self.endpoint.address, verbose=verbose, ssl=self.endpoint.ssl, connection_timeout=10.0, network_timeout=timeout_s
@@ -165,6 +179,13 @@ class TandemClient:
         if isinstance(exc, InferenceServerException):
             message = exc.message() or str(exc)
             status = exc.status() or ""
+            if self.endpoint.ssl and ("Socket closed" in message or "handshake failed" in message.lower()):
+                return TandemError(
+                    f"the TLS handshake with {self.url} failed ({message}); check the CA (--tls-ca) and, for a server "
+                    "with mutual TLS, the client certificate and key (--tls-client-cert/--tls-client-key)"
+                )
+            if "restricted" in message and "expecting header" in message:
+                return TandemError(f"{what}: the server requires an API key ({message}); pass --api-key-file")
             if "UNAVAILABLE" in str(status) and ("connect" in message.lower() or "Socket closed" in message):
                 return TandemError(f"cannot reach Triton at {self.url} ({message}); is `tandem serve` running?")
             if "unknown model" in message.lower():
@@ -177,7 +198,9 @@ class TandemClient:
     # -- server and model information --------------------------------------------------------------
     def is_ready(self, model: str | None = None) -> bool:
         try:
-            return bool(self.client.is_model_ready(model) if model else self.client.is_server_ready())
+            if model:
+                return bool(self.client.is_model_ready(model, headers=self.headers))
+            return bool(self.client.is_server_ready(headers=self.headers))
         except Exception:
             return False
 
@@ -185,9 +208,9 @@ class TandemClient:
         """Names (with version) of the models the server reports ready."""
         try:
             if self.endpoint.protocol == "grpc":
-                index = self.client.get_model_repository_index(as_json=True).get("models", [])
+                index = self.client.get_model_repository_index(headers=self.headers, as_json=True).get("models", [])
             else:
-                index = self.client.get_model_repository_index()
+                index = self.client.get_model_repository_index(headers=self.headers)
         except Exception:
             return []
         return sorted(f"{m['name']} v{m.get('version', '?')}" for m in index if m.get("state") == "READY")
@@ -196,9 +219,9 @@ class TandemClient:
         if model not in self._configs:
             try:
                 if self.endpoint.protocol == "grpc":
-                    config = self.client.get_model_config(model, as_json=True)["config"]
+                    config = self.client.get_model_config(model, headers=self.headers, as_json=True)["config"]
                 else:
-                    config = self.client.get_model_config(model)
+                    config = self.client.get_model_config(model, headers=self.headers)
             except Exception as exc:
                 raise self._error(exc, f"model {model!r}") from exc
             self._configs[model] = config
@@ -217,8 +240,8 @@ class TandemClient:
     def statistics(self, model: str = "") -> dict:
         try:
             if self.endpoint.protocol == "grpc":
-                return self.client.get_inference_statistics(model, as_json=True)
-            return self.client.get_inference_statistics(model)
+                return self.client.get_inference_statistics(model, headers=self.headers, as_json=True)
+            return self.client.get_inference_statistics(model, headers=self.headers)
         except Exception as exc:
             raise self._error(exc, f"statistics of {model or 'all models'}") from exc
 
@@ -230,9 +253,11 @@ class TandemClient:
         try:
             inputs = infer_inputs(self.module, arrays)
             if self.endpoint.protocol == "grpc":
-                result = self.client.infer(model, inputs, model_version=version, outputs=requested, client_timeout=self.timeout_s)
+                result = self.client.infer(
+                    model, inputs, model_version=version, outputs=requested, client_timeout=self.timeout_s, headers=self.headers
+                )
             else:
-                result = self.client.infer(model, inputs, model_version=version, outputs=requested)
+                result = self.client.infer(model, inputs, model_version=version, outputs=requested, headers=self.headers)
         except TandemError:
             raise
         except Exception as exc:
@@ -272,17 +297,18 @@ class TandemClient:
 
 
 def generate_remote(
-    url: str, prompt: str, seed: int = 0, temperature: float = 0.0, top_k: int = 0, model: str | None = None
+    url: str, prompt: str, seed: int = 0, temperature: float = 0.0, top_k: int = 0, model: str | None = None, **client_options: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """One prompt through a served model (default the ``tandem`` ensemble) -> (tokens [h, w] int32,
-    image [H, W, 3] uint8). A tokens-only model (``reasoning``) is followed by ``refinement``."""
-    with TandemClient(url) as client:
+    image [H, W, 3] uint8). A tokens-only model (``reasoning``) is followed by ``refinement``.
+    ``client_options`` (``tls``, ``api_key``) go to :class:`TandemClient`."""
+    with TandemClient(url, **client_options) as client:
         result = client.generate(prompt, seed, temperature, top_k, model=model or ENSEMBLE)
         images = result.images if result.images is not None else client.render(result.tokens)
         return result.tokens[0], images[0]
 
 
-def render_remote(url: str, tokens: np.ndarray, model: str | None = None) -> np.ndarray:
+def render_remote(url: str, tokens: np.ndarray, model: str | None = None, **client_options: Any) -> np.ndarray:
     """Scene tokens [h, w] (or [N]) through ``refinement`` (or ``model``) -> image [H, W, 3] uint8."""
-    with TandemClient(url) as client:
+    with TandemClient(url, **client_options) as client:
         return client.render(tokens, model=model or REFINEMENT)[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from types import FrameType, TracebackType
 
 from tandem.errors import TandemError
 from tandem.serving.interface import ENSEMBLE
+from tandem.serving.security import APIRestriction, TLSOptions, admin_restriction
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,9 @@ def free_port(address: str = "127.0.0.1") -> int:
 
 def check_port_free(address: str, port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As tritonserver binds: SO_REUSEADDR, so the TIME-WAIT sockets a server that just stopped
+        # leaves behind (for a minute) do not count as "in use"; a listening socket still does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address, port))
         except OSError as exc:
@@ -145,11 +150,73 @@ except (OSError, AttributeError):
     _PRCTL = None
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the process that started the server dies (even by SIGKILL,
-    e.g. a test run killed by its timeout), the kernel sends the server SIGTERM."""
+def _server_preexec() -> None:
+    """Runs in the child before exec. umask 077: the python backend's /dev/shm regions (which hold
+    every request's prompts and scene tokens) and any file the server writes are private to this
+    user. PR_SET_PDEATHSIG: if the process that started the server dies (even by SIGKILL, e.g. a
+    test run killed by its timeout), the kernel sends the server SIGTERM."""
+    os.umask(0o077)
     if _PRCTL is not None:
         _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "tandem-shm-"
+SHM_GUARD_INTERVAL_S = 0.1
+_shm_counter = itertools.count()
+
+
+def shm_prefix() -> str:
+    """The python backend's shared-memory region prefix for one server: unique per server, and
+    naming the user and the process that started it, so a later start can tell stale regions (their
+    process is gone: crash, SIGKILL) from live ones."""
+    return f"{SHM_PREFIX}{os.getuid()}-{os.getpid()}-{next(_shm_counter)}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_shm_regions(prefix: str | None = None) -> list[str]:
+    """Unlink this user's tandem shared-memory regions: those of ``prefix`` (a server that stopped),
+    or with no prefix every region whose starting process is gone (left by a crash). Regions hold
+    prompts and scene tokens of past requests; nothing else under /dev/shm is touched."""
+    removed = []
+    if not SHM_DIR.is_dir():
+        return removed
+    uid = os.getuid()
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}{uid}-*"):
+        if prefix is not None:
+            if not path.name.startswith(prefix):
+                continue
+        else:
+            parts = path.name[len(SHM_PREFIX):].split("-")
+            if len(parts) < 2 or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+                continue
+        with contextlib.suppress(OSError):
+            if path.lstat().st_uid == uid:
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
+def protect_shm_regions(prefix: str) -> int:
+    """chmod 0600 the regions of ``prefix``. The python backend creates them through
+    boost.interprocess, which sets mode 0644 explicitly (umask does not apply), so any local user
+    could read the prompts and scene tokens passing through them. Returns how many were changed."""
+    changed = 0
+    for path in SHM_DIR.glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            if path.lstat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+                changed += 1
+    return changed
 
 
 BUNDLED_BACKENDS = {"python"}  # what the nvidia-pytriton wheel's tritonserver can load (and ensembles)
@@ -179,6 +246,12 @@ class TritonServer:
     report ready before :meth:`start` returns; on failure the error carries the server's log tail.
     With ``poll_seconds`` the server rescans the repository and serves new versions as they appear
     (each appears complete or not at all, see :mod:`tandem.serving.repository`).
+
+    Locked down by default (see :mod:`tandem.serving.security`): the admin APIs (shared memory,
+    logging, trace, model control) need a key nobody is told unless ``restrictions`` says
+    otherwise; ``tls`` puts gRPC behind TLS or mutual TLS; ``http_address`` (default ``address``)
+    binds the plaintext HTTP and metrics endpoints separately, e.g. to 127.0.0.1 while gRPC
+    listens on 0.0.0.0 with TLS.
     """
 
     def __init__(
@@ -195,6 +268,9 @@ class TritonServer:
         exit_timeout: int = 10,
         poll_seconds: int | None = None,
         extra_args: tuple[str, ...] = (),
+        tls: TLSOptions | None = None,
+        restrictions: tuple[APIRestriction, ...] | None = None,
+        http_address: str | None = None,
     ):
         self.repository = Path(repository).resolve()
         self.address = address
@@ -206,40 +282,56 @@ class TritonServer:
         self.exit_timeout = exit_timeout
         self.poll_seconds = poll_seconds
         self.extra_args = tuple(extra_args)
+        self.tls = tls
+        # Default: the admin APIs behind a random key nobody is told (closed); pass () to open them.
+        self.restrictions = (admin_restriction(),) if restrictions is None else tuple(restrictions)
+        self.http_address = address if http_address is None else http_address
+        self.shm_prefix = shm_prefix()
         self.process: subprocess.Popen | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=2000)
         self._reader: threading.Thread | None = None
 
     # -- addresses --------------------------------------------------------------------------------
+    @staticmethod
+    def _connect_host(address: str) -> str:
+        return "127.0.0.1" if address in ("0.0.0.0", "") else address
+
     @property
     def _host(self) -> str:
-        return "127.0.0.1" if self.address in ("0.0.0.0", "") else self.address
+        return self._connect_host(self.address)
+
+    @property
+    def _http_host(self) -> str:
+        return self._connect_host(self.http_address)
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._host}:{self.http_port}"
+        return f"http://{self._http_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"grpc://{self._host}:{self.grpc_port}"
+        return f"{'grpcs' if self.tls else 'grpc'}://{self._host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self._host}:{self.metrics_port}/metrics"
+        return f"http://{self._http_host}:{self.metrics_port}/metrics"
+
+    def restriction_headers(self, api: str, protocol: str = "http") -> dict[str, str]:
+        """The header(s) a client must send to call ``api`` on this server (empty when it is open)."""
+        return next((r.headers(protocol) for r in self.restrictions if api in r.apis), {})
 
     # -- lifecycle --------------------------------------------------------------------------------
     def command(self, backend_dir: Path) -> list[str]:
-        prefix = f"tandem{os.getpid()}_{id(self) & 0xFFFFFF:x}_"  # python backend shm names: unique per server
         return [
             str(tritonserver_binary()),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={self.address}",
+            f"--http-address={self.http_address}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.address}",
             f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.address}",
+            f"--metrics-address={self.http_address}",
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
@@ -247,10 +339,12 @@ class TritonServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout}",
             f"--log-verbose={self.log_verbose}",
-            f"--backend-config=python,shm-region-prefix-name={prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *(  # pick up new version folders written by `tandem repo` while serving
                 ["--model-control-mode=poll", f"--repository-poll-secs={self.poll_seconds}"] if self.poll_seconds else []
             ),
+            *(self.tls.server_args() if self.tls else []),
+            *(arg for restriction in self.restrictions for arg in restriction.server_args()),
             *self.extra_args,
         ]
 
@@ -263,10 +357,13 @@ class TritonServer:
                 "write one with `tandem repo --artifacts DIR --out REPO`"
             )
         check_bundled_support(self.repository)
+        stale = remove_shm_regions()
+        if stale:
+            log.info("removed %d shared-memory regions left by tandem servers that are gone", len(stale))
         chosen = {what: getattr(self, f"{what}_port") for what in ("http", "grpc", "metrics")}
         for what, port in chosen.items():
             if port is not None:
-                check_port_free(self.address, port, what)
+                check_port_free(self.address if what == "grpc" else self.http_address, port, what)
         if len({p for p in chosen.values() if p is not None}) != sum(p is not None for p in chosen.values()):
             raise ServerError(f"http, grpc and metrics ports must differ, got {list(chosen.values())}")
         # A port picked free can be taken by someone else before the server binds it: pick again.
@@ -309,10 +406,18 @@ class TritonServer:
             env=server_environment(),
             cwd=self._workdir.name,
             start_new_session=True,  # our signal handling decides when it stops, not the terminal's Ctrl-C
-            preexec_fn=_die_with_parent,
+            preexec_fn=_server_preexec,
         )
         self._reader = threading.Thread(target=self._read_log, args=(self.process,), name="tritonserver-log", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._guard_shm, args=(self.process,), name="tritonserver-shm", daemon=True).start()
+
+    def _guard_shm(self, process: subprocess.Popen) -> None:
+        """Keep the python backend's regions private for the server's life: stubs create them at
+        load (before any request data reaches them) and again when a model is reloaded."""
+        while process.poll() is None:
+            protect_shm_regions(self.shm_prefix)
+            time.sleep(SHM_GUARD_INTERVAL_S)
 
     def _read_log(self, process: subprocess.Popen) -> None:
         assert process.stdout is not None
@@ -350,6 +455,7 @@ class TritonServer:
                     raise self._failure(f"tritonserver exited with code {code} before it was ready")
                 with contextlib.suppress(Exception):  # connection refused until the HTTP endpoint is up
                     if client.is_server_ready() and all(client.is_model_ready(m) for m in self.ready_models):
+                        protect_shm_regions(self.shm_prefix)  # every region of the loaded models, before any request
                         return
                 if time.monotonic() > deadline:
                     raise self._failure(
@@ -387,6 +493,7 @@ class TritonServer:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+        remove_shm_regions(self.shm_prefix)  # the stubs unlink theirs on a clean stop; not after a kill
         return code
 
     def serve_forever(self) -> int:
