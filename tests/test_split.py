@@ -180,3 +180,36 @@ def test_refinement_lost_under_load_fails_fast_and_resumes_on_restart(repositori
             assert isinstance(exc, HopFailed) and exc.hop == REFINEMENT, exc
             assert duration < FAIL_WITHIN_S, f"a failed request took {duration:.1f} s: {exc}"
         assert any(o[2] == "ok" and o[0] >= resumed_at for o in outcomes), "service did not resume after the restart"
+
+
+def test_tandem_serve_runs_one_stage_of_the_split_with_mtls(repositories, servers, pki, client_tls, reference):  # noqa: F811
+    """`tandem serve` over a one-stage repository (as `tandem deploy` writes them) serves that stage
+    with mutual TLS; the split client chains it to the refinement server."""
+    import subprocess
+    import sys
+
+    from tandem.serving.server import free_port
+
+    ports = [free_port() for _ in range(3)]
+    command = [sys.executable, "-m", "tandem", "serve", "--repository", str(repositories[REASONING]), "--quiet",
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+               "--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca"])]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        assert any("(mutual TLS)" in line for line in lines), "".join(lines)
+        with SplitClient(f"grpcs://127.0.0.1:{ports[1]}", servers.refinement_url, tls=client_tls) as client:
+            result = client.generate(PROMPTS[1])
+        tokens, image = reference[(PROMPTS[1], 0)]
+        assert np.array_equal(result.tokens[0], tokens) and np.array_equal(result.images[0], image)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0

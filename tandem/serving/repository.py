@@ -394,6 +394,15 @@ def parse_config(path: str | Path) -> mc.ModelConfig:
         raise TandemError(f"{path} is not a valid Triton model config: {exc}") from exc
 
 
+def repository_models(repository: str | Path) -> tuple[str, ...]:
+    """What a repository serves for a client: the ensemble when it has one, else its stage models
+    (a one-stage repository of a split deployment, see tandem.deploy)."""
+    repository = Path(repository)
+    if (repository / ENSEMBLE / CONFIG_NAME).exists():
+        return (ENSEMBLE,)
+    return tuple(m for m in (REASONING, REFINEMENT) if (repository / m / CONFIG_NAME).exists()) or (ENSEMBLE,)
+
+
 def existing_versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
