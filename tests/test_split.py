@@ -213,3 +213,70 @@ def test_tandem_serve_runs_one_stage_of_the_split_with_mtls(repositories, server
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def _post_json(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_graph_sequence_through_the_hop_transformer(servers, reference):
+    """What the InferenceGraph router does, step for step: POST the client's v2 request to the
+    reasoning server, POST its response bytes *unchanged* ($response) to the hop transformer
+    (kserve's model server running tandem.deploy.hop, predictor = the refinement server); the
+    answer carries the image and the scene tokens, equal to the single-server ensemble's."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tandem.serving.server import free_port
+
+    hop_port, hop_grpc = free_port(), free_port()
+    refinement_http = servers.refinement.http_url.removeprefix("http://")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tandem.deploy.hop", "--model_name", REFINEMENT, "--predictor_host", refinement_http,
+         "--predictor_protocol", "v2", "--http_port", str(hop_port), "--grpc_port", str(hop_grpc), "--enable_grpc", "false",
+         "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{hop_port}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.poll() is not None else "hop not ready"
+            time.sleep(0.3)
+        prompt = PROMPTS[2]
+        request = {"inputs": [
+            {"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]},
+            {"name": "seed", "datatype": "INT64", "shape": [1, 1], "data": [5]},
+            {"name": "temperature", "datatype": "FP64", "shape": [1, 1], "data": [0.9]},
+        ]}
+        status, step1 = _post_json(f"{servers.reasoning.http_url}/v2/models/{REASONING}/infer", json.dumps(request).encode())
+        assert status == 200, step1[:500]
+        status, step2 = _post_json(f"http://127.0.0.1:{hop_port}/v1/models/{REFINEMENT}:predict", step1)
+        assert status == 200, step2[:500]
+        outputs = {o["name"]: o for o in json.loads(step2)["outputs"]}
+        tokens, image = reference[(prompt, 5)]
+        assert np.array_equal(np.asarray(outputs["scene_tokens"]["data"]).reshape(tokens.shape), tokens)
+        assert np.array_equal(np.asarray(outputs["image"]["data"], dtype=np.uint8).reshape(image.shape), image)
+        # a body that is not reasoning's response is refused with a clear error, and the hop keeps serving
+        status, body = _post_json(f"http://127.0.0.1:{hop_port}/v1/models/{REFINEMENT}:predict", json.dumps(request).encode())
+        assert status == 400 and b"data: $response" in body, body[:500]
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    token_text = ", ".join(str(int(t)) for t in reference[(PROMPTS[2], 5)][0].ravel()[:8])
+    assert token_text not in output  # the hop's log does not carry the scene tokens

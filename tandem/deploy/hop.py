@@ -82,6 +82,7 @@ def with_scene_tokens(response, request) -> dict:
 def hop_model_class():
     """The kserve.Model subclass (built lazily: kserve is in the ``deploy`` extra)."""
     import kserve
+    from kserve.errors import InvalidInput
 
     class SceneTokenHop(kserve.Model):
         def __init__(self, name: str = REFINEMENT):
@@ -89,7 +90,10 @@ def hop_model_class():
             self.ready = True
 
         async def preprocess(self, payload, headers=None):
-            return refinement_request(payload, self.name)
+            try:
+                return refinement_request(payload, self.name)
+            except HopError as exc:  # the caller's mistake: 400 with the reason, the hop keeps serving
+                raise InvalidInput(str(exc)) from None
 
         async def predict(self, payload, headers=None, response_headers=None):
             response = await super().predict(payload, headers, response_headers)
