@@ -74,6 +74,11 @@ def test_pools_scaling_probes_graph_and_mtls(settings, objects):
         assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         assert "--log-verbose=0" in container["args"] and "--model-control-mode=none" in container["args"]
+        # admin APIs closed as in single-server `tandem serve`: behind a key from the Secret
+        restricted = [a for a in container["args"] if a.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
+        assert len(restricted) == 2 and all("shared-memory" in a and a.endswith("=$(TANDEM_ADMIN_KEY)") for a in restricted)
+        secret_ref = container["env"][0]["valueFrom"]["secretKeyRef"]
+        assert secret_ref["name"] == by_kind(objects, "Secret")[0]["metadata"]["name"]
 
     graph = by_kind(objects, "InferenceGraph")[0]["spec"]["nodes"]["root"]
     assert graph["routerType"] == "Sequence"
@@ -158,6 +163,9 @@ def test_bundle_from_a_build(tiny_build: Path, tmp_path: Path, capsys):
     validate_all(applied)
     record = json.loads((out / "deploy.json").read_text())
     assert record["target"] == "cpu" and len(record["objects"]) == len(applied)
+    key = next(o for o in applied if o["kind"] == "Secret")["stringData"]["key"]
+    assert len(key) >= 32 and key not in (out / "deploy.json").read_text()
+    assert (out / "manifests" / "kserve.yaml").stat().st_mode & 0o077 == 0  # holds the Secret: private
     # again over its own bundle: replaced; over a folder it did not write: refused, untouched
     assert main(["deploy", "--build", str(tiny_build), "--out", str(out), "--config", str(SHIPPED)]) == 0
     foreign = tmp_path / "foreign"

@@ -87,9 +87,22 @@ def _health_probes(port: int) -> dict[str, Any]:
     }
 
 
+ADMIN_KEY_ENV = "TANDEM_ADMIN_KEY"
+
+
+def admin_secret_name(settings: DeploySettings) -> str:
+    return f"{settings.name}-triton-admin"
+
+
 def triton_args(stage: str) -> list[str]:
     """tritonserver over this stage's repository only. Repository control (load/unload) stays off
-    (--model-control-mode=none); --log-verbose=0 keeps request contents out of the log."""
+    (--model-control-mode=none); the APIs no client needs (shared memory, logging, trace, model
+    repository: tandem.serving.security.ADMIN_APIS) need a key from a Secret nobody is told, as
+    single-server `tandem serve` does (Kubernetes expands $(VAR) in args from the container's env);
+    --log-verbose=0 keeps request contents out of the log."""
+    from tandem.serving.security import ADMIN_APIS, ADMIN_KEY_HEADER
+
+    admin = f"{','.join(ADMIN_APIS)}:{ADMIN_KEY_HEADER}=$({ADMIN_KEY_ENV})"
     return [
         "tritonserver",
         f"--model-repository={MODEL_DIR}",
@@ -103,7 +116,19 @@ def triton_args(stage: str) -> list[str]:
         "--exit-timeout-secs=30",
         "--log-verbose=0",
         "--log-info=true",
+        f"--http-restricted-api={admin}",
+        f"--grpc-restricted-protocol={admin}",
     ]
+
+
+def admin_secret(settings: DeploySettings, key: str):
+    """The key behind Triton's admin APIs: random per bundle, never printed (the APIs stay closed)."""
+    k8s = kubernetes_models()
+    return k8s.V1Secret(
+        api_version="v1", kind="Secret", type="Opaque",
+        metadata=k8s.V1ObjectMeta(name=admin_secret_name(settings), namespace=settings.namespace, labels=_labels(settings, "admin-key")),
+        string_data={"key": key},
+    )
 
 
 def namespace(settings: DeploySettings):
@@ -121,6 +146,8 @@ def serving_runtime(settings: DeploySettings, stage: str, target: Target):
         name="kserve-container",
         image=settings.images.triton,
         args=triton_args(stage),
+        env=[k8s.V1EnvVar(name=ADMIN_KEY_ENV, value_from=k8s.V1EnvVarSource(
+            secret_key_ref=k8s.V1SecretKeySelector(name=admin_secret_name(settings), key="key")))],
         ports=[k8s.V1ContainerPort(container_port=HTTP_PORT, name="http1", protocol="TCP")],
         **_health_probes(HTTP_PORT),
     )
@@ -246,13 +273,17 @@ def serialize(obj: Any) -> dict:
     return kserve_api_client()().sanitize_for_serialization(obj)  # camelCase via each model's attribute_map
 
 
-def build_objects(settings: DeploySettings, target: Target) -> list[dict]:
-    """Every object of the deployment, in apply order (namespace and mesh policy first)."""
+def build_objects(settings: DeploySettings, target: Target, admin_key: str | None = None) -> list[dict]:
+    """Every object of the deployment, in apply order (namespace and mesh policy first). ``admin_key``
+    defaults to a fresh random one."""
+    import secrets
+
     mesh_labels = _labels(settings, "mtls")
     objects: list[Any] = [
         namespace(settings),
         istio.peer_authentication(settings.namespace, mesh_labels),
         istio.destination_rule(f"{settings.name}-mtls", settings.namespace, mesh_labels),
+        admin_secret(settings, admin_key or secrets.token_urlsafe(32)),
     ]
     for stage in STAGES:
         objects.append(serving_runtime(settings, stage, target))
