@@ -60,8 +60,8 @@ def test_compare_labels_every_figure_simulated_and_states_the_claim():
     times = exponential_times(0.2, 0.05, n=500)
     hw = load_hardware(None)
     report = compare(times, default_scenarios(hw, 0.1, pods=4), loads=(0.6,), requests=1_500)
-    assert {s["name"] for s in report.scenarios} == {"same hardware", "refinement on inf2"}
-    assert len(report.rows) == 2 * len(report.verdicts) == 2 * 2 * 2  # (mono, split) x scenarios x arrival kinds
+    assert [s["name"] for s in report.scenarios] == ["same hardware", "refinement on inf2", "refinement on inf2, 16x refinement work"]
+    assert len(report.rows) == 2 * len(report.verdicts) == 2 * 3 * 2  # (mono, split) x scenarios x arrival kinds
     assert {row["label"] for row in report.rows} == {SIMULATED} and {v["label"] for v in report.verdicts} == {SIMULATED}
     for verdict in report.verdicts:
         assert verdict["claim_holds"] == (verdict["p99_reduction"] >= 0.40)

@@ -202,6 +202,7 @@ def report_section(results: dict) -> list[str]:
         "the time. One request per pod at a time (no batching).",
         "",
     ]
+    out += [f"- **{sc['name']}**: {sc['description']}. Basis: {sc['basis']}." for sc in cap["scenarios"]] + [""]
     rows = []
     for v in cap["verdicts"]:
         rows.append([v["scenario"], v["arrivals"], f"{v['load']:.2f}", _f(v["monolithic_p99_s"] * 1000, 1),
@@ -224,8 +225,9 @@ def report_section(results: dict) -> list[str]:
         + ("; ".join(f"{v['scenario']}, {v['arrivals']}, load {v['load']:.2f}" for v in holds) if holds else "nowhere")
         + ". With the same hardware in both pools, one pooled queue of monolithic pods keeps more servers behind each "
         "request than two smaller pools, so the split cannot win on queueing alone; it gains only where it buys more "
-        "capacity for the same money (refinement on cheaper accelerators) or from what this model leaves out "
-        "(per-stage batching, per-pool autoscaling, a resolution-dependent refinement cost).",
+        "capacity for the same money (refinement on cheaper accelerators, which matters once refinement is a large "
+        "share of the work, e.g. at higher resolution) and then under bursts only: in steady load the slower, cheaper "
+        "refinement hardware costs latency. Left out of the model: per-stage batching and per-pool autoscaling.",
         "",
     ]
     return out

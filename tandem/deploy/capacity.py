@@ -33,7 +33,8 @@ import numpy as np
 from tandem.errors import TandemError
 
 SIMULATED = "simulated"
-CLAIM = 0.40  # "the split is credited with about 40% lower p99 under bursty load"
+CLAIM = 0.40
+HIGH_RESOLUTION_SCALE = 16.0  # refinement work of a 4x larger image side (16x the pixels)  # "the split is credited with about 40% lower p99 under bursty load"
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ class Scenario:
     reasoning_price: float
     refinement_price: float
     refinement_speed: float = 1.0
+    refinement_scale: float = 1.0  # refinement work x this (its cost follows resolution: 2x the side = 4x the pixels)
     basis: str = "measured service times, this machine's price"
 
 
@@ -239,8 +241,13 @@ def compare(times: StageTimes, scenarios: list[Scenario], loads: tuple[float, ..
         "reasoning_p99_s": float(np.percentile(times.reasoning, 99)), "refinement_p99_s": float(np.percentile(times.refinement, 99)),
         "hop_overhead_s": times.hop_overhead, "samples": len(times.reasoning), "source": times.source,
     })
+    base_times = times
     for scenario in scenarios:
         report.scenarios.append(asdict(scenario))
+        times = base_times
+        if scenario.refinement_scale != 1.0:
+            times = StageTimes(base_times.reasoning, tuple(t * scenario.refinement_scale for t in base_times.refinement),
+                               base_times.hop_overhead, f"{base_times.source}; refinement x{scenario.refinement_scale:g} (modelled)")
         mono = monolithic(scenario.monolithic_pods, scenario.monolithic_price)
         candidates = split_layouts(mono.usd_per_hour, scenario.reasoning_price, scenario.refinement_price, scenario.refinement_speed)
         if not candidates:
@@ -277,10 +284,12 @@ def default_scenarios(hw, measured_price: float, pods: int = 8) -> list[Scenario
         speed = hw.accelerators[inf2.accelerator].peak_tflops[peak] / hw.accelerators[h100.accelerator].peak_tflops[peak]
     except (KeyError, AttributeError, TypeError):
         return scenarios
-    scenarios.append(Scenario(
-        "refinement on inf2", f"{pods} H100 pods vs H100 reasoning + Inferentia2 refinement at the same cost "
-        f"(refinement {speed:.2f}x the H100's speed: {peak} peak ratio, modelled)", pods,
-        gpu_price, gpu_price, inf2_price, refinement_speed=speed,
-        basis="measured service-time shapes; prices and the inf2/H100 speed ratio from configs/hardware.yaml (modelled)",
-    ))
+    basis = "measured service-time shapes; prices and the inf2/H100 speed ratio from configs/hardware.yaml (modelled)"
+    for scale, label in ((1.0, ""), (HIGH_RESOLUTION_SCALE, f", {HIGH_RESOLUTION_SCALE:g}x refinement work")):
+        scenarios.append(Scenario(
+            f"refinement on inf2{label}", f"{pods} H100 pods vs H100 reasoning + Inferentia2 refinement at the same cost "
+            f"(refinement {speed:.2f}x the H100's speed: {peak} peak ratio, modelled"
+            + (f"; refinement work x{scale:g}, e.g. twice the image side, modelled" if scale != 1.0 else "") + ")",
+            pods, gpu_price, gpu_price, inf2_price, refinement_speed=speed, refinement_scale=scale, basis=basis,
+        ))
     return scenarios
