@@ -40,7 +40,7 @@ class SplitSettings:
     requests: int = 30  # per path, interleaved, concurrency 1
     warmup: int = 3  # per path, untimed
     startup_timeout_s: float = 300.0
-    simulated_requests: int = 20_000  # per simulated layout and arrival pattern
+    simulated_requests: int = 10_000  # per simulated layout and arrival pattern
 
 
 def _pki(folder: Path):
