@@ -12,6 +12,14 @@ import numpy as np
 from tandem.errors import TandemError
 
 
+# Temperature is 0 (greedy) or within [MIN_TEMPERATURE, MAX_TEMPERATURE]. Below the minimum,
+# logits / temperature overflow float64 (1e-308 gave inf - inf = NaN and every token the last
+# one) and, long before that, sampling is greedy decoding with extra cost; above the maximum the
+# distribution is uniform noise over the codebook.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 10.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     seed: int = 0
@@ -19,8 +27,13 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise TandemError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not np.isfinite(self.temperature) or not (
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
+        ):
+            raise TandemError(
+                f"temperature must be 0 (greedy) or within [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {self.temperature}; "
+                "send 0 for greedy decoding"
+            )
         if self.top_k < 0:
             raise TandemError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not 0 <= self.seed < 2**63:

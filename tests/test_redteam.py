@@ -8,6 +8,7 @@ for the TLS and key checks; the stop/restart checks run `tandem serve` as a user
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -98,6 +99,48 @@ def test_mutual_tls_and_api_key(secured_server: TritonServer, pki: dict[str, Pat
     assert _http(f"{secured_server.http_url}/v2/logging", headers={"tandem-admin-key": ADMIN_KEY})[0] == 200
 
 
+def test_cli_credentials_reach_the_secured_server(secured_server: TritonServer, pki: dict[str, Path], tmp_path: Path, capsys):
+    from tandem.cli import main
+
+    key_file = tmp_path / "api.key"
+    key_file.write_text(API_KEY + "\n")
+    out = tmp_path / "out.png"
+    argv = ["generate", PROMPT_TEXT, "--server", secured_server.grpc_url, "--out", str(out), "--tls-ca", str(pki["ca"]),
+            "--tls-client-cert", str(pki["client.pem"]), "--tls-client-key", str(pki["client.key"])]
+    assert main([*argv, "--api-key-file", str(key_file)]) == 0 and out.exists()
+    assert main(argv) != 0 and "API key" in capsys.readouterr().err  # the key is required
+
+
+def test_serve_security_flags_are_checked(tmp_path: Path, pki: dict[str, Path]):
+    import argparse
+
+    from tandem.cli.serving import add_security_arguments, security_options
+
+    parser = argparse.ArgumentParser()
+    add_security_arguments(parser)
+    (tmp_path / "admin.key").write_text(ADMIN_KEY)
+    (tmp_path / "empty.key").write_text("")
+    bad = [
+        (["--tls-cert", str(pki["server.pem"])], "go together"),
+        (["--tls-client-ca", str(pki["ca"])], "needs --tls-cert"),
+        (["--open-admin-api", "--admin-key-file", str(tmp_path / "admin.key")], "contradict"),
+        (["--api-key-file", str(tmp_path / "empty.key")], "is empty"),
+        (["--api-key-file", str(tmp_path / "missing.key")], "cannot read"),
+        (["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(pki["server.key"])], "does not exist"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(TandemError, match=message):
+            security_options(parser.parse_args(argv))
+    default = security_options(parser.parse_args([]))
+    assert default["tls"] is None and [r.apis for r in default["restrictions"]] == [ADMIN_APIS]
+    opened = security_options(parser.parse_args(["--open-admin-api"]))
+    assert opened["restrictions"] == ()
+    mutual = security_options(parser.parse_args(["--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]),
+                                                 "--tls-client-ca", str(pki["ca"]), "--admin-key-file", str(tmp_path / "admin.key")]))
+    assert mutual["tls"].mutual and "--grpc-use-ssl-mutual=true" in mutual["tls"].server_args()
+    assert mutual["restrictions"][0].value == ADMIN_KEY
+
+
 def test_client_refuses_tls_options_without_grpcs():
     with pytest.raises(TandemError, match="grpcs://"):
         TandemClient("grpc://127.0.0.1:1", tls=ClientTLS())
@@ -143,3 +186,387 @@ def test_admin_apis_closed_by_default_over_grpc(tiny_server: TritonServer):
         assert client.is_model_ready("reasoning")
     finally:
         client.close()
+
+
+# -- defect 1: a crafted export cannot place or load files outside its folder -----------------------
+
+
+def _tampered_copy(source: Path, target: Path, edit) -> Path:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    edit(manifest, target)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _escape_through_symlink(manifest: dict, folder: Path) -> None:
+    """The red team's export: refinement's external data climbs out of the version folder through a
+    symlink and lands as reasoning version 99's model.py."""
+    (folder / "a" / "b" / "c" / "d").mkdir(parents=True)
+    (folder / "lnk").symlink_to(folder / "a" / "b" / "c" / "d")
+    payload = folder / "lnk" / ".." / ".." / ".." / ".." / "reasoning" / "99"
+    payload.mkdir(parents=True, exist_ok=True)
+    (payload / "model.py").write_text("import os\nos.system('touch /tmp/tandem-redteam-pwned')\n")
+    graph = manifest["graphs"]["refinement"]
+    graph["optimized_file"] = None
+    graph["external_data"] = ["lnk/../../../../reasoning/99/model.py"]
+
+
+def _symlinked_graph(manifest: dict, folder: Path) -> None:
+    outside = folder.parent / f"{folder.name}-outside.onnx"
+    shutil.copy(folder / "refinement.ort.onnx", outside)
+    (folder / "refinement.ort.onnx").unlink()
+    (folder / "refinement.ort.onnx").symlink_to(outside)  # same bytes, same hash: still refused
+
+
+def _absolute_path(manifest: dict, folder: Path) -> None:
+    manifest["graphs"]["refinement"]["optimized_file"] = str((folder / "refinement.ort.onnx").resolve())
+
+
+def _unhashed_external_data(manifest: dict, folder: Path) -> None:
+    (folder / "refinement.onnx.data").write_bytes(b"\0" * 64)
+    manifest["graphs"]["refinement"]["optimized_file"] = None
+    manifest["graphs"]["refinement"]["external_data"] = ["refinement.onnx.data"]
+
+
+def _edited_config(manifest: dict, folder: Path) -> None:
+    manifest["config"]["scene"]["codebook_size"] = 1024  # the red team's edit: tokens beyond the graphs' codebook
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_escape_through_symlink, "not a plain relative path"),
+        (_symlinked_graph, "symbolic link"),
+        (_absolute_path, "not a plain relative path"),
+        (_unhashed_external_data, "records no sha256"),
+        (_edited_config, "does not match its config_fingerprint"),
+    ],
+    ids=["escape-through-symlink", "symlinked-graph", "absolute-path", "unhashed-external-data", "edited-config"],
+)
+def test_a_crafted_export_is_refused_and_leaves_the_repository_as_it_was(
+    tmp_path: Path, tiny_artifacts: Path, edit, message: str, capsys
+):
+    from tandem.cli import main
+    from tandem.serving.repository import write_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    crafted = _tampered_copy(tiny_artifacts, tmp_path / "crafted", edit)
+    assert main(["repo", "--artifacts", str(crafted), "--out", str(repo)]) != 0
+    assert message in capsys.readouterr().err
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before  # no version 2, no version 99
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(TandemError, match=message):
+        write_repository(crafted, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()  # a failed `tandem repo` leaves nothing behind
+
+
+def test_an_edited_manifest_in_a_served_repository_does_not_load(tmp_path: Path, tiny_artifacts: Path):
+    """Editing the config inside a repository (not the export) is caught when the model loads: the
+    server refuses to start and says why, instead of serving out-of-range generations."""
+    from tandem.serving.repository import write_repository
+    from tandem.serving.server import ServerError
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    for shipped in repo.glob("*/1/artifacts/manifest.json"):
+        manifest = json.loads(shipped.read_text())
+        manifest["config"]["scene"]["codebook_size"] = 1024
+        shipped.write_text(json.dumps(manifest))
+    with pytest.raises(ServerError, match="config_fingerprint") as info:
+        TritonServer(repo, startup_timeout=90).start()
+    assert "Traceback" not in str(info.value).split("--- tritonserver log")[0]
+
+
+# -- defect 10: the repository copies, so editing it cannot corrupt the export ----------------------
+
+
+def test_repository_files_are_copies_not_links(tmp_path: Path, tiny_artifacts: Path):
+    from tandem.serving.repository import write_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    shipped = repo / "refinement" / "1" / "artifacts" / "refinement.ort.onnx"
+    assert shipped.stat().st_ino != (tiny_artifacts / "refinement.ort.onnx").stat().st_ino
+    assert shipped.stat().st_nlink == 1
+    linked = write_repository(tiny_artifacts, tmp_path / "linked", link=True)  # opt-in
+    assert (linked / "refinement" / "1" / "artifacts" / "refinement.ort.onnx").stat().st_ino == (
+        tiny_artifacts / "refinement.ort.onnx"
+    ).stat().st_ino
+
+
+# -- defect 12: exports never delete what they did not write ------------------------------------------
+
+
+def test_export_refuses_a_folder_with_files_it_did_not_write(tmp_path: Path, tiny_artifacts: Path, monkeypatch, capsys):
+    from tandem.cli import main
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "keep.txt").write_text("mine too")
+    assert main(["export", "--config", "tiny", "--out", str(out)]) != 0
+    assert "did not write" in capsys.readouterr().err and "--force" in capsys.readouterr().err + "--force"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "keep.txt").read_text() == "mine too"
+    # the default output folder follows the config: `--config tiny` goes to build/tiny, not build/small
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "build" / "small").mkdir(parents=True)
+    (tmp_path / "build" / "small" / "notes.txt").write_text("small's")
+    (tmp_path / "build" / "tiny").mkdir()
+    (tmp_path / "build" / "tiny" / "notes.txt").write_text("tiny's")
+    assert main(["export", "--config", "tiny"]) != 0
+    err = capsys.readouterr().err
+    assert "build/tiny holds files" in err
+    assert (tmp_path / "build" / "small" / "notes.txt").read_text() == "small's"
+    # a folder holding only an earlier export is replaced (that export's own files)
+    from tandem.export.onnx_export import check_replaceable
+
+    check_replaceable(tiny_artifacts, force=False)
+
+
+# -- defects 8 and 9: sampling range, subset requests, missing prompt ---------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 1e-5, 0.009, 11.0, float("inf"), float("nan"), -1.0])
+def test_out_of_range_temperature_is_refused_served_and_in_process(tiny_server: TritonServer, tiny_artifacts: Path, temperature):
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes import make_runtime
+
+    with TandemClient(tiny_server.grpc_url) as client:
+        with pytest.raises(TandemError, match=r"temperature must be 0 \(greedy\) or within \[0.01, 10.0\]"):
+            client.generate(PROMPT_TEXT, temperature=temperature)
+    with pytest.raises(TandemError, match="temperature must be 0"):
+        Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts)).generate(PROMPT_TEXT, temperature=temperature)
+
+
+def test_minimum_temperature_samples_sanely(tiny_server: TritonServer, tiny_artifacts: Path, tiny_config):
+    """The red team's 1e-308 gave every token the last codebook index; at the documented minimum the
+    served sample is finite, in range, not that degenerate pattern, and equal to the in-process one."""
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes import make_runtime
+    from tandem.sampling import MIN_TEMPERATURE
+
+    with TandemClient(tiny_server.http_url) as client:
+        tokens = client.generate(PROMPT_TEXT, temperature=MIN_TEMPERATURE, seed=3).tokens[0]
+    expected = Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts)).generate(PROMPT_TEXT, seed=3, temperature=MIN_TEMPERATURE)
+    assert np.array_equal(tokens, expected.tokens)
+    assert len(np.unique(tokens)) > 1 and tokens.max() < tiny_config.scene.codebook_size
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_ensemble_answers_a_subset_of_its_outputs(tiny_server: TritonServer, protocol: str):
+    from tandem.serving.client import generation_arrays
+
+    url = tiny_server.http_url if protocol == "http" else tiny_server.grpc_url
+    with TandemClient(url) as client:
+        both = client.infer("tandem", generation_arrays(PROMPT_TEXT, seed=5), ["image", "scene_tokens"])
+        image = client.infer("tandem", generation_arrays(PROMPT_TEXT, seed=5), ["image"])
+        tokens = client.infer("tandem", generation_arrays(PROMPT_TEXT, seed=5), ["scene_tokens"])
+        assert set(image) == {"image"} and set(tokens) == {"scene_tokens"}
+        assert np.array_equal(image["image"], both["image"]) and np.array_equal(tokens["scene_tokens"], both["scene_tokens"])
+        no_prompt = generation_arrays(PROMPT_TEXT)
+        del no_prompt["prompt"]
+        for outputs in (["image", "scene_tokens"], ["image"]):
+            with pytest.raises(TandemError, match="input 'prompt' is missing") as info:
+                client.infer("tandem", no_prompt, outputs)
+            assert "deadlock" not in str(info.value)
+    # and a plain HTTP request naming no outputs gets all of them
+    body = {"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPT_TEXT]}]}
+    status, text = _http(f"{tiny_server.http_url}/v2/models/tandem/infer", "POST", body)
+    assert status == 200 and {o["name"] for o in json.loads(text)["outputs"]} == {"image", "scene_tokens"}
+
+
+# -- defect 7 (and 2): no token values in error bodies or the server log ------------------------------
+
+PLANTED = 7777  # recognisable, outside every codebook
+
+
+def test_planted_token_values_never_reach_error_bodies_or_the_log(tiny_server: TritonServer, tiny_config):
+    n = tiny_config.scene.num_tokens
+    planted = np.full((1, n), PLANTED, np.int32)
+    planted[0, 1] = PLANTED + 1
+    bodies = []
+    for url in (tiny_server.http_url, tiny_server.grpc_url):
+        with TandemClient(url) as client:
+            with pytest.raises(TandemError, match="outside the codebook") as info:
+                client.render(planted)
+            bodies.append(str(info.value))
+    body = {"inputs": [{"name": "scene_tokens", "shape": [1, n], "datatype": "INT32", "data": planted.ravel().tolist()}]}
+    bodies.append(_http(f"{tiny_server.http_url}/v2/models/refinement/infer", "POST", body)[1])
+    for text in [*bodies, tiny_server.log_text()]:
+        assert str(PLANTED) not in text and str(PLANTED + 1) not in text
+
+
+def test_runtime_errors_are_masked_before_they_are_sent_or_logged(tiny_artifacts: Path, tiny_config):
+    """ONNX Runtime's own error for an out-of-range token quotes it (the red team's "idx=777"):
+    that text is what a model would have sent; failure_message masks every number in it."""
+    import onnxruntime as ort
+
+    from tandem.serving.models.common import failure_message
+
+    session = ort.InferenceSession(str(tiny_artifacts / "refinement.onnx"), providers=["CPUExecutionProvider"])
+    h, w = tiny_config.scene.grid_height, tiny_config.scene.grid_width
+    feed = {session.get_inputs()[0].name: np.full((1, h, w), PLANTED, np.int64)}
+    with pytest.raises(Exception) as info:
+        session.run(None, feed)
+    assert str(PLANTED) in str(info.value)  # the leak is real...
+    message = failure_message("rendering", info.value)
+    assert str(PLANTED) not in message and "rendering failed" in message  # ...and masked
+    assert failure_message("rendering", TandemError("3 scene tokens are outside")) == "3 scene tokens are outside"
+
+
+# -- defect 3: the python backend's shared memory is private and does not outlive the server -----------
+
+
+def test_shared_memory_regions_are_private_and_stale_ones_are_removed(tiny_server: TritonServer):
+    import os
+
+    from tandem.serving.server import SHM_DIR, remove_shm_regions
+
+    with TandemClient(tiny_server.grpc_url) as client:
+        client.generate(PROMPT_TEXT)
+    regions = list(SHM_DIR.glob(f"{tiny_server.shm_prefix}*"))
+    assert regions, "the python backend's regions should carry the server's prefix"
+    assert all(region.stat().st_mode & 0o777 == 0o600 for region in regions)
+    # a region left by a server whose process is gone (a crash, SIGKILL) is removed; live ones stay
+    dead_pid = 2**22 + 12345
+    stale = SHM_DIR / f"tandem-shm-{os.getuid()}-{dead_pid}-0-leftover"
+    stale.write_bytes(b"tokens")
+    other = SHM_DIR / f"not-tandem-{dead_pid}"
+    other.write_bytes(b"")
+    try:
+        removed = remove_shm_regions()
+        assert stale.name in removed and not stale.exists()
+        assert other.exists() and all(region.exists() for region in regions)
+    finally:
+        stale.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+
+
+# -- defects 4 and 5: SIGTERM under load drains; a restart on the same ports works at once -------------
+
+
+def _start_serve(repository: Path, ports: list[int], *extra: str):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tandem", "serve", "--repository", str(repository), "--quiet",
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "Ctrl-C" in line or "Error" in line:
+            break
+    assert process.poll() is None, "".join(lines) + process.stdout.read()
+    return process, "".join(lines)
+
+
+def _load(url: str, stop, outcomes: list, prompts: int = 4) -> None:
+    """One client sending generations back to back until ``stop`` is set or it is refused;
+    records (sent at, outcome) of each."""
+    import time
+
+    with TandemClient(url, timeout_s=120) as client:
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                client.generate([PROMPT_TEXT] * prompts, seed=1)
+                outcomes.append((sent, "ok"))
+            except TandemError as exc:
+                outcomes.append((sent, str(exc)))
+                return  # a refused client goes elsewhere (and closes its connection)
+
+
+def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repository: Path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from tandem.serving.server import SHM_DIR, free_port
+
+    ports = [free_port() for _ in range(3)]
+    process, banner = _start_serve(tiny_repository, ports)
+    try:
+        assert "loopback only" in banner and "admin APIs need tandem-admin-key" in banner
+        regions = list(SHM_DIR.glob(f"tandem-shm-{os.getuid()}-{process.pid}-*"))
+        assert regions and all(r.stat().st_mode & 0o777 == 0o600 for r in regions)
+        stop, outcomes = threading.Event(), []
+        urls = [f"grpc://127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[0]}"] * 3
+        clients = [threading.Thread(target=_load, args=(url, stop, outcomes)) for url in urls]
+        for client in clients:
+            client.start()
+        while len(outcomes) < 12:  # the load is running
+            threading.Event().wait(0.05)
+        sigterm_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+        stop.set()
+        for client in clients:
+            client.join(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, out
+    assert "stopped cleanly; every generation in flight was answered" in out
+    before = [outcome for sent, outcome in outcomes if sent < sigterm_at]
+    # every request sent before the stop completed, or was refused before it started (retryable);
+    # none failed half-way ("Server is stopping" in the ensemble's second step was the defect)
+    failed = [o for o in before if o != "ok" and "starts no new generations" not in o]
+    assert failed == [], failed
+    assert before.count("ok") >= 12
+    assert not list(SHM_DIR.glob(f"tandem-shm-{os.getuid()}-{process.pid}-*"))  # regions removed at stop
+
+    # defect 5: the same ports, right away (TIME-WAIT sockets of the old server remain)
+    again = TritonServer(tiny_repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], startup_timeout=120)
+    with again:
+        with TandemClient(again.grpc_url) as client:
+            assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
+
+
+def test_a_drain_refuses_new_generations_and_waits_for_running_work(tiny_server: TritonServer, tiny_config):
+    """The drain protocol on the shared server: once draining, reasoning refuses new generations
+    (retryable) while refinement still serves the ensemble's second step; the drain waits for busy
+    model processes (Activity markers, as a decoupled model holds them per generation) and gives up
+    after the grace period. The drain is undone afterwards so the shared server keeps serving."""
+    from tandem.serving.models.common import DRAINING_FILE, Activity
+    from tandem.serving.server import StopReport
+
+    generation = Activity(str(tiny_server.drain_dir))  # this test process plays a model still generating
+    try:
+        with generation.busy():
+            assert tiny_server.in_flight()[1] == 1
+            assert tiny_server.drain(grace_s=0.5) is False
+            with TandemClient(tiny_server.grpc_url) as client:
+                with pytest.raises(TandemError, match="starts no new generations"):
+                    client.generate(PROMPT_TEXT)
+                assert client.render(np.zeros((tiny_config.scene.num_tokens,), np.int32)).shape[0] == 1
+        assert tiny_server.drain(grace_s=30) is True  # idle once the work finished
+    finally:
+        (tiny_server.drain_dir / DRAINING_FILE).unlink(missing_ok=True)
+    report = StopReport(drained=False, exit_code=0, grace_s=0.5, queued=0, busy=1)
+    assert not report.ok and "dropped" in report.describe() and "--grace" in report.describe()
+    assert not StopReport(drained=True, exit_code=-9, grace_s=60).ok  # killed is never clean
+    with TandemClient(tiny_server.grpc_url) as client:
+        assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
+
+
+# -- defect 10: --poll loads each model once ----------------------------------------------------------
+
+
+def test_poll_mode_loads_each_model_once(tmp_path: Path, tiny_artifacts: Path):
+    """The backend stub used to write __pycache__ into the version folders on load, which Triton's
+    poll took for a new model: everything loaded twice. The writer now ships model.py's bytecode."""
+    import time
+
+    from tandem.serving.repository import write_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    files = {p: p.stat().st_mtime_ns for p in repo.rglob("*")}
+    with TritonServer(repo, poll_seconds=1, startup_timeout=120) as server:
+        time.sleep(3.5)  # three polls
+        loads = [line for line in server.log_text().splitlines() if '"loading: reasoning:1"' in line]
+        assert len(loads) == 1, "\n".join(loads)
+        assert {p: p.stat().st_mtime_ns for p in repo.rglob("*")} == files  # serving writes nothing into the repository

@@ -16,7 +16,7 @@ from tandem.errors import ArtifactError, TandemError
 from tandem.pipeline import Pipeline
 from tandem.runtimes import make_runtime
 from tandem.serving.client import generation_arrays, parse_url, tokens_array
-from tandem.serving.interface import ENSEMBLE, IMAGE, PROMPT, REASONING, REFINEMENT, SCENE_TOKENS
+from tandem.serving.interface import ENSEMBLE, IMAGE, PROMPT, REASONING, REFINEMENT, RENDERED_TOKENS, SCENE_TOKENS
 from tandem.serving.models.common import parse_prompts, parse_sampling, parse_scene_tokens
 from tandem.serving.repository import FLAVORS, existing_versions, write_repository
 
@@ -116,10 +116,11 @@ def test_native_refinement_graph_matches_the_pipeline(tmp_path: Path, tiny_artif
     repo = write_repository(tiny_artifacts, tmp_path / "repo", flavor="native")
     session = ort.InferenceSession(str(repo / REFINEMENT / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [(i.name, i.type) for i in session.get_inputs()] == [(SCENE_TOKENS, "tensor(int32)")]
-    assert [(o.name, o.type) for o in session.get_outputs()] == [(IMAGE, "tensor(uint8)")]
+    assert [(o.name, o.type) for o in session.get_outputs()] == [(IMAGE, "tensor(uint8)"), (RENDERED_TOKENS, "tensor(int32)")]
     h, w = pipeline.grid
     tokens = np.random.default_rng(0).integers(0, pipeline.config.scene.codebook_size, size=(3, h * w)).astype(np.int32)
-    (served,) = session.run([IMAGE], {SCENE_TOKENS: tokens})
+    served, rendered = session.run([IMAGE, RENDERED_TOKENS], {SCENE_TOKENS: tokens})
+    assert np.array_equal(rendered, tokens)  # passed through for the ensemble's scene_tokens output
     expected = pipeline.render(tokens.reshape(3, h, w))
     assert served.shape == expected.shape and served.dtype == np.uint8
     # The native graph runs the plain export, in-process runs ORT's optimised copy: one level of rounding.

@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="export both stages to ONNX and validate them against PyTorch")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"config name or YAML path (default {DEFAULT_CONFIG})")
-    p.add_argument("--out", default=DEFAULT_ARTIFACTS, help=f"artifact directory (default {DEFAULT_ARTIFACTS})")
+    p.add_argument("--out", help="artifact directory (default build/<config name>, e.g. build/small)")
     p.add_argument("--checkpoint", help="safetensors weights (default: the config's, else seeded init)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds files an export did not write")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("generate", help="prompt -> scene tokens -> PNG, in-process or through a Triton server")
@@ -98,7 +99,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tandem.export.onnx_export import export_model
 
     config = load_config(args.config)
-    result = export_model(config, args.out, checkpoint=args.checkpoint)
+    out = args.out or f"build/{config.name}"
+    result = export_model(config, out, checkpoint=args.checkpoint, force=args.force)
     print(f"exported {config.name} to {result.out} (manifest: {result.out / 'manifest.json'})")
     for entry in result.manifest.graphs.values():
         worst = max(err.max_abs for case in entry.validation for err in case.outputs.values())

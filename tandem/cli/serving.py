@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_server_arguments(p, defaults=True)
     add_security_arguments(p)
     p.add_argument("--quiet", action="store_true", help="do not echo the server's log")
+    p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS", help="on SIGTERM/Ctrl-C, refuse new "
+                   "generations and wait this long for those in flight before stopping (default 60); exit status 1 if "
+                   "any had to be dropped")
     p.add_argument("--poll", type=int, metavar="SECONDS", help="rescan the repository every SECONDS and serve new "
                    "versions as `tandem repo` writes them (default: load once)")
     p.set_defaults(handler=cmd_serve)
@@ -63,7 +66,8 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = all cores)")
     g.add_argument("--version", type=int, help="version folder to write (default: next)")
     g.add_argument("--keep-versions", type=int, default=2, help="newest version folders to keep (default 2)")
-    g.add_argument("--copy", action="store_true", help="copy artifacts instead of hard-linking them")
+    g.add_argument("--link", action="store_true", help="hard-link artifacts instead of copying them (saves disk; the "
+                   "repository then shares the export's files: editing one changes both)")
 
 
 def add_server_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
@@ -124,7 +128,7 @@ def repository_options(args: argparse.Namespace) -> dict:
         "intra_op_threads": args.intra_op_threads,
         "version": args.version,
         "keep_versions": args.keep_versions,
-        "link": not args.copy,
+        "link": args.link,
     }
 
 
@@ -181,9 +185,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "Ctrl-C (or SIGTERM) stops the server",
         flush=True,
     )
-    code = server.serve_forever()
-    print(f"tritonserver stopped (exit code {code})")
-    return 0
+    report = server.serve_forever(grace_s=args.grace)
+    print(report.describe(), flush=True)
+    return 0 if report.ok else 1
 
 
 def _exposure(server) -> str:

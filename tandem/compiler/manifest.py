@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from tandem.config import ModelConfig
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import TensorEntry
+from tandem.export.manifest import TensorEntry, artifact_path
 from tandem.compiler.targets import TARGETS, describe_arch
 from tandem.util import atomic_write_text, sha256_file
 
@@ -179,7 +179,7 @@ def check_compatible(manifest: CompiledManifest, directory: Path, toolchain: str
 
 
 def verify_artifact(directory: Path, artifact: CompiledArtifact) -> Path:
-    path = Path(directory) / artifact.file
+    path = artifact_path(directory, artifact.file)  # confined to the folder, no symlinks
     if not path.is_file():
         raise ArtifactError(f"artifact {path} listed in {directory / COMPILED_MANIFEST} is missing; build again")
     actual = sha256_file(path)

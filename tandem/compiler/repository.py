@@ -37,6 +37,7 @@ from tandem.serving.repository import (
     ModelTarget,
     PythonRuntimeTarget,
     register_flavor,
+    write_model_py,
 )
 
 PARAM_NEURON_CORES = "neuron_cores_per_instance"
@@ -93,9 +94,9 @@ class CompiledRuntimeTarget(PythonRuntimeTarget):
             raise ArtifactError(f"{directory} has no artifacts for {missing}; build again")
         target_dir = version_dir / ARTIFACTS_DIR
         for artifact in shipped:
-            ctx.place(verify_artifact(directory, artifact), target_dir / artifact.file)
+            ctx.place(verify_artifact(directory, artifact), target_dir / artifact.file, target_dir)
         manifest.model_copy(update={"artifacts": shipped}).write(target_dir)
-        (version_dir / "model.py").write_text(_model_py(self.MODULES[stage]))
+        write_model_py(version_dir, self.MODULES[stage])
 
     def describe(self) -> str:
         return f"python backend + tandem {self.runtime} runtime over compiled artifacts"
@@ -153,17 +154,10 @@ class TensorRTPlanTarget(ModelTarget):
 
     def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
         directory, _, engine = self._served(ctx)
-        ctx.place(verify_artifact(directory, engine), version_dir / engine.file)
+        ctx.place(verify_artifact(directory, engine), version_dir / engine.file, version_dir)
 
     def describe(self) -> str:
         return "Triton tensorrt_plan backend"
-
-
-def _model_py(module: str) -> str:
-    """The serving writer's generated model.py (it makes tandem importable in the backend stub)."""
-    from tandem.serving.repository import _MODEL_PY
-
-    return _MODEL_PY.format(module=module)
 
 
 def compiled_flavors() -> list[Flavor]:

@@ -124,18 +124,25 @@ def graph_profile(spec: GraphSpec) -> dict[str, dict[str, list[int]]]:
 
 
 def served_refinement_plan(config: ModelConfig) -> EnginePlan:
-    """The refinement engine Triton's tensorrt_plan backend serves: INT32 tokens [B, h*w] ->
-    UINT8 image [B, H, W, 3], the same wire format as the python-backend model."""
+    """The refinement engine Triton's tensorrt_plan backend serves: the served interface of
+    refinement (INT32 tokens [B, h*w] -> UINT8 image [B, H, W, 3] and the tokens it rendered), the
+    same wire format as the python-backend model."""
+    from tandem.serving.interface import REFINEMENT, served_models
+
     spec = graph_specs(config)["refinement"]
     batch = spec.dims["batch"]
-    n = config.scene.num_tokens
-    profile = {which: {"scene_tokens": [getattr(batch, which), n]} for which in ("min", "opt", "max")}
+    served = served_models(config)[REFINEMENT]
+
+    def entries(tensors) -> list[TensorEntry]:
+        return [TensorEntry(name=t.name, dtype=t.numpy_dtype.name, shape=["batch", *t.dims]) for t in tensors]
+
+    profile = {which: {t.name: [getattr(batch, which), *t.dims] for t in served.inputs} for which in ("min", "opt", "max")}
     return EnginePlan(
         graph=SERVED_REFINEMENT,
         stage="refinement",
         onnx_file=f"{SERVED_REFINEMENT}.onnx",
-        inputs=[TensorEntry(name="scene_tokens", dtype="int32", shape=["batch", n])],
-        outputs=[TensorEntry(name="image", dtype="uint8", shape=["batch", config.image_height, config.image_width, 3])],
+        inputs=entries(served.inputs),
+        outputs=entries(served.outputs),
         profile=profile,
         served=True,
     )

@@ -4,7 +4,7 @@ matches PyTorch. Runtimes read it to find and verify graphs before loading them.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ValidationError
 
@@ -41,6 +41,7 @@ class GraphEntry(BaseModel):
     file: str
     sha256: str
     external_data: list[str] = []
+    external_data_sha256: dict[str, str] = {}  # file -> sha256 of every external_data file
     optimized_file: str | None = None  # ONNX Runtime offline-optimised graph
     optimized_sha256: str | None = None
     inputs: list[TensorEntry]
@@ -97,14 +98,56 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise ArtifactError(
             f"{path} has format version {manifest.format_version}, this tandem reads {FORMAT_VERSION}; export again"
         )
+    if manifest.config.fingerprint() != manifest.config_fingerprint:
+        # The graphs were exported and validated for the config the fingerprint names; an edited
+        # config (codebook, grid, prompt length) would load and then fail or generate out of range.
+        raise ArtifactError(
+            f"the config in {path} does not match its config_fingerprint: it was edited after the export; "
+            "export again rather than editing the manifest"
+        )
     return manifest
 
 
+def artifact_path(directory: str | Path, file: str) -> Path:
+    """The file a manifest names, confined to its folder: a relative path without ``..``, no
+    component a symlink (a link inside the folder may point anywhere), resolving inside
+    ``directory``. Nothing in an export is trusted because tandem wrote it: a crafted manifest must
+    not reach files outside the folder, nor place files outside a repository version folder."""
+    directory = Path(directory)
+    pure = PurePosixPath(file) if isinstance(file, str) else None
+    if (
+        pure is None
+        or not file
+        or "\\" in file
+        or "\x00" in file
+        or pure.is_absolute()
+        or any(part in ("..", ".", "") for part in file.split("/"))
+    ):
+        raise ArtifactError(
+            f"the manifest in {directory} names the file {file!r}, which is not a plain relative path inside the export; "
+            "refusing to read it (a tampered export?): export again"
+        )
+    path = directory
+    for part in pure.parts:
+        path = path / part
+        if path.is_symlink():
+            raise ArtifactError(
+                f"artifact {path} is a symbolic link; exports hold regular files only, refusing to follow it "
+                "(a tampered export?): export again"
+            )
+    root = directory.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ArtifactError(f"artifact {file!r} resolves outside {directory}; refusing to read it: export again")
+    return path
+
+
 def verify_file(directory: Path, file: str, expected_sha256: str) -> Path:
-    """Refuse a missing or modified artifact before any runtime tries to parse it."""
-    path = Path(directory) / file
-    if not path.exists():
+    """Refuse a missing, modified or out-of-folder artifact before any runtime tries to parse it."""
+    path = artifact_path(directory, file)
+    if not path.is_file():
         raise ArtifactError(f"artifact {path} listed in the manifest is missing; export again")
+    if not expected_sha256:
+        raise ArtifactError(f"the manifest records no sha256 for {path}; it cannot be checked and will not be loaded: export again")
     actual = sha256_file(path)
     if actual != expected_sha256:
         raise ArtifactError(
@@ -112,3 +155,15 @@ def verify_file(directory: Path, file: str, expected_sha256: str) -> Path:
             f"{expected_sha256[:12]}...); export again"
         )
     return path
+
+
+def verify_graph_files(directory: str | Path, entry: GraphEntry, optimized: bool) -> list[str]:
+    """Names of the files one graph loads from (its .onnx, or ORT's optimised copy, plus external
+    data), each confined to ``directory`` and checked against its recorded sha256."""
+    if optimized and entry.optimized_file:
+        verify_file(Path(directory), entry.optimized_file, entry.optimized_sha256 or "")
+        return [entry.optimized_file]
+    verify_file(Path(directory), entry.file, entry.sha256)
+    for extra in entry.external_data:
+        verify_file(Path(directory), extra, entry.external_data_sha256.get(extra, ""))
+    return [entry.file, *entry.external_data]

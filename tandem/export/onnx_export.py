@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from tandem.config import ModelConfig
 from tandem.errors import TandemError
 from tandem.export.manifest import (
+    MANIFEST_NAME,
     GenerationCheck,
     GraphEntry,
     Manifest,
@@ -103,6 +104,7 @@ def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry
         file=path.name,
         sha256=sha256_file(path),
         external_data=sorted(external_files),
+        external_data_sha256={name: sha256_file(directory / name) for name in external_files},
         inputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.inputs],
         outputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.outputs],
         dims={n: [r.min, r.opt, r.max] for n, r in spec.dims.items()},
@@ -190,13 +192,45 @@ def _weights_label(config: ModelConfig, checkpoint: str | Path | None) -> str:
     return f"checkpoint:{sha256_file(Path(checkpoint))}" if checkpoint else f"seed:{config.seed}"
 
 
+def export_files(directory: Path) -> set[str]:
+    """What an export in ``directory`` wrote (its manifest and every file it lists); empty when it
+    holds no readable manifest."""
+    try:
+        manifest = Manifest.model_validate_json((Path(directory) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return set()
+    names = {MANIFEST_NAME}
+    for entry in manifest.graphs.values():
+        names |= {entry.file, *entry.external_data, *([entry.optimized_file] if entry.optimized_file else [])}
+    return names
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """An export replaces ``out`` as a whole, so ``out`` must be absent, empty or an earlier export
+    holding nothing but its own files; anything else (notes, other outputs) is kept unless ``force``."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TandemError(f"{out} exists and is not a folder; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in export_files(out))
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise TandemError(
+            f"{out} holds files a tandem export did not write ({shown}); exporting would replace the folder and delete them. "
+            "Choose another --out, or pass --force to replace it"
+        )
+
+
 def export_model(
-    config: ModelConfig, out: str | Path, checkpoint: str | Path | None = None, progress: bool = True
+    config: ModelConfig, out: str | Path, checkpoint: str | Path | None = None, progress: bool = True, force: bool = False
 ) -> ExportResult:
+    """Export and validate both stages into ``out``, staged and swapped in whole. ``out`` must not
+    hold files an export did not write unless ``force`` (see :func:`check_replaceable`)."""
     from tandem.runtimes.onnxruntime import OnnxRuntime
     from tandem.runtimes.torch_eager import TorchRuntime
 
     out = Path(out)
+    check_replaceable(out, force)
     stages = build_stages(config, checkpoint)
     reference = TorchRuntime(config, stages=stages)
     specs = graph_specs(config)

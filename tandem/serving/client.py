@@ -30,6 +30,7 @@ from tandem.serving.interface import (
     REFINEMENT,
     SCENE_TOKENS,
     SEED,
+    SERVED_MODELS,
     TEMPERATURE,
     TOP_K,
 )
@@ -205,15 +206,21 @@ class TandemClient:
             return False
 
     def served_models(self) -> list[str]:
-        """Names (with version) of the models the server reports ready."""
-        try:
-            if self.endpoint.protocol == "grpc":
-                index = self.client.get_model_repository_index(headers=self.headers, as_json=True).get("models", [])
-            else:
-                index = self.client.get_model_repository_index(headers=self.headers)
-        except Exception:
-            return []
-        return sorted(f"{m['name']} v{m.get('version', '?')}" for m in index if m.get("state") == "READY")
+        """Names (with version) of tandem's models the server reports ready. Asks each model's
+        metadata: the repository index belongs to the model-control API, closed by default."""
+        served = []
+        for name in SERVED_MODELS:
+            try:
+                if not self.client.is_model_ready(name, headers=self.headers):
+                    continue
+                if self.endpoint.protocol == "grpc":
+                    versions = self.client.get_model_metadata(name, headers=self.headers, as_json=True).get("versions", [])
+                else:
+                    versions = self.client.get_model_metadata(name, headers=self.headers).get("versions", [])
+            except Exception:
+                continue
+            served += [f"{name} v{version}" for version in versions]
+        return sorted(served)
 
     def model_config(self, model: str) -> dict:
         if model not in self._configs:

@@ -24,6 +24,10 @@ TEMPERATURE = "temperature"
 TOP_K = "top_k"
 SCENE_TOKENS = "scene_tokens"
 IMAGE = "image"
+# refinement also returns the tokens it rendered. The ensemble's scene_tokens output comes from
+# there, not from reasoning: Triton 2.51 fails every ensemble request for a subset of its outputs
+# ("unexpected deadlock") when an ensemble output is also the input of a later step.
+RENDERED_TOKENS = "rendered_tokens"
 
 # Parameters every generated config carries so clients and operators can see what is served.
 PARAM_GRID = "tandem.grid"  # "<h>x<w>": scene tokens travel flat ([h*w], row-major); this restores the grid
@@ -84,6 +88,6 @@ def served_models(config: ModelConfig) -> dict[str, ServedModel]:
     prompt = ServedTensor(PROMPT, "TYPE_STRING", (1,))
     return {
         REASONING: ServedModel(REASONING, (prompt, *SAMPLING_INPUTS), (tokens,)),
-        REFINEMENT: ServedModel(REFINEMENT, (tokens,), (image,)),
+        REFINEMENT: ServedModel(REFINEMENT, (tokens,), (image, ServedTensor(RENDERED_TOKENS, tokens.data_type, tokens.dims))),
         ENSEMBLE: ServedModel(ENSEMBLE, (prompt, *SAMPLING_INPUTS), (image, tokens)),
     }

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tandem.config import ModelConfig
 from tandem.errors import ArtifactError
-from tandem.serving.interface import IMAGE, SCENE_TOKENS
+from tandem.serving.interface import IMAGE, RENDERED_TOKENS, SCENE_TOKENS
 from tandem.util import atomic_write_path
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # as the exporter: protobuf caps a file at 2 GiB
@@ -55,6 +55,7 @@ def wrap_refinement(model: onnx.ModelProto, config: ModelConfig) -> onnx.ModelPr
         helper.make_node("Add", ["tandem_image_scaled", "tandem_half"], ["tandem_image_rounded"]),
         helper.make_node("Cast", ["tandem_image_rounded"], ["tandem_image_uint8"], to=TensorProto.UINT8),
         helper.make_node("Transpose", ["tandem_image_uint8"], [IMAGE], perm=[0, 2, 3, 1]),
+        helper.make_node("Identity", [SCENE_TOKENS], [RENDERED_TOKENS]),  # the tokens rendered, for the ensemble
     ]
     nodes = [*pre, *graph.node, *post]
     del graph.node[:]
@@ -63,6 +64,7 @@ def wrap_refinement(model: onnx.ModelProto, config: ModelConfig) -> onnx.ModelPr
     graph.input.append(helper.make_tensor_value_info(SCENE_TOKENS, TensorProto.INT32, ["batch", h * w]))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(IMAGE, TensorProto.UINT8, ["batch", height, width, 3]))
+    graph.output.append(helper.make_tensor_value_info(RENDERED_TOKENS, TensorProto.INT32, ["batch", h * w]))
     onnx.checker.check_model(model)
     return model
 

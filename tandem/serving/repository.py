@@ -41,7 +41,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_file
+from tandem.export.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
@@ -52,6 +52,7 @@ from tandem.serving.interface import (
     PARAM_GRID,
     PROMPT,
     REASONING,
+    RENDERED_TOKENS,
     REFINEMENT,
     SCENE_TOKENS,
     SEED,
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REPOSITORY = "model_repository"
 CONFIG_NAME = "config.pbtxt"
 ARTIFACTS_DIR = "artifacts"  # inside a python-backend version folder
+ENSEMBLE_INTERNAL_TOKENS = "reasoning_scene_tokens"  # reasoning -> refinement inside the ensemble
 
 # Why these defaults: a reasoning batch runs hundreds of decode steps, so waiting a few ms to fill
 # it is cheap; refinement is one short graph run, so it waits less.
@@ -89,7 +91,7 @@ class RepositoryOptions:
     optimized: bool = True  # ship ONNX Runtime's offline-optimised graphs (python backend), as in-process does
     version: int | None = None  # version folder to write; default: one above the newest present
     keep_versions: int = 2  # older version folders are deleted (the newest N stay, for rollback)
-    link: bool = True  # hard-link artifacts into the repository when on the same filesystem (else copy)
+    link: bool = False  # hard-link artifacts (same filesystem only) instead of copying: cheap, but shares the export's files
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -138,18 +140,14 @@ class BuildContext:
         entry = self.manifest.graphs.get(graph)
         if entry is None:
             raise ArtifactError(f"{self.artifacts} has no graph {graph!r}; it has {sorted(self.manifest.graphs)}")
-        if optimized and entry.optimized_file:
-            verify_file(self.artifacts, entry.optimized_file, entry.optimized_sha256 or "")
-            return [entry.optimized_file]
-        verify_file(self.artifacts, entry.file, entry.sha256)
-        for extra in entry.external_data:
-            if not (self.artifacts / extra).exists():
-                raise ArtifactError(f"external data {self.artifacts / extra} of {graph} is missing; export again")
-        return [entry.file, *entry.external_data]
+        return verify_graph_files(self.artifacts, entry, optimized)
 
-    def place(self, source: Path, target: Path) -> None:
-        """Hard link (cheap for artifacts of hundreds of MB; exports replace files, never edit them)
-        or copy when linking is not possible or not wanted."""
+    def place(self, source: Path, target: Path, within: Path) -> None:
+        """Copy ``source`` to ``target``, which must stay inside the version folder ``within``
+        (names come from a manifest). Hard links only when asked for (``link=True``): a linked
+        repository file IS the export's file, so editing one corrupts the other."""
+        if not target.resolve().is_relative_to(within.resolve()):
+            raise ArtifactError(f"{target} would be written outside the version folder {within}; refusing (a tampered export?)")
         target.parent.mkdir(parents=True, exist_ok=True)
         if self.options.link:
             try:
@@ -157,7 +155,7 @@ class BuildContext:
                 return
             except OSError:
                 pass
-        shutil.copy2(source, target)
+        shutil.copy2(source, target, follow_symlinks=False)
 
 
 class ModelTarget(ABC):
@@ -198,6 +196,19 @@ from {module} import TritonPythonModel  # noqa: E402,F401
 '''
 
 
+def write_model_py(version_dir: Path, module: str) -> Path:
+    """The generated model.py, with its bytecode beside it: the backend stub would otherwise write
+    ``__pycache__`` into the version folder on load, and Triton's poll mode takes that change for a
+    new model and loads everything a second time."""
+    import importlib.util
+    import py_compile
+
+    path = version_dir / "model.py"
+    path.write_text(_MODEL_PY.format(module=module))
+    py_compile.compile(str(path), cfile=importlib.util.cache_from_source(str(path)), doraise=True)
+    return path
+
+
 class PythonRuntimeTarget(ModelTarget):
     """A python-backend model running a tandem runtime in-process over the graphs shipped in its
     version folder: the reasoning loop (prefill + decode over the static KV cache) or refinement."""
@@ -232,8 +243,8 @@ class PythonRuntimeTarget(ModelTarget):
 
     def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
         for source, name in self.collect_files(ctx, stage):
-            ctx.place(source, version_dir / ARTIFACTS_DIR / name)
-        (version_dir / "model.py").write_text(_MODEL_PY.format(module=self.MODULES[stage]))
+            ctx.place(source, version_dir / ARTIFACTS_DIR / name, version_dir / ARTIFACTS_DIR)
+        write_model_py(version_dir, self.MODULES[stage])
 
     def describe(self) -> str:
         return f"python backend + tandem {self.runtime} runtime"
@@ -366,14 +377,21 @@ def ensemble_config(ctx: BuildContext) -> mc.ModelConfig:
     config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=ctx.options.max_batch_size)
     config.version_policy.latest.num_versions = 1
     _add_tensors(config, ctx.served[ENSEMBLE])
+    for tensor in config.input:
+        # Optional here (reasoning still requires it): Triton reports a required ensemble input
+        # that is missing as "unexpected deadlock"; reasoning's own check names the problem.
+        tensor.optional = True
     steps = config.ensemble_scheduling
     reasoning = steps.step.add(model_name=REASONING, model_version=-1)
     for name in (PROMPT, SEED, TEMPERATURE, TOP_K):
         reasoning.input_map[name] = name
-    reasoning.output_map[SCENE_TOKENS] = SCENE_TOKENS
+    # No ensemble output may also feed a later step, or requests for a subset of the outputs fail
+    # (Triton 2.51); the tokens travel under an internal name and come back from refinement.
+    reasoning.output_map[SCENE_TOKENS] = ENSEMBLE_INTERNAL_TOKENS
     refinement = steps.step.add(model_name=REFINEMENT, model_version=-1)
-    refinement.input_map[SCENE_TOKENS] = SCENE_TOKENS
+    refinement.input_map[SCENE_TOKENS] = ENSEMBLE_INTERNAL_TOKENS
     refinement.output_map[IMAGE] = IMAGE
+    refinement.output_map[RENDERED_TOKENS] = SCENE_TOKENS
     _common_parameters(ctx, config)
     return config
 
@@ -409,11 +427,46 @@ def existing_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name))
 
 
-def _write_model(model_dir: Path, version: int, config: mc.ModelConfig, populate, keep_versions: int) -> None:
+class _Undo:
+    """What one `write_repository` call changed, so a failure can put the repository back as it
+    was: new version folders removed, replaced configs restored, folders it created removed."""
+
+    def __init__(self) -> None:
+        self.actions: list = []
+
+    def created_dir(self, path: Path) -> None:
+        if not path.exists():
+            self.actions.append(lambda: path.rmdir() if path.is_dir() and not any(path.iterdir()) else None)
+
+    def wrote_version(self, path: Path) -> None:
+        self.actions.append(lambda: shutil.rmtree(path, ignore_errors=True))
+
+    def replacing(self, path: Path) -> None:
+        previous = path.read_text() if path.exists() else None
+        self.actions.append(lambda: atomic_write_text(path, previous) if previous is not None else path.unlink(missing_ok=True))
+
+    def rollback(self) -> None:
+        for action in reversed(self.actions):
+            try:
+                action()
+            except OSError as exc:
+                log.warning("could not undo a partial repository write: %s", exc)
+
+
+def _write_model(model_dir: Path, version: int, config: mc.ModelConfig, populate, undo: _Undo) -> None:
     text = render_config(config)  # fail before touching the repository
-    with atomic_directory(model_dir / str(version)) as staging:
+    undo.created_dir(model_dir)
+    version_dir = model_dir / str(version)
+    if version_dir.exists():
+        raise TandemError(f"{version_dir} already exists; choose another --version (or leave it out for the next one)")
+    with atomic_directory(version_dir) as staging:
         populate(staging)
+    undo.wrote_version(version_dir)
+    undo.replacing(model_dir / CONFIG_NAME)
     atomic_write_text(model_dir / CONFIG_NAME, text)
+
+
+def _prune(model_dir: Path, version: int, keep_versions: int) -> None:
     for old in existing_versions(model_dir)[:-keep_versions]:
         if old != version:
             shutil.rmtree(model_dir / str(old), ignore_errors=True)
@@ -467,13 +520,21 @@ def write_repository(
     ctx = BuildContext(artifacts, manifest, served_models(manifest.config), opts, chosen.name, target_options)
 
     version = opts.version or max([0, *(v for m in (REASONING, REFINEMENT, ENSEMBLE) for v in existing_versions(out / m))]) + 1
-    for stage in (REFINEMENT, REASONING):  # composing models first, the ensemble that names them last
-        if stage not in stages:
-            continue
-        target = chosen.targets[stage]
-        config = stage_config(ctx, stage, target)
-        _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), opts.keep_versions)
-    if {REASONING, REFINEMENT} <= set(stages):
-        _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, opts.keep_versions)
+    undo = _Undo()
+    undo.created_dir(out)
+    composing = [m for m in (REFINEMENT, REASONING) if m in stages]
+    ensemble = [ENSEMBLE] if len(composing) == 2 else []  # a one-stage repository has no ensemble
+    try:
+        for stage in composing:  # composing models first, the ensemble that names them last
+            target = chosen.targets[stage]
+            config = stage_config(ctx, stage, target)
+            _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), undo)
+        if ensemble:
+            _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, undo)
+    except BaseException:
+        undo.rollback()  # a failed write leaves the repository as it found it
+        raise
+    for model in composing + ensemble:
+        _prune(out / model, version, opts.keep_versions)
     log.debug("wrote %s flavor version %d of %s to %s", chosen.name, version, manifest.config.name, out)
     return out

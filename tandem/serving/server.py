@@ -27,11 +27,13 @@ import sysconfig
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
 from tandem.errors import TandemError
-from tandem.serving.interface import ENSEMBLE
+from tandem.serving.interface import ENSEMBLE, REASONING
+from tandem.serving.models.common import BUSY_PREFIX, DRAIN_DIR_ENV, DRAINING_FILE
 from tandem.serving.security import APIRestriction, TLSOptions, admin_restriction
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,8 @@ def _server_preexec() -> None:
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "tandem-shm-"
 SHM_GUARD_INTERVAL_S = 0.1
+DEFAULT_GRACE_S = 60.0  # what `tandem serve` waits on SIGTERM for generations in flight to finish
+DRAIN_SETTLE_S = 0.3
 _shm_counter = itertools.count()
 
 
@@ -237,6 +241,39 @@ def check_bundled_support(repository: Path) -> None:
                 "nvidia-pytriton does not include; serve this repository from NVIDIA's Triton container, or write "
                 "one for the bundled server with `tandem repo --flavor local`"
             )
+
+
+@dataclass(frozen=True)
+class StopReport:
+    drained: bool  # everything in flight finished within the grace period
+    exit_code: int | None  # tritonserver's; negative: killed by that signal
+    grace_s: float
+    queued: int = 0  # still queued / running when the grace period ran out
+    busy: int = 0
+
+    @property
+    def ok(self) -> bool:
+        # After a drain every generation that started has been answered. tritonserver may still
+        # exit 1 when its exit timeout ran out on idle keep-alive connections or on requests that
+        # arrived after the drain began (refused, never started): nothing was dropped then.
+        # Killed (a negative code) is never clean.
+        return self.drained and self.exit_code is not None and self.exit_code >= 0
+
+    def describe(self) -> str:
+        if self.ok:
+            note = f" (tritonserver exited {self.exit_code}: requests that arrived while stopping were refused)" if self.exit_code else ""
+            return f"tritonserver stopped cleanly; every generation in flight was answered{note}"
+        why = []
+        if not self.drained:
+            why.append(
+                f"work was still in flight after the {self.grace_s:.0f} s grace period ({self.queued} queued requests, "
+                f"{self.busy} busy model processes) and was dropped; raise --grace to wait longer"
+            )
+        if self.exit_code is not None and self.exit_code < 0:
+            why.append(f"tritonserver had to be killed (signal {-self.exit_code})")
+        elif self.exit_code:
+            why.append(f"tritonserver exited with code {self.exit_code}")
+        return "; ".join(why)
 
 
 class TritonServer:
@@ -396,6 +433,8 @@ class TritonServer:
         self._log.clear()
         self._workdir = tempfile.TemporaryDirectory(prefix="tandem-triton-")
         backend_dir = prepare_backend_directory(Path(self._workdir.name) / "backends")
+        self.drain_dir = Path(self._workdir.name) / "drain"
+        self.drain_dir.mkdir()
         command = self.command(backend_dir)
         log.debug("starting %s", " ".join(command))
         self.process = subprocess.Popen(
@@ -403,7 +442,7 @@ class TritonServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_environment(),
+            env={**server_environment(), DRAIN_DIR_ENV: str(self.drain_dir)},
             cwd=self._workdir.name,
             start_new_session=True,  # our signal handling decides when it stops, not the terminal's Ctrl-C
             preexec_fn=_server_preexec,
@@ -496,8 +535,59 @@ class TritonServer:
         remove_shm_regions(self.shm_prefix)  # the stubs unlink theirs on a clean stop; not after a kill
         return code
 
-    def serve_forever(self) -> int:
-        """Block until SIGINT/SIGTERM or until the server exits by itself; then stop it."""
+    # -- drain --------------------------------------------------------------------------------------
+    def in_flight(self) -> tuple[int, int]:
+        """(requests queued in Triton's schedulers, model processes running work now). Queued
+        requests are Triton's ``nv_inference_pending_request_count`` metric; running work is
+        the models' busy markers (see tandem.serving.models.common.Activity)."""
+        import urllib.request
+
+        busy = 0
+        for marker in self.drain_dir.glob(f"{BUSY_PREFIX}*"):
+            pid = marker.name[len(BUSY_PREFIX):]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                busy += 1
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        pending = 0
+        for line in text.splitlines():
+            # Requests queued for reasoning never start once a drain began (it refuses them), so
+            # they are not work to wait for; what is queued anywhere else is (refinement steps).
+            if line.startswith("nv_inference_pending_request_count{") and f'model="{REASONING}"' not in line:
+                pending += int(float(line.rsplit(" ", 1)[1]))
+        return pending, busy
+
+    def drain(self, grace_s: float, settle_s: float = DRAIN_SETTLE_S) -> bool:
+        """Stop taking new generations and wait up to ``grace_s`` for the work in flight to finish.
+
+        tritonserver's own stop (SIGINT/SIGTERM) refuses every new request at once, including the
+        ensemble's second step of a generation whose reasoning step already ran ("Server is
+        stopping"), so a plain stop fails the generations in flight. Here reasoning refuses new
+        work first (UNAVAILABLE) while refinement keeps serving, and the server is idle once no
+        request is queued and no model is busy for ``settle_s`` in a row (a finished step reaches
+        the next step's queue within milliseconds). Returns whether it became idle in time."""
+        if not self.is_running():
+            return True
+        (self.drain_dir / DRAINING_FILE).touch()
+        deadline = time.monotonic() + grace_s
+        idle_since = None
+        while self.is_running():
+            try:
+                idle = self.in_flight() == (0, 0)
+            except OSError:
+                idle = False
+            now = time.monotonic()
+            idle_since = (idle_since or now) if idle else None
+            if idle_since is not None and (now - idle_since >= settle_s or now >= deadline):
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(0.05)
+        return False  # it stopped by itself while draining
+
+    def serve_forever(self, grace_s: float = DEFAULT_GRACE_S) -> "StopReport":
+        """Block until SIGINT/SIGTERM or until the server exits by itself; then drain (up to
+        ``grace_s``) and stop it."""
         stop = threading.Event()
 
         def handler(signum: int, frame: FrameType | None) -> None:
@@ -510,10 +600,15 @@ class TritonServer:
                     error = self._failure(f"tritonserver exited unexpectedly (code {self.process.poll()})")
                     self.stop()
                     raise error
-        finally:
+            drained = self.drain(grace_s)
+            left = (0, 0)
+            if not drained and self.is_running():
+                with contextlib.suppress(OSError):
+                    left = self.in_flight()
+        finally:  # a second signal while draining must not kill us half-way: restore handlers only now
             for sig, old in previous.items():
                 signal.signal(sig, old)
-        return self.stop() or 0
+        return StopReport(drained, self.stop(), grace_s, *left)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -6,7 +6,12 @@ errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +55,9 @@ def _rows(array: np.ndarray | None, name: str) -> np.ndarray | None:
     return array[:, 0]
 
 
-def parse_prompts(array: np.ndarray) -> list[str]:
+def parse_prompts(array: np.ndarray | None) -> list[str]:
+    if array is None:
+        raise TandemError("input 'prompt' is missing: send one UTF-8 prompt per row (BYTES, shape [batch, 1])")
     prompts = []
     for row, value in enumerate(_rows(array, "prompt")):
         raw = value if isinstance(value, bytes) else str(value).encode()
@@ -99,3 +106,65 @@ def parse_scene_tokens(array: np.ndarray, grid: tuple[int, int], codebook_size: 
             f"{int(bad.sum())} scene tokens are outside the codebook [0, {codebook_size}); edit them into range"
         )
     return array.reshape(-1, h, w).astype(np.int64)
+
+
+# -- errors that reach clients and the server log ---------------------------------------------------
+
+_NUMBERS = re.compile(r"\d+")
+
+
+def failure_message(what: str, exc: BaseException) -> str:
+    """The message of a failure while running a batch, safe to send and log. A TandemError was
+    written for the client and never quotes token values; anything else (ONNX Runtime's own errors
+    print offending indices, e.g. "idx=777", i.e. scene-token values) keeps its type and text with
+    every number masked."""
+    if isinstance(exc, TandemError):
+        return str(exc)
+    return f"{what} failed: {type(exc).__name__}: {_NUMBERS.sub('#', str(exc))[:500]}"
+
+
+# -- drain: finishing in-flight work when the server stops ------------------------------------------
+
+DRAIN_DIR_ENV = "TANDEM_DRAIN_DIR"  # set by tandem.serving.server for the stubs it starts
+DRAINING_FILE = "draining"  # created in that folder when the server begins to stop
+BUSY_PREFIX = "busy-"  # busy-<pid>: this stub is running work right now
+
+
+class DrainingError(TandemError):
+    """The server is stopping: this request was not started (retry elsewhere or after the restart)."""
+
+
+class Activity:
+    """What `tandem serve` needs to stop without dropping work (see TritonServer.drain): new
+    generations are refused once the drain starts, and the stub shows while it is busy (a
+    ``busy-<pid>`` file exists while any work is running in this process). A decoupled model
+    holds :meth:`busy` for the life of each generation, not only of ``execute``."""
+
+    def __init__(self, folder: str | None = None):
+        folder = folder if folder is not None else os.environ.get(DRAIN_DIR_ENV)
+        self.folder = Path(folder) if folder else None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Raise DrainingError once the server is stopping."""
+        if self.folder is not None and (self.folder / DRAINING_FILE).exists():
+            raise DrainingError("the server is stopping and starts no new generations; retry on another replica or after the restart")
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        if self.folder is None:
+            yield
+            return
+        marker = self.folder / f"{BUSY_PREFIX}{os.getpid()}"
+        with self._lock:
+            self._count += 1
+            if self._count == 1:
+                marker.touch()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+                if self._count == 0:
+                    marker.unlink(missing_ok=True)

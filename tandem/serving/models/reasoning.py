@@ -15,13 +15,24 @@ import triton_python_backend_utils as pb_utils
 
 from tandem.errors import TandemError
 from tandem.serving.interface import PROMPT, SCENE_TOKENS, SEED, TEMPERATURE, TOP_K
-from tandem.serving.models.common import check_prompts, load_pipeline, model_parameters, parse_prompts, parse_sampling
+from tandem.serving.models.common import (
+    Activity,
+    DrainingError,
+    check_prompts,
+    failure_message,
+    load_pipeline,
+    model_parameters,
+    parse_prompts,
+    parse_sampling,
+)
 
 
-def error_response(message: str) -> "pb_utils.InferenceResponse":
-    return pb_utils.InferenceResponse(
-        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-    )
+def error_response(message: str, code: str = "INVALID_ARG") -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
+
+
+def refusal(exc: Exception) -> "pb_utils.InferenceResponse":
+    return error_response(str(exc), "UNAVAILABLE" if isinstance(exc, DrainingError) else "INVALID_ARG")
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -35,25 +46,31 @@ class TritonPythonModel:
         version_dir = f"{args['model_repository']}/{args['model_version']}"
         self.pipeline = load_pipeline(version_dir, model_parameters(config), args.get("model_instance_kind", "CPU"))
         self.max_prompt_len = self.pipeline.config.reasoning.max_prompt_len
+        self.activity = Activity()
         pb_utils.Logger.log_info(
             f"reasoning: {self.pipeline.config.name} on {self.pipeline.runtime.describe()}, "
             f"{self.pipeline.config.scene.num_tokens} scene tokens per prompt"
         )
 
     def parse(self, request) -> tuple[list[str], list]:
+        self.activity.admit()
         prompts = parse_prompts(_input(request, PROMPT))
         check_prompts(prompts, self.max_prompt_len)
         params = parse_sampling(len(prompts), _input(request, SEED), _input(request, TEMPERATURE), _input(request, TOP_K))
         return prompts, params
 
     def execute(self, requests: list) -> list:
+        with self.activity.busy():
+            return self._execute(requests)
+
+    def _execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         prompts, params, owners = [], [], []
         for index, request in enumerate(requests):
             try:
                 rows, row_params = self.parse(request)
             except TandemError as exc:
-                responses[index] = error_response(str(exc))
+                responses[index] = refusal(exc)
                 continue
             prompts += rows
             params += row_params
@@ -62,7 +79,7 @@ class TritonPythonModel:
             try:
                 tokens = self.pipeline.generate_tokens(prompts, params)
             except Exception as exc:  # one failure answers every request of the batch, and the model keeps serving
-                message = str(exc) if isinstance(exc, TandemError) else f"generation failed: {type(exc).__name__}: {exc}"
+                message = failure_message("generation", exc)
                 for index in set(owners):
                     responses[index] = error_response(message)
                 return responses

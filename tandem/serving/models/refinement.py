@@ -1,4 +1,5 @@
-"""Triton python-backend model ``refinement``: scene tokens [h*w] -> image [H, W, 3] uint8.
+"""Triton python-backend model ``refinement``: scene tokens [h*w] -> image [H, W, 3] uint8, plus
+the tokens it rendered (``rendered_tokens``, the ensemble's ``scene_tokens`` output).
 
 Tokens of every valid request in a dynamic batch are rendered in one run; a request with tokens
 outside the codebook gets its own error and the others are still served. Imported only inside
@@ -12,8 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tandem.errors import TandemError
-from tandem.serving.interface import IMAGE, SCENE_TOKENS
-from tandem.serving.models.common import load_pipeline, model_parameters, parse_scene_tokens
+from tandem.serving.interface import IMAGE, RENDERED_TOKENS, SCENE_TOKENS
+from tandem.serving.models.common import Activity, failure_message, load_pipeline, model_parameters, parse_scene_tokens
 from tandem.serving.models.reasoning import error_response
 
 
@@ -23,9 +24,14 @@ class TritonPythonModel:
         version_dir = f"{args['model_repository']}/{args['model_version']}"
         self.pipeline = load_pipeline(version_dir, model_parameters(config), args.get("model_instance_kind", "CPU"))
         self.codebook_size = self.pipeline.config.scene.codebook_size
+        self.activity = Activity()  # no admission check: a draining server still finishes the ensemble's second step
         pb_utils.Logger.log_info(f"refinement: {self.pipeline.config.name} on {self.pipeline.runtime.describe()}")
 
     def execute(self, requests: list) -> list:
+        with self.activity.busy():
+            return self._execute(requests)
+
+    def _execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         batches, owners = [], []
         for index, request in enumerate(requests):
@@ -40,16 +46,20 @@ class TritonPythonModel:
             owners += [index] * len(tokens)
         if batches:
             try:
-                images = self.pipeline.render(np.concatenate(batches))
+                grids = np.concatenate(batches)
+                flat_tokens = grids.reshape(len(grids), -1)
+                images = self.pipeline.render(grids)
             except Exception as exc:
-                message = str(exc) if isinstance(exc, TandemError) else f"rendering failed: {type(exc).__name__}: {exc}"
+                message = failure_message("rendering", exc)
                 for index in set(owners):
                     responses[index] = error_response(message)
                 return responses
             owners_arr = np.asarray(owners)
             for index in sorted(set(owners)):
                 rows = np.ascontiguousarray(images[owners_arr == index])
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(IMAGE, rows)])
+                tokens = np.ascontiguousarray(flat_tokens[owners_arr == index], dtype=np.int32)
+                outputs = [pb_utils.Tensor(IMAGE, rows), pb_utils.Tensor(RENDERED_TOKENS, tokens)]
+                responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         return responses
 
     def finalize(self) -> None:
