@@ -269,6 +269,7 @@ def test_graph_sequence_through_the_hop_transformer(servers, reference):
         status, step2 = _post_json(f"http://127.0.0.1:{hop_port}/v1/models/{REFINEMENT}:predict", step1)
         assert status == 200, step2[:500]
         outputs = {o["name"]: o for o in json.loads(step2)["outputs"]}
+        assert set(outputs) == {"image", "scene_tokens"}
         tokens, image = reference[(prompt, 5)]
         assert np.array_equal(np.asarray(outputs["scene_tokens"]["data"]).reshape(tokens.shape), tokens)
         assert np.array_equal(np.asarray(outputs["image"]["data"], dtype=np.uint8).reshape(image.shape), image)

@@ -74,7 +74,7 @@ def with_scene_tokens(response, request) -> dict:
     tokens = request.inputs[0].as_numpy()
     output = InferOutput(SCENE_TOKENS, list(tokens.shape), "INT32")
     output.set_data_from_numpy(tokens, binary_data=False)
-    response.outputs.append(output)
+    response.outputs = [o for o in response.outputs if o.name == IMAGE] + [output]  # the graph's answer: image + scene tokens
     body, _ = response.to_rest()
     return body
 
