@@ -22,6 +22,8 @@ from tandem.cli import main
 from tandem.errors import TandemError
 
 TARGET_IDS = {
+    "split_vs_single",
+    "mtls_vs_plain",
     "ort_decode_speedup",
     "ort_refinement_speedup",
     "decode_flat",
@@ -114,6 +116,21 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run):
         first = entry["protocols"]["grpc"]["2"]["first_step"]
         assert first["p50_ms"] is not None and 0 < first["p50_ms"] <= first["p99_ms"]
         assert "budget_p99_ms" in entry["open_loop_knee"]
+
+    # Split path (issue 13): three paths, identical answers, hop samples feeding the simulated capacity model.
+    split = results["split"]
+    assert split["status"] == "ok", split
+    assert split["mismatched_answers"] == 0 and set(split["paths"]) == {"single", "split", "split_mtls"}
+    assert split["hops_ms"]["split"]["reasoning"]["n"] == split["requests"]
+    capacity = split["capacity"]
+    assert capacity["label"] == "simulated" and {r["label"] for r in capacity["rows"]} == {"simulated"}
+    assert {(r["layout"], r["arrivals"]) for r in capacity["rows"]} == {
+        (layout, kind) for layout in ("monolithic", "split") for kind in ("steady", "bursty")}
+    for verdict in capacity["verdicts"]:  # equal hourly cost: the split never spends more than the monolithic layout
+        pair = [r for r in capacity["rows"] if (r["scenario"], r["arrivals"], r["load"]) == (verdict["scenario"], verdict["arrivals"], verdict["load"])]
+        mono, split_row = (next(r for r in pair if r["layout"] == name) for name in ("monolithic", "split"))
+        assert split_row["usd_per_hour"] <= mono["usd_per_hour"] + 1e-9
+    assert "SIMULATED" in report and "split_capacity.png" in results["plots"]
 
     # Targets: all reported, each line in the Markdown; quick mode at concurrency 1,2 has no scaling figure.
     targets = {t["id"]: t for t in results["targets"]}

@@ -280,7 +280,14 @@ PLOTS = {
     "open_loop.png": open_loop,
     "roofline.png": roofline,
     "cross_hardware.png": cross_hardware,
+    "split_capacity.png": lambda results, path: split_plot(results, path),
 }
+
+
+def split_plot(results: dict, path: Path) -> bool:
+    from tandem.bench.split import plot
+
+    return plot(results, path)
 
 
 def draw_all(results: dict, directory: Path) -> dict[str, str]:

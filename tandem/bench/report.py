@@ -6,6 +6,12 @@ and the JSON cannot disagree."""
 from __future__ import annotations
 
 
+def split_report_section(results: dict) -> list[str]:
+    from tandem.bench.split import report_section
+
+    return report_section(results)
+
+
 def _f(value, digits: int = 2, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -148,6 +154,7 @@ def render(results: dict) -> str:
 
     out += _served_section(results)
     out += _scheduler_section(results)
+    out += split_report_section(results)
     out += _roofline_section(results)
     out += _cross_hardware_section(results)
 

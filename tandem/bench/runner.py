@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from tandem.bench import environment, hardware, notes, plots, report, roofline, stagebench
 from tandem.bench.served import ServedSettings, run_served
+from tandem.bench.split import SplitSettings, run_split
 from tandem.bench.targets import evaluate_targets
 from tandem.bench.timing import Budget
 from tandem.config import ModelConfig, load_config
@@ -85,6 +86,7 @@ class BenchOptions:
     compiled: list[Path] | None = None  # `tandem build` output directories for the compiled runtimes
     batches: tuple[int, ...] = (1, 2, 4, 8)
     served: ServedSettings = field(default_factory=ServedSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
     progress: bool = True
 
 
@@ -291,6 +293,17 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
                 log.exception("served benchmark failed")
                 results["served"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     add_served_rows(results, hw)
+    with timed("split"):  # issue 13: the split path (5 servers) and the capacity model it feeds (simulated)
+        if opts.skip_served:
+            results["split"] = {"status": "not run: --skip-served"}
+        else:
+            try:
+                results["split"] = run_split(artifacts, opts.split, hw)
+            except TandemError as exc:
+                results["split"] = {"status": "failed", "reason": str(exc)}
+            except Exception as exc:
+                log.exception("split benchmark failed")
+                results["split"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
     results["targets"] = [t.as_dict() for t in evaluate_targets(results)]
     results["notes"] = notes.explain(results)

@@ -144,6 +144,10 @@ def evaluate_targets(results: dict) -> list[Target]:
                 f"at batch {variant['batch']})"
             )
     targets.append(t.evaluate(best["fraction_of_matmul_peak"] if best else None, detail, "roofline not measured"))
+
+    from tandem.bench.split import split_targets
+
+    targets += split_targets(results)
     return targets
 
 

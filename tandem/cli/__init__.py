@@ -9,7 +9,7 @@ import sys
 
 from tandem.errors import TandemError
 
-COMMAND_MODULES = ["tandem.cli.core", "tandem.cli.serving", "tandem.cli.train", "tandem.cli.bench", "tandem.cli.build"]
+COMMAND_MODULES = ["tandem.cli.core", "tandem.cli.serving", "tandem.cli.train", "tandem.cli.bench", "tandem.cli.build", "tandem.cli.deploy"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tandem.bench import BenchOptions, run_benchmark
     from tandem.bench.served import PROTOCOLS, ServedSettings
+    from tandem.bench.split import SplitSettings
 
     if args.rerender:
         from tandem.bench.runner import rerender
@@ -107,6 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compiled=args.compiled,
         batches=args.batches,
         served=served,
+        split=SplitSettings(requests=4, warmup=1, simulated_requests=2_000) if args.quick else SplitSettings(),
         progress=not args.no_progress,
     )
     result = run_benchmark(options)

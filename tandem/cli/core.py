@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="config for --runtime torch without an export (name or YAML)")
     add_sampling_arguments(p)
     add_server_arguments(p)
+    p.add_argument("--refinement-server", metavar="URL", help="split path: --server serves reasoning only and this "
+                   "server refinement only (the two hops of `tandem deploy`'s InferenceGraph); credentials apply to both")
     p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("render", help="scene tokens (.npy) -> PNG with the refinement stage alone")
@@ -159,7 +161,15 @@ def save_tokens(tokens: np.ndarray, path: str | Path) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.server:
+    if args.refinement_server:
+        from tandem.deploy.split import SplitClient
+
+        if not args.server:
+            raise TandemError("--refinement-server needs --server (the reasoning server of the split path)")
+        with SplitClient(args.server, args.refinement_server, **client_options(args)) as client:
+            result = client.generate(args.prompt, args.seed, args.temperature, args.top_k)
+        tokens, image = result.tokens[0], result.images[0]
+    elif args.server:
         from tandem.serving.client import generate_remote
 
         tokens, image = generate_remote(

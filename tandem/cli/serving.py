@@ -156,6 +156,7 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 
 def _server(repository: str | Path, args: argparse.Namespace, echo: bool):
+    from tandem.serving.repository import repository_models
     from tandem.serving.server import TritonServer
 
     if getattr(args, "poll", None) is not None and args.poll < 1:
@@ -169,6 +170,7 @@ def _server(repository: str | Path, args: argparse.Namespace, echo: bool):
         startup_timeout=args.startup_timeout,
         echo_log=echo,
         poll_seconds=getattr(args, "poll", None),
+        ready_models=repository_models(repository),  # a one-stage repository (tandem deploy) serves its stage
         **(security_options(args) if hasattr(args, "tls_cert") else {}),
     )
 

@@ -440,6 +440,15 @@ def parse_config(path: str | Path) -> mc.ModelConfig:
         raise TandemError(f"{path} is not a valid Triton model config: {exc}") from exc
 
 
+def repository_models(repository: str | Path) -> tuple[str, ...]:
+    """What a repository serves for a client: the ensemble when it has one, else its stage models
+    (a one-stage repository of a split deployment, see tandem.deploy)."""
+    repository = Path(repository)
+    if (repository / ENSEMBLE / CONFIG_NAME).exists():
+        return (ENSEMBLE,)
+    return tuple(m for m in (REASONING, REFINEMENT) if (repository / m / CONFIG_NAME).exists()) or (ENSEMBLE,)
+
+
 def existing_versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
@@ -510,13 +519,19 @@ def write_repository(
     out: str | Path = DEFAULT_REPOSITORY,
     flavor: str = "local",
     max_batch_size: int = 8,
+    stages: tuple[str, ...] = (REASONING, REFINEMENT),
     **options: Any,
 ) -> Path:
     """Write (or add a version to) a Triton model repository serving the export in ``artifacts``.
 
     ``options`` are :class:`RepositoryOptions` fields plus any the flavor's targets declare.
+    ``stages`` chooses the composing models; the ensemble is written only when both are (a
+    one-stage repository is what each pool of a split deployment serves, see tandem.deploy).
     Returns the repository path."""
     artifacts, out = Path(artifacts), Path(out)
+    unknown_stages = set(stages) - {REASONING, REFINEMENT}
+    if not stages or unknown_stages:
+        raise TandemError(f"stages must be a non-empty subset of ({REASONING!r}, {REFINEMENT!r}), got {list(stages)}")
     chosen = get_flavor(flavor)
     opts, target_options = _parse_options(chosen, dict(options), max_batch_size)
     manifest = read_manifest(artifacts)
@@ -535,16 +550,19 @@ def write_repository(
     version = opts.version or max([0, *(v for m in (REASONING, REFINEMENT, ENSEMBLE) for v in existing_versions(out / m))]) + 1
     undo = _Undo()
     undo.created_dir(out)
+    composing = [m for m in (REFINEMENT, REASONING) if m in stages]
+    ensemble = [ENSEMBLE] if len(composing) == 2 else []  # a one-stage repository has no ensemble
     try:
-        for stage in (REFINEMENT, REASONING):  # composing models first, the ensemble that names them last
+        for stage in composing:  # composing models first, the ensemble that names them last
             target = chosen.targets[stage]
             config = stage_config(ctx, stage, target)
             _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), undo)
-        _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, undo)
+        if ensemble:
+            _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, undo)
     except BaseException:
         undo.rollback()  # a failed write leaves the repository as it found it
         raise
-    for model in (REFINEMENT, REASONING, ENSEMBLE):
+    for model in composing + ensemble:
         _prune(out / model, version, opts.keep_versions)
     log.debug("wrote %s flavor version %d of %s to %s", chosen.name, version, manifest.config.name, out)
     return out
