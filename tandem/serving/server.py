@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from tandem.errors import TandemError
+from tandem.errors import EnvironmentProblem
 from tandem.serving.interface import ENSEMBLE
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 60
 
 
-class ServerError(TandemError):
+class ServerError(EnvironmentProblem):
     """tritonserver could not start, or stopped while we waited for it."""
 
 
