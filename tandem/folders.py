@@ -57,6 +57,8 @@ def describe_kind(kind: str | None) -> str:
 def find(path: str | Path, want: str, flag: str = "--artifacts") -> Path:
     """The folder of kind ``want`` (export, compiled, repository) in or around ``path``."""
     path = Path(path)
+    if not path.exists() and folder_kind(path.parent) == BUILD:
+        path = path.parent  # e.g. <build>/compiled of a build that compiles nothing: the build explains
     if not path.exists():
         raise ArtifactError(f"{flag} {path} does not exist; make it with `{MAKES[want].format(path=path)}`")
     kind = folder_kind(path)

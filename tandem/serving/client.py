@@ -59,8 +59,8 @@ def parse_url(url: str) -> Endpoint:
     if not sep:
         address = url.strip().rstrip("/")
         raise TandemError(
-            f"server URL {url!r} has no scheme; write grpc://{address} (gRPC; tandem serve listens on "
-            f"{DEFAULT_PORTS['grpc']}) or http://{address} (HTTP; port {DEFAULT_PORTS['http']})"
+            f"server URL {url!r} has no scheme; write grpc://{address} or http://{address}, whichever that port "
+            f"serves (tandem serve: gRPC on {DEFAULT_PORTS['grpc']}, HTTP on {DEFAULT_PORTS['http']})"
         )
     scheme = scheme.lower()
     if scheme not in ("http", "https", "grpc"):
