@@ -152,6 +152,33 @@ def _die_with_parent() -> None:
         _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
+def has_cuda_driver() -> bool:
+    """An NVIDIA driver is installed (libcuda) and a device node exists: Triton's CUDA paths can work."""
+    import ctypes.util
+
+    return ctypes.util.find_library("cuda") is not None and any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+# On a host without an NVIDIA driver: no pinned host memory pool (it needs cudaHostAlloc), no CUDA
+# memory pool, and no GPU counts as supported, so backends place every instance on the CPU.
+CPU_HOST_ARGUMENTS = (
+    "--pinned-memory-pool-byte-size=0",
+    "--cuda-memory-pool-byte-size=0:0",
+    "--min-supported-compute-capability=100",
+)
+# Two CUDA calls that tritonserver 2.51's GPU build makes unconditionally (no option turns them off:
+# CudaBlockManager::Create in InferenceServer::Init, cudaStreamCreate in the EnsembleScheduler
+# constructor). Without a driver they log E-level lines that mean nothing for a CPU repository;
+# tandem relabels exactly these two as I-level notes instead of letting them read as failures.
+def relabel_cpu_host_line(line: str) -> str:
+    driverless = "CudaDriverHelper has not been initialized" in line or (
+        "unable to create stream for " in line and "CUDA driver version is insufficient" in line
+    )
+    if line.startswith("E") and driverless:
+        return "I" + line[1:] + " [tandem: expected without an NVIDIA driver; this repository runs on the CPU]"
+    return line
+
+
 BUNDLED_BACKENDS = {"python"}  # what the nvidia-pytriton wheel's tritonserver can load (and ensembles)
 
 
@@ -210,6 +237,7 @@ class TritonServer:
         self._workdir: tempfile.TemporaryDirectory | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=2000)
         self._reader: threading.Thread | None = None
+        self.cpu_host = not has_cuda_driver()
 
     # -- addresses --------------------------------------------------------------------------------
     @property
@@ -251,6 +279,7 @@ class TritonServer:
             *(  # pick up new version folders written by `tandem repo` while serving
                 ["--model-control-mode=poll", f"--repository-poll-secs={self.poll_seconds}"] if self.poll_seconds else []
             ),
+            *(CPU_HOST_ARGUMENTS if self.cpu_host else ()),
             *self.extra_args,
         ]
 
@@ -318,6 +347,8 @@ class TritonServer:
         assert process.stdout is not None
         for raw in process.stdout:
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if self.cpu_host:
+                line = relabel_cpu_host_line(line)
             self._log.append(line)
             if self.echo_log:
                 print(line, file=sys.stderr, flush=True)
