@@ -52,7 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report_dir = rerender(args.rerender)
         print(f"benchmark report: {report_dir / 'report.md'}")
-        return finish(args, {"out": str(report_dir), "report": str(report_dir / "report.md")})
+        return finish(args, {"out": str(report_dir.resolve()), "report": str((report_dir / "report.md").resolve())})
 
     protocols = tuple(x.strip() for x in args.protocols.split(",") if x.strip())
     unknown = [x for x in protocols if x not in PROTOCOLS]
@@ -98,9 +98,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if code:
         print(f"tandem bench: {len(missed)} target(s) missed (--fail-on-target)", file=sys.stderr)
     return finish(args, {
-        "out": str(result.out),
-        "report": str(result.out / "report.md"),
-        "results": str(result.out / "results.json"),
+        "out": str(result.out.resolve()),
+        "report": str((result.out / "report.md").resolve()),
+        "results": str((result.out / "results.json").resolve()),
         "quick": args.quick,
         "busy_warning": warning or None,
         "targets": result.results["targets"],

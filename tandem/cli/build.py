@@ -82,4 +82,4 @@ def cmd_build(args: argparse.Namespace) -> int:
         code = EXIT_CHECK_FAILED
     elif result.manifest.repository:
         print(f"model repository: {out / result.manifest.repository}\nserve it: tandem serve --repository {out}")
-    return finish(args, {"out": str(out), "build_manifest": str(out / BUILD_MANIFEST), "build": result.manifest.model_dump(mode="json")}, code)
+    return finish(args, {"out": str(out.resolve()), "build_manifest": str((out / BUILD_MANIFEST).resolve()), "build": result.manifest.model_dump(mode="json")}, code)

@@ -118,8 +118,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"  greedy tokens identical to PyTorch: {g.tokens_equal}; image max diff {g.image_max_abs_diff:.0f}/255")
     return finish(args, {
         "config": config.name,
-        "out": str(result.out),
-        "manifest": str(result.out / "manifest.json"),
+        "out": str(result.out.resolve()),
+        "manifest": str((result.out / "manifest.json").resolve()),
         "passed": result.manifest.passed,
         "graphs": graphs,
         "generation": {"tokens_equal": g.tokens_equal, "image_max_abs_diff": g.image_max_abs_diff} if g else None,

@@ -198,8 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"tandem eval: check failed: {check['name']}: {check['detail']}", file=sys.stderr)
     payload = {
         "config": config.name,
-        "report": str(out),
-        "plot": str(plot),
+        "report": str(out.resolve()),
+        "plot": str(plot.resolve()),
         "captions": len(captions),
         "runtimes": {run.runtime: {"accuracy": run.accuracy, "token_accuracy": run.token_accuracy, "wall_s": run.wall_s}
                      for run in runs},
