@@ -64,6 +64,7 @@ def untrained_small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.mark.server
+@pytest.mark.timeout(1200)  # the small export fixture (shared with test_cli) is part of this test's setup
 def test_ci_job_build_eval_bench_gate_on_json_and_exit_codes(tmp_path: Path, small_artifacts: Path, untrained_small_checkpoint: Path):
     work = tmp_path / "ci"  # run from a folder that is not the checkout: bundled configs by name, outputs under build/
     work.mkdir()
