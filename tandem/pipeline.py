@@ -75,7 +75,9 @@ class Pipeline:
     def render(self, tokens: np.ndarray) -> np.ndarray:
         """Scene tokens ([h, w], [h*w], [B, h, w] or [B, h*w]) -> images [B, H, W, 3] uint8, one per grid."""
         tokens = self.check_tokens(tokens)
-        step = self.runtime.specs["refinement"].dims["batch"].max  # the graph's batch range: larger batches in chunks
+        from tandem.stages import graph_specs
+
+        step = graph_specs(self.config)["refinement"].dims["batch"].max  # the graph's batch range: larger batches in chunks
         chunks = [tokens[i : i + step] for i in range(0, len(tokens), step)]
         return np.concatenate([to_uint8(self.runtime.run("refinement", {"scene_tokens": c})["image"]) for c in chunks])
 
