@@ -127,10 +127,13 @@ class ModelConfig(_Strict):
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """Accept a path to a YAML file or the bare name of a bundled config (``tiny``, ``small``, ``seed``)."""
+    """Accept a path to a YAML file or the bare name of a bundled config (``tiny``, ``small``, ``seed``).
+
+    A bare name always means the bundled config, whatever the current folder holds (a folder called
+    ``tiny`` there, e.g. an export, does not shadow it)."""
     path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
-        if not path.exists():
+    if path.suffix in {".yaml", ".yml"} or path.is_file():
+        if not path.is_file():
             raise TandemError(f"config file {path} does not exist; bundled configs: {bundled_configs()}")
         return path
     bundled = CONFIG_DIR / f"{name_or_path}.yaml"

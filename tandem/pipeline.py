@@ -75,29 +75,19 @@ class Pipeline:
             positions = positions + 1
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        h, w = self.grid
-        if tokens.ndim == 2 and tokens.shape[1] == h * w:
-            tokens = tokens.reshape(-1, h, w)
-        if tokens.ndim == 2 and tokens.shape == (h, w):
-            tokens = tokens[None]
-        if tokens.ndim != 3 or tokens.shape[1:] != (h, w):
-            raise TandemError(f"scene tokens must have shape [{h}, {w}] (or [{h * w}]) per image, got {list(tokens.shape)}")
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise TandemError(f"scene tokens must be integers, got {tokens.dtype}")
-        v = self.config.scene.codebook_size
-        bad = (tokens < 0) | (tokens >= v)
-        if bad.any():
-            raise TandemError(
-                f"{int(bad.sum())} scene tokens are outside the codebook [0, {v}) (e.g. {int(tokens[bad][0])}); "
-                "edit them into range"
-            )
-        return tokens.astype(np.int64)
+        """[h, w], [h*w], [B, h, w] or [B, h*w] codebook indices -> [B, h, w] int64 (tandem.scene_tokens)."""
+        from tandem.scene_tokens import token_batch
+
+        return token_batch(tokens, self.grid, self.config.scene.codebook_size)
 
     def render(self, tokens: np.ndarray) -> np.ndarray:
-        """Scene tokens [B, h, w] -> images [B, H, W, 3] uint8."""
+        """Scene tokens ([h, w], [h*w], [B, h, w] or [B, h*w]) -> images [B, H, W, 3] uint8, one per grid."""
         tokens = self.check_tokens(tokens)
-        return to_uint8(self.runtime.run("refinement", {"scene_tokens": tokens})["image"])
+        from tandem.stages import graph_specs
+
+        step = graph_specs(self.config)["refinement"].dims["batch"].max  # the graph's batch range: larger batches in chunks
+        chunks = [tokens[i : i + step] for i in range(0, len(tokens), step)]
+        return np.concatenate([to_uint8(self.runtime.run("refinement", {"scene_tokens": c})["image"]) for c in chunks])
 
     def generate(self, prompt: str, seed: int = 0, temperature: float = 0.0, top_k: int = 0) -> Generation:
         params = SamplingParams(seed=seed, temperature=temperature, top_k=top_k)

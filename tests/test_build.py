@@ -230,16 +230,21 @@ def test_tensorrt_precision_rules(tmp_path: Path, tiny_artifacts: Path, tiny_con
     assert "explicitly quantized graph" in fp8.records[1].reason and "ModelOpt" in fp8.records[1].reason
 
 
-def test_cli_accelerator_build_exits_nonzero_with_the_toolchain_message(tmp_path: Path, tiny_artifacts: Path):
+def test_cli_accelerator_build_checks_the_toolchain_before_any_step(tmp_path: Path, tiny_artifacts: Path):
     if HAS_TENSORRT:
         pytest.skip("TensorRT is installed here")
+    out = tmp_path / "a100"
+    result = tandem_cli("build", "--config", "tiny", "--target", "a100", "--out", str(out), "--artifacts", str(tiny_artifacts))
+    assert result.returncode == 3  # missing toolchain, before exporting or optimising anything
+    assert "TensorRT is not installed: pip install" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+    # --no-preflight runs what can run here and fails at the compile step (exit 1: a step failed)
     result = tandem_cli(
-        "build", "--config", "tiny", "--target", "a100", "--out", str(tmp_path / "a100"), "--export", str(tiny_artifacts)
+        "build", "--config", "tiny", "--target", "a100", "--out", str(out), "--export", str(tiny_artifacts), "--no-preflight"
     )
     assert result.returncode == 1
     assert "[3/4] compile     FAILED" in result.stdout and "[4/4] repository  SKIPPED" in result.stdout
     assert "FAILED at step 'compile': TensorRT is not installed: pip install" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(not HAS_TENSORRT, reason=NO_TENSORRT)

@@ -1,8 +1,10 @@
 """The `tandem` command as a user runs it: real subprocesses, real files."""
 
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,3 +62,89 @@ def test_cli_errors_are_clear(args, message, tiny_artifacts, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- one vocabulary (issue 15)
+
+
+def run(*args):
+    return tandem(*args, check=False)
+
+
+
+def test_version_and_verbose_anywhere(capsys):
+    from tandem import __version__
+    from tandem.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"tandem {__version__}"
+    for args in (["-v", "params", "--config", "tiny"], ["params", "--config", "tiny", "-v"], ["params", "tiny"]):
+        assert main(args) == 0
+        assert "reasoning" in capsys.readouterr().out, args
+
+
+def test_usage_errors_exit_2_and_json_is_alone_on_stdout():
+    result = run("build", "--config", "tiny", "--target", "nope")
+    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+    result = run("params", "--config", "tiny", "--json")
+    data = json.loads(result.stdout)  # nothing but the JSON object
+    assert data["schema_version"] == 1 and data["command"] == "params" and data["exit_code"] == 0
+    assert data["total"] == sum(s["total"] for s in data["stages"])
+    result = run("params", "--config", "nope", "--json")
+    assert result.returncode == 2 and "unknown config 'nope'" in json.loads(result.stdout)["error"]
+
+
+def test_one_list_syntax_and_hidden_old_spellings():
+    from tandem.cli import build_parser
+
+    parser = build_parser()
+    comma = parser.parse_args(["repo", "--preferred-batch-sizes", "2,4"])
+    spaces = parser.parse_args(["repo", "--preferred-batch-sizes", "2", "4"])  # the old spelling still parses
+    assert comma.preferred_batch_sizes == spaces.preferred_batch_sizes == [2, 4]
+    assert parser.parse_args(["eval", "--runtime", "torch", "--runtime", "cpu-aot"]).runtime == ["torch", "cpu-aot"]
+    assert parser.parse_args(["eval", "--runtimes", "torch,onnxruntime"]).runtime == ["torch", "onnxruntime"]
+    assert parser.parse_args(["bench", "--runtimes", "torch", "--compiled", "b"]).artifacts == [Path("b")]
+    assert parser.parse_args(["bench", "--batches", "1,2"]).batches == [1, 2]
+    assert parser.parse_args(["repo", "--out", "r"]).repository == "r"
+    assert parser.parse_args(["repo", "--version", "3"]).version == parser.parse_args(["repo", "--model-version", "3"]).version == 3
+    assert parser.parse_args(["build", "--config", "tiny", "--target", "cpu", "--export", "e"]).reuse_export == "e"
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    hidden = {"bench": ["--runtimes", "--compiled"], "build": ["--export"], "repo": ["--out", "--version"], "params": ["positional arguments"]}
+    for command, flags in hidden.items():
+        text = commands[command].format_help()
+        assert all(flag not in text for flag in flags), (command, text)
+
+
+def test_runtime_names_equal_target_names(tiny_artifacts, tmp_path):
+    from tandem.cli.common import runtime_name
+
+    assert runtime_name("cpu") == "onnxruntime" and runtime_name("cpu-aot") == runtime_name("cuda-torch") == "torch_aot"
+    assert runtime_name("h100") == runtime_name("a100") == "tensorrt" and runtime_name("inf2") == "neuron"
+    png = tmp_path / "cpu.png"
+    result = run("generate", "a red circle", "--runtime", "cpu", "--artifacts", str(tiny_artifacts), "--out", str(png))
+    assert result.returncode == 0 and png.exists(), result.stderr
+
+
+def test_default_outputs_are_untracked():
+    """train and eval write under build/ (ignored) unless told otherwise; nothing tracked by default."""
+    from tandem.cli.common import default_build_dir
+    from tandem.cli.train import DEFAULT_CHECKPOINT, DEFAULT_EVAL_OUT
+
+    repo = Path(__file__).resolve().parents[1]
+    for path in (DEFAULT_CHECKPOINT.format(config="small"), DEFAULT_EVAL_OUT.format(config="small"), default_build_dir("small")):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=repo)
+        assert ignored.returncode == 0, f"{path} would be tracked by git"
+
+
+def test_in_process_render_accepts_flat_tokens_and_refuses_other_grids(tiny_artifacts, tmp_path):
+    grid = np.arange(16, dtype=np.int64).reshape(4, 4) % 64
+    np.save(tmp_path / "flat.npy", grid.ravel())
+    np.save(tmp_path / "grid.npy", grid)
+    flat, full = tmp_path / "flat.png", tmp_path / "grid.png"
+    assert run("render", "--tokens", str(tmp_path / "flat.npy"), "--artifacts", str(tiny_artifacts), "--out", str(flat)).returncode == 0
+    assert run("render", "--tokens", str(tmp_path / "grid.npy"), "--artifacts", str(tiny_artifacts), "--out", str(full)).returncode == 0
+    assert np.array_equal(np.asarray(Image.open(flat)), np.asarray(Image.open(full)))
+    np.save(tmp_path / "wrong.npy", np.zeros(17, dtype=np.int64))
+    result = run("render", "--tokens", str(tmp_path / "wrong.npy"), "--artifacts", str(tiny_artifacts))
+    assert result.returncode == 2 and "[17] do not fit the 4x4 grid: give [4, 4] or [16] for one image" in result.stderr

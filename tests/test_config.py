@@ -56,7 +56,7 @@ def test_seed_count_allocates_no_weights():
         [sys.executable, "-m", "tandem", "params", "seed", "--json"], capture_output=True, text=True, check=True
     )
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    counts = json.loads(out.stdout)
+    counts = json.loads(out.stdout)["stages"]  # the JSON envelope of issue 15
     weights_gib = sum(c["total"] for c in counts) * 4 / 2**30
     assert weights_gib > 20
     assert max(peak_kib, before) / 2**20 < 2.0, f"peak RSS {peak_kib / 2**20:.2f} GiB"

@@ -55,7 +55,7 @@ def test_edited_tokens_render_through_refinement(url: str, pipeline: Pipeline):
     tokens, _ = generate_remote(url, PROMPTS[1], seed=3, temperature=0.8, top_k=0)
     edited = tokens.copy()
     edited[0, :] = (edited[0, :] + 5) % pipeline.config.scene.codebook_size
-    assert np.array_equal(render_remote(url, edited), pipeline.render(edited)[0])
+    assert np.array_equal(render_remote(url, edited)[0], pipeline.render(edited)[0])
 
 
 def test_multi_prompt_request_samples_each_row_with_its_own_settings(url: str, pipeline: Pipeline):

@@ -155,7 +155,9 @@ def test_request_parsing_names_the_problem():
 
 def test_client_helpers():
     assert parse_url("grpc://127.0.0.1:8001").protocol == "grpc"
-    assert parse_url("127.0.0.1:8000").url == "http://127.0.0.1:8000"
+    assert parse_url("http://127.0.0.1:8000").url == "http://127.0.0.1:8000"
+    with pytest.raises(TandemError, match="has no scheme; write grpc://127.0.0.1:8000 or http://127.0.0.1:8000"):
+        parse_url("127.0.0.1:8000")  # which protocol a bare port speaks is not guessed (issue 15)
     for bad in ("ftp://h:1", "http://nohost", ""):
         with pytest.raises(TandemError):
             parse_url(bad)

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from tandem.errors import TandemError
+from tandem.cli.common import add_config_argument, add_json_argument, add_list_argument, finish, positive_int
+from tandem.errors import EXIT_CHECK_FAILED, EXIT_OK, TandemError
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _positive_float(text: str) -> float:
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,30 +31,29 @@ def register(sub: argparse._SubParsersAction) -> None:
             "report.md and plots/ to benchmarks/results/<machine>-<date>/ (or --out)."
         ),
     )
-    p.add_argument("--config", default="configs/models/small.yaml", help="config name or YAML (default: small)")
-    p.add_argument("--artifacts", type=Path, help="export directory to benchmark (default build/<config>, exported if missing)")
+    add_config_argument(p)
+    add_list_argument(p, "--artifacts", item_type=Path, help="tandem output folders to benchmark, comma-separated: an "
+                      "export and/or `tandem build` folders (their compiled/ feeds tensorrt, neuron, torch_aot; default "
+                      "build/<config>, exported if missing)")
     p.add_argument("--out", type=Path, help="report directory (default benchmarks/results/<machine>-<date>[-<config>][-quick])")
     p.add_argument("--quick", action="store_true", help="few iterations: a smoke run for tests and CI, not for comparison")
     p.add_argument("--skip-served", action="store_true", help="do not start tritonserver (the served section says so)")
     p.add_argument("--hardware", type=Path, help="published peaks and prices (default configs/hardware.yaml)")
-    p.add_argument("--runtimes", help="comma-separated runtimes to measure (default: every one that can be built here)")
-    p.add_argument(
-        "--compiled",
-        type=Path,
-        action="append",
-        metavar="DIR",
-        help="a `tandem build` output directory for the compiled runtimes (tensorrt, neuron, torch_aot); repeatable",
-    )
-    p.add_argument("--batches", type=_int_list, default=(1, 2, 4, 8), help="batch sizes for throughput (default 1,2,4,8)")
-    p.add_argument("--concurrency", type=_int_list, help="served concurrency levels (default 1,2,4,8,16; quick: 1,2)")
+    add_list_argument(p, "--runtime", help="runtimes to measure, comma-separated (default: every one that can be built here)")
+    add_list_argument(p, "--runtimes", dest="runtime", help=argparse.SUPPRESS)  # old spelling
+    add_list_argument(p, "--compiled", dest="artifacts", item_type=Path, help=argparse.SUPPRESS)  # old: now --artifacts
+    add_list_argument(p, "--batches", item_type=positive_int, default=(1, 2, 4, 8), help="batch sizes for throughput (default 1,2,4,8)")
+    add_list_argument(p, "--concurrency", item_type=positive_int, help="served concurrency levels (default 1,2,4,8,16; quick: 1,2)")
     p.add_argument("--requests", type=int, help="served requests per concurrency level and protocol (default 32; quick: 4)")
     p.add_argument("--protocols", default="http,grpc", help="served protocols (default http,grpc)")
     p.add_argument("--schedulers", default="inflight,request",
                    help="reasoning schedulers to serve and compare, one server each (default inflight,request)")
-    p.add_argument("--open-loop-loads", type=_float_list,
+    add_list_argument(p, "--open-loop-loads", item_type=_positive_float,
                    help="open-loop offered rates as multiples of the in-process rate (default 0.5,1,2,3,4,6; quick: 1,4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--rerender", type=Path, metavar="DIR", help="only redraw report.md and plots/ of DIR from its results.json")
+    p.add_argument("--fail-on-target", action="store_true", help="exit 1 when a performance target line says FAIL")
+    add_json_argument(p)
     p.set_defaults(handler=cmd_bench)
 
 
@@ -74,8 +65,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.rerender:
         from tandem.bench.runner import rerender
 
-        print(f"benchmark report: {rerender(args.rerender) / 'report.md'}")
-        return 0
+        report_dir = rerender(args.rerender)
+        print(f"benchmark report: {report_dir / 'report.md'}")
+        return finish(args, {"out": str(report_dir.resolve()), "report": str((report_dir / "report.md").resolve())})
 
     protocols = tuple(x.strip() for x in args.protocols.split(",") if x.strip())
     unknown = [x for x in protocols if x not in PROTOCOLS]
@@ -88,25 +80,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     schedulers = tuple(x.strip() for x in args.schedulers.split(",") if x.strip())
     if not schedulers or any(x not in SCHEDULERS for x in schedulers) or len(set(schedulers)) != len(schedulers):
         raise TandemError(f"--schedulers must be a comma-separated subset of {','.join(SCHEDULERS)}, got {args.schedulers!r}")
+    export, compiled = bench_folders(args.artifacts)
     served = ServedSettings(
-        concurrencies=args.concurrency or ((1, 2) if args.quick else (1, 2, 4, 8, 16)),
+        concurrencies=tuple(args.concurrency) if args.concurrency else ((1, 2) if args.quick else (1, 2, 4, 8, 16)),
         requests=args.requests or (4 if args.quick else 32),
         protocols=protocols,
         warmup_requests=2 if args.quick else 8,
         schedulers=schedulers,
-        open_loop_loads=args.open_loop_loads or ((1.0, 4.0) if args.quick else ServedSettings.open_loop_loads),
+        open_loop_loads=tuple(args.open_loop_loads) if args.open_loop_loads else ((1.0, 4.0) if args.quick else ServedSettings.open_loop_loads),
         open_loop_requests=args.requests or (4 if args.quick else 32),
     )
     options = BenchOptions(
         config=args.config,
-        artifacts=args.artifacts,
+        artifacts=export,
         out=args.out,
         quick=args.quick,
         skip_served=args.skip_served,
         hardware_file=args.hardware,
-        runtimes=[x.strip() for x in args.runtimes.split(",")] if args.runtimes else None,
-        compiled=args.compiled,
-        batches=args.batches,
+        runtimes=[bench_runtime(x) for x in args.runtime] if args.runtime else None,
+        compiled=compiled,
+        batches=tuple(args.batches),
         served=served,
         split=SplitSettings(requests=4, warmup=1, simulated_requests=2_000) if args.quick else SplitSettings(),
         progress=not args.no_progress,
@@ -115,12 +108,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"benchmark report: {result.out / 'report.md'}")
     from tandem.bench.report import busy_warning
 
-    if busy_warning(result.results):
-        print(f"  WARNING: {busy_warning(result.results)}")
+    warning = busy_warning(result.results)
+    if warning:
+        print(f"  WARNING: {warning}")
     for target in result.results["targets"]:
         print(f"  {target['status']:<8}{target['description']}: " + (
             f"{target['value'] * (100 if target['unit'] == '%' else 1):.2f}{'%' if target['unit'] == '%' else 'x'}"
             if target["value"] is not None
             else target["detail"]
         ))
-    return 0
+    missed = [t for t in result.results["targets"] if t["status"] == "FAIL"]
+    code = EXIT_CHECK_FAILED if missed and args.fail_on_target else EXIT_OK
+    if code:
+        print(f"tandem bench: {len(missed)} target(s) missed (--fail-on-target)", file=sys.stderr)
+    return finish(args, {
+        "out": str(result.out.resolve()),
+        "report": str((result.out / "report.md").resolve()),
+        "results": str((result.out / "results.json").resolve()),
+        "quick": args.quick,
+        "busy_warning": warning or None,
+        "targets": result.results["targets"],
+        "missed_targets": [t["description"] for t in missed],
+    }, code)
+
+
+def bench_runtime(name: str) -> str:
+    """Runtime names as everywhere else (target names too), plus bench's onnxruntime_all variant."""
+    from tandem.cli.common import runtime_name
+
+    return name if name == "onnxruntime_all" else runtime_name(name)
+
+
+def bench_folders(paths: list[Path] | None) -> tuple[Path | None, list[Path] | None]:
+    """--artifacts folders -> (the export for torch/onnxruntime, the folders with compiled artifacts)."""
+    from tandem import folders
+
+    if not paths:
+        return None, None
+    export, compiled = None, []
+    for path in paths:
+        kind = folders.folder_kind(path)
+        if kind in (folders.BUILD, folders.COMPILED) and (
+            kind == folders.COMPILED or folders.folder_kind(Path(path) / "compiled") == folders.COMPILED
+        ):
+            compiled.append(Path(path))
+        if kind != folders.COMPILED and export is None:
+            export = folders.export_dir(path)
+    if export is None:
+        try:
+            export = folders.export_dir(paths[0])  # a compiled folder inside a build: its sibling export/
+        except TandemError:
+            export = None  # compiled folders alone: the export defaults to build/<config>
+    return export, compiled or None

@@ -3,51 +3,66 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
+from tandem.cli.common import (
+    DEFAULT_CONFIG,
+    add_config_argument,
+    add_json_argument,
+    check_output_path,
+    default_build_dir,
+    finish,
+    runtime_name,
+)
 from tandem.errors import TandemError
 
-DEFAULT_CONFIG = "configs/models/small.yaml"
-DEFAULT_ARTIFACTS = "build/small"
+RUNTIME_HELP = "in-process runtime: onnxruntime (default), torch, tensorrt, neuron, torch_aot, or a build target name (cpu, h100, cpu-aot, ...)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="print total and active parameters per stage (meta device, nothing allocated)")
-    p.add_argument("config", help="config name (tiny, small, seed) or YAML path")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("legacy_config", nargs="?", metavar="CONFIG", help=argparse.SUPPRESS)  # `tandem params seed`
+    add_config_argument(p, default=None, help="config name (tiny, small, seed) or YAML path")
+    add_json_argument(p)
     p.set_defaults(handler=cmd_params)
 
     p = sub.add_parser("export", help="export both stages to ONNX and validate them against PyTorch")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"config name or YAML path (default {DEFAULT_CONFIG})")
-    p.add_argument("--out", help="artifact directory (default build/<config name>, e.g. build/small)")
+    add_config_argument(p)
+    p.add_argument("--out", help="export folder to write (default build/<config>)")
     p.add_argument("--checkpoint", help="safetensors weights (default: the config's, else seeded init)")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files an export did not write")
+    add_json_argument(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("generate", help="prompt -> scene tokens -> PNG, in-process or through a Triton server")
     p.add_argument("prompt")
     p.add_argument("--out", default="out.png", help="PNG to write (default out.png)")
     p.add_argument("--tokens-out", help="also save the scene tokens (.npy) for editing and `tandem render`")
-    p.add_argument("--runtime", default="onnxruntime", help="in-process runtime: onnxruntime or torch")
-    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="export directory for in-process runtimes")
-    p.add_argument("--config", help="config for --runtime torch without an export (name or YAML)")
+    add_runtime_arguments(p)
     add_sampling_arguments(p)
     add_server_arguments(p)
     p.add_argument("--refinement-server", metavar="URL", help="split path: --server serves reasoning only and this "
                    "server refinement only (the two hops of `tandem deploy`'s InferenceGraph); credentials apply to both")
+    add_json_argument(p)
     p.set_defaults(handler=cmd_generate)
 
-    p = sub.add_parser("render", help="scene tokens (.npy) -> PNG with the refinement stage alone")
-    p.add_argument("--tokens", required=True, help=".npy file of scene tokens [h, w]")
-    p.add_argument("--out", default="render.png")
-    p.add_argument("--runtime", default="onnxruntime")
-    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS)
-    p.add_argument("--config", help="config for --runtime torch without an export")
+    p = sub.add_parser("render", help="scene tokens (.npy) -> PNG with the refinement stage alone (one PNG per grid)")
+    p.add_argument("--tokens", required=True, help=".npy scene tokens: [h, w] or [h*w] for one image, [B, h, w] or [B, h*w] for B")
+    p.add_argument("--out", default="render.png", help="PNG to write; a batch writes <stem>-<i>.png (default render.png)")
+    add_runtime_arguments(p)
     add_server_arguments(p)
+    add_json_argument(p)
     p.set_defaults(handler=cmd_render)
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="onnxruntime", help=RUNTIME_HELP)
+    p.add_argument("--artifacts", help="any tandem output folder: an export, a `tandem build` folder or its compiled/ "
+                   "(default build/<config>)")
+    add_config_argument(p, default=None, help="config (name or YAML) for --runtime torch without an export; "
+                        f"also names the default --artifacts build/<config> (default {DEFAULT_CONFIG})")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,49 +98,87 @@ def cmd_params(args: argparse.Namespace) -> int:
     from tandem.config import load_config
     from tandem.models import count_parameters
 
-    config = load_config(args.config)
+    if args.legacy_config and args.config and args.legacy_config != args.config:
+        raise TandemError(f"two configs given ({args.legacy_config!r} and --config {args.config!r}); pass one with --config")
+    name = args.config or args.legacy_config
+    if name is None:
+        raise TandemError("name a config: tandem params --config seed (bundled: tiny, small, seed, or a YAML path)")
+    config = load_config(name)
     counts = count_parameters(config)
-    if args.json:
-        print(json.dumps([c.__dict__ for c in counts]))
-    else:
+    if not args.json:
         print(f"{'stage':<12}{'total':>16}{'active/token':>16}   ({config.name})")
         for c in counts:
             print(f"{c.stage:<12}{c.total:>16,}{c.active:>16,}   ({c.total / 1e9:.3f}B total, {c.active / 1e9:.3f}B active)")
-    return 0
+    return finish(args, {
+        "config": config.name,
+        "stages": [c.__dict__ for c in counts],
+        "total": sum(c.total for c in counts),
+        "active": sum(c.active for c in counts),
+    })
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tandem.config import load_config
     from tandem.export.onnx_export import export_model
+    from tandem.preflight import require_memory
 
     config = load_config(args.config)
-    out = args.out or f"build/{config.name}"
+    out = Path(args.out) if args.out else default_build_dir(config.name)
+    if out.is_file():
+        raise TandemError(f"--out {out} is a file; name a folder for the export")
+    require_memory(config, "export")
     result = export_model(config, out, checkpoint=args.checkpoint, force=args.force)
     print(f"exported {config.name} to {result.out} (manifest: {result.out / 'manifest.json'})")
+    graphs = {}
     for entry in result.manifest.graphs.values():
         worst = max(err.max_abs for case in entry.validation for err in case.outputs.values())
         worst_ort = max((err.max_abs for case in entry.optimized_validation for err in case.outputs.values()), default=0.0)
         rewrites = f" ({', '.join(entry.optimized_rewrites)})" if entry.optimized_rewrites else ""
+        graphs[entry.name] = {
+            "file": entry.file,
+            "max_abs_error": worst,
+            "optimized_file": entry.optimized_file,
+            "optimized_rewrites": list(entry.optimized_rewrites),
+            "optimized_max_abs_error": worst_ort,
+            "passed": entry.passed,
+        }
         print(
             f"  {entry.name:<20} max abs err vs PyTorch {worst:.2e}, onnxruntime graph{rewrites} {worst_ort:.2e}  "
             f"within tolerance: {entry.passed}"
         )
+    checks = []
     for g in result.manifest.generation_checks:
         print(
             f"  greedy tokens identical to PyTorch ({g.variant} graphs, batch {len(g.prompts)}): {g.tokens_equal}; "
             f"image max diff {g.image_max_abs_diff:.0f}/255"
         )
-    return 0
+        checks.append({
+            "variant": g.variant, "batch": len(g.prompts), "tokens_equal": g.tokens_equal,
+            "image_max_abs_diff": g.image_max_abs_diff,
+        })
+    return finish(args, {
+        "config": config.name,
+        "out": str(result.out.resolve()),
+        "manifest": str((result.out / "manifest.json").resolve()),
+        "passed": result.manifest.passed,
+        "graphs": graphs,
+        "generation_checks": checks,
+    })
 
 
 def _pipeline(args: argparse.Namespace):
     from tandem.config import load_config
     from tandem.pipeline import Pipeline
+    from tandem.preflight import require_memory
     from tandem.runtimes import make_runtime
 
+    runtime = runtime_name(args.runtime)
     config = load_config(args.config) if args.config else None
-    artifacts = args.artifacts if (args.runtime != "torch" or config is None) else None
-    return Pipeline(make_runtime(args.runtime, artifacts=artifacts, config=config))
+    if runtime == "torch" and config is not None:
+        require_memory(config, "inference")
+        return Pipeline(make_runtime(runtime, config=config))
+    artifacts = args.artifacts or default_build_dir(config.name if config else DEFAULT_CONFIG)
+    return Pipeline(make_runtime(runtime, artifacts=artifacts))
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
@@ -160,7 +213,16 @@ def save_tokens(tokens: np.ndarray, path: str | Path) -> None:
             np.save(handle, tokens)
 
 
+def numbered_paths(path: Path, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png`` ... ``out-<n-1>.png`` for a batch."""
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_output_path(args.out, (".png",), "--out")  # refused before generating, not after
+    check_output_path(args.tokens_out, (".npy",), "--tokens-out")
     if args.refinement_server:
         from tandem.deploy.split import SplitClient
 
@@ -183,17 +245,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_tokens(tokens, args.tokens_out)
         print(f"scene tokens: {args.tokens_out}")
     print(f"image: {path.resolve()}")
-    return 0
+    return finish(args, {
+        "prompt": args.prompt,
+        "source": args.server or runtime_name(args.runtime),
+        "image": str(path.resolve()),
+        "tokens": str(Path(args.tokens_out).resolve()) if args.tokens_out else None,
+        "grid": list(np.asarray(tokens).shape),
+        "seed": args.seed,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+    })
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    out = check_output_path(args.out, (".png",), "--out")
     tokens = load_tokens(args.tokens)
     if args.server:
         from tandem.serving.client import render_remote
 
-        image = render_remote(args.server, tokens, model=args.model, **client_options(args))
+        images = render_remote(args.server, tokens, model=args.model, **client_options(args))
     else:
-        image = _pipeline(args).render(tokens)[0]
-    path = save_png(image, args.out)
-    print(f"image: {path.resolve()}")
-    return 0
+        images = _pipeline(args).render(tokens)
+    paths = [save_png(image, path) for image, path in zip(images, numbered_paths(out, len(images)))]
+    for path in paths:
+        print(f"image: {path.resolve()}")
+    return finish(args, {"source": args.server or runtime_name(args.runtime), "images": [str(p.resolve()) for p in paths]})

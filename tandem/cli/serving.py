@@ -7,10 +7,11 @@ import argparse
 import time
 from pathlib import Path
 
+from tandem.cli.common import DEFAULT_CONFIG, add_alias, add_config_argument, add_list_argument, default_build_dir, positive_int
 from tandem.errors import TandemError
 
 DEFAULT_REPOSITORY = "model_repository"
-DEFAULT_ARTIFACTS = "build/small"
+DEFAULT_ARTIFACTS = str(default_build_dir(DEFAULT_CONFIG))
 DEMO_PROMPT = "a red circle above a blue square"
 
 
@@ -18,14 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     from tandem.serving.repository import FLAVORS
 
     p = sub.add_parser("repo", help="write a Triton model repository (reasoning, refinement, ensemble tandem) from an export")
-    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help=f"export directory (default {DEFAULT_ARTIFACTS})")
-    p.add_argument("--out", default=DEFAULT_REPOSITORY, help=f"repository folder (default {DEFAULT_REPOSITORY})")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help=f"an export or a build folder (default {DEFAULT_ARTIFACTS})")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help=f"repository folder to write (default {DEFAULT_REPOSITORY})")
+    add_alias(p, "--out", dest="repository")
     add_repository_arguments(p, sorted(FLAVORS))
     p.set_defaults(handler=cmd_repo)
 
     p = sub.add_parser("serve", help="run tritonserver (from nvidia-pytriton) over a model repository until Ctrl-C")
-    p.add_argument("--artifacts", help="export directory: write (a new version of) the repository from it first")
-    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help=f"repository folder (default {DEFAULT_REPOSITORY})")
+    p.add_argument("--artifacts", help="an export or a build folder: write (a new version of) the repository from it first")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="a model repository or a `tandem build` folder "
+                   f"(default {DEFAULT_REPOSITORY})")
     add_repository_arguments(p, sorted(FLAVORS))
     add_server_arguments(p, defaults=True)
     add_security_arguments(p)
@@ -38,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("demo", help="export (if needed), write the repository, serve, generate through the ensemble, stop")
-    p.add_argument("--config", default="configs/models/small.yaml", help="config name or YAML path")
-    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="export directory (reused when it matches the config)")
+    add_config_argument(p)
+    p.add_argument("--artifacts", help="export folder, reused when it matches the config (default build/<config>)")
     p.add_argument("--repository", default=DEFAULT_REPOSITORY)
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--out", default="build/demo.png")
@@ -60,7 +63,8 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     g.add_argument("--scheduler", choices=("inflight", "request"), default="inflight",
                    help="reasoning batching: inflight (requests join and leave the decode batch at every step, default) "
                    "or request (Triton's dynamic batcher groups whole generations)")
-    g.add_argument("--preferred-batch-sizes", type=int, nargs="+", help="dynamic batching preferred sizes")
+    add_list_argument(g, "--preferred-batch-sizes", item_type=positive_int, legacy_spaces=True,
+                      help="dynamic batching preferred sizes, comma-separated (e.g. 2,4,8)")
     g.add_argument("--max-queue-delay-us", type=int,
                    help="dynamic batching delay (default 1000 refinement; reasoning 0 in-flight, 5000 request-level)")
     g.add_argument("--max-queue-size", type=int, help="queued requests per model before rejecting (default 4 x batch)")
@@ -68,7 +72,8 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     g.add_argument("--instances", type=int, default=1, help="model instances per model")
     g.add_argument("--instance-kind", choices=("cpu", "gpu"), help="default: the flavor's")
     g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = all cores)")
-    g.add_argument("--version", type=int, help="version folder to write (default: next)")
+    g.add_argument("--model-version", dest="version", type=int, help="version folder to write (default: next)")
+    add_alias(g, "--version", dest="version", type=int)
     g.add_argument("--keep-versions", type=int, default=2, help="newest version folders to keep (default 2)")
     g.add_argument("--link", action="store_true", help="hard-link artifacts instead of copying them (saves disk; the "
                    "repository then shares the export's files: editing one changes both)")
@@ -138,9 +143,10 @@ def repository_options(args: argparse.Namespace) -> dict:
 
 
 def _write(artifacts: str, out: str, args: argparse.Namespace) -> Path:
+    from tandem import folders
     from tandem.serving.repository import CONFIG_NAME, existing_versions, parse_config, write_repository
 
-    repo = write_repository(artifacts, out, flavor=args.flavor, max_batch_size=args.max_batch_size, **repository_options(args))
+    repo = write_repository(folders.export_dir(artifacts), out, flavor=args.flavor, max_batch_size=args.max_batch_size, **repository_options(args))
     for model in ("reasoning", "refinement", "tandem"):
         config = parse_config(repo / model / CONFIG_NAME)
         kind = config.platform or config.backend
@@ -149,9 +155,9 @@ def _write(artifacts: str, out: str, args: argparse.Namespace) -> Path:
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
-    print(f"writing {args.flavor} repository from {args.artifacts} to {args.out}")
-    _write(args.artifacts, args.out, args)
-    print(f"serve it with: tandem serve --repository {args.out}")
+    print(f"writing {args.flavor} repository from {args.artifacts} to {args.repository}")
+    _write(args.artifacts, args.repository, args)
+    print(f"serve it with: tandem serve --repository {args.repository}")
     return 0
 
 
@@ -179,6 +185,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.artifacts:
         print(f"writing {args.flavor} repository from {args.artifacts} to {args.repository}")
         _write(args.artifacts, args.repository, args)
+    from tandem import folders
+
+    args.repository = str(folders.repository_dir(args.repository))
     server = _server(args.repository, args, echo=not args.quiet)
     print(f"starting tritonserver over {args.repository} ...", flush=True)
     server.start()
@@ -254,6 +263,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tandem.cli.core import save_png, save_tokens
     from tandem.serving.client import TandemClient
 
+    if args.artifacts is None:
+        from tandem.config import load_config
+
+        args.artifacts = str(default_build_dir(load_config(args.config).name))
     steps = _Steps(6)
     steps.run(f"export {args.config} to {args.artifacts}", lambda: _export_if_needed(args.config, args.artifacts))
     steps.run(

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from tandem.errors import TandemError
+from tandem.cli.common import (
+    add_config_argument,
+    add_json_argument,
+    add_list_argument,
+    check_output_path,
+    default_build_dir,
+    finish,
+    runtime_name,
+)
+from tandem.errors import EXIT_CHECK_FAILED, EXIT_OK, TandemError
 
-DEFAULT_CONFIG = "configs/models/small.yaml"
-DEFAULT_CHECKPOINT = "checkpoints/small.safetensors"
-DEFAULT_ARTIFACTS = "build/small"
-DEFAULT_EVAL_OUT = "benchmarks/results/eval-{config}.json"
+# Nothing tracked is written by default: checkpoints/ and benchmarks/results/ only when named with --out.
+DEFAULT_CHECKPOINT = "build/checkpoints/{config}.safetensors"
+DEFAULT_EVAL_OUT = "build/eval-{config}.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = TrainSettings()
     p = sub.add_parser("train", help="train both stages on synthetic scenes (CPU, fixed seed) -> safetensors checkpoint")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"config name or YAML path (default {DEFAULT_CONFIG})")
-    p.add_argument("--out", default=DEFAULT_CHECKPOINT, help=f"checkpoint to write (default {DEFAULT_CHECKPOINT})")
+    add_config_argument(p)
+    p.add_argument("--out", help=f"checkpoint to write (default {DEFAULT_CHECKPOINT})")
     p.add_argument("--stages", default="reasoning,refinement", help="comma-separated stages to train (default both)")
     p.add_argument("--init", help="start from this checkpoint (the stages not trained keep its weights)")
     p.add_argument(
@@ -38,19 +47,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("eval", help="held-out compositional accuracy per runtime; runtimes must agree token for token")
-    p.add_argument("--config", default="small", help="config name or YAML path; its checkpoint is evaluated")
-    p.add_argument(
+    add_config_argument(p, help="config name or YAML path; its checkpoint is evaluated (default small)")
+    add_list_argument(
+        p,
         "--runtime",
-        action="append",
-        help="torch or onnxruntime; repeat for several (default: both). ONNX Runtime reads --artifacts",
+        help="runtimes, comma-separated (default torch,onnxruntime); all but torch read --artifacts",
     )
-    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help=f"export directory (default {DEFAULT_ARTIFACTS})")
+    add_list_argument(p, "--runtimes", dest="runtime", help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--artifacts", help="an export or a build folder (default build/<config>)")
     p.add_argument("--checkpoint", help="weights for the torch runtime (default: the config's)")
     p.add_argument("--server", help="also evaluate the served ensemble at this Triton URL (http://... or grpc://...)")
     p.add_argument("--model", help="served model name (default: the ensemble)")
     p.add_argument("--per-count", type=int, default=40, help="held-out captions per object count (default 40)")
     p.add_argument("--out", help=f"JSON report (default {DEFAULT_EVAL_OUT})")
     p.add_argument("--plot", help="PNG contact sheet of generated samples (default: beside --out)")
+    p.add_argument("--min-accuracy", type=float, metavar="FRACTION",
+                   help="exit 1 when any runtime's held-out image accuracy is below this (0..1, e.g. 0.9)")
+    add_json_argument(p)
     p.set_defaults(handler=cmd_eval)
 
 
@@ -58,7 +71,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tandem.config import load_config
     from tandem.train.trainer import TrainSettings, plot_history, train_model
 
+    from tandem.preflight import require_memory
+
     config = load_config(args.config)
+    out = check_output_path(args.out or DEFAULT_CHECKPOINT.format(config=config.name), (".safetensors",), "--out")
+    require_memory(config, "train")
     for name, least in (("reasoning_steps", 0), ("canvas_steps", 0), ("refinement_steps", 1), ("batch", 1), ("threads", 1)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise TandemError(f"--{name.replace('_', '-')} must be at least {least}")
@@ -74,11 +91,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings.reasoning_batch = settings.plan_batch = settings.canvas_batch = args.batch
         settings.refinement_batch = args.batch
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    report = train_model(config, args.out, settings, init_checkpoint=args.init, stages_to_train=stages)
-    plot = Path(args.out).with_suffix(".train.png")
+    report = train_model(config, out, settings, init_checkpoint=args.init, stages_to_train=stages)
+    plot = out.with_suffix(".train.png")
     plot_history(report, plot)
-    print(f"checkpoint: {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB, {settings.stored_dtype})")
-    print(f"report: {Path(args.out).with_suffix('.train.json')}  loss curves: {plot}")
+    print(f"checkpoint: {out} ({out.stat().st_size / 1e6:.1f} MB, {settings.stored_dtype})")
+    print(f"report: {out.with_suffix('.train.json')}  loss curves: {plot}")
     for name, stage in (("reasoning", report.reasoning), ("refinement", report.refinement)):
         if stage is not None:
             print(f"  {name:<11} {stage.steps} steps in {stage.wall_s:.0f} s, final loss {stage.final_loss:.4f}")
@@ -92,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tandem import folders
     from tandem.config import load_config
     from tandem.data.scenes import SceneVocabulary
     from tandem.eval.evaluate import (
@@ -105,9 +123,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_report,
     )
     from tandem.pipeline import Pipeline
-    from tandem.runtimes import RUNTIME_NAMES, make_runtime
+    from tandem.preflight import require_memory, require_server
+    from tandem.runtimes import make_runtime
+    from tandem.serving.interface import ENSEMBLE
 
-    config = load_config(args.config)
+    config = load_config(args.config or "small")
     vocab = SceneVocabulary(config)
     checkpoint = args.checkpoint or config.checkpoint
     if checkpoint is None:
@@ -117,35 +137,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if not Path(checkpoint).exists():
         raise TandemError(f"checkpoint {checkpoint} does not exist; train it with `tandem train --out {checkpoint}`")
-    runtimes = args.runtime or ["torch", "onnxruntime"]
-    for name in runtimes:
-        if name not in RUNTIME_NAMES:
-            raise TandemError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIME_NAMES)}")
+    runtimes = list(dict.fromkeys(runtime_name(name) for name in (args.runtime or ["torch", "onnxruntime"])))
     if args.per_count < 1:
         raise TandemError("--per-count must be at least 1")
+    if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
+        raise TandemError(f"--min-accuracy is a fraction between 0 and 1 (e.g. 0.9), got {args.min_accuracy}")
+    out = check_output_path(args.out or DEFAULT_EVAL_OUT.format(config=config.name), (".json",), "--out")
+    plot = check_output_path(args.plot or out.with_suffix(".png"), (".png",), "--plot")
+    # Cheap checks before minutes of generation: artifacts, memory, the server.
+    artifacts = Path(args.artifacts) if args.artifacts else default_build_dir(config.name)
+    if any(name != "torch" for name in runtimes):
+        export = folders.export_dir(artifacts)
+        check_artifacts_match(export, checkpoint)
+    if "torch" in runtimes:
+        require_memory(config, "inference")
+    if args.server:
+        require_server(args.server, args.model or ENSEMBLE)
     captions = eval_captions(config, args.per_count)
     runs = []
-    for name in dict.fromkeys(runtimes):
+    for name in runtimes:
         if name == "torch":
             runtime = make_runtime("torch", config=config, checkpoint=checkpoint)
         else:
-            artifacts = Path(args.artifacts)
-            if not (artifacts / "manifest.json").exists():
-                raise TandemError(
-                    f"no export at {artifacts}; export the trained model first: "
-                    f"tandem export --config {args.config} --out {artifacts}"
-                )
-            check_artifacts_match(artifacts, checkpoint)
             runtime = make_runtime(name, artifacts=artifacts)
             if runtime.config.fingerprint() != config.fingerprint():
-                raise TandemError(f"{artifacts} was exported for another config; export {args.config} again")
+                raise TandemError(f"{artifacts} was exported for another config; export {config.name} again")
         runs.append(evaluate_runtime(name, runtime.describe(), pipeline_generator(Pipeline(runtime)), captions, vocab))
     if args.server:
         runs.append(evaluate_runtime("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model), captions, vocab))
     agreements = [agreement(runs[0], other) for other in runs[1:]]
-    out = Path(args.out or DEFAULT_EVAL_OUT.format(config=config.name))
     report = write_report(out, config, checkpoint, runs, agreements)
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot_samples(plot, runs[0])
     print(f"held-out compositional accuracy ({len(captions)} captions, greedy):")
     for run in runs:
@@ -155,4 +176,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"report: {out}  samples: {plot}")
     if args.verbose:
         print(json.dumps(report, indent=2))
-    return 0
+    checks = [
+        {
+            "name": f"{a.runtimes[0]} and {a.runtimes[1]} agree",
+            "ok": a.exact,
+            "detail": f"identical tokens for {a.identical_tokens}/{a.captions} captions",
+        }
+        for a in agreements
+    ]
+    if args.min_accuracy is not None:
+        checks += [
+            {
+                "name": f"{run.runtime} accuracy >= {args.min_accuracy:.2%}",
+                "ok": run.accuracy >= args.min_accuracy,
+                "detail": f"{run.accuracy:.2%} of {run.captions} held-out captions",
+            }
+            for run in runs
+        ]
+    failed = [c for c in checks if not c["ok"]]
+    for check in failed:
+        print(f"tandem eval: check failed: {check['name']}: {check['detail']}", file=sys.stderr)
+    payload = {
+        "config": config.name,
+        "report": str(out.resolve()),
+        "plot": str(plot.resolve()),
+        "captions": len(captions),
+        "runtimes": {run.runtime: {"accuracy": run.accuracy, "token_accuracy": run.token_accuracy, "wall_s": run.wall_s}
+                     for run in runs},
+        "all_agree": report["all_agree"],
+        "min_accuracy": args.min_accuracy,
+        "checks": checks,
+    }
+    return finish(args, payload, EXIT_CHECK_FAILED if failed else EXIT_OK)

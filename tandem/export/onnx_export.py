@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tandem.config import ModelConfig
-from tandem.errors import TandemError
+from tandem.errors import CheckFailed, TandemError
 from tandem.export.rewrites import rewrites_for, target_rewrites
 from tandem.export.manifest import (
     MANIFEST_NAME,
@@ -49,8 +49,8 @@ VALIDATION_PROMPTS = ["a red circle above a blue square", "two green triangles",
 IMAGE_ATOL = 2.0  # uint8 levels: float rounding may move a pixel across a .5 boundary
 
 
-class ExportValidationError(TandemError):
-    pass
+class ExportValidationError(CheckFailed):
+    """An exported graph does not match PyTorch within tolerance (exit 1)."""
 
 
 @contextlib.contextmanager

@@ -21,7 +21,9 @@ def make_runtime(
     name: str, artifacts: str | Path | None = None, config: ModelConfig | None = None, **options
 ) -> Runtime:
     """``torch`` builds the stages from ``config`` (or the config recorded with ``artifacts``);
-    ``onnxruntime`` loads the exported graphs in ``artifacts``."""
+    ``onnxruntime`` loads the exported graphs in ``artifacts``. ``artifacts`` may be any tandem output
+    folder (an export, a build, its compiled/): the runtime finds what it loads inside (tandem.folders)."""
+    from tandem import folders
     if name == "torch":
         from tandem.runtimes.torch_eager import TorchRuntime
 
@@ -30,21 +32,21 @@ def make_runtime(
                 raise TandemError("the torch runtime needs a config or an export directory")
             from tandem.export.manifest import read_manifest
 
-            config = read_manifest(artifacts).config
+            config = read_manifest(folders.export_dir(artifacts)).config
         return TorchRuntime(config, **options)
     if name == "onnxruntime":
         from tandem.runtimes.onnxruntime import OnnxRuntime
 
         if artifacts is None:
             raise TandemError("the onnxruntime runtime needs an export directory (tandem export --out DIR)")
-        return OnnxRuntime(artifacts, **options)
+        return OnnxRuntime(folders.export_dir(artifacts), **options)
     if name in COMPILED_RUNTIMES:
         import importlib
 
         if artifacts is None:
             raise TandemError(f"the {name} runtime needs a compiled directory (tandem build --out DIR -> DIR/compiled)")
         module, cls = COMPILED_RUNTIMES[name]
-        return getattr(importlib.import_module(module), cls)(artifacts, **options)
+        return getattr(importlib.import_module(module), cls)(folders.compiled_dir(artifacts), **options)
     raise TandemError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIME_NAMES)}")
 
 

@@ -1,10 +1,13 @@
 """tritonclient-based client for a tandem model repository, over HTTP or gRPC.
 
-``http://host:port`` (or a bare ``host:port``) uses ``tritonclient.http``; ``grpc://host:port``
-uses ``tritonclient.grpc`` and ``grpcs://host:port`` the same over TLS (with a
-:class:`~tandem.serving.security.ClientTLS` for a private CA or mutual TLS). An ``api_key`` (a server
-started with ``--api-key-file``) goes with every call. Errors from the server (bad input, unknown model, overload) become
-:class:`~tandem.errors.TandemError` carrying the server's message.
+``http://host:port`` uses ``tritonclient.http``; ``grpc://host:port`` uses ``tritonclient.grpc`` and
+``grpcs://host:port`` the same over TLS (with a :class:`~tandem.serving.security.ClientTLS` for a
+private CA or mutual TLS); a URL without a scheme is refused with both spellings to choose from. An
+``api_key`` (a server started with ``--api-key-file``) goes with every call. Errors from the server
+(bad input, unknown model, overload) become :class:`~tandem.errors.TandemError` carrying the
+server's message; a server that cannot be reached (no such host, nothing listening, the other
+protocol on that port) becomes :class:`~tandem.errors.EnvironmentProblem` saying which. Requests are
+checked against what the server publishes (grid, codebook, max batch) before they are sent.
 
 Request building (:func:`generation_arrays`, :func:`infer_inputs`) and URL parsing are plain
 functions so load generators can reuse them with tritonclient's asyncio clients
@@ -19,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from tandem.errors import TandemError
+from tandem.errors import EnvironmentProblem, TandemError
 from tandem.serving.security import ClientTLS, client_restriction
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
+    PARAM_CODEBOOK,
     PARAM_GRID,
     PROMPT,
     REASONING,
@@ -35,6 +39,7 @@ from tandem.serving.interface import (
     TOP_K,
 )
 
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}  # tandem serve's defaults, for messages
 DEFAULT_TIMEOUT_S = 300.0  # a CPU generation of the small config under load takes tens of seconds
 
 
@@ -51,12 +56,16 @@ class Endpoint:
 
 
 def parse_url(url: str) -> Endpoint:
-    """``http://h:p``, ``https://h:p``, ``grpc://h:p``, ``grpcs://h:p`` or ``h:p`` (HTTP)."""
+    """``http://h:p``, ``https://h:p``, ``grpc://h:p`` or ``grpcs://h:p``."""
     if not isinstance(url, str) or not url.strip():
         raise TandemError("server URL is empty; pass e.g. http://127.0.0.1:8000 or grpc://127.0.0.1:8001")
     scheme, sep, rest = url.strip().partition("://")
     if not sep:
-        scheme, rest = "http", url.strip()
+        address = url.strip().rstrip("/")
+        raise TandemError(
+            f"server URL {url!r} has no scheme; write grpc://{address} or http://{address}, whichever that port "
+            f"serves (tandem serve: gRPC on {DEFAULT_PORTS['grpc']}, HTTP on {DEFAULT_PORTS['http']})"
+        )
     scheme = scheme.lower()
     if scheme not in ("http", "https", "grpc", "grpcs"):
         raise TandemError(f"unsupported server URL scheme {scheme!r} in {url!r}; use http://, https://, grpc:// or grpcs://")
@@ -65,6 +74,57 @@ def parse_url(url: str) -> Endpoint:
     if not host or not port.isdigit() or "/" in address:
         raise TandemError(f"server URL {url!r} must be <scheme>://<host>:<port>, e.g. grpc://127.0.0.1:8001")
     return Endpoint(scheme.removesuffix("s"), address, ssl=scheme.endswith("s"))
+
+
+def _host_port(endpoint: Endpoint) -> tuple[str, int]:
+    host, _, port = endpoint.address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def resolve_host(endpoint: Endpoint) -> None:
+    """Refuse a host name that does not resolve, naming it (not as something "the server said")."""
+    import socket
+
+    host, port = _host_port(endpoint)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise EnvironmentProblem(
+            f"cannot resolve host {host!r} in {endpoint.url} ({exc.strerror}); check the name, or use an IP address"
+        ) from None
+
+
+def diagnose_endpoint(endpoint: Endpoint, timeout_s: float = 3.0) -> str | None:
+    """Why a request to ``endpoint`` could not be made: nothing listens, or the port speaks the other
+    protocol; None when the port answers the endpoint's protocol (the failure was something else)."""
+    import http.client
+    import socket
+
+    host, port = _host_port(endpoint)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        return (
+            f"nothing accepts connections at {host}:{port} ({exc.strerror or exc}); is `tandem serve` running? "
+            f"(it listens on HTTP {DEFAULT_PORTS['http']} and gRPC {DEFAULT_PORTS['grpc']} by default)"
+        )
+    if endpoint.ssl:
+        return None  # a TLS port: a plain probe cannot tell the protocols apart
+    speaks_http = False
+    connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        connection.request("GET", "/v2/health/live")
+        speaks_http = connection.getresponse().status < 500
+    except (OSError, http.client.HTTPException):
+        speaks_http = False
+    finally:
+        connection.close()
+    if endpoint.protocol == "grpc" and speaks_http:
+        return f"{host}:{port} answers HTTP, not gRPC: use http://{host}:{port} (or the server's gRPC port)"
+    if endpoint.protocol == "http" and not speaks_http:
+        return f"{host}:{port} does not answer HTTP (a gRPC port?): use grpc://{host}:{port} (or the server's HTTP port)"
+    return None
 
 
 def protocol_module(protocol: str) -> ModuleType:
@@ -160,6 +220,7 @@ class TandemClient:
         api_key: str | None = None,
     ):
         self.endpoint = parse_url(url)
+        resolve_host(self.endpoint)
         self.module = protocol_module(self.endpoint.protocol)
         self.timeout_s = timeout_s
         self.headers = client_restriction(api_key).headers(self.endpoint.protocol) if api_key else None
@@ -187,7 +248,7 @@ class TandemClient:
 
         if isinstance(exc, InferenceServerException):
             message = exc.message() or str(exc)
-            status = exc.status() or ""
+            status = str(exc.status() or "")
             if self.endpoint.ssl and ("Socket closed" in message or "handshake failed" in message.lower()):
                 return TandemError(
                     f"the TLS handshake with {self.url} failed ({message}); check the CA (--tls-ca) and, for a server "
@@ -195,14 +256,30 @@ class TandemClient:
                 )
             if "restricted" in message and "expecting header" in message:
                 return TandemError(f"{what}: the server requires an API key ({message}); pass --api-key-file")
-            if "UNAVAILABLE" in str(status) and ("connect" in message.lower() or "Socket closed" in message):
-                return TandemError(f"cannot reach Triton at {self.url} ({message}); is `tandem serve` running?")
+            why = diagnose_endpoint(self.endpoint) if "UNAVAILABLE" in status else None
+            if why is not None:
+                return EnvironmentProblem(f"cannot reach Triton at {self.url}: {why} ({message})")
             if "unknown model" in message.lower():
                 message += f" (this server serves: {', '.join(self.served_models()) or 'nothing'})"
             return TandemError(f"{what}: the server said: {message}")
-        if isinstance(exc, (ConnectionError, OSError, TimeoutError)):
-            return TandemError(f"cannot reach Triton at {self.url} ({exc}); is `tandem serve` running?")
+        # Not an answer from Triton: no connection, or a port speaking another protocol (HTTPParseError).
+        why = diagnose_endpoint(self.endpoint)
+        if why is not None:
+            return EnvironmentProblem(f"cannot reach Triton at {self.url}: {why} ({type(exc).__name__}: {exc})")
         return TandemError(f"{what} failed against {self.url}: {type(exc).__name__}: {exc}")
+
+    def check_ready(self, model: str | None = None) -> None:
+        """The server answers and ``model`` (default: the server itself) is ready; else a clear error."""
+        try:
+            ready = self.client.is_model_ready(model) if model else self.client.is_server_ready()
+        except Exception as exc:
+            raise self._error(exc, "readiness check") from exc
+        if not ready:
+            served = ", ".join(self.served_models()) or "nothing yet"
+            raise EnvironmentProblem(
+                f"Triton at {self.url} answers, but {('model ' + repr(model)) if model else 'the server'} is not ready "
+                f"(ready: {served}); wait for `tandem serve` to finish loading, or check its log"
+            )
 
     # -- server and model information --------------------------------------------------------------
     def is_ready(self, model: str | None = None) -> bool:
@@ -252,6 +329,13 @@ class TandemClient:
         h, _, w = value.partition("x")
         return int(h), int(w)
 
+    def codebook_size(self, model: str) -> int | None:
+        value = self.model_config(model).get("parameters", {}).get(PARAM_CODEBOOK, {}).get("string_value")
+        return int(value) if value else None
+
+    def max_batch_size(self, model: str) -> int:
+        return int(self.model_config(model).get("max_batch_size", 0) or 0)
+
     def statistics(self, model: str = "") -> dict:
         try:
             if self.endpoint.protocol == "grpc":
@@ -289,20 +373,41 @@ class TandemClient:
         grid = self.grid(model)
         return flat.reshape(flat.shape[0], *grid) if grid else flat
 
+    def _chunks(self, model: str, rows: int) -> list[slice]:
+        """Requests of at most the model's max_batch_size rows (the server refuses larger ones)."""
+        step = self.max_batch_size(model) or rows
+        return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
     def generate(
         self, prompts: str | Sequence[str], seed: Any = 0, temperature: Any = 0.0, top_k: Any = 0, model: str = ENSEMBLE
     ) -> RemoteGeneration:
-        """Prompts -> scene tokens [B, h, w] (+ images [B, H, W, 3] when the model renders them)."""
+        """Prompts -> scene tokens [B, h, w] (+ images [B, H, W, 3] when the model renders them); more
+        prompts than the model's max batch go as several requests."""
         arrays = generation_arrays(prompts, seed, temperature, top_k)
         outputs = [n for n in (SCENE_TOKENS, IMAGE) if n in self.output_names(model)]
         if SCENE_TOKENS not in outputs:
             raise TandemError(f"model {model!r} does not return {SCENE_TOKENS}; use {ENSEMBLE!r} or {REASONING!r}")
-        result = self.infer(model, arrays, outputs)
-        return RemoteGeneration(self._grid_tokens(model, result[SCENE_TOKENS]), result.get(IMAGE))
+        rows = len(arrays[next(iter(arrays))])
+        parts = [self.infer(model, {k: v[chunk] for k, v in arrays.items()}, outputs) for chunk in self._chunks(model, rows)]
+        tokens = np.concatenate([p[SCENE_TOKENS] for p in parts])
+        images = np.concatenate([p[IMAGE] for p in parts]) if IMAGE in outputs else None
+        return RemoteGeneration(self._grid_tokens(model, tokens), images)
+
+    def check_tokens(self, tokens: np.ndarray, model: str = REFINEMENT) -> np.ndarray:
+        """Scene tokens checked against the grid and codebook ``model`` publishes -> wire format INT32 [B, h*w]."""
+        from tandem.scene_tokens import token_batch
+
+        grid = self.grid(model)
+        if grid is None:  # a repository written by something else: the server checks what it can
+            return tokens_array(tokens)
+        batch = token_batch(tokens, grid, self.codebook_size(model), where=f"model {model!r} at {self.url}")
+        return np.ascontiguousarray(batch.reshape(batch.shape[0], -1), dtype=np.int32)
 
     def render(self, tokens: np.ndarray, model: str = REFINEMENT) -> np.ndarray:
-        """Scene tokens ([h, w], [N], [B, h, w] or [B, N]) -> images [B, H, W, 3] uint8."""
-        return self.infer(model, {SCENE_TOKENS: tokens_array(tokens, self.grid(model))}, [IMAGE])[IMAGE]
+        """Scene tokens ([h, w], [N], [B, h, w] or [B, N]) -> images [B, H, W, 3] uint8, one per grid."""
+        wire = self.check_tokens(tokens, model)
+        parts = [self.infer(model, {SCENE_TOKENS: wire[chunk]}, [IMAGE])[IMAGE] for chunk in self._chunks(model, len(wire))]
+        return np.concatenate(parts)
 
     def close(self) -> None:
         try:
@@ -330,6 +435,7 @@ def generate_remote(
 
 
 def render_remote(url: str, tokens: np.ndarray, model: str | None = None, **client_options: Any) -> np.ndarray:
-    """Scene tokens [h, w] (or [N]) through ``refinement`` (or ``model``) -> image [H, W, 3] uint8."""
+    """Scene tokens ([h, w], [N], [B, h, w] or [B, N]) through ``refinement`` (or ``model``) ->
+    images [B, H, W, 3] uint8, one per grid."""
     with TandemClient(url, **client_options) as client:
-        return client.render(tokens, model=model or REFINEMENT)[0]
+        return client.render(tokens, model=model or REFINEMENT)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from tandem.errors import TandemError
+from tandem.errors import EnvironmentProblem
 from tandem.serving.interface import ENSEMBLE, REASONING
 from tandem.serving.models.common import BUSY_PREFIX, DRAIN_DIR_ENV, DRAINING_FILE
 from tandem.serving.security import APIRestriction, TLSOptions, admin_restriction
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 60
 
 
-class ServerError(TandemError):
+class ServerError(EnvironmentProblem):
     """tritonserver could not start, or stopped while we waited for it."""
 
 
@@ -223,6 +223,33 @@ def protect_shm_regions(prefix: str) -> int:
     return changed
 
 
+def has_cuda_driver() -> bool:
+    """An NVIDIA driver is installed (libcuda) and a device node exists: Triton's CUDA paths can work."""
+    import ctypes.util
+
+    return ctypes.util.find_library("cuda") is not None and any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+# On a host without an NVIDIA driver: no pinned host memory pool (it needs cudaHostAlloc), no CUDA
+# memory pool, and no GPU counts as supported, so backends place every instance on the CPU.
+CPU_HOST_ARGUMENTS = (
+    "--pinned-memory-pool-byte-size=0",
+    "--cuda-memory-pool-byte-size=0:0",
+    "--min-supported-compute-capability=100",
+)
+# Two CUDA calls that tritonserver 2.51's GPU build makes unconditionally (no option turns them off:
+# CudaBlockManager::Create in InferenceServer::Init, cudaStreamCreate in the EnsembleScheduler
+# constructor). Without a driver they log E-level lines that mean nothing for a CPU repository;
+# tandem relabels exactly these two as I-level notes instead of letting them read as failures.
+def relabel_cpu_host_line(line: str) -> str:
+    driverless = "CudaDriverHelper has not been initialized" in line or (
+        "unable to create stream for " in line and "CUDA driver version is insufficient" in line
+    )
+    if line.startswith("E") and driverless:
+        return "I" + line[1:] + " [tandem: expected without an NVIDIA driver; this repository runs on the CPU]"
+    return line
+
+
 BUNDLED_BACKENDS = {"python"}  # what the nvidia-pytriton wheel's tritonserver can load (and ensembles)
 
 
@@ -328,6 +355,7 @@ class TritonServer:
         self._workdir: tempfile.TemporaryDirectory | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=2000)
         self._reader: threading.Thread | None = None
+        self.cpu_host = not has_cuda_driver()
 
     # -- addresses --------------------------------------------------------------------------------
     @staticmethod
@@ -382,6 +410,7 @@ class TritonServer:
             ),
             *(self.tls.server_args() if self.tls else []),
             *(arg for restriction in self.restrictions for arg in restriction.server_args()),
+            *(CPU_HOST_ARGUMENTS if self.cpu_host else ()),
             *self.extra_args,
         ]
 
@@ -462,6 +491,8 @@ class TritonServer:
         assert process.stdout is not None
         for raw in process.stdout:
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if self.cpu_host:
+                line = relabel_cpu_host_line(line)
             self._log.append(line)
             if self.echo_log:
                 print(line, file=sys.stderr, flush=True)
