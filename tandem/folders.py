@@ -72,6 +72,11 @@ def find(path: str | Path, want: str, flag: str = "--artifacts") -> Path:
         if folder_kind(inside) == want:
             return inside
         if want == COMPILED:
+            from tandem.compiler.manifest import failed_build_step
+
+            failed = failed_build_step(build)
+            if failed is not None:  # e.g. an h100 build on a machine without TensorRT
+                raise ArtifactError(f"{build} has no compiled artifacts: {failed}")
             raise ArtifactError(
                 f"{build} is a build with no compiled artifacts (a cpu build compiles nothing ahead of time: use "
                 f"--runtime onnxruntime with it); compile with `tandem build --target TARGET --out {build}`"

@@ -109,15 +109,21 @@ def read_compiled_manifest(directory: str | Path) -> CompiledManifest:
     return manifest
 
 
-def _why_not_compiled(directory: Path) -> str:
-    """Point at the failed step when ``directory`` is a build whose compile step did not finish."""
-    log = directory / "build_manifest.json"
+def failed_build_step(directory: Path) -> str | None:
+    """``its build (target T) failed at step 'S': reason`` when ``directory`` is a build folder whose
+    build manifest records a failed step; None otherwise."""
+    log = Path(directory) / "build_manifest.json"
     try:
         build = json.loads(log.read_text())
         failed = next(s for s in build["steps"] if s["status"] == "failed")
         return f"its build (target {build['target']}) failed at step '{failed['name']}': {failed['reason']}"
     except (OSError, ValueError, KeyError, StopIteration, TypeError):
-        return "it is not a finished `tandem build` output; build again"
+        return None
+
+
+def _why_not_compiled(directory: Path) -> str:
+    """Point at the failed step when ``directory`` is a build whose compile step did not finish."""
+    return failed_build_step(directory) or "it is not a finished `tandem build` output; build again"
 
 
 @dataclass(frozen=True)
