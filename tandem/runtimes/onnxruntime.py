@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import Manifest, read_manifest, verify_file
+from tandem.export.manifest import Manifest, read_manifest, verify_graph_files
 from tandem.runtimes.base import Runtime
 
 
@@ -50,12 +50,12 @@ class OnnxRuntime(Runtime):
             options = ort.SessionOptions()
             options.intra_op_num_threads = intra_op_threads
             options.log_severity_level = 3
+            # The graph file and its external data, each hash-checked; ONNX Runtime reads the data
+            # files from beside the graph.
+            path = self.artifacts / verify_graph_files(self.artifacts, entry, optimized)[0]
             if optimized and entry.optimized_file:
-                path = verify_file(self.artifacts, entry.optimized_file, entry.optimized_sha256 or "")
                 # Already optimised offline; only cheap, provider-independent passes remain.
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            else:
-                path = verify_file(self.artifacts, entry.file, entry.sha256)
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=self.providers)
             except Exception as exc:  # onnxruntime raises its own untyped errors on bad files

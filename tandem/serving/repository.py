@@ -41,7 +41,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_file
+from tandem.export.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
@@ -138,14 +138,7 @@ class BuildContext:
         entry = self.manifest.graphs.get(graph)
         if entry is None:
             raise ArtifactError(f"{self.artifacts} has no graph {graph!r}; it has {sorted(self.manifest.graphs)}")
-        if optimized and entry.optimized_file:
-            verify_file(self.artifacts, entry.optimized_file, entry.optimized_sha256 or "")
-            return [entry.optimized_file]
-        verify_file(self.artifacts, entry.file, entry.sha256)
-        for extra in entry.external_data:
-            if not (self.artifacts / extra).exists():
-                raise ArtifactError(f"external data {self.artifacts / extra} of {graph} is missing; export again")
-        return [entry.file, *entry.external_data]
+        return verify_graph_files(self.artifacts, entry, optimized)
 
     def place(self, source: Path, target: Path) -> None:
         """Hard link (cheap for artifacts of hundreds of MB; exports replace files, never edit them)
