@@ -281,6 +281,7 @@ def generation_checks(reference, artifacts: Path) -> list[GenerationCheck]:
     for variant, optimized in (("onnxruntime", True), ("plain", False)):
         candidate = OnnxRuntime(artifacts, optimized=optimized, device="cpu")
         checks += [check_generation(reference, candidate, p, variant=variant, expected=e) for p, e in zip(batches, expected)]
+        del candidate  # one variant's sessions (each a copy of the weights) in memory at a time
     return checks
 
 
