@@ -19,7 +19,7 @@ from tandem.util import atomic_write_path  # noqa: E402
 log = logging.getLogger(__name__)
 
 GRAPHS = ("reasoning_prefill", "reasoning_decode", "refinement")
-COLORS = {"torch": "#d62728", "onnxruntime": "#1f77b4", "onnxruntime_all": "#17becf", "torch_aot": "#9467bd"}
+COLORS = {"torch": "#d62728", "onnxruntime": "#1f77b4", "onnxruntime_basic": "#17becf", "torch_aot": "#9467bd"}
 
 
 def _color(name: str, index: int) -> str:

@@ -12,6 +12,13 @@ from tandem.export.manifest import Manifest, read_manifest, verify_graph_files
 from tandem.runtimes.base import Runtime
 
 
+GRAPH_OPTIMIZATION = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
 def available_providers(device: str = "auto") -> list[str]:
     present = ort.get_available_providers()
     if device == "cpu":
@@ -33,6 +40,7 @@ class OnnxRuntime(Runtime):
         device: str = "auto",
         intra_op_threads: int = 0,
         graphs: list[str] | None = None,
+        graph_optimization: str = "all",
     ):
         self.artifacts = Path(artifacts)
         self.manifest: Manifest = read_manifest(self.artifacts)
@@ -42,6 +50,9 @@ class OnnxRuntime(Runtime):
             )
         super().__init__(self.manifest.config)
         self.providers = available_providers(device)
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise TandemError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, not {graph_optimization!r}")
+        self.graph_optimization = graph_optimization
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name in graphs or list(self.manifest.graphs):
             if name not in self.manifest.graphs:
@@ -50,12 +61,12 @@ class OnnxRuntime(Runtime):
             options = ort.SessionOptions()
             options.intra_op_num_threads = intra_op_threads
             options.log_severity_level = 3
+            # The offline (EXTENDED) optimisation is portable; ALL adds, at load, what depends on the
+            # CPU at hand (blocked NCHWc convolution layouts) - the level export validated with.
+            options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
             # The graph file and its external data, each hash-checked; ONNX Runtime reads the data
             # files from beside the graph.
             path = self.artifacts / verify_graph_files(self.artifacts, entry, optimized)[0]
-            if optimized and entry.optimized_file:
-                # Already optimised offline; only cheap, provider-independent passes remain.
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=self.providers)
             except Exception as exc:  # onnxruntime raises its own untyped errors on bad files
@@ -78,4 +89,4 @@ class OnnxRuntime(Runtime):
         return OrtDecodeEngine(self, capacity)
 
     def describe(self) -> str:
-        return f"onnxruntime {ort.__version__} ({self.providers[0]})"
+        return f"onnxruntime {ort.__version__} ({self.providers[0]}, {self.graph_optimization.upper()} at load)"
