@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -127,3 +128,30 @@ def test_build_copies_the_data_files_into_a_repository_that_serves_them(
         tokens, image = generate_remote(server.http_url, PROMPT, 3, 0.8, 0)
     assert np.array_equal(tokens, expected.tokens)
     assert np.array_equal(image, expected.image)
+
+
+SLOW = os.environ.get("TANDEM_SLOW_TESTS") == "1"
+
+
+@pytest.mark.skipif(not SLOW, reason="set TANDEM_SLOW_TESTS=1 to export, validate and serve the medium config (3 GB graphs, ~12 GiB RAM, tens of minutes)")
+def test_medium_export_past_2gb_is_validated_and_served(tmp_path: Path):
+    """The medium config's reasoning graphs (0.81B parameters, 3.2 GB in fp32) cannot be one
+    protobuf: exported with external data, validated against PyTorch (graphs and greedy tokens),
+    shipped in a repository and served, as benchmarks/results/export-medium records."""
+    from tandem.config import load_config
+    from tandem.export.memory import available_memory, export_memory_estimate
+    from tandem.export.record import record_export
+
+    estimate = export_memory_estimate(load_config("medium"))
+    if estimate.peak_bytes > available_memory():
+        pytest.skip(f"the medium export needs about {estimate.peak_bytes / 2**30:.1f} GiB free")
+    record = record_export("medium", tmp_path)
+    assert record["export"]["returncode"] == 0, record["export"].get("output_tail")
+    assert record["export"]["passed"]
+    for name in ("reasoning_prefill", "reasoning_decode"):
+        graph = record["export"]["graphs"][name]
+        assert graph["external_data"] == [f"{name}.onnx.data"] and graph["optimized_external_data"] == [f"{name}.ort.onnx.data"]
+        assert record["export"]["files"][f"{name}.onnx.data"] > 2**31  # past protobuf's limit
+    assert all(g["tokens_equal"] for g in record["export"]["generation_checks"])
+    assert record["serve"]["passed"]
+    assert record["export"]["peak_rss_bytes"] <= estimate.peak_bytes  # the pre-flight figure is an upper bound
