@@ -37,6 +37,7 @@ from tandem.export.manifest import (
     TensorEntry,
     ValidationCase,
 )
+from tandem.export.memory import require_export_memory
 from tandem.models import Stages, build_stages
 from tandem.stages import MAX_BATCH, GraphSpec, graph_specs
 from tandem.util import atomic_directory, sha256_file
@@ -308,6 +309,7 @@ def export_model(
     from tandem.runtimes.torch_eager import TorchRuntime
 
     out = Path(out)
+    require_export_memory(config)  # refuses before any weight is allocated
     stages = build_stages(config, checkpoint)
     reference = TorchRuntime(config, stages=stages)
     specs = graph_specs(config)
