@@ -63,11 +63,10 @@ def require_export_memory(config: ModelConfig, dtype: str = "fp32", available: i
     estimate = export_memory_estimate(config, dtype)
     available = available_memory() if available is None else available
     if estimate.peak_bytes > available:
-        smaller = " or --dtype bf16 (half the weights, for GPU targets)" if dtype == "fp32" else ""
         raise NotEnoughMemory(
             f"exporting {config.name} ({estimate.parameters / 1e9:.2f}B parameters, {gib(estimate.weight_bytes)} of "
             f"{dtype} weights) needs about {gib(estimate.peak_bytes)} of memory at its peak and {gib(available)} is "
-            f"available: run it on a machine with more memory (or stop other jobs){smaller}; "
+            f"available: run it on a machine with more memory (or stop other jobs); "
             "the README's memory table lists each config's figure"
         )
     return estimate
