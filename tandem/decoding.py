@@ -127,7 +127,8 @@ class CacheDecodeEngine:
         return logits
 
     def move(self, src: int, dst: int) -> None:
-        self._check_slots([src, dst])
+        for slot in (src, dst):
+            self._check_slots([slot])
         if src != dst:
             for buffer in self.cache.values():
                 buffer[dst] = buffer[src]
@@ -185,7 +186,8 @@ class TorchDecodeEngine(CacheDecodeEngine):
         self.tensors[name].copy_(self.torch.from_numpy(np.ascontiguousarray(values)))
 
     def move(self, src: int, dst: int) -> None:
-        self._check_slots([src, dst])
+        for slot in (src, dst):
+            self._check_slots([slot])
         if src != dst:
             for tensor in self.tensors.values():
                 tensor[dst].copy_(tensor[src])

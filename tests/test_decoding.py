@@ -119,6 +119,9 @@ def test_bad_engine_calls_are_explained(runtimes, tiny_config):
         engine.prefill([0, 2], ids, lengths)
     with pytest.raises(TandemError, match="prefill takes"):
         engine.prefill([0], ids, lengths)
+    engine.move(1, 1)  # a no-op, not an error
+    with pytest.raises(TandemError, match=r"slots must lie in \[0, 2\)"):
+        engine.move(0, 2)
     with pytest.raises(TandemError, match="1 to 2 rows"):
         engine.step(3, np.zeros(3, np.int64), np.ones(3, np.int64))
     with pytest.raises(TandemError, match="positions must lie"):

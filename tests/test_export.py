@@ -178,3 +178,18 @@ def test_failed_write_keeps_the_previous_directory(tmp_path):
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_moe_kernel_packing_matches_the_reference_layer(tiny_config):
+    """The ONNX Runtime rewrite's packed weights (interleaved gate/up rows) computed the way its MoE
+    kernel computes them give the reference layer's output; a wrong interleave would not."""
+    from tandem.export.rewrites import _moe_op, pack_moe_weights
+
+    moe = build_stages(tiny_config).reasoning.blocks[1].moe
+    x = torch.randn(7, tiny_config.reasoning.d_model, generator=torch.Generator().manual_seed(3))
+    fc1, fc2 = pack_moe_weights(moe)
+    with torch.no_grad():
+        expected = moe(x, sparse=False)
+        torch.testing.assert_close(_moe_op()(x, moe.router(x), fc1, fc2, moe.top_k), expected, atol=1e-5, rtol=1e-4)
+        swapped = fc1.view(fc1.shape[0], -1, 2, fc1.shape[-1]).flip(2).reshape(fc1.shape)
+        assert (_moe_op()(x, moe.router(x), swapped, fc2, moe.top_k) - expected).abs().max() > 1e-3
