@@ -13,12 +13,13 @@ from pathlib import Path
 from tandem.config import ModelConfig
 from tandem.errors import EnvironmentProblem, TandemError, ToolchainMissingError
 
-# Peak resident memory of a job, as a multiple of the model's fp32 weights (measured on the small
-# config; round numbers with headroom). Export holds the PyTorch stages, the ONNX protobuf being
-# serialised, the graphs re-read for validation and an ONNX Runtime session per graph; training
-# holds weights, gradients and two Adam moments; inference holds the weights once plus activations.
-MEMORY_FACTOR = {"export": 4.0, "build": 4.0, "train": 4.5, "inference": 1.5}
-MEMORY_OVERHEAD_BYTES = 1 << 30  # the interpreter, torch and onnxruntime themselves
+from tandem.export.memory import EXPORT_PEAK_FACTOR, RUNTIME_OVERHEAD_BYTES
+
+# Peak resident memory of a job, as a multiple of the model's fp32 weights. Export (and build, which
+# exports) uses the factor measured on the medium export (tandem.export.memory); training holds
+# weights, gradients and two Adam moments; inference holds the weights once plus activations.
+MEMORY_FACTOR = {"export": EXPORT_PEAK_FACTOR, "build": EXPORT_PEAK_FACTOR, "train": 4.5, "inference": 1.5}
+MEMORY_OVERHEAD_BYTES = RUNTIME_OVERHEAD_BYTES  # the interpreter, torch and onnxruntime themselves
 
 
 @dataclass(frozen=True)

@@ -154,11 +154,10 @@ def test_validation_catches_a_wrong_graph(tiny_artifacts, tiny_config):
     assert all(case.passed for case in same)
 
 
-def test_large_graphs_use_external_data(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+def test_large_graphs_use_external_data(tiny_config, tmp_path):
     spec = graph_specs(tiny_config)["refinement"]
     stages = build_stages(tiny_config)
-    entry = onnx_export.export_graph(spec, stages, tmp_path)
+    entry = onnx_export.export_graph(spec, stages, tmp_path, external_threshold=0)
     assert entry.external_data, "weights should have gone to an external data file"
     import onnxruntime as ort
 

@@ -43,7 +43,7 @@ from tandem.compiler.steps import (
 from tandem.compiler.targets import CPU, NEURON, TENSORRT, TORCH_AOT, Target, get_target
 from tandem.config import ModelConfig
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import MANIFEST_NAME, read_manifest
+from tandem.export.manifest import MANIFEST_NAME, graph_files, read_manifest
 from tandem.util import atomic_directory, atomic_write_text, sha256_file
 
 BUILD_MANIFEST = "build_manifest.json"
@@ -185,7 +185,7 @@ class Build:
                     f"{source} was exported from config {manifest.config.name} ({manifest.config_fingerprint}), not "
                     f"{self.config.name} ({self.config.fingerprint()}); pass the matching --config or drop --export"
                 )
-            from tandem.export.manifest import verify_file
+            from tandem.export.manifest import verify_graph_files
             from tandem.export.onnx_export import _weights_label
 
             expected = _weights_label(self.config, self.options.checkpoint)
@@ -194,14 +194,16 @@ class Build:
                     f"{source} was exported with weights {manifest.weights[:24]}..., this build asks for {expected[:24]}...; "
                     "pass the matching --checkpoint or drop --export"
                 )
+            # Exactly the files the manifest names (graphs, optimised copies, external data), each
+            # hash-checked and confined to the export folder, then the manifest itself.
+            files = {MANIFEST_NAME}
             for entry in manifest.graphs.values():
-                verify_file(source, entry.file, entry.sha256)
+                files.update(verify_graph_files(source, entry, optimized=False))
                 if entry.optimized_file:
-                    verify_file(source, entry.optimized_file, entry.optimized_sha256 or "")
+                    files.update(verify_graph_files(source, entry, optimized=True))
             with atomic_directory(target) as staging:
-                for file in source.iterdir():
-                    if file.is_file() and not file.name.startswith("."):
-                        shutil.copy2(file, staging / file.name)
+                for file in sorted(files):
+                    shutil.copy2(source / file, staging / file)
             return [target], f"reused the validated export in {source}"
         from tandem.export.onnx_export import export_model
 
@@ -422,7 +424,8 @@ class Build:
         elif self.target.toolchain == CPU and (self.path(EXPORT) / MANIFEST_NAME).exists():
             export = self.export_manifest()
             for entry in export.graphs.values():
-                for file, digest in ((entry.file, entry.sha256), (entry.optimized_file, entry.optimized_sha256)):
+                variants = [graph_files(entry, optimized=False)] + ([graph_files(entry, optimized=True)] if entry.optimized_file else [])
+                for file, digest in (pair for variant in variants for pair in variant):
                     if file:
                         artifacts.append({"file": f"{EXPORT}/{file}", "sha256": digest, "graph": entry.name, "dims": entry.dims})
         repo_ok = any(r.name == "repository" and r.up_to_date for r in records)

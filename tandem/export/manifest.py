@@ -40,10 +40,12 @@ class GraphEntry(BaseModel):
     stage: str
     file: str
     sha256: str
-    external_data: list[str] = []
+    external_data: list[str] = []  # weight files beside `file` (graphs over EXTERNAL_DATA_THRESHOLD), relative names
     external_data_sha256: dict[str, str] = {}  # file -> sha256 of every external_data file
     optimized_file: str | None = None  # ONNX Runtime's graph: its rewrites (tandem.export.rewrites), optimised offline
     optimized_sha256: str | None = None
+    optimized_external_data: list[str] = []  # weight files beside `optimized_file`
+    optimized_external_data_sha256: dict[str, str] = {}
     optimized_rewrites: list[str] = []  # the rewrites that made it differ from `file` beyond optimisation
     inputs: list[TensorEntry]
     outputs: list[TensorEntry]
@@ -161,13 +163,19 @@ def verify_file(directory: Path, file: str, expected_sha256: str) -> Path:
     return path
 
 
+def graph_files(entry: GraphEntry, optimized: bool) -> list[tuple[str, str]]:
+    """(file, sha256) of every file one graph loads from: its .onnx (or ONNX Runtime's optimised
+    copy) first, then its external-data files."""
+    if optimized and entry.optimized_file:
+        main = [(entry.optimized_file, entry.optimized_sha256 or "")]
+        return main + [(f, entry.optimized_external_data_sha256.get(f, "")) for f in entry.optimized_external_data]
+    return [(entry.file, entry.sha256)] + [(f, entry.external_data_sha256.get(f, "")) for f in entry.external_data]
+
+
 def verify_graph_files(directory: str | Path, entry: GraphEntry, optimized: bool) -> list[str]:
     """Names of the files one graph loads from (its .onnx, or ORT's optimised copy, plus external
     data), each confined to ``directory`` and checked against its recorded sha256."""
-    if optimized and entry.optimized_file:
-        verify_file(Path(directory), entry.optimized_file, entry.optimized_sha256 or "")
-        return [entry.optimized_file]
-    verify_file(Path(directory), entry.file, entry.sha256)
-    for extra in entry.external_data:
-        verify_file(Path(directory), extra, entry.external_data_sha256.get(extra, ""))
-    return [entry.file, *entry.external_data]
+    files = graph_files(entry, optimized)
+    for file, digest in files:
+        verify_file(Path(directory), file, digest)
+    return [file for file, _ in files]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ from tandem.export.manifest import (
     TensorEntry,
     ValidationCase,
 )
+from tandem.export.memory import require_export_memory
 from tandem.models import Stages, build_stages
 from tandem.stages import MAX_BATCH, GraphSpec, graph_specs
 from tandem.util import atomic_directory, sha256_file
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a file at 2 GiB; go external well before that
+EXTERNAL_TENSOR_MIN_BYTES = 1024  # in an external-data graph, tensors smaller than this stay inline
+EXTERNAL_DATA_ALIGNMENT = 1 << 16  # page-aligned offsets let ONNX Runtime map weights instead of copying them
 VALIDATION_PROMPTS = ["a red circle above a blue square", "two green triangles", "x"]
 IMAGE_ATOL = 2.0  # uint8 levels: float rounding may move a pixel across a .5 boundary
 
@@ -88,8 +92,16 @@ def dynamic_shapes(spec: GraphSpec, module: torch.nn.Module) -> tuple:
     return tuple(shapes)
 
 
-def _export_onnx(spec: GraphSpec, stages: Stages, path: Path, target: str | None = None) -> None:
-    """``spec``'s module traced to ``path``: standard ops, or ``target``'s rewrites applied."""
+def external_data_name(graph_file: str) -> str:
+    """The one external-data file a graph file's weights go to: ``<graph>.onnx.data``."""
+    return f"{graph_file}.data"
+
+
+def _export_onnx(
+    spec: GraphSpec, stages: Stages, path: Path, target: str | None = None, external_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> None:
+    """``spec``'s module traced to ``path``: standard ops, or ``target``'s rewrites applied. Weights
+    over ``external_threshold`` bytes in all go to ``external_data_name(path.name)`` beside it."""
     module = spec.make_module(stages).eval()
     example = spec.sample_inputs(spec.export_dims, seed=0)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
@@ -107,22 +119,41 @@ def _export_onnx(spec: GraphSpec, stages: Stages, path: Path, target: str | None
             verbose=False,
             custom_translation_table=translations or None,
         )
-        external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-        program.save(str(path), external_data=external)
+        # onnx_ir writes the exporter's IR directly, tensor by tensor from the module's own weights:
+        # no ModelProto (which could not exceed 2 GiB) and no second in-memory copy of the weights.
+        if weight_bytes > external_threshold:
+            ir.save(
+                program.model,
+                path,
+                external_data=external_data_name(path.name),
+                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+                alignment=EXTERNAL_DATA_ALIGNMENT,
+            )
+        else:
+            ir.save(program.model, path)
+        del program
     onnx.checker.check_model(str(path))
 
 
-def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry:
+def _external_files(graph_path: Path) -> dict[str, str]:
+    """sha256 of the external-data file written beside ``graph_path`` (empty when none was)."""
+    data = graph_path.with_name(external_data_name(graph_path.name))
+    return {data.name: sha256_file(data)} if data.exists() else {}
+
+
+def export_graph(
+    spec: GraphSpec, stages: Stages, directory: Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> GraphEntry:
     path = directory / f"{spec.name}.onnx"
-    _export_onnx(spec, stages, path)
-    external_files = [p.name for p in directory.iterdir() if p.name.startswith(f"{spec.name}.onnx.")]
+    _export_onnx(spec, stages, path, external_threshold=external_threshold)
+    external = _external_files(path)
     return GraphEntry(
         name=spec.name,
         stage=spec.stage,
         file=path.name,
         sha256=sha256_file(path),
-        external_data=sorted(external_files),
-        external_data_sha256={name: sha256_file(directory / name) for name in external_files},
+        external_data=sorted(external),
+        external_data_sha256=external,
         inputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.inputs],
         outputs=[TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in spec.outputs],
         dims={n: [r.min, r.opt, r.max] for n, r in spec.dims.items()},
@@ -134,24 +165,37 @@ def export_graph(spec: GraphSpec, stages: Stages, directory: Path) -> GraphEntry
     )
 
 
-def optimize_for_onnxruntime(spec: GraphSpec, stages: Stages, directory: Path, entry: GraphEntry) -> None:
+def optimize_for_onnxruntime(
+    spec: GraphSpec, stages: Stages, directory: Path, entry: GraphEntry, external_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> None:
     """Save ONNX Runtime's graph beside the plain one: exported again with its rewrites when any
     applies to this graph, then optimised offline. EXTENDED, not ALL: ALL bakes in layout choices
-    for the CPU it ran on, which would not travel to another machine."""
+    for the CPU it ran on, which would not travel to another machine. A graph whose weights went
+    to external data keeps them external in its optimised copy too (ONNX Runtime writes them)."""
     optimized = f"{Path(entry.file).stem}.ort.onnx"
     rewrites = rewrites_for("onnxruntime", spec)
-    with tempfile.TemporaryDirectory(prefix="tandem-rewrite-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=".tandem-rewrite-", dir=directory.parent) as scratch:
         source = directory / entry.file
         if rewrites:
             source = Path(scratch) / entry.file
-            _export_onnx(spec, stages, source, target="onnxruntime")
+            _export_onnx(spec, stages, source, target="onnxruntime", external_threshold=external_threshold)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(directory / optimized)
         options.log_severity_level = 3
+        if entry.external_data:
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", external_data_name(optimized)
+            )
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_TENSOR_MIN_BYTES)
+            )
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    external = _external_files(directory / optimized)
     entry.optimized_file = optimized
     entry.optimized_sha256 = sha256_file(directory / optimized)
+    entry.optimized_external_data = sorted(external)
+    entry.optimized_external_data_sha256 = external
     entry.optimized_rewrites = list(rewrites)
 
 
@@ -239,6 +283,7 @@ def generation_checks(reference, artifacts: Path) -> list[GenerationCheck]:
     for variant, optimized in (("onnxruntime", True), ("plain", False)):
         candidate = OnnxRuntime(artifacts, optimized=optimized, device="cpu")
         checks += [check_generation(reference, candidate, p, variant=variant, expected=e) for p, e in zip(batches, expected)]
+        del candidate  # one variant's sessions (each a copy of the weights) in memory at a time
     return checks
 
 
@@ -262,7 +307,8 @@ def export_files(directory: Path) -> set[str]:
         return set()
     names = {MANIFEST_NAME}
     for entry in manifest.graphs.values():
-        names |= {entry.file, *entry.external_data, *([entry.optimized_file] if entry.optimized_file else [])}
+        names |= {entry.file, *entry.external_data, *entry.optimized_external_data}
+        names |= {entry.optimized_file} if entry.optimized_file else set()
     return names
 
 
@@ -283,14 +329,22 @@ def check_replaceable(out: Path, force: bool) -> None:
 
 
 def export_model(
-    config: ModelConfig, out: str | Path, checkpoint: str | Path | None = None, progress: bool = True, force: bool = False
+    config: ModelConfig,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+    external_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportResult:
     """Export and validate both stages into ``out``, staged and swapped in whole. ``out`` must not
-    hold files an export did not write unless ``force`` (see :func:`check_replaceable`)."""
+    hold files an export did not write unless ``force`` (see :func:`check_replaceable`).
+    ``external_threshold``: a graph whose weights exceed this many bytes is written as
+    ``<graph>.onnx`` plus ``<graph>.onnx.data`` (tests lower it to cross it with the tiny config)."""
     from tandem.runtimes.torch_eager import TorchRuntime
 
     out = Path(out)
     check_replaceable(out, force)
+    require_export_memory(config)  # refuses before any weight is allocated
     stages = build_stages(config, checkpoint)
     reference = TorchRuntime(config, stages=stages)
     specs = graph_specs(config)
@@ -299,13 +353,13 @@ def export_model(
         entries: dict[str, GraphEntry] = {}
         for spec in specs.values():
             steps.set_postfix_str(f"{spec.name}: torch.onnx.export")
-            entry = export_graph(spec, stages, staging)
+            entry = export_graph(spec, stages, staging, external_threshold)
             steps.update()
             steps.set_postfix_str(f"{spec.name}: validate")
             entry.validation = validate_graph(spec, reference, _session(staging / entry.file))
             steps.update()
             steps.set_postfix_str(f"{spec.name}: rewrite and optimise for onnxruntime")
-            optimize_for_onnxruntime(spec, stages, staging, entry)
+            optimize_for_onnxruntime(spec, stages, staging, entry, external_threshold)
             entry.optimized_validation = validate_graph(spec, reference, _session(staging / entry.optimized_file))
             entry.passed = all(case.passed for case in (*entry.validation, *entry.optimized_validation))
             steps.update()

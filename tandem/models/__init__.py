@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from tandem.config import ModelConfig
-from tandem.errors import ArtifactError
+from tandem.errors import ArtifactError, TandemError
 from tandem.models.reasoning import MoEFeedForward, ReasoningTransformer
 from tandem.models.refinement import RefinementUNet
 from tandem.util import atomic_write_path
@@ -28,23 +28,50 @@ class Stages:
         return [("reasoning", self.reasoning), ("refinement", self.refinement)]
 
 
-def build_stages(config: ModelConfig, checkpoint: str | Path | None = None) -> Stages:
+# Weight dtypes an export may use (--dtype): fp32 everywhere, bf16/fp16 halve the weights for GPU targets.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_stages(config: ModelConfig, checkpoint: str | Path | None = None, dtype: str = "fp32") -> Stages:
     """Both stages in eval mode: weights from ``checkpoint`` (or the config's), else a deterministic
-    initialisation from ``config.seed`` (same seed -> bitwise identical weights)."""
+    initialisation from ``config.seed`` (same seed -> bitwise identical weights), in ``dtype``.
+
+    Every weight is allocated once, in ``dtype``: the modules are built on the meta device, then
+    each module's own parameters are materialised and initialised in turn (fp32, then rounded), or
+    assigned tensor by tensor from the safetensors file. At no point are there two copies of the
+    weights, so the peak is the weights in ``dtype`` plus the largest single module in fp32."""
+    if dtype not in DTYPES:
+        raise TandemError(f"unknown weight dtype {dtype!r}; use one of {sorted(DTYPES)}")
     checkpoint = checkpoint if checkpoint is not None else config.checkpoint
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(config.seed)
+    with torch.device("meta"):
         stages = Stages(ReasoningTransformer(config), RefinementUNet(config))
-        for _, module in stages.items():
-            module.reset_parameters()
-    finally:
-        torch.random.set_rng_state(generator_state)
     if checkpoint is not None:
-        load_weights(stages, checkpoint)
+        load_weights(stages, checkpoint, dtype)
+    else:
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(config.seed)
+            for _, module in stages.items():
+                _materialize_seeded(module, DTYPES[dtype])
+        finally:
+            torch.random.set_rng_state(generator_state)
     for _, module in stages.items():
         module.eval().requires_grad_(False)
     return stages
+
+
+def _materialize_seeded(stage: nn.Module, dtype: torch.dtype) -> None:
+    """The stage's seeded init (its ``init_module`` over ``modules()`` in order, the same random
+    draws as ``reset_parameters``), one module's parameters at a time off the meta device."""
+    for module in stage.modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        module.to_empty(device="cpu", recurse=False)
+        stage.init_module(module)
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype != dtype:
+                module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
 
 
 def save_weights(stages: Stages, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -53,28 +80,38 @@ def save_weights(stages: Stages, path: str | Path, metadata: dict[str, str] | No
         save_file(tensors, str(tmp), metadata=metadata or {})
 
 
-def load_weights(stages: Stages, path: str | Path) -> None:
+def load_weights(stages: Stages, path: str | Path, dtype: str | None = None) -> None:
+    """Weights from a safetensors file, read tensor by tensor and converted to ``dtype`` (the
+    modules' own dtype when None). Modules on the meta device get the loaded tensors assigned
+    (no second copy); materialised ones are copied into."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"checkpoint {path} does not exist; train one with `tandem train` or drop 'checkpoint'")
     try:
-        tensors = load_file(str(path))
+        handle = safe_open(str(path), framework="pt")
+        keys = set(handle.keys())
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"checkpoint {path} is not a readable safetensors file ({exc}); re-create it") from exc
     for name, module in stages.items():
         prefix = f"{name}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         expected = module.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        on_disk = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
+        missing = sorted(set(expected) - on_disk)
+        unexpected = sorted(on_disk - set(expected))
+        wrong_shape = [k for k in expected if k in on_disk and list(handle.get_slice(prefix + k).get_shape()) != list(expected[k].shape)]
         if missing or unexpected or wrong_shape:
             raise ArtifactError(
                 f"checkpoint {path} does not match the {name} stage of this config "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong_shape[:3]}); "
                 "use the config it was trained with"
             )
-        module.load_state_dict(state)
+        meta = any(t.is_meta for t in expected.values())
+        target = {k: DTYPES[dtype] if dtype else t.dtype for k, t in expected.items()}
+        try:
+            state = {k: handle.get_tensor(prefix + k).to(target[k]) for k in expected}
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"checkpoint {path} could not be read ({exc}); re-create it") from exc
+        module.load_state_dict(state, assign=meta)
 
 
 @dataclass

@@ -175,12 +175,18 @@ class ReasoningTransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, MoEFeedForward):
-                module.reset_parameters()
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+            self.init_module(module)
+
+    @staticmethod
+    def init_module(module: nn.Module) -> None:
+        """Initialise ``module``'s own parameters (not its children's): the seeded init, one
+        module at a time, so it can run while the others are still on the meta device."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, MoEFeedForward):
+            module.reset_parameters()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
     def forward_sequence(
         self, input_ids: torch.Tensor

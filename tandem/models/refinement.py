@@ -63,14 +63,19 @@ class RefinementUNet(nn.Module):
 
     def reset_parameters(self) -> None:
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=1.0)
-            elif isinstance(module, nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            self.init_module(module)
+
+    @staticmethod
+    def init_module(module: nn.Module) -> None:
+        """Initialise ``module``'s own parameters (not its children's); see ReasoningTransformer."""
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def forward(self, scene_tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(scene_tokens).permute(0, 3, 1, 2)  # [B, C, h, w]

@@ -64,7 +64,9 @@ class OnnxRuntime(Runtime):
             # The offline (EXTENDED) optimisation is portable; ALL adds, at load, what depends on the
             # CPU at hand (blocked NCHWc convolution layouts) - the level export validated with.
             options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
-            path = self.artifacts / verify_graph_files(self.artifacts, entry, optimized)[0]  # external data checked too
+            # The graph file and its external data, each hash-checked; ONNX Runtime reads the data
+            # files from beside the graph.
+            path = self.artifacts / verify_graph_files(self.artifacts, entry, optimized)[0]
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=self.providers)
             except Exception as exc:  # onnxruntime raises its own untyped errors on bad files
