@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -71,6 +72,9 @@ class Manifest(BaseModel):
     versions: dict[str, str]
     graphs: dict[str, GraphEntry]
     generation: GenerationCheck | None = None
+    # Set in a precision directory (tandem.compiler.precision_gate.PrecisionReport): the graphs'
+    # precision, their checks against fp32 and the accuracy gate's figures. None in an fp32 export.
+    precision: dict[str, Any] | None = None
     passed: bool = False
 
     def write(self, directory: Path) -> Path:
