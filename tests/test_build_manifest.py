@@ -33,19 +33,20 @@ from tandem.export.manifest import read_manifest
 from tandem.runtimes import make_runtime
 from tandem.serving.repository import parse_config, write_repository
 
-H100 = Environment(("sm90",), "NVIDIA H100 80GB HBM3", {"tensorrt": "10.3.0"})
+H100 = Environment(("sm90",), "NVIDIA H100 80GB HBM3", {"tensorrt": "11.4.0"})
 
 
 @pytest.fixture(scope="module")
 def optimised(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path, tiny_config) -> Path:
     """The h100 build up to TensorRT: its optimise step output (prepared ONNX graphs + profiles)."""
     out = tmp_path_factory.mktemp("trt") / "b"
-    result = run_build(tiny_config, "h100", out, BuildOptions(reuse_export=tiny_artifacts), stream=io.StringIO())
-    assert result.records[1].status == "ok", result.records[1].reason
+    options = BuildOptions(reuse_export=tiny_artifacts, gate_captions=8)
+    result = run_build(tiny_config, "h100", out, options, stream=io.StringIO())
+    assert result.records[2].status == "ok", result.records[1].reason + result.records[2].reason
     return out / "optimised"
 
 
-def write_compiled(directory: Path, optimised: Path, tiny_artifacts: Path, arch: str = "sm90", version: str = "10.3.0") -> Path:
+def write_compiled(directory: Path, optimised: Path, tiny_artifacts: Path, arch: str = "sm90", version: str = "11.4.0") -> Path:
     """A compiled directory with the manifest compile_engines writes, listing the prepared graphs."""
     directory.mkdir(parents=True)
     artifacts = []
@@ -69,8 +70,8 @@ def compiled(tmp_path: Path, optimised: Path, tiny_artifacts: Path) -> Path:
 def test_manifest_records_target_profiles_versions_and_hashes(compiled: Path, tiny_config):
     data = json.loads((compiled / "manifest.json").read_text())
     assert (data["target"], data["toolchain"], data["arch"], data["precision"]) == ("h100", "tensorrt", "sm90", "fp16")
-    assert data["pinned"] == ["tensorrt"] and data["tool_versions"]["tensorrt"] == "10.3.0"
-    assert data["builder"]["precision_flags"] == ["FP16"] and data["config_fingerprint"] == tiny_config.fingerprint()
+    assert data["pinned"] == ["tensorrt"] and data["tool_versions"]["tensorrt"] == "11.4.0"
+    assert data["builder"]["network"].startswith("strongly typed") and data["config_fingerprint"] == tiny_config.fingerprint()
     manifest = read_compiled_manifest(compiled)
     decode = manifest.for_graph("reasoning_decode")[0]
     assert decode.profile["min"]["token_ids"] == [1] and decode.profile["max"]["token_ids"] == [8]
@@ -80,7 +81,7 @@ def test_manifest_records_target_profiles_versions_and_hashes(compiled: Path, ti
 
 def test_engines_for_sm90_are_refused_on_an_sm80_gpu(compiled: Path):
     manifest = read_compiled_manifest(compiled)
-    a100 = Environment(("sm80",), "NVIDIA A100-SXM4-80GB", {"tensorrt": "10.3.0"})
+    a100 = Environment(("sm80",), "NVIDIA A100-SXM4-80GB", {"tensorrt": "11.4.0"})
     with pytest.raises(ArtifactError) as info:
         check_compatible(manifest, compiled, "tensorrt", a100)
     message = str(info.value)
