@@ -200,6 +200,7 @@ def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, R
             model, keep_io_types=True, op_block_list=sorted(blocked_ops), node_block_list=sorted(kept)
         )
     kept.update({n.name: f"{n.op_type} on the converter's block list" for n in model.graph.node if n.op_type in blocked_ops})
+    _restore_output_types(model, converted)
     if low == TensorProto.BFLOAT16:
         converted = _retype(converted, TensorProto.FLOAT16, TensorProto.BFLOAT16)
     record = RewriteRecord(
@@ -209,6 +210,23 @@ def autocast(model: onnx.ModelProto, precision: str) -> tuple[onnx.ModelProto, R
         low_precision_nodes=sum(1 for n in model.graph.node if n.name not in kept),
     )
     return converted, record
+
+
+def _restore_output_types(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """The converter's ``keep_io_types`` misses an output written by a node it was told to keep in
+    fp32 (it types the output fp16 anyway): cast any such output back, so the graph keeps the
+    stage description's interface."""
+    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    graph = converted.graph
+    for output in graph.output:
+        if output.type.tensor_type.elem_type == wanted[output.name]:
+            continue
+        low = f"{output.name}__before_output_cast"
+        for node in graph.node:
+            node.output[:] = [low if o == output.name else o for o in node.output]
+            node.input[:] = [low if i == output.name else i for i in node.input]
+        graph.node.append(helper.make_node("Cast", [low], [output.name], to=wanted[output.name], name=f"{output.name}__output_cast"))
+        output.type.tensor_type.elem_type = wanted[output.name]
 
 
 def _to_bfloat16(values: np.ndarray) -> np.ndarray:
