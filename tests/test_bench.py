@@ -30,6 +30,8 @@ TARGET_IDS = {
     "served_overhead_grpc",
     "served_scaling_grpc",
     "refinement_peak",
+    "cpu_int8_decode_speedup",
+    "cpu_int8_token_agreement",
 }
 
 

@@ -91,8 +91,8 @@ def test_engines_for_sm90_are_refused_on_an_sm80_gpu(compiled: Path):
 
 def test_engines_from_another_tensorrt_version_are_refused(compiled: Path):
     manifest = read_compiled_manifest(compiled)
-    for versions, have in (({"tensorrt": "10.7.0"}, "10.7.0"), ({}, "(not installed)")):
-        with pytest.raises(ArtifactError, match=rf"built with tensorrt 10\.3\.0 but this machine has tensorrt {re.escape(have)}"):
+    for versions, have in (({"tensorrt": "11.3.0"}, "11.3.0"), ({}, "(not installed)")):
+        with pytest.raises(ArtifactError, match=rf"built with tensorrt 11\.4\.0 but this machine has tensorrt {re.escape(have)}"):
             check_compatible(manifest, compiled, "tensorrt", Environment(("sm90",), "H100", versions))
 
 
@@ -115,7 +115,7 @@ def test_modified_missing_or_foreign_artifacts_are_refused(compiled: Path):
 def test_runtimes_refuse_before_touching_a_toolchain(compiled: Path, tiny_artifacts: Path, tmp_path: Path):
     # Intact engines, but no TensorRT here: the message names the package and the version to install.
     if importlib.util.find_spec("tensorrt") is None:
-        with pytest.raises(ToolchainMissingError, match=r"pip install tensorrt==10\.3\.0"):
+        with pytest.raises(ToolchainMissingError, match=r"pip install tensorrt==11\.4\.0"):
             make_runtime("tensorrt", artifacts=compiled.parent)  # the build directory is accepted for its compiled/
     with pytest.raises(ArtifactError, match="load them with the 'tensorrt' runtime"):
         make_runtime("neuron", artifacts=compiled)

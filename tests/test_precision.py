@@ -194,3 +194,18 @@ def test_cpu_build_ships_the_precision_graphs_it_gated(tmp_path: Path, tiny_arti
     assert "reasoning_decode.int8.onnx" in shipped_files and "reasoning_decode.onnx" not in shipped_files
     config = (out / "model_repository" / "reasoning" / "config.pbtxt").read_text()
     assert '"tandem.precision"' in config and '"int8"' in config
+
+    # tandem bench measures this build's gated graphs as the onnxruntime_int8 runtime, with int8's bytes.
+    from tandem.bench.roofline import work_with_weights_at
+    from tandem.bench.stagebench import precision_runtime
+
+    runtime = precision_runtime("onnxruntime_int8", "int8", tiny_config, [tmp_path / "elsewhere", out])
+    assert runtime.precision_report["graphs"]["reasoning_decode"] == "int8" and runtime.precision_report["override"]
+    assert set(runtime.bytes_per_weight) == {"reasoning_decode"} and "int8" in runtime.describe()
+    decode = runtime.specs["reasoning_decode"]
+    outputs = runtime.run("reasoning_decode", decode.sample_inputs({"batch": 1}))
+    assert set(outputs) == set(decode.output_names)
+    work = {"flops": 100, "weight_bytes_touched": 4000, "io_float_bytes": 1000, "io_int_bytes": 8, "bytes": 5008}
+    assert work_with_weights_at(work, 1.0)["bytes"] == 1000 + 1000 + 8
+    with pytest.raises(TandemError, match="--target cpu --precision int8"):
+        precision_runtime("onnxruntime_int8", "int8", tiny_config, [tmp_path / "elsewhere"])
