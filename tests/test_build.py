@@ -157,7 +157,7 @@ def test_cpu_build_from_scratch_is_servable_and_a_rerun_skips_every_step(tmp_pat
 
 def test_one_build_directory_per_target(tmp_path: Path, tiny_artifacts: Path, tiny_config: ModelConfig):
     out = tmp_path / "b"
-    run_build(tiny_config, "h100", out, BuildOptions(reuse_export=tiny_artifacts), stream=io.StringIO())
+    run_build(tiny_config, "h100", out, BuildOptions(precision="fp32", reuse_export=tiny_artifacts), stream=io.StringIO())
     with pytest.raises(TandemError, match="holds a build for target h100"):
         run_build(tiny_config, "inf2", out, BuildOptions(reuse_export=tiny_artifacts), stream=io.StringIO())
 

@@ -202,8 +202,8 @@ class Build:
             captions=self.options.gate_captions,
             override=self.options.accept_accuracy_loss,
         )
-        graphs = ", ".join(f"{g.graph} {g.precision}" for g in report.graphs.values())
-        note = f"{graphs}; each within its tolerance of PyTorch fp32"
+        graphs = ", ".join(f"{g.graph} {g.precision} (error {g.max_output_error:.1e} of fp32's range)" for g in report.graphs.values())
+        note = f"{graphs} vs PyTorch fp32"
         if report.generation is not None:
             note += f"; greedy tokens agree with fp32 on {report.generation.token_agreement:.2%} of positions ({report.generation.captions} held-out captions)"
         if report.accuracy is not None:

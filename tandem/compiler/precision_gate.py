@@ -459,6 +459,13 @@ def make_precision_graphs(
     config = source.config
     if override is not None and not override.strip():
         raise TandemError("an accuracy-gate override needs a reason (it is recorded in the manifest)")
+    from tandem.export.onnx_export import _weights_label
+
+    if _weights_label(config, checkpoint) != source.weights:
+        raise TandemError(
+            f"{export_dir} was exported with weights {source.weights[:30]}..., not {_weights_label(config, checkpoint)[:30]}...; "
+            "pass the checkpoint it was exported from"
+        )
     calibration_info = None
     if uses_calibration(toolchain, precision) and calibration is None:
         calibration = record_calibration(export_dir, config)
@@ -470,13 +477,6 @@ def make_precision_graphs(
         }
     elif calibration is not None:
         calibration_info = {"caption_set": "given by the caller", "feeds": {g: len(f) for g, f in calibration.items()}}
-    from tandem.export.onnx_export import _weights_label
-
-    if _weights_label(config, checkpoint) != source.weights:
-        raise TandemError(
-            f"{export_dir} was exported with weights {source.weights[:30]}..., not {_weights_label(config, checkpoint)[:30]}...; "
-            "pass the checkpoint it was exported from"
-        )
     reference = TorchRuntime(config, checkpoint=checkpoint)
     validation = record_validation(export_dir, config)
     with atomic_directory(out) as staging, tempfile.TemporaryDirectory(prefix="tandem-emulated-") as emulated_dir:
@@ -560,7 +560,7 @@ def make_precision_graphs(
             raise PrecisionRefused(
                 f"{precision} graphs for {toolchain} refused (nothing written):\n  "
                 + "\n  ".join(report.refusals)
-                + f"\nbuild another precision, or ship this one anyway with --accept-accuracy-loss 'REASON' (recorded)"
+                + "\nbuild another precision, or ship this one anyway with --accept-accuracy-loss 'REASON' (recorded)"
             )
     return report
 
