@@ -14,7 +14,6 @@ import pytest
 
 from tandem.compiler import BuildOptions, run_build
 from tandem.compiler.precision import (
-    autocast,
     quantize_cpu_int8,
     rewrite_for,
     sensitive_nodes,

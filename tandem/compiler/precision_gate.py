@@ -36,7 +36,6 @@ import onnx
 from pydantic import BaseModel
 
 from tandem.compiler.precision import (
-    RewriteRecord,
     emulate_on_float32,
     get_precision,
     rewrite_for,
