@@ -41,6 +41,8 @@ TARGET_IDS = {
     "decode_roofline_b8",
     "decode_rows_scaling",
     "pipeline_scaling",
+    "cpu_int8_decode_speedup",
+    "cpu_int8_token_agreement",
 }
 
 

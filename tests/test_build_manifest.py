@@ -33,19 +33,20 @@ from tandem.export.manifest import read_manifest
 from tandem.runtimes import make_runtime
 from tandem.serving.repository import parse_config, write_repository
 
-H100 = Environment(("sm90",), "NVIDIA H100 80GB HBM3", {"tensorrt": "10.3.0"})
+H100 = Environment(("sm90",), "NVIDIA H100 80GB HBM3", {"tensorrt": "11.4.0"})
 
 
 @pytest.fixture(scope="module")
 def optimised(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path, tiny_config) -> Path:
     """The h100 build up to TensorRT: its optimise step output (prepared ONNX graphs + profiles)."""
     out = tmp_path_factory.mktemp("trt") / "b"
-    result = run_build(tiny_config, "h100", out, BuildOptions(reuse_export=tiny_artifacts), stream=io.StringIO())
-    assert result.records[1].status == "ok", result.records[1].reason
+    options = BuildOptions(reuse_export=tiny_artifacts, gate_captions=8)
+    result = run_build(tiny_config, "h100", out, options, stream=io.StringIO())
+    assert result.records[2].status == "ok", result.records[1].reason + result.records[2].reason
     return out / "optimised"
 
 
-def write_compiled(directory: Path, optimised: Path, tiny_artifacts: Path, arch: str = "sm90", version: str = "10.3.0") -> Path:
+def write_compiled(directory: Path, optimised: Path, tiny_artifacts: Path, arch: str = "sm90", version: str = "11.4.0") -> Path:
     """A compiled directory with the manifest compile_engines writes, listing the prepared graphs."""
     directory.mkdir(parents=True)
     artifacts = []
@@ -69,8 +70,8 @@ def compiled(tmp_path: Path, optimised: Path, tiny_artifacts: Path) -> Path:
 def test_manifest_records_target_profiles_versions_and_hashes(compiled: Path, tiny_config):
     data = json.loads((compiled / "manifest.json").read_text())
     assert (data["target"], data["toolchain"], data["arch"], data["precision"]) == ("h100", "tensorrt", "sm90", "fp16")
-    assert data["pinned"] == ["tensorrt"] and data["tool_versions"]["tensorrt"] == "10.3.0"
-    assert data["builder"]["precision_flags"] == ["FP16"] and data["config_fingerprint"] == tiny_config.fingerprint()
+    assert data["pinned"] == ["tensorrt"] and data["tool_versions"]["tensorrt"] == "11.4.0"
+    assert data["builder"]["network"].startswith("strongly typed") and data["config_fingerprint"] == tiny_config.fingerprint()
     manifest = read_compiled_manifest(compiled)
     decode = manifest.for_graph("reasoning_decode")[0]
     assert decode.profile["min"]["token_ids"] == [1] and decode.profile["max"]["token_ids"] == [8]
@@ -80,7 +81,7 @@ def test_manifest_records_target_profiles_versions_and_hashes(compiled: Path, ti
 
 def test_engines_for_sm90_are_refused_on_an_sm80_gpu(compiled: Path):
     manifest = read_compiled_manifest(compiled)
-    a100 = Environment(("sm80",), "NVIDIA A100-SXM4-80GB", {"tensorrt": "10.3.0"})
+    a100 = Environment(("sm80",), "NVIDIA A100-SXM4-80GB", {"tensorrt": "11.4.0"})
     with pytest.raises(ArtifactError) as info:
         check_compatible(manifest, compiled, "tensorrt", a100)
     message = str(info.value)
@@ -90,8 +91,8 @@ def test_engines_for_sm90_are_refused_on_an_sm80_gpu(compiled: Path):
 
 def test_engines_from_another_tensorrt_version_are_refused(compiled: Path):
     manifest = read_compiled_manifest(compiled)
-    for versions, have in (({"tensorrt": "10.7.0"}, "10.7.0"), ({}, "(not installed)")):
-        with pytest.raises(ArtifactError, match=rf"built with tensorrt 10\.3\.0 but this machine has tensorrt {re.escape(have)}"):
+    for versions, have in (({"tensorrt": "11.3.0"}, "11.3.0"), ({}, "(not installed)")):
+        with pytest.raises(ArtifactError, match=rf"built with tensorrt 11\.4\.0 but this machine has tensorrt {re.escape(have)}"):
             check_compatible(manifest, compiled, "tensorrt", Environment(("sm90",), "H100", versions))
 
 
@@ -114,7 +115,7 @@ def test_modified_missing_or_foreign_artifacts_are_refused(compiled: Path):
 def test_runtimes_refuse_before_touching_a_toolchain(compiled: Path, tiny_artifacts: Path, tmp_path: Path):
     # Intact engines, but no TensorRT here: the message names the package and the version to install.
     if importlib.util.find_spec("tensorrt") is None:
-        with pytest.raises(ToolchainMissingError, match=r"pip install tensorrt==10\.3\.0"):
+        with pytest.raises(ToolchainMissingError, match=r"pip install tensorrt==11\.4\.0"):
             make_runtime("tensorrt", artifacts=compiled.parent)  # the build directory is accepted for its compiled/
     with pytest.raises(ArtifactError, match="load them with the 'tensorrt' runtime"):
         make_runtime("neuron", artifacts=compiled)

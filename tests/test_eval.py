@@ -130,6 +130,9 @@ def test_captions_are_deterministic_disjoint_and_fit_the_prompt(vocab):
     assert not set(train) & set(held)
     assert all(len(c.encode()) <= 62 for c in train + held)
     assert {len(parse_caption(c).objects) for c in train} == {1, 2, 3}
+    # By default the evaluation scores the whole held-out pool, not a sample.
+    pool = [s.caption for s in all_scenes(vocab.max_caption_bytes) if caption_split(s.caption) == "heldout"]
+    assert sorted(held) == sorted(pool) and len(heldout_captions(vocab.max_caption_bytes, per_count=2)) == 4
 
 
 @pytest.mark.parametrize(
@@ -151,6 +154,8 @@ def test_eval_command_reports_accuracy(tmp_path, capsys):
     assert report["checkpoint"] == "small.safetensors"
     assert report["captions"] == run["captions"] == 4  # no one-object caption is held out
     assert len(run["failures"]) == round((1 - run["accuracy"]) * 4)
+    assert {k: v["captions"] for k, v in run["by_objects"].items()} == {"2": 2, "3": 2}  # accuracy per object count
+    assert sum(v["accuracy"] * v["captions"] for v in run["by_objects"].values()) == pytest.approx(run["accuracy"] * 4)
     assert out.with_suffix(".png").stat().st_size > 0
     assert "held-out compositional accuracy" in capsys.readouterr().out
 

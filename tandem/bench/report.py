@@ -365,7 +365,7 @@ def _roofline_section(results: dict) -> list[str]:
                         runtime,
                         batch,
                         f"{work['flops'] / 1e6:.1f}",
-                        f"{work['bytes'] / 1e6:.2f}",
+                        f"{p.get('bytes', work['bytes']) / 1e6:.2f}",
                         _f(p["intensity_flop_per_byte"], 1),
                         p["bound"],
                         _f(p["achieved_gflops"], 1),

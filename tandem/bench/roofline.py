@@ -161,6 +161,14 @@ def bytes_at_precision(work: dict, element_bytes: float) -> float:
     return (work["weight_bytes_touched"] + work["io_float_bytes"]) * scale + work["io_int_bytes"]
 
 
+def work_with_weights_at(work: dict, bytes_per_weight: float) -> dict:
+    """``work`` with its weights stored at ``bytes_per_weight`` instead of fp32's 4 (an int8 graph:
+    1 plus its scales); activations, the KV cache and FLOPs are unchanged."""
+    weights = work["weight_bytes_touched"] * bytes_per_weight / 4.0
+    total = weights + work["io_float_bytes"] + work["io_int_bytes"]
+    return {**work, "weight_bytes_touched": int(weights), "bytes": int(total), "intensity_flop_per_byte": work["flops"] / total if total else 0.0}
+
+
 def analyse(work: dict, seconds: float, peak_gflops: float, bandwidth_gb_s: float) -> dict:
     """Where a measured call sits on this machine's roofline."""
     achieved_gflops = work["flops"] / seconds / 1e9
@@ -170,6 +178,7 @@ def analyse(work: dict, seconds: float, peak_gflops: float, bandwidth_gb_s: floa
     attainable = min(peak_gflops, intensity * bandwidth_gb_s)
     return {
         "seconds": seconds,
+        "bytes": work["bytes"],
         "achieved_gflops": achieved_gflops,
         "fraction_of_matmul_peak": achieved_gflops / peak_gflops,
         "achieved_gb_s": achieved_gbs,

@@ -39,6 +39,8 @@ Progress = Callable[[str], None]
 # charged to whichever runtime is measured next.
 SETTLE_SECONDS = 0.5
 VARIANTS = ("onnxruntime_basic",)  # measured for comparison, not what tandem ships
+PRECISION_RUNTIMES = {"onnxruntime_int8": "int8"}  # ONNX Runtime over a cpu build's gated precision graphs
+INT8_BYTES_PER_WEIGHT = 1.125  # int8 values plus their scales (one fp32 scale per 32 weights at most)
 
 
 def settle() -> None:
@@ -61,7 +63,13 @@ def build_runtimes(
 
     built: dict[str, Runtime] = {}
     unavailable: dict[str, str] = {}
-    for name in names or [*RUNTIME_NAMES, *VARIANTS]:
+    for name in names or [*RUNTIME_NAMES, *VARIANTS, *PRECISION_RUNTIMES]:
+        if name in PRECISION_RUNTIMES:
+            try:
+                built[name] = precision_runtime(name, PRECISION_RUNTIMES[name], config, compiled or [])
+            except TandemError as exc:
+                unavailable[name] = str(exc)
+            continue
         if name == "onnxruntime_basic":
             try:
                 built[name] = onnxruntime_basic_variant(artifacts)
@@ -265,6 +273,43 @@ def bench_pipeline(runtime: Runtime, batch: int, budget: Budget) -> dict:
     stats["phase_ms_per_generation"] = {g: 1e3 * s / n for g, s in timed.seconds.items()}
     stats["graph_calls_per_generation"] = {g: c / n for g, c in timed.calls.items()}
     return stats
+
+
+def precision_runtime(name: str, precision: str, config: ModelConfig, builds: list[Path]):
+    """ONNX Runtime over the precision graphs of a ``tandem build --target cpu --precision P`` output
+    (gated on accuracy by its precision step), found among ``builds``."""
+    import json
+
+    from tandem.runtimes.onnxruntime import OnnxRuntime
+
+    for build in builds:
+        try:
+            data = json.loads((Path(build) / "build_manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (data.get("target"), data.get("precision"), data.get("passed")) != ("cpu", precision, True):
+            continue
+        if data.get("config_fingerprint") != config.fingerprint():
+            continue
+        runtime = OnnxRuntime(Path(build) / "precision", optimized=True, device="cpu")
+        report = runtime.manifest.precision or {}
+        runtime.name = name
+        runtime.bench_source = str(Path(build) / "precision")
+        runtime.precision_report = {
+            "precision": precision,
+            "graphs": {g: c["precision"] for g, c in report.get("graphs", {}).items()},
+            "generation": report.get("generation"),
+            "accuracy": report.get("accuracy"),
+            "override": report.get("override"),
+        }
+        runtime.bytes_per_weight = {g: INT8_BYTES_PER_WEIGHT for g, p in runtime.precision_report["graphs"].items() if p == "int8"}
+        base = runtime.describe()
+        runtime.describe = lambda: f"{base}, {precision} decode step (gated precision graphs)"  # type: ignore[method-assign]
+        return runtime
+    raise TandemError(
+        f"needs a cpu {precision} build of {config.name}: tandem build --config {config.name} --target cpu "
+        f"--precision {precision} --out build/{config.name}-cpu-{precision} (then pass it as --artifacts or keep it under build/)"
+    )
 
 
 def onnxruntime_basic_variant(artifacts: Path):

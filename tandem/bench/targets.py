@@ -129,6 +129,27 @@ def evaluate_targets(results: dict) -> list[Target]:
 
     targets += served_scheduler_targets(results)
 
+    # CPU int8: the decode step's speed-up over fp32 in the same run, and the gate's token agreement.
+    fp32, int8 = _p50(results, "onnxruntime", "reasoning_decode"), _p50(results, "onnxruntime_int8", "reasoning_decode")
+    t = Target("cpu_int8_decode_speedup", "int8 decode step vs fp32 (ONNX Runtime CPU), batch 1, p50", 1.5, ">=", "x")
+    targets.append(
+        t.evaluate(
+            fp32 / int8 if fp32 and int8 else None,
+            f"p50 {fp32:.3f} ms fp32 vs {int8:.3f} ms int8" if fp32 and int8 else "",
+            "needs the onnxruntime runtime and a cpu int8 build (tandem build --target cpu --precision int8)",
+        )
+    )
+    generation = (results.get("precision", {}).get("onnxruntime_int8") or {}).get("generation") or {}
+    t = Target("cpu_int8_token_agreement", "int8 greedy tokens equal to fp32's (held-out captions, teacher-forced positions)", 0.98, ">=", "%")
+    targets.append(
+        t.evaluate(
+            generation.get("token_agreement"),
+            f"{generation.get('agreeing_positions')} of {generation.get('positions')} positions over "
+            f"{generation.get('captions')} captions (the build's precision gate)" if generation else "",
+            "no cpu int8 build measured",
+        )
+    )
+
     best = results.get("roofline", {}).get("refinement_best")
     variant = results.get("roofline", {}).get("refinement_best_variant")
     t = Target("refinement_peak", "refinement achieved FLOP/s vs measured matmul peak", 0.5, ">=", "%")

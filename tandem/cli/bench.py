@@ -133,10 +133,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def bench_runtime(name: str) -> str:
-    """Runtime names as everywhere else (target names too), plus bench's onnxruntime_all variant."""
+    """Runtime names as everywhere else (target names too), plus bench's own: the onnxruntime_basic
+    variant and the runtimes over a build's precision graphs (onnxruntime_int8)."""
+    from tandem.bench.stagebench import PRECISION_RUNTIMES, VARIANTS
     from tandem.cli.common import runtime_name
 
-    return name if name == "onnxruntime_all" else runtime_name(name)
+    return name if name in (*VARIANTS, *PRECISION_RUNTIMES) else runtime_name(name)
 
 
 def bench_folders(paths: list[Path] | None) -> tuple[Path | None, list[Path] | None]:
@@ -149,7 +151,9 @@ def bench_folders(paths: list[Path] | None) -> tuple[Path | None, list[Path] | N
     for path in paths:
         kind = folders.folder_kind(path)
         if kind in (folders.BUILD, folders.COMPILED) and (
-            kind == folders.COMPILED or folders.folder_kind(Path(path) / "compiled") == folders.COMPILED
+            kind == folders.COMPILED
+            or folders.folder_kind(Path(path) / "compiled") == folders.COMPILED
+            or (Path(path) / "precision").is_dir()  # a build's precision graphs (onnxruntime_int8)
         ):
             compiled.append(Path(path))
         if kind != folders.COMPILED and export is None:

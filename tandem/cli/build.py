@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, choices=list(TARGETS), help="what to build for")
     p.add_argument("--out", help="build folder, one per target (default build/<config>-<target>)")
     p.add_argument("--checkpoint", help="safetensors weights (default: the config's, else seeded init)")
-    p.add_argument("--precision", help="fp32 / fp16 / bf16 / fp8 where the target offers it (default: the target's)")
+    p.add_argument(
+        "--precision",
+        help="fp32 / fp16 / bf16 / int8 / fp8 where the target offers it (default: the target's); written into the "
+        "graphs by the precision step and gated on accuracy",
+    )
+    add_gate_arguments(p)
     p.add_argument("--artifacts", dest="reuse_export", metavar="DIR",
                    help="reuse the validated export in DIR (a `tandem export` or another build folder) instead of exporting")
     add_alias(p, "--export", dest="reuse_export")
@@ -41,6 +46,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     repo.add_argument("--neuron-cores-per-instance", type=int, default=1, help="inf2: NeuronCores each instance is pinned to")
     add_json_argument(p)
     p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser(
+        "precision",
+        help="write <graph>.<precision>.onnx for a target from an export, check it against fp32, gate it on accuracy",
+    )
+    p.add_argument("--artifacts", required=True, metavar="DIR",
+                   help="a validated fp32 export (a `tandem export` folder or a build folder holding one)")
+    p.add_argument("--target", required=True, choices=[t.name for t in TARGETS.values() if t.toolchain in ("onnxruntime", "tensorrt")])
+    p.add_argument("--precision", required=True, help="a precision the target offers (int8 for cpu; fp16 / bf16 / int8 / fp8 for TensorRT)")
+    p.add_argument("--out", required=True, help="directory for the precision graphs (an export's layout)")
+    p.add_argument("--checkpoint", help="the weights the export was made from (default: the config's)")
+    add_gate_arguments(p)
+    add_json_argument(p)
+    p.set_defaults(handler=cmd_precision)
+
+
+def add_gate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gate-captions", type=int, metavar="N",
+        help="held-out captions the accuracy gate generates from (default: every held-out caption)",
+    )
+    p.add_argument(
+        "--accept-accuracy-loss", metavar="REASON",
+        help="ship a precision the accuracy gate refuses; REASON is recorded in the manifests",
+    )
+
+
+def cmd_precision(args: argparse.Namespace) -> int:
+    from tandem import folders
+    from tandem.compiler.precision_gate import make_precision_graphs
+
+    target = TARGETS[args.target]
+    precision = target.check_precision(args.precision)
+    report = make_precision_graphs(
+        folders.export_dir(Path(args.artifacts)), args.out, target.toolchain, precision, checkpoint=args.checkpoint,
+        captions=args.gate_captions, override=args.accept_accuracy_loss,
+    )
+    for g in report.graphs.values():
+        print(f"  {g.graph:<20} {g.precision:<5} error {g.max_output_error:.2e} of fp32's range (limit {g.tolerance:g}), {g.validated_with}")
+    if report.generation is not None:
+        print(f"  greedy tokens agree with fp32 on {report.generation.token_agreement:.2%} of positions ({report.generation.captions} held-out captions)")
+    if report.accuracy is not None:
+        a = report.accuracy
+        print(f"  compositional accuracy {a.precision:.2%} vs fp32 {a.fp32:.2%} ({a.drop_points:+.2f} points below)")
+    elif report.accuracy_note:
+        print(f"  {report.accuracy_note}")
+    if report.override:
+        print(f"  accuracy gate overridden ({report.override}): {'; '.join(report.refusals)}")
+    print(f"{precision} graphs for {target.name}: {args.out} (manifest: {args.out}/manifest.json)")
+    return finish(args, {"out": str(Path(args.out).resolve()), "precision": report.model_dump(mode="json")})
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -69,6 +124,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         opt_level=args.opt_level,
         workspace_gib=args.workspace_gib,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        gate_captions=args.gate_captions,
+        accept_accuracy_loss=args.accept_accuracy_loss,
         repository=repository,
     )
     print(f"tandem build: {config.name} for {args.target} -> {out}", flush=True)

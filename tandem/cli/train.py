@@ -58,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="weights for the torch runtime (default: the config's)")
     p.add_argument("--server", help="also evaluate the served ensemble at this Triton URL (http://... or grpc://...)")
     p.add_argument("--model", help="served model name (default: the ensemble)")
-    p.add_argument("--per-count", type=int, default=40, help="held-out captions per object count (default 40)")
+    p.add_argument(
+        "--per-count", type=int, default=None,
+        help="only this many held-out captions per object count, for a quick look (default: every held-out caption)",
+    )
     p.add_argument("--out", help=f"JSON report (default {DEFAULT_EVAL_OUT})")
     p.add_argument("--plot", help="PNG contact sheet of generated samples (default: beside --out)")
     p.add_argument("--min-accuracy", type=float, metavar="FRACTION",
@@ -138,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not Path(checkpoint).exists():
         raise TandemError(f"checkpoint {checkpoint} does not exist; train it with `tandem train --out {checkpoint}`")
     runtimes = list(dict.fromkeys(runtime_name(name) for name in (args.runtime or ["torch", "onnxruntime"])))
-    if args.per_count < 1:
+    if args.per_count is not None and args.per_count < 1:
         raise TandemError("--per-count must be at least 1")
     if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
         raise TandemError(f"--min-accuracy is a fraction between 0 and 1 (e.g. 0.9), got {args.min_accuracy}")
@@ -166,11 +169,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.server:
         runs.append(evaluate_runtime("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model), captions, vocab))
     agreements = [agreement(runs[0], other) for other in runs[1:]]
-    report = write_report(out, config, checkpoint, runs, agreements)
+    report = write_report(out, config, checkpoint, runs, agreements, per_count=args.per_count)
     plot_samples(plot, runs[0])
     print(f"held-out compositional accuracy ({len(captions)} captions, greedy):")
     for run in runs:
-        print(f"  {run.runtime:<12} image {run.accuracy:7.2%}   tokens {run.token_accuracy:7.2%}   ({run.wall_s:.0f} s)")
+        counts = "  ".join(
+            f"{k} object{'s' if k != '1' else ''}: {v['accuracy']:.2%} of {v['captions']}"
+            for k, v in run.summary()["by_objects"].items()
+        )
+        print(f"  {run.runtime:<12} image {run.accuracy:7.2%}   tokens {run.token_accuracy:7.2%}   ({run.wall_s:.0f} s)   {counts}")
     for a in agreements:
         print(f"  {a.runtimes[0]} vs {a.runtimes[1]}: identical tokens for {a.identical_tokens}/{a.captions} captions")
     print(f"report: {out}  samples: {plot}")

@@ -5,6 +5,9 @@ Layout of the build directory::
     <out>/build_manifest.json   the build: target, arch, precision, tool versions, every step's status,
                                 input hash and output hashes, the artifacts with their shapes
     <out>/export/               ONNX graphs validated against PyTorch (tandem.export), manifest.json
+    <out>/precision/            <graph>.<precision>.onnx: the precision in the graph (casts, Q/DQ),
+                                checked against fp32 and gated on accuracy (tandem.compiler.precision_gate);
+                                an export's layout, so everything after reads it as it reads an export
     <out>/optimised/            what the compiler reads: TensorRT-ready ONNX + profiles.json,
                                 Neuron buckets.json, or torch.export programs
     <out>/compiled/             engines / Neuron artifacts / AOTInductor packages + manifest.json
@@ -48,7 +51,9 @@ from tandem.util import atomic_directory, atomic_write_text, sha256_file
 
 BUILD_MANIFEST = "build_manifest.json"
 FORMAT_VERSION = 1
-EXPORT, OPTIMISED, COMPILED, REPOSITORY, CACHE = "export", "optimised", "compiled", "model_repository", "cache"
+EXPORT, PRECISION, OPTIMISED, COMPILED, REPOSITORY, CACHE = "export", "precision", "optimised", "compiled", "model_repository", "cache"
+# Toolchains whose precision lives in the ONNX graph (the others compile from PyTorch).
+GRAPH_PRECISION_TOOLCHAINS = (CPU, TENSORRT)
 # The code each toolchain's optimise and compile steps run: a change re-runs them, an unrelated edit does not.
 TOOLCHAIN_CODE = {
     CPU: ("tandem.compiler.targets",),
@@ -67,6 +72,8 @@ class BuildOptions:
     opt_level: int = trt_build.DEFAULT_OPT_LEVEL
     workspace_gib: float = trt_build.DEFAULT_WORKSPACE_GIB
     timing_cache: Path | None = None  # default <out>/cache/tensorrt-<arch>.timing
+    gate_captions: int | None = None  # held-out captions the precision gate generates from (None: all)
+    accept_accuracy_loss: str | None = None  # ship a precision the gate refused; the reason is recorded
     repository: dict[str, Any] = field(default_factory=dict)  # tandem.serving.repository options
 
 
@@ -84,6 +91,7 @@ class BuildManifest(BaseModel):
     shapes: dict[str, Any] = {}  # per graph: dynamic dims [min, opt, max] and the profile or buckets compiled
     steps: list[dict[str, Any]]
     artifacts: list[dict[str, Any]] = []  # file, sha256, graph, profile / bucket
+    precision_checks: dict[str, Any] | None = None  # the precision step's report (tandem.compiler.precision_gate)
     compiled_manifest: str | None = None
     repository: str | None = None
     passed: bool = False
@@ -155,6 +163,55 @@ class Build:
     def export_manifest(self):
         return read_manifest(self.path(EXPORT))
 
+    @property
+    def graph_precision(self) -> bool:
+        """Whether this build writes precision graphs (a non-fp32 precision on a graph toolchain)."""
+        return self.target.toolchain in GRAPH_PRECISION_TOOLCHAINS and self.precision != "fp32"
+
+    def graphs_dir(self) -> Path:
+        """Where the graphs the later steps read live: the precision step's output, or the export."""
+        return self.path(PRECISION) if self.graph_precision else self.path(EXPORT)
+
+    # -- precision ------------------------------------------------------------------------
+
+    def precision_inputs(self) -> dict[str, Any]:
+        import importlib.metadata
+
+        return {
+            "export": self.outputs_of(EXPORT),
+            "toolchain": self.target.toolchain,
+            "precision": self.precision,
+            "gate_captions": self.options.gate_captions,
+            "accept_accuracy_loss": self.options.accept_accuracy_loss,
+            "code": source_hash("tandem.compiler.precision", "tandem.compiler.precision_gate", "tandem.eval", "tandem.data", "tandem.pipeline"),
+            "versions": {
+                **{k: tool_versions()[k] for k in ("onnx", "onnxruntime", "torch")},
+                "onnxconverter-common": importlib.metadata.version("onnxconverter-common"),
+            },
+        }
+
+    def run_precision(self) -> tuple[list[Path], str]:
+        from tandem.compiler.precision_gate import make_precision_graphs
+
+        report = make_precision_graphs(
+            self.path(EXPORT),
+            self.path(PRECISION),
+            self.target.toolchain,
+            self.precision,
+            checkpoint=self.options.checkpoint,
+            captions=self.options.gate_captions,
+            override=self.options.accept_accuracy_loss,
+        )
+        graphs = ", ".join(f"{g.graph} {g.precision} (error {g.max_output_error:.1e} of fp32's range)" for g in report.graphs.values())
+        note = f"{graphs} vs PyTorch fp32"
+        if report.generation is not None:
+            note += f"; greedy tokens agree with fp32 on {report.generation.token_agreement:.2%} of positions ({report.generation.captions} held-out captions)"
+        if report.accuracy is not None:
+            note += f"; accuracy {report.accuracy.precision:.2%} vs fp32 {report.accuracy.fp32:.2%}"
+        if report.override:
+            note += f"; GATE OVERRIDDEN ({report.override}): " + " / ".join(report.refusals)
+        return [self.path(PRECISION)], note
+
     # -- export ---------------------------------------------------------------------------
 
     def export_inputs(self) -> dict[str, Any]:
@@ -217,6 +274,7 @@ class Build:
     def optimise_inputs(self) -> dict[str, Any]:
         return {
             "export": self.outputs_of(EXPORT),
+            "precision_graphs": self.outputs_of(PRECISION),
             "target": self.target.name,
             "precision": self.precision,
             "code": source_hash("tandem.stages", *TOOLCHAIN_CODE[self.target.toolchain]),
@@ -228,7 +286,7 @@ class Build:
         manifest = self.export_manifest()
         with atomic_directory(out) as staging:
             if toolchain == TENSORRT:
-                plans = trt_build.prepare_onnx(self.path(EXPORT), manifest, staging, self.precision)
+                plans = trt_build.prepare_onnx(self.graphs_dir(), read_manifest(self.graphs_dir()), staging, self.precision)
                 shapes = ", ".join(
                     f"{p.graph} {p.profile['min'][p.inputs[0].name][0]}..{p.profile['max'][p.inputs[0].name][0]}" for p in plans
                 )
@@ -284,6 +342,7 @@ class Build:
     def artifact_inputs(self) -> dict[str, str]:
         """What the compiled artifacts were built from, for the compiled manifest."""
         hashes = {f"export/{k}": v for k, v in self.outputs_of(EXPORT).items() if k.endswith((".onnx", ".json"))}
+        hashes.update(self.outputs_of(PRECISION))
         hashes.update(self.outputs_of(OPTIMISED))
         return hashes
 
@@ -323,6 +382,7 @@ class Build:
     def repository_inputs(self) -> dict[str, Any]:
         return {
             "export": self.outputs_of(EXPORT),
+            "precision_graphs": self.outputs_of(PRECISION),
             "compiled": self.outputs_of(COMPILED),
             "flavor": self.target.flavor,
             "options": self.options.repository,
@@ -343,7 +403,7 @@ class Build:
         if self.target.toolchain != CPU:
             options["compiled"] = self.path(COMPILED)
         with registered_flavors():
-            write_repository(self.path(EXPORT), out, flavor=self.target.flavor, **options)
+            write_repository(self.graphs_dir(), out, flavor=self.target.flavor, **options)
         return [out], f"Triton repository ({self.target.flavor} flavor) in {out}"
 
     # -- the whole build ------------------------------------------------------------------
@@ -363,8 +423,21 @@ class Build:
             TORCH_AOT: "torch.export programs",
         }[t.toolchain]
         on_cpu = t.toolchain == CPU
+        if t.toolchain not in GRAPH_PRECISION_TOOLCHAINS:
+            no_precision_graphs = f"{t.toolchain} compiles from PyTorch and applies {self.precision} itself"
+        elif not self.graph_precision:
+            no_precision_graphs = "fp32: the validated export is the graph"
+        else:
+            no_precision_graphs = None
         return [
             Step(EXPORT, f"export {self.config.name} to ONNX and validate against PyTorch", self.export_inputs, self.run_export),
+            Step(
+                PRECISION,
+                f"{self.precision} graphs for {t.toolchain}, checked against fp32 and gated on accuracy",
+                self.precision_inputs,
+                self.run_precision,
+                not_applicable=no_precision_graphs,
+            ),
             Step(
                 "optimise",
                 optimise_what,
@@ -421,13 +494,16 @@ class Build:
                 }
                 for a in compiled.artifacts
             ]
-        elif self.target.toolchain == CPU and (self.path(EXPORT) / MANIFEST_NAME).exists():
-            export = self.export_manifest()
-            for entry in export.graphs.values():
+        elif self.target.toolchain == CPU and (self.graphs_dir() / MANIFEST_NAME).exists():
+            graphs = read_manifest(self.graphs_dir())
+            for entry in graphs.graphs.values():
                 variants = [graph_files(entry, optimized=False)] + ([graph_files(entry, optimized=True)] if entry.optimized_file else [])
                 for file, digest in (pair for variant in variants for pair in variant):
                     if file:
-                        artifacts.append({"file": f"{EXPORT}/{file}", "sha256": digest, "graph": entry.name, "dims": entry.dims})
+                        artifacts.append({"file": f"{self.graphs_dir().name}/{file}", "sha256": digest, "graph": entry.name, "dims": entry.dims})
+        precision_checks = None
+        if any(r.name == PRECISION and r.up_to_date for r in records) and (self.path(PRECISION) / MANIFEST_NAME).exists():
+            precision_checks = read_manifest(self.path(PRECISION)).precision
         repo_ok = any(r.name == "repository" and r.up_to_date for r in records)
         return BuildManifest(
             target=self.target.name,
@@ -447,6 +523,7 @@ class Build:
             },
             steps=[r.to_json() for r in records],
             artifacts=artifacts,
+            precision_checks=precision_checks,
             compiled_manifest=compiled_rel,
             repository=REPOSITORY if repo_ok else None,
             passed=passed,

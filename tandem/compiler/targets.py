@@ -19,7 +19,7 @@ class Target:
     toolchain: str  # CPU | TENSORRT | NEURON | TORCH_AOT
     arch: str | None  # fixed architecture, or None when it is the machine that builds (cuda-torch, cpu-aot)
     device: str  # "cpu" | "cuda" | "neuron"
-    precisions: tuple[str, ...]  # the first is the default
+    precisions: tuple[str, ...]  # the first is the default; cpu/TensorRT precisions live in the ONNX graph (tandem.compiler.precision)
     flavor: str  # repository flavor (tandem.serving.repository)
     description: str
 
@@ -43,9 +43,9 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("cpu", CPU, "cpu", "cpu", ("fp32",), "local", "ONNX Runtime on CPU (python-backend models; runs on the bundled tritonserver)"),
-        Target("h100", TENSORRT, "sm90", "cuda", ("fp16", "bf16", "fp32", "fp8"), "tensorrt", "TensorRT 10 engines for NVIDIA H100 (sm90)"),
-        Target("a100", TENSORRT, "sm80", "cuda", ("fp16", "bf16", "fp32"), "tensorrt", "TensorRT 10 engines for NVIDIA A100 (sm80)"),
+        Target("cpu", CPU, "cpu", "cpu", ("fp32", "int8"), "local", "ONNX Runtime on CPU (python-backend models; runs on the bundled tritonserver); int8 decode step"),
+        Target("h100", TENSORRT, "sm90", "cuda", ("fp16", "bf16", "fp32", "fp8", "int8"), "tensorrt", "TensorRT 11 strongly typed engines for NVIDIA H100 (sm90)"),
+        Target("a100", TENSORRT, "sm80", "cuda", ("fp16", "bf16", "fp32", "int8"), "tensorrt", "TensorRT 11 strongly typed engines for NVIDIA A100 (sm80)"),
         Target("inf2", NEURON, "inf2", "neuron", ("bf16", "fp32"), "neuron", "AWS Inferentia2 (torch-neuronx, static-shape buckets)"),
         Target("cuda-torch", TORCH_AOT, None, "cuda", ("fp32",), "torch_aot", "PyTorch AOTInductor packages for the local NVIDIA GPU, CUDA graphs for decode"),
         Target("cpu-aot", TORCH_AOT, None, "cpu", ("fp32",), "torch_aot", "PyTorch AOTInductor packages compiled for this CPU with the system C++ compiler"),

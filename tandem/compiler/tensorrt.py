@@ -1,12 +1,17 @@
-"""TensorRT 10 engines for H100 (sm90) and A100 (sm80) from the exported ONNX graphs.
+"""TensorRT 11 engines for H100 (sm90) and A100 (sm80) from the precision graphs.
 
-Everything up to the TensorRT call runs anywhere: the ONNX graphs are prepared (shape inference,
-I/O checked against the stage description, the served refinement graph wrapped into Triton's wire
-format) and one optimization profile per graph is planned from the stage description's min/opt/max
-dims. The build itself uses TensorRT's Python API (``trt.Builder``, ``trt.OnnxParser``, a builder
-config with precision flags, a persisted timing cache and the builder optimisation level) and must
-run on a GPU of the target architecture: an engine only runs on the compute capability, and in the
-TensorRT version, that built it.
+TensorRT 11 builds strongly typed networks only: every layer runs at the type its ONNX graph
+gives it, and the FP16/BF16/INT8/FP8 builder flags are gone. So the precision of an engine is
+decided before TensorRT, by the precision step (:mod:`tandem.compiler.precision`: casts for
+fp16/bf16, Q/DQ nodes for int8/fp8), whose graphs are checked on this machine against PyTorch and
+gated on accuracy. Everything up to the TensorRT call runs anywhere: the precision graphs are
+prepared (shape inference, I/O checked against the stage description, the served refinement graph
+wrapped into Triton's wire format) and one optimization profile per graph is planned from the
+stage description's min/opt/max dims. The build itself uses TensorRT's Python API
+(``trt.Builder``, a network created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` -- the
+only mode in 11.x, an opt-in in 10.12+ -- ``trt.OnnxParser``, a persisted timing cache and the
+builder optimisation level) and must run on a GPU of the target architecture: an engine only runs
+on the compute capability, and in the TensorRT version, that built it.
 """
 
 from __future__ import annotations
@@ -32,18 +37,18 @@ from tandem.util import atomic_write_path, atomic_write_text, sha256_file
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "TensorRT is not installed: pip install 'tensorrt>=10,<11' (TensorRT 10 needs an NVIDIA GPU with a CUDA 12 "
-    "driver; NVIDIA's containers nvcr.io/nvidia/tensorrt and nvcr.io/nvidia/tritonserver ship it). "
-    "Run `tandem build --target {target}` on a machine with an {arch} GPU"
+    "TensorRT is not installed: pip install 'tensorrt>=11,<12' (TensorRT 11 needs an NVIDIA GPU and a recent CUDA "
+    "driver; TensorRT 10.12 or newer also works, its strongly typed mode; NVIDIA's containers nvcr.io/nvidia/tensorrt "
+    "and nvcr.io/nvidia/tritonserver ship it). The {precision} graphs TensorRT would build from are ready in {graphs}; run "
+    "`tandem build --target {target} --precision {precision}` on a machine with an {arch} GPU"
 )
+# Strongly typed networks: required from TensorRT 11 on, available as an opt-in from 10.12.
+MIN_VERSION = (10, 12)
 PROFILES_FILE = "profiles.json"
 SERVED_REFINEMENT = "refinement_served"  # the refinement graph in the served wire format (tensorrt_plan model)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 DEFAULT_OPT_LEVEL = 3  # TensorRT's default; 4-5 search longer for faster engines
 DEFAULT_WORKSPACE_GIB = 4.0
-# Reduced precision is allowed, not forced: TensorRT keeps a layer in FP32 where that is faster or
-# where no reduced-precision kernel exists (weak typing, TensorRT 10's builder flags).
-PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "fp8": ("FP8", "FP16")}
 _NP_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
@@ -70,16 +75,26 @@ def installed_version() -> str | None:
     return None
 
 
-def require_tensorrt(target: Target):
+def supported_version(version: str) -> bool:
+    """TensorRT 11.x, or 10.12+ (the first 10.x with strongly typed networks tandem relies on)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return major == 11 or (major == 10 and (major, minor) >= MIN_VERSION)
+
+
+def require_tensorrt(target: Target, precision: str = "fp16", graphs: str = "<out>/precision"):
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise ToolchainMissingError(INSTALL_HINT.format(target=target.name, arch=describe_arch(target.arch or "?"))) from exc
-    major = int(trt.__version__.split(".")[0])
-    if major != 10:
         raise ToolchainMissingError(
-            f"TensorRT {trt.__version__} is installed; tandem builds with the TensorRT 10 API "
-            "(weakly typed precision flags, removed in TensorRT 11): pip install 'tensorrt>=10,<11'"
+            INSTALL_HINT.format(target=target.name, arch=describe_arch(target.arch or "?"), precision=precision, graphs=graphs)
+        ) from exc
+    if not supported_version(trt.__version__):
+        raise ToolchainMissingError(
+            f"TensorRT {trt.__version__} is installed; tandem builds strongly typed networks, which need TensorRT 11 "
+            "(or 10.12+): pip install 'tensorrt>=11,<12'"
         )
     return trt
 
@@ -192,28 +207,48 @@ def quantize_nodes(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
 
 
-def prepare_onnx(export_dir: Path, manifest: Manifest, out: Path, precision: str) -> list[EnginePlan]:
-    """The optimise step for TensorRT: graphs TensorRT's ONNX parser gets (strict shape inference,
-    standard-domain ops only, interfaces checked), the served refinement wrapper, and the profiles."""
+def check_precision_graphs(graphs_dir: Path, manifest: Manifest, precision: str) -> None:
+    """The graphs must be the precision step's, for this precision, and have passed its gate:
+    a strongly typed build runs exactly what the graph says."""
+    from tandem.compiler.precision import get_precision
+
+    recorded = (manifest.precision or {}).get("precision", "fp32")
+    if recorded != precision:
+        raise StepFailed(
+            f"{graphs_dir} holds {recorded} graphs but this build is for {precision}; TensorRT 11 takes the precision "
+            "from the graph: run the precision step for this precision (tandem build --precision ...)"
+        )
+    if not manifest.passed:
+        raise StepFailed(f"{graphs_dir}: the {precision} graphs did not pass their accuracy gate (see its manifest.json)")
+    if get_precision(precision).kind == "qdq":
+        for entry in manifest.graphs.values():
+            model = onnx.load(str(graphs_dir / entry.file), load_external_data=False)
+            if not quantize_nodes(model):
+                raise StepFailed(
+                    f"{entry.file} has no QuantizeLinear/DequantizeLinear nodes: a strongly typed {precision} engine needs "
+                    "explicit quantization in the graph; run the precision step again"
+                )
+
+
+def prepare_onnx(graphs_dir: Path, manifest: Manifest, out: Path, precision: str) -> list[EnginePlan]:
+    """The optimise step for TensorRT: from the precision graphs (the export itself for fp32),
+    graphs TensorRT's ONNX parser gets (strict shape inference, standard-domain ops only,
+    interfaces checked), the served refinement wrapper, and the profiles."""
     from tandem.serving.native import wrap_refinement
 
+    check_precision_graphs(graphs_dir, manifest, precision)
     plans = engine_plans(manifest.config)
     for plan in plans:
-        source = export_dir / ("refinement.onnx" if plan.served else plan.onnx_file)
+        entry = manifest.graphs["refinement" if plan.served else plan.graph]
+        source = graphs_dir / entry.file
         model = onnx.load(str(source))  # external data next to it is loaded too
         if plan.served:
-            model = wrap_refinement(model, manifest.config)
+            model = wrap_refinement(model, manifest.config, precision)
         foreign = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
         if foreign:
             raise StepFailed(
                 f"{source.name} uses operator domains {foreign} that TensorRT's ONNX parser does not know; "
                 "build from the portable export (<graph>.onnx), not ONNX Runtime's optimised copy"
-            )
-        if precision == "fp8" and not quantize_nodes(model):
-            raise StepFailed(
-                f"precision fp8 needs an explicitly quantized graph (QuantizeLinear/DequantizeLinear nodes with FP8 scales): "
-                f"{source.name} has none, and TensorRT 10 does not calibrate FP8 itself. Quantize the export with "
-                "NVIDIA ModelOpt (modelopt.onnx.quantization) or build with --precision fp16/bf16"
             )
         try:
             large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
@@ -277,7 +312,8 @@ class BuilderSettings:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "precision_flags": list(PRECISION_FLAGS[self.precision]),
+            "network": "strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED); no precision builder flags",
+            "precision": f"{self.precision}, from the ONNX graph's casts and Q/DQ nodes (tandem.compiler.precision)",
             "builder_optimization_level": self.opt_level,
             "workspace_bytes": int(self.workspace_gib * (1 << 30)),
             "timing_cache": str(self.timing_cache) if self.timing_cache else None,
@@ -285,10 +321,12 @@ class BuilderSettings:
 
 
 def build_engine(trt, onnx_path: Path, plan: EnginePlan, settings: BuilderSettings, logger) -> bytes:
-    """One engine with TensorRT 10's builder: parse the ONNX graph, one optimization profile,
-    precision flags, timing cache (read, extended, written back), builder optimisation level."""
+    """One engine with TensorRT 11's builder: a strongly typed network parsed from the precision
+    graph, one optimization profile, timing cache (read, extended, written back), builder
+    optimisation level. No precision flags: the graph's types are the engine's."""
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # The only mode in TensorRT 11 (the flag is accepted there); required to opt in on 10.12+.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from a path, so external weights are found
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -296,8 +334,6 @@ def build_engine(trt, onnx_path: Path, plan: EnginePlan, settings: BuilderSettin
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
     config.builder_optimization_level = settings.opt_level
-    for flag in PRECISION_FLAGS[settings.precision]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name
@@ -364,7 +400,7 @@ def compile_engines(
     target: Target, optimised: Path, staging: Path, export_manifest: Manifest, settings: BuilderSettings, inputs: dict[str, str]
 ) -> CompiledManifest:
     """The compile step: fails with the install hint where TensorRT is missing, before any engine file exists."""
-    trt = require_tensorrt(target)
+    trt = require_tensorrt(target, settings.precision, str(optimised))
     arch = require_gpu_arch(target)
     import torch
     from tqdm.auto import tqdm

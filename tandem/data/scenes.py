@@ -190,14 +190,17 @@ def sample_captions(rng: np.random.Generator, n: int, max_caption_bytes: int, sp
     return out
 
 
-def heldout_captions(max_caption_bytes: int, per_count: int = 40, seed: int = 2024) -> list[str]:
-    """The fixed evaluation set: up to ``per_count`` held-out captions for each object count
-    (1, 2 and 3), drawn with a fixed seed from every held-out caption; never seen in training."""
+def heldout_captions(max_caption_bytes: int, per_count: int | None = None, seed: int = 2024) -> list[str]:
+    """The evaluation set: every held-out caption (never seen in training), grouped by object
+    count (1, 2, 3), or, given ``per_count``, up to that many of each count drawn with a fixed seed."""
     pool = [s.caption for s in all_scenes(max_caption_bytes) if caption_split(s.caption) == "heldout"]
     rng = np.random.Generator(np.random.PCG64(seed))
     chosen: list[str] = []
     for n in range(1, MAX_OBJECTS + 1):
         group = [c for c in pool if len(parse_caption(c).objects) == n]
+        if per_count is None:
+            chosen += group
+            continue
         picks = rng.permutation(len(group))[:per_count]
         chosen += [group[i] for i in sorted(picks)]
     return chosen

@@ -53,6 +53,7 @@ class RuntimeEval:
 
     def summary(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k not in ("results", "images")}
+        data["by_objects"] = accuracy_by_objects(self.results)
         data["failures"] = [{"caption": r.caption, "reason": r.reason} for r in self.results if not r.passed]
         return data
 
@@ -69,8 +70,19 @@ class Agreement:
         return self.identical_tokens == self.captions
 
 
-def eval_captions(config: ModelConfig, per_count: int = 40) -> list[str]:
+def eval_captions(config: ModelConfig, per_count: int | None = None) -> list[str]:
+    """Every held-out caption (the default), or ``per_count`` of each object count for a quick look."""
     return heldout_captions(SceneVocabulary(config).max_caption_bytes, per_count=per_count)
+
+
+def accuracy_by_objects(results: Sequence["CaptionResult"]) -> dict[str, dict[str, float | int]]:
+    """Image accuracy per number of objects in the caption: {"1": {"captions": n, "accuracy": a}, ...}."""
+    from tandem.data.scenes import parse_caption
+
+    groups: dict[str, list[bool]] = {}
+    for r in results:
+        groups.setdefault(str(len(parse_caption(r.caption).objects)), []).append(r.passed)
+    return {k: {"captions": len(v), "accuracy": round(sum(v) / len(v), 4)} for k, v in sorted(groups.items())}
 
 
 def pipeline_generator(pipeline, batch: int = 8) -> GenerateFn:
@@ -170,7 +182,12 @@ def cpu_model() -> str:
 
 
 def write_report(
-    path: Path, config: ModelConfig, checkpoint: str | None, runs: list[RuntimeEval], agreements: list[Agreement]
+    path: Path,
+    config: ModelConfig,
+    checkpoint: str | None,
+    runs: list[RuntimeEval],
+    agreements: list[Agreement],
+    per_count: int | None = None,
 ) -> dict:
     import os
 
@@ -179,7 +196,8 @@ def write_report(
         "checkpoint": Path(checkpoint).name if checkpoint else None,
         "checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint else None,
         "captions": runs[0].captions if runs else 0,
-        "caption_set": "held-out synthetic captions (tandem.data.scenes.heldout_captions), never trained on",
+        "caption_set": "held-out synthetic captions (tandem.data.scenes.heldout_captions), never trained on"
+        + ("" if per_count is None else f"; {per_count} per object count"),
         "sampling": "greedy, seed 0",
         "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "runtimes": {run.runtime: run.summary() for run in runs},

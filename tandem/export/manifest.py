@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -78,6 +79,9 @@ class Manifest(BaseModel):
     graphs: dict[str, GraphEntry]
     generation: GenerationCheck | None = None  # the ONNX Runtime graphs over VALIDATION_PROMPTS
     generation_checks: list[GenerationCheck] = []  # every variant at batch 1 and the largest batch
+    # Set in a precision directory (tandem.compiler.precision_gate.PrecisionReport): the graphs'
+    # precision, their checks against fp32 and the accuracy gate's figures. None in an fp32 export.
+    precision: dict[str, Any] | None = None
     passed: bool = False
 
     def write(self, directory: Path) -> Path:

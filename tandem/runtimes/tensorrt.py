@@ -1,6 +1,7 @@
 """TensorRT runtime: deserializes the engines of a compiled build directory and runs them by tensor
-name on a CUDA stream (TensorRT 10's name-based I/O: ``set_input_shape``, ``set_tensor_address``,
-``execute_async_v3``), with torch CUDA tensors as device buffers.
+name on a CUDA stream (TensorRT 10/11's name-based I/O: ``set_input_shape``, ``set_tensor_address``,
+``execute_async_v3``), with torch CUDA tensors as device buffers. The engines are strongly typed
+(TensorRT 11): their precision is the precision graph's, recorded in the compiled manifest.
 
 Before anything is deserialized, the compiled manifest is checked: toolchain, the GPU's compute
 capability against the engines' (``sm90`` engines refuse to load on an ``sm80`` GPU), the TensorRT
@@ -49,10 +50,17 @@ def _load_tensorrt(manifest: CompiledManifest):
     except ImportError as exc:
         target = get_target(manifest.target)
         raise ToolchainMissingError(
-            f"{target.name} engines need TensorRT {manifest.tool_versions.get('tensorrt', '10')} to run: "
-            f"pip install tensorrt=={manifest.tool_versions.get('tensorrt', '10.*')} on a machine with an "
+            f"{target.name} engines need TensorRT {manifest.tool_versions.get('tensorrt', '11')} to run: "
+            f"pip install tensorrt=={manifest.tool_versions.get('tensorrt', '11.*')} on a machine with an "
             f"{target.arch} NVIDIA GPU (or use NVIDIA's Triton/TensorRT containers)"
         ) from exc
+    from tandem.compiler.tensorrt import supported_version
+
+    if not supported_version(trt.__version__):
+        raise ToolchainMissingError(
+            f"TensorRT {trt.__version__} cannot run strongly typed engines built by TensorRT "
+            f"{manifest.tool_versions.get('tensorrt')}: pip install tensorrt=={manifest.tool_versions.get('tensorrt')}"
+        )
     return trt
 
 
@@ -181,4 +189,4 @@ class TensorRTRuntime(Runtime):
 
     def describe(self) -> str:
         m = self.manifest
-        return f"tensorrt {m.tool_versions.get('tensorrt')} ({m.arch}, {m.precision})"
+        return f"tensorrt {m.tool_versions.get('tensorrt')} ({m.arch}, {m.precision} strongly typed)"

@@ -4,7 +4,9 @@ The exported refinement graph maps int64 scene tokens [B, h, w] to float images 
 [0, 1]; served models exchange INT32 tokens [B, h*w] and UINT8 images [B, H, W, 3]. Instead of a
 python pre/post-processing model, the conversion is appended to the graph itself (onnx.helper),
 computing exactly what :func:`tandem.pipeline.to_uint8` does: clip, scale by 255, add 0.5, cast
-(truncation), transpose to HWC."""
+(truncation), transpose to HWC. The graph it wraps is the precision step's (fp16/bf16 casts, int8/fp8
+Q/DQ) for TensorRT targets, and the precision is written into the wrapped graph's metadata
+(``tandem.precision``); the tensorrt_plan model's config carries it as a parameter too."""
 
 from __future__ import annotations
 
@@ -22,7 +24,12 @@ from tandem.util import atomic_write_path
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # as the exporter: protobuf caps a file at 2 GiB
 
 
-def wrap_refinement(model: onnx.ModelProto, config: ModelConfig) -> onnx.ModelProto:
+PRECISION_KEY = "tandem.precision"  # metadata of the wrapped graph: the precision its engine runs at
+
+
+def wrap_refinement(model: onnx.ModelProto, config: ModelConfig, precision: str = "fp32") -> onnx.ModelProto:
+    """The refinement graph (fp32 export or precision graph) in the wire format; ``precision``
+    names what the graph runs at, recorded in its metadata so the served engine says it too."""
     graph = model.graph
     names = [i.name for i in graph.input], [o.name for o in graph.output]
     if names != ([SCENE_TOKENS], [IMAGE]):
@@ -58,6 +65,10 @@ def wrap_refinement(model: onnx.ModelProto, config: ModelConfig) -> onnx.ModelPr
         helper.make_node("Identity", [SCENE_TOKENS], [RENDERED_TOKENS]),  # the tokens rendered, for the ensemble
     ]
     nodes = [*pre, *graph.node, *post]
+    for prop in list(model.metadata_props):
+        if prop.key == PRECISION_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=PRECISION_KEY, value=precision)
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.input[:]
@@ -69,8 +80,8 @@ def wrap_refinement(model: onnx.ModelProto, config: ModelConfig) -> onnx.ModelPr
     return model
 
 
-def write_wire_format_refinement(source: Path, target: Path, config: ModelConfig) -> Path:
-    model = wrap_refinement(onnx.load(str(source)), config)
+def write_wire_format_refinement(source: Path, target: Path, config: ModelConfig, precision: str = "fp32") -> Path:
+    model = wrap_refinement(onnx.load(str(source)), config, precision)
     external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     with atomic_write_path(target) as tmp:
         if external:

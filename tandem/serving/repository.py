@@ -248,6 +248,7 @@ class PythonRuntimeTarget(ModelTarget):
         _set_parameter(config, PARAM_RUNTIME, self.runtime)
         _set_parameter(config, PARAM_ARTIFACTS, ARTIFACTS_DIR)
         _set_parameter(config, PARAM_RUNTIME_OPTIONS, json.dumps(self.runtime_options(ctx, stage), sort_keys=True))
+        _set_parameter(config, "tandem.precision", (ctx.manifest.precision or {}).get("precision", "fp32"))
 
     def collect_files(self, ctx: BuildContext, stage: str) -> list[tuple[Path, str]]:
         """(source, name inside artifacts/) of every file the runtime loads. A compiled-runtime
@@ -285,7 +286,8 @@ class OnnxRuntimeNativeTarget(ModelTarget):
         from tandem.serving.native import write_wire_format_refinement
 
         files = ctx.graph_files("refinement", optimized=False)  # the portable graph, not ORT's CPU-tuned copy
-        write_wire_format_refinement(ctx.artifacts / files[0], version_dir / "model.onnx", ctx.manifest.config)
+        precision = (ctx.manifest.precision or {}).get("precision", "fp32")  # a precision directory's graphs
+        write_wire_format_refinement(ctx.artifacts / files[0], version_dir / "model.onnx", ctx.manifest.config, precision)
 
     def describe(self) -> str:
         return "Triton onnxruntime_onnx backend"
