@@ -116,10 +116,10 @@ def test_runtimes_refuse_before_touching_a_toolchain(compiled: Path, tiny_artifa
     # Intact engines, but no TensorRT here: the message names the package and the version to install.
     if importlib.util.find_spec("tensorrt") is None:
         with pytest.raises(ToolchainMissingError, match=r"pip install tensorrt==11\.4\.0"):
-            make_runtime("tensorrt", artifacts=compiled.parent)  # the build directory is accepted for its compiled/
+            make_runtime("tensorrt", artifacts=compiled)
     with pytest.raises(ArtifactError, match="load them with the 'tensorrt' runtime"):
         make_runtime("neuron", artifacts=compiled)
-    with pytest.raises(ArtifactError, match="is an ONNX export, not compiled artifacts"):
+    with pytest.raises(ArtifactError, match=r"is an export \(tandem export\), not compiled artifacts"):
         make_runtime("tensorrt", artifacts=tiny_artifacts)
     victim = compiled / read_compiled_manifest(compiled).for_graph("reasoning_prefill")[0].file
     victim.write_bytes(b"")

@@ -76,7 +76,7 @@ def test_ci_job_build_eval_bench_gate_on_json_and_exit_codes(tmp_path: Path, sma
     assert build["build"]["passed"] and build["build"]["target"] == "cpu"
     out = work / "build" / "tiny-cpu"
     assert Path(build["out"]).resolve() == out.resolve() and (out / "build_manifest.json").exists()
-    assert "[1/4] export" in result.stderr  # progress went to stderr
+    assert "[1/5] export" in result.stderr  # progress went to stderr
 
     # 2. eval --json --min-accuracy: the trained checkpoint passes, runtimes agree
     report = tmp_path / "eval.json"
