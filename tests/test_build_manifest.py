@@ -118,7 +118,7 @@ def test_runtimes_refuse_before_touching_a_toolchain(compiled: Path, tiny_artifa
             make_runtime("tensorrt", artifacts=compiled.parent)  # the build directory is accepted for its compiled/
     with pytest.raises(ArtifactError, match="load them with the 'tensorrt' runtime"):
         make_runtime("neuron", artifacts=compiled)
-    with pytest.raises(ArtifactError, match="is an ONNX export, not compiled artifacts"):
+    with pytest.raises(ArtifactError, match=r"is an export \(tandem export\), not compiled artifacts"):
         make_runtime("tensorrt", artifacts=tiny_artifacts)
     victim = compiled / read_compiled_manifest(compiled).for_graph("reasoning_prefill")[0].file
     victim.write_bytes(b"")
