@@ -64,6 +64,8 @@ def find(path: str | Path, want: str, flag: str = "--artifacts") -> Path:
     kind = folder_kind(path)
     if kind == want:
         return path
+    if kind is None and want in BUILD_SUBFOLDERS and folder_kind(path / BUILD_SUBFOLDERS[want]) == want:
+        return path / BUILD_SUBFOLDERS[want]  # a folder holding e.g. compiled/ (a build without its manifest)
     build = path if kind == BUILD else None
     if build is None and kind in (EXPORT, COMPILED, REPOSITORY) and folder_kind(path.parent) == BUILD:
         build = path.parent  # a sibling inside the same build folder

@@ -35,7 +35,7 @@ def token_batch(tokens: np.ndarray, grid: tuple[int, int], codebook_size: int | 
         bad = (batch < 0) | (batch >= codebook_size)
         if bad.any():
             raise TandemError(
-                f"{int(bad.sum())} scene tokens are outside the codebook [0, {codebook_size}){of} "
-                f"(e.g. {int(batch[bad][0])}); edit them into range"
+                # no example value: scene tokens are controlled data and messages reach logs
+                f"{int(bad.sum())} scene tokens are outside the codebook [0, {codebook_size}){of}; edit them into range"
             )
     return batch.astype(np.int64)
