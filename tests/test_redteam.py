@@ -414,6 +414,101 @@ def test_runtime_errors_are_masked_before_they_are_sent_or_logged(tiny_artifacts
     assert failure_message("rendering", TandemError("3 scene tokens are outside")) == "3 scene tokens are outside"
 
 
+# -- defect 6: an oversized request is refused at the front door, before it reaches a model -------------
+
+
+def _shm_bytes(server: TritonServer) -> int:
+    from tandem.serving.server import SHM_DIR
+
+    return sum(region.stat().st_size for region in SHM_DIR.glob(f"{server.shm_prefix}*"))
+
+
+def _raw_http(server: TritonServer, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send a hand-made request (headers that lie about the body, chunked framing) and read the
+    answer's status and body."""
+    import socket
+
+    host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[1]
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def test_an_oversized_request_is_refused_before_it_is_read(tiny_server: TritonServer, tiny_config):
+    import gzip
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    from tandem.serving.interface import request_size_limit
+
+    limit = tiny_server.max_request_bytes
+    assert limit == request_size_limit(tiny_config, 8)  # recorded by the repository writer, sized from the model
+    path = b"/v2/models/tandem/infer"
+    shm_before = _shm_bytes(tiny_server)
+    # 1. a body announced at 300 MB: answered 413 at once, with none of it sent (so none of it was read)
+    started = time.monotonic()
+    status, body = _raw_http(tiny_server, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 300000000\r\n\r\n")
+    assert status == 413 and time.monotonic() - started < 5
+    message = json.loads(body)["error"]
+    assert f"limit of {limit} bytes" in message and "--max-request-bytes" in message  # names the fix
+    # 2. chunked (no length announced): counted while read, refused at the limit
+    chunk = b"x" * (limit + 1024)
+    chunked = b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n"
+    head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    assert _raw_http(tiny_server, head, chunked)[0] == 413
+    # 3. a gzip bomb: a few kB on the wire, over the limit once decompressed
+    bomb = gzip.compress(b'{"inputs": [{"name": "prompt", "data": ["' + b"y" * (64 * limit) + b'"]}]}')
+    assert len(bomb) < limit
+    head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(bomb))
+    assert _raw_http(tiny_server, head, bomb)[0] == 413
+    # 4. gRPC: a prompt of 8 MB is refused from the message's length prefix
+    client = grpcclient.InferenceServerClient(tiny_server.grpc_url.removeprefix("grpc://"))
+    prompt = grpcclient.InferInput("prompt", [1, 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[b"z" * (8 << 20)]], dtype=object))
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as refused:
+        client.infer("tandem", [prompt])
+    assert f"vs. {limit}" in str(refused.value)
+    client.close()
+    # the models never saw them: no shared memory grew, and the server keeps serving
+    assert _shm_bytes(tiny_server) == shm_before
+    for url in (tiny_server.http_url, tiny_server.grpc_url):
+        with TandemClient(url) as generator:
+            assert generator.generate([PROMPT_TEXT] * 8).tokens.shape[0] == 8  # the largest batch fits the limit
+    # ... and a prompt just over the model's own length limit still gets the model's clear refusal
+    with TandemClient(tiny_server.http_url) as generator:
+        with pytest.raises(TandemError, match="at most"):
+            generator.generate("x" * (tiny_config.reasoning.max_prompt_len + 1))
+
+
+def test_the_front_door_limit_is_a_flag_and_tritonserver_itself_listens_on_loopback(tiny_repository: Path):
+    from tandem.serving.server import UPSTREAM_ADDRESS
+
+    with pytest.raises(TandemError, match="--max-request-bytes must be at least"):
+        TritonServer(tiny_repository, max_request_bytes=10)
+    server = TritonServer(tiny_repository, address="0.0.0.0", max_request_bytes=50_000)
+    server._upstream_ports = (1, 2)
+    command = " ".join(server.command(Path("/backends")))
+    assert f"--http-address={UPSTREAM_ADDRESS}" in command and f"--grpc-address={UPSTREAM_ADDRESS}" in command
+    assert "--max-request-bytes=50000" in " ".join(server.front_door_command())
+    assert "--http-listen=0.0.0.0:" in " ".join(server.front_door_command())
+
+
 # -- defect 3: the python backend's shared memory is private and does not outlive the server -----------
 
 

@@ -101,6 +101,8 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
                    "shared memory, logging, trace, model control (default: closed to everyone)")
     g.add_argument("--open-admin-api", action="store_true", help="leave the admin APIs open to any client "
                    "(unsafe: a client can register shared memory, silence logging, load models)")
+    g.add_argument("--max-request-bytes", type=int, help="refuse HTTP bodies and gRPC messages larger than this before "
+                   "reading them (default: the largest request the repository's models take, recorded by `tandem repo`)")
 
 
 def security_options(args: argparse.Namespace) -> dict:
@@ -123,6 +125,7 @@ def security_options(args: argparse.Namespace) -> dict:
         "tls": TLSOptions(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         "restrictions": tuple(restrictions),
         "http_address": args.http_address,
+        "max_request_bytes": args.max_request_bytes,
     }
 
 
@@ -211,7 +214,7 @@ def _exposure(server) -> str:
     public = [name for name, bound in (("gRPC", server.address), ("HTTP+metrics", server.http_address)) if bound not in LOOPBACK]
     reach = f"reachable from other hosts: {', '.join(public)}" if public else "loopback only"
     plaintext = " (HTTP has no TLS: bind it with --http-address 127.0.0.1)" if "HTTP+metrics" in public else ""
-    return f"{reach}{plaintext}; {admin}{clients}"
+    return f"{reach}{plaintext}; {admin}{clients}; requests over {server.max_request_bytes} bytes refused"
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

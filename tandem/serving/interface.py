@@ -35,6 +35,9 @@ PARAM_CODEBOOK = "tandem.codebook_size"
 PARAM_CONFIG = "tandem.config"
 PARAM_FINGERPRINT = "tandem.config_fingerprint"
 PARAM_FLAVOR = "tandem.flavor"
+# The largest well-formed request the model takes, in bytes: what `tandem serve`'s front door lets
+# through (see request_size_limit and tandem.serving.frontdoor).
+PARAM_MAX_REQUEST_BYTES = "tandem.max_request_bytes"
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,22 @@ def served_models(config: ModelConfig) -> dict[str, ServedModel]:
         REFINEMENT: ServedModel(REFINEMENT, (tokens,), (image, ServedTensor(RENDERED_TOKENS, tokens.data_type, tokens.dims))),
         ENSEMBLE: ServedModel(ENSEMBLE, (prompt, *SAMPLING_INPUTS), (image, tokens)),
     }
+
+
+# The inference protocol's envelope around the tensors: JSON or protobuf framing, tensor and
+# parameter names, a request id, Triton's timeout and priority parameters. Generous: what matters
+# is that a request is refused long before it is large enough to cost the server memory.
+REQUEST_ENVELOPE_BYTES = 16 * 1024
+JSON_CHARS_PER_PROMPT_BYTE = 6  # the worst case of JSON's escapes: \u00XX
+JSON_CHARS_PER_NUMBER = 32  # an int32, int64 or float64 in JSON text, with its separator
+
+
+def request_size_limit(config: ModelConfig, max_batch_size: int) -> int:
+    """Bytes of the largest well-formed request any served model of ``config`` takes at
+    ``max_batch_size`` rows, in either protocol (JSON text is the larger encoding): a prompt of
+    ``max_prompt_len`` bytes, fully escaped, with its sampling inputs; or a row of scene tokens."""
+    models = served_models(config)
+    sampling = len(SAMPLING_INPUTS) * JSON_CHARS_PER_NUMBER
+    prompt_row = JSON_CHARS_PER_PROMPT_BYTE * config.reasoning.max_prompt_len + sampling
+    tokens_row = JSON_CHARS_PER_NUMBER * int(np.prod(models[REFINEMENT].inputs[0].dims))
+    return REQUEST_ENVELOPE_BYTES + max_batch_size * max(prompt_row, tokens_row)

@@ -50,6 +50,7 @@ from tandem.serving.interface import (
     PARAM_FINGERPRINT,
     PARAM_FLAVOR,
     PARAM_GRID,
+    PARAM_MAX_REQUEST_BYTES,
     PROMPT,
     REASONING,
     RENDERED_TOKENS,
@@ -59,6 +60,7 @@ from tandem.serving.interface import (
     TEMPERATURE,
     TOP_K,
     ServedModel,
+    request_size_limit,
     served_models,
 )
 from tandem.serving.models.common import (
@@ -361,6 +363,9 @@ def _common_parameters(ctx: BuildContext, config: mc.ModelConfig) -> None:
     _set_parameter(config, PARAM_CONFIG, ctx.manifest.config.name)
     _set_parameter(config, PARAM_FINGERPRINT, ctx.manifest.config_fingerprint)
     _set_parameter(config, PARAM_FLAVOR, ctx.flavor)
+    _set_parameter(
+        config, PARAM_MAX_REQUEST_BYTES, str(request_size_limit(ctx.manifest.config, ctx.options.max_batch_size))
+    )
 
 
 def stage_config(ctx: BuildContext, stage: str, target: ModelTarget) -> mc.ModelConfig:
@@ -449,6 +454,17 @@ def repository_models(repository: str | Path) -> tuple[str, ...]:
     if (repository / ENSEMBLE / CONFIG_NAME).exists():
         return (ENSEMBLE,)
     return tuple(m for m in (REASONING, REFINEMENT) if (repository / m / CONFIG_NAME).exists()) or (ENSEMBLE,)
+
+
+def max_request_bytes(repository: str | Path) -> int | None:
+    """The largest request any model of ``repository`` takes (its configs' tandem.max_request_bytes),
+    or None for a repository written before tandem recorded it."""
+    limits = []
+    for config_path in sorted(Path(repository).glob(f"*/{CONFIG_NAME}")):
+        value = parse_config(config_path).parameters.get(PARAM_MAX_REQUEST_BYTES)
+        if value is not None and value.string_value.isdigit():
+            limits.append(int(value.string_value))
+    return max(limits) if limits else None
 
 
 def existing_versions(model_dir: Path) -> list[int]:

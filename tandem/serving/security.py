@@ -1,12 +1,11 @@
 """What a tandem tritonserver exposes, and to whom: TLS for gRPC and key-guarded API groups.
 
-Both map one-to-one onto tritonserver 2.51's own options, so the server enforces them, not a
-proxy in front of it:
-
-- :class:`TLSOptions` -> ``--grpc-use-ssl`` / ``--grpc-use-ssl-mutual`` with ``--grpc-server-cert``,
-  ``--grpc-server-key`` and ``--grpc-root-cert``. Triton's HTTP endpoint has no TLS of its own:
-  keep it on loopback (``http_address``) or behind a TLS-terminating proxy.
-- :class:`APIRestriction` -> ``--http-restricted-api=<apis>:<header>=<value>`` and
+- :class:`TLSOptions`: terminated by tandem's front door (:mod:`tandem.serving.frontdoor`, the
+  default), or, with ``TritonServer(front_door=False)``, by tritonserver 2.51's own
+  ``--grpc-use-ssl`` / ``--grpc-use-ssl-mutual`` with ``--grpc-server-cert``, ``--grpc-server-key``
+  and ``--grpc-root-cert``. HTTP has no TLS: keep it on loopback (``http_address``) or behind a
+  TLS-terminating proxy.
+- :class:`APIRestriction` -> tritonserver's own ``--http-restricted-api=<apis>:<header>=<value>`` and
   ``--grpc-restricted-protocol=<apis>:<header>=<value>``: every call to one of ``apis`` must carry
   the header (gRPC metadata) ``header: value``, or Triton refuses it.
 

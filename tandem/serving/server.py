@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from tandem.errors import EnvironmentProblem
+from tandem.errors import EnvironmentProblem, TandemError
 from tandem.serving.interface import ENSEMBLE, REASONING
 from tandem.serving.models.common import BUSY_PREFIX, DRAIN_DIR_ENV, DRAINING_FILE
 from tandem.serving.security import APIRestriction, TLSOptions, admin_restriction
@@ -161,6 +161,10 @@ def _server_preexec() -> None:
     if _PRCTL is not None:
         _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
+
+UPSTREAM_ADDRESS = "127.0.0.1"  # where tritonserver listens behind the front door
+FALLBACK_MAX_REQUEST_BYTES = 1 << 20  # a repository that records no limit of its own
+MIN_REQUEST_BYTES = 4096  # below this not even a health probe with headers fits
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "tandem-shm-"
@@ -316,6 +320,12 @@ class TritonServer:
     otherwise; ``tls`` puts gRPC behind TLS or mutual TLS; ``http_address`` (default ``address``)
     binds the plaintext HTTP and metrics endpoints separately, e.g. to 127.0.0.1 while gRPC
     listens on 0.0.0.0 with TLS.
+
+    Clients reach the HTTP and gRPC ports through the front door (:mod:`tandem.serving.frontdoor`,
+    on by default), which refuses requests over ``max_request_bytes`` (default: the largest the
+    repository's models take, recorded by the repository writer) before reading them, and
+    terminates TLS; tritonserver itself then listens on private loopback ports. ``front_door=False``
+    exposes tritonserver directly (TLS by its own options, no size limit).
     """
 
     def __init__(
@@ -335,6 +345,8 @@ class TritonServer:
         tls: TLSOptions | None = None,
         restrictions: tuple[APIRestriction, ...] | None = None,
         http_address: str | None = None,
+        front_door: bool = True,
+        max_request_bytes: int | None = None,
     ):
         self.repository = Path(repository).resolve()
         self.address = address
@@ -350,6 +362,26 @@ class TritonServer:
         # Default: the admin APIs behind a random key nobody is told (closed); pass () to open them.
         self.restrictions = (admin_restriction(),) if restrictions is None else tuple(restrictions)
         self.http_address = address if http_address is None else http_address
+        self.front_door = front_door
+        if max_request_bytes is None and front_door:
+            from tandem.serving.repository import max_request_bytes as recorded_limit
+
+            max_request_bytes = recorded_limit(self.repository)
+            if max_request_bytes is None:
+                max_request_bytes = FALLBACK_MAX_REQUEST_BYTES
+                log.warning(
+                    "%s records no request size limit (written by an older tandem); the front door allows %d bytes: "
+                    "rewrite it with `tandem repo` to size the limit from the model", self.repository, max_request_bytes,
+                )
+        if max_request_bytes is not None and max_request_bytes < MIN_REQUEST_BYTES:
+            raise TandemError(
+                f"--max-request-bytes must be at least {MIN_REQUEST_BYTES} (a request's headers alone need that much), "
+                f"got {max_request_bytes}"
+            )
+        self.max_request_bytes = max_request_bytes
+        self._upstream_ports: tuple[int, int] | None = None  # tritonserver's own (http, grpc) behind the front door
+        self._front: subprocess.Popen | None = None
+        self._front_ready = threading.Event()
         self.shm_prefix = shm_prefix()
         self.process: subprocess.Popen | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
@@ -388,14 +420,21 @@ class TritonServer:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def command(self, backend_dir: Path) -> list[str]:
+        if self.front_door:  # tritonserver on private loopback ports; the front door has the public ones and TLS
+            assert self._upstream_ports is not None
+            (http_address, http_port), (grpc_address, grpc_port) = ((UPSTREAM_ADDRESS, p) for p in self._upstream_ports)
+            tls = []
+        else:
+            http_address, http_port, grpc_address, grpc_port = self.http_address, self.http_port, self.address, self.grpc_port
+            tls = self.tls.server_args() if self.tls else []
         return [
             str(tritonserver_binary()),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={self.http_address}",
-            f"--http-port={self.http_port}",
-            f"--grpc-address={self.address}",
-            f"--grpc-port={self.grpc_port}",
+            f"--http-address={http_address}",
+            f"--http-port={http_port}",
+            f"--grpc-address={grpc_address}",
+            f"--grpc-port={grpc_port}",
             f"--metrics-address={self.http_address}",
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
@@ -408,7 +447,7 @@ class TritonServer:
             *(  # pick up new version folders written by `tandem repo` while serving
                 ["--model-control-mode=poll", f"--repository-poll-secs={self.poll_seconds}"] if self.poll_seconds else []
             ),
-            *(self.tls.server_args() if self.tls else []),
+            *tls,
             *(arg for restriction in self.restrictions for arg in restriction.server_args()),
             *(CPU_HOST_ARGUMENTS if self.cpu_host else ()),
             *self.extra_args,
@@ -458,12 +497,35 @@ class TritonServer:
                 raise
         raise AssertionError("unreachable")
 
+    def front_door_command(self) -> list[str]:
+        assert self._upstream_ports is not None
+        http, grpc = self._upstream_ports
+        tls = self.tls
+        return [
+            sys.executable, "-m", "tandem.serving.frontdoor",
+            f"--http-listen={self.http_address}:{self.http_port}",
+            f"--http-upstream={UPSTREAM_ADDRESS}:{http}",
+            f"--grpc-listen={self.address}:{self.grpc_port}",
+            f"--grpc-upstream={UPSTREAM_ADDRESS}:{grpc}",
+            f"--max-request-bytes={self.max_request_bytes}",
+            *([f"--tls-cert={tls.cert}", f"--tls-key={tls.key}"] if tls else []),
+            *([f"--tls-client-ca={tls.client_ca}"] if tls and tls.client_ca else []),
+        ]
+
     def _launch(self) -> None:
         self._log.clear()
         self._workdir = tempfile.TemporaryDirectory(prefix="tandem-triton-")
         backend_dir = prepare_backend_directory(Path(self._workdir.name) / "backends")
         self.drain_dir = Path(self._workdir.name) / "drain"
         self.drain_dir.mkdir()
+        if self.front_door:
+            public = {self.http_port, self.grpc_port, self.metrics_port}
+            ports = []
+            while len(ports) < 2:
+                port = free_port(UPSTREAM_ADDRESS)
+                if port not in public and port not in ports:
+                    ports.append(port)
+            self._upstream_ports = (ports[0], ports[1])
         command = self.command(backend_dir)
         log.debug("starting %s", " ".join(command))
         self.process = subprocess.Popen(
@@ -479,6 +541,30 @@ class TritonServer:
         self._reader = threading.Thread(target=self._read_log, args=(self.process,), name="tritonserver-log", daemon=True)
         self._reader.start()
         threading.Thread(target=self._guard_shm, args=(self.process,), name="tritonserver-shm", daemon=True).start()
+        if self.front_door:
+            self._front_ready.clear()
+            self._front = subprocess.Popen(
+                self.front_door_command(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+                preexec_fn=_server_preexec,
+            )
+            threading.Thread(target=self._read_front_log, args=(self._front,), name="front-door-log", daemon=True).start()
+
+    def _read_front_log(self, process: subprocess.Popen) -> None:
+        from tandem.serving.frontdoor import READY_LINE
+
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if line == READY_LINE:
+                self._front_ready.set()
+            self._log.append(line)
+            if self.echo_log:
+                print(line, file=sys.stderr, flush=True)
 
     def _guard_shm(self, process: subprocess.Popen) -> None:
         """Keep the python backend's regions private for the server's life: stubs create them at
@@ -523,6 +609,13 @@ class TritonServer:
                 code = self.process.poll() if self.process else None
                 if code is not None:
                     raise self._failure(f"tritonserver exited with code {code} before it was ready")
+                front = self._front.poll() if self._front else None
+                if front is not None:
+                    time.sleep(0.2)  # let the reader collect the front door's last words
+                    raise self._failure(f"the front door exited with code {front} before it was ready")
+                if self.front_door and not self._front_ready.is_set():
+                    time.sleep(0.1)
+                    continue
                 with contextlib.suppress(Exception):  # connection refused until the HTTP endpoint is up
                     if client.is_server_ready() and all(client.is_model_ready(m) for m in self.ready_models):
                         protect_shm_regions(self.shm_prefix)  # every region of the loaded models, before any request
@@ -537,7 +630,23 @@ class TritonServer:
             client.close()
 
     def is_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        front_ok = self._front is None or self._front.poll() is None
+        return self.process is not None and self.process.poll() is None and front_ok
+
+    def _stop_front_door(self) -> None:
+        front, self._front = self._front, None
+        if front is None:
+            return
+        if front.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                front.send_signal(signal.SIGTERM)
+            try:
+                front.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                front.kill()
+                front.wait(timeout=5)
+        if front.stdout is not None:
+            front.stdout.close()
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGINT (Triton drains in-flight requests, up to exit_timeout), then SIGKILL. Returns the exit code."""
@@ -560,6 +669,7 @@ class TritonServer:
                 self._reader.join(timeout=5)
             if process.stdout is not None:
                 process.stdout.close()
+        self._stop_front_door()  # after tritonserver: requests in flight were answered through it
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
@@ -628,7 +738,9 @@ class TritonServer:
         try:
             while not stop.wait(0.5):
                 if not self.is_running():
-                    error = self._failure(f"tritonserver exited unexpectedly (code {self.process.poll()})")
+                    which = "tritonserver" if self.process.poll() is not None else "the front door"
+                    code = self.process.poll() if self.process.poll() is not None else self._front.poll()
+                    error = self._failure(f"{which} exited unexpectedly (code {code})")
                     self.stop()
                     raise error
             drained = self.drain(grace_s)
