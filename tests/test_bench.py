@@ -7,6 +7,7 @@ these tests check that what is measured is recorded, consistent and reported."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,23 @@ def test_bad_arguments_are_refused_before_measuring(tiny_artifacts, tmp_path, ca
     assert "--protocols" in capsys.readouterr().err
     assert main(["bench", "--rerender", str(tmp_path)]) == 2
     assert "results.json" in capsys.readouterr().err
+
+
+def test_own_cpu_counts_processes_started_by_our_children():
+    """A served run's work happens in tritonserver's python-backend stubs: grandchildren of the bench
+    that nobody in the bench waits for. Their CPU is the run's own, not 'other processes' load'."""
+    from tandem.bench.environment import OwnCpuMeter, cpu_snapshot, interference
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    # the child starts the busy grandchild, outlives it, and exits without waiting for it
+    child = (
+        f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {busy!r}])\n"
+        "time.sleep(2.0)\nos._exit(0)"
+    )
+    meter = OwnCpuMeter(interval_s=0.1).start()
+    start = cpu_snapshot(0.0)
+    subprocess.run([sys.executable, "-c", child], check=True)
+    own = meter.stop()
+    assert own >= 0.9, f"the grandchild's 1 s of CPU was not counted: {own:.2f} s"
+    other = interference(start, cpu_snapshot(own), cores=os.cpu_count() or 1)["other_processes_cpu_s"]
+    assert other < 0.9, f"the grandchild's CPU was reported as another process's: {other:.2f} s"

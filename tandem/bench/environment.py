@@ -99,19 +99,75 @@ def load_average() -> list[float] | None:
         return None
 
 
-def cpu_snapshot() -> dict[str, float] | None:
-    """Machine-wide busy CPU seconds (/proc/stat), this process's and its reaped children's CPU
-    seconds, and the wall clock - two snapshots tell how much CPU *other* processes used meanwhile."""
+class OwnCpuMeter:
+    """CPU seconds used by this process and every process it started, however deep.
+
+    ``os.times()`` counts only children that were waited for: tritonserver's python-backend stubs
+    are tritonserver's children, not ours, so their work (most of a served run) would be reported as
+    *other* processes' load. A thread samples the whole tree (psutil) twice a second and keeps each
+    process's last figure; a process that lives less than one interval is missed, which errs towards
+    calling the machine busy, never quiet."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        import threading
+
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+        self._seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds last seen
+        self._baseline: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), name="own-cpu-meter", daemon=True)
+
+    def _sample(self) -> float:
+        with self._lock:
+            for proc in [self._me, *self._me.children(recursive=True)]:
+                try:
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        key = (proc.pid, proc.create_time())
+                except self._psutil.Error:  # exited between listing and reading
+                    continue
+                self._seen[key] = times.user + times.system
+            return sum(self._seen.values())
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._sample()
+
+    def start(self) -> "OwnCpuMeter":
+        self._baseline = self._sample()
+        self._thread.start()
+        return self
+
+    def seconds(self) -> float:
+        """CPU seconds the tree used since start()."""
+        return self._sample() - (self._baseline or 0.0)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.seconds()
+
+
+def cpu_snapshot(own_s: float | None = None) -> dict[str, float] | None:
+    """Machine-wide busy CPU seconds (/proc/stat), this run's own CPU seconds (``own_s`` from an
+    OwnCpuMeter; without one, this process and its waited-for children) and the wall clock - two
+    snapshots tell how much CPU *other* processes used meanwhile."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
         user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     except (OSError, ValueError, IndexError):
         return None
     hz = os.sysconf("SC_CLK_TCK")
-    own = os.times()
+    if own_s is None:
+        own = os.times()
+        own_s = own.user + own.system + own.children_user + own.children_system
     return {
         "machine_busy_s": (user + nice + system + irq + softirq + steal) / hz,
-        "own_s": own.user + own.system + own.children_user + own.children_system,
+        "own_s": own_s,
         "wall_s": time.monotonic(),
     }
 

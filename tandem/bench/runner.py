@@ -196,7 +196,8 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     artifacts = ensure_artifacts(config, opts.artifacts, opts.progress)
     stagebench.set_settle_seconds(budgets.settle_seconds)
     env = environment.collect()
-    cpu_start = environment.cpu_snapshot()
+    own_cpu = environment.OwnCpuMeter().start()  # this run's processes, tritonserver's stubs included
+    cpu_start = environment.cpu_snapshot(0.0)
     results: dict = {
         "schema": SCHEMA,
         "quick": opts.quick,
@@ -312,7 +313,9 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     results["notes"] = notes.explain(results)
     results["eval"] = read_eval(config.name)
     results["load_average_end"] = environment.load_average()
-    results["interference"] = environment.interference(cpu_start, environment.cpu_snapshot(), env["cpu_cores_usable"])
+    results["interference"] = environment.interference(
+        cpu_start, environment.cpu_snapshot(own_cpu.stop()), env["cpu_cores_usable"]
+    )
     results["duration_s"] = time.monotonic() - started
 
     out = Path(opts.out) if opts.out else default_out(env, config, opts.quick)
