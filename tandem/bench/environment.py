@@ -116,55 +116,46 @@ class OwnCpuMeter:
         self._psutil = psutil
         self._me = psutil.Process()
         self._seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds last seen
-        self._baseline: float | None = None
-        self._lock = threading.Lock()
+        self._baseline = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), name="own-cpu-meter", daemon=True)
 
     def _sample(self) -> float:
-        with self._lock:
-            for proc in [self._me, *self._me.children(recursive=True)]:
-                try:
-                    with proc.oneshot():
-                        times = proc.cpu_times()
-                        key = (proc.pid, proc.create_time())
-                except self._psutil.Error:  # exited between listing and reading
-                    continue
-                self._seen[key] = times.user + times.system
-            return sum(self._seen.values())
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    key = (proc.pid, proc.create_time())
+            except self._psutil.Error:  # exited between listing and reading
+                continue
+            self._seen[key] = times.user + times.system
+        return sum(self._seen.values())
 
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             self._sample()
 
     def start(self) -> "OwnCpuMeter":
-        self._baseline = self._sample()
+        self._baseline = self._sample()  # before the thread: one sampler at a time, no lock needed
         self._thread.start()
         return self
 
-    def seconds(self) -> float:
-        """CPU seconds the tree used since start()."""
-        return self._sample() - (self._baseline or 0.0)
-
     def stop(self) -> float:
+        """CPU seconds the tree used since start()."""
         self._stop.set()
         self._thread.join()
-        return self.seconds()
+        return self._sample() - self._baseline
 
 
-def cpu_snapshot(own_s: float | None = None) -> dict[str, float] | None:
-    """Machine-wide busy CPU seconds (/proc/stat), this run's own CPU seconds (``own_s`` from an
-    OwnCpuMeter; without one, this process and its waited-for children) and the wall clock - two
-    snapshots tell how much CPU *other* processes used meanwhile."""
+def cpu_snapshot(own_s: float) -> dict[str, float] | None:
+    """Machine-wide busy CPU seconds (/proc/stat), this run's own CPU seconds (from an OwnCpuMeter)
+    and the wall clock - two snapshots tell how much CPU *other* processes used meanwhile."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
         user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     except (OSError, ValueError, IndexError):
         return None
     hz = os.sysconf("SC_CLK_TCK")
-    if own_s is None:
-        own = os.times()
-        own_s = own.user + own.system + own.children_user + own.children_system
     return {
         "machine_busy_s": (user + nice + system + irq + softirq + steal) / hz,
         "own_s": own_s,
