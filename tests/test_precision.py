@@ -140,6 +140,36 @@ def test_cpu_int8_quantizes_the_decode_step_only(tiny_artifacts: Path, tiny_conf
         assert np.abs(actual - expected).max() <= 0.1 * np.abs(expected).max()
 
 
+def test_cpu_int8_makes_the_moe_kernel_a_qmoe_with_int8_experts(tiny_artifacts: Path, tiny_config: ModelConfig):
+    from tandem.stages import graph_specs
+
+    # ONNX Runtime's graph (the one a cpu int8 build starts from): each MoE layer is one kernel.
+    source = tiny_artifacts / "reasoning_decode.ort.onnx"
+    model = onnx.load(str(source))
+    moes = [n for n in model.graph.node if n.op_type == "MoE"]
+    assert len(moes) == tiny_config.reasoning.n_layers
+    routers = {name for name, why in sensitive_nodes(model).items() if "MoE kernel" in why}
+    assert len(routers) == len(moes)  # the MatMuls whose logits choose the experts stay fp32
+    quantized, record = quantize_cpu_int8(model)
+    qmoes = [n for n in quantized.graph.node if n.op_type == "QMoE"]
+    assert len(qmoes) == len(moes) and not [n for n in quantized.graph.node if n.op_type == "MoE"]
+    assert "QMoE" in record.method and not routers & set(record.quantized)
+    inits = {i.name: i for i in quantized.graph.initializer}
+    for node in qmoes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["expert_weight_bits"] == 8 and attrs["block_size"] == 32 and attrs["k"] == tiny_config.reasoning.top_k
+        assert inits[node.input[2]].data_type == inits[node.input[5]].data_type == onnx.TensorProto.UINT8
+    stacks = {n.input[i] for n in moes for i in (2, 4)}
+    assert not stacks & set(inits)  # no fp32 expert stack left (only the float scales per block)
+    spec = graph_specs(tiny_config)["reasoning_decode"]
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    for batch in (1, 4):
+        feeds = spec.sample_inputs({"batch": batch}, seed=2)
+        for actual, expected in zip(session.run(None, feeds), reference.run(None, feeds)):
+            assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
+
+
 def _report(precision: str, agreement: float, fp32: float, candidate: float) -> PrecisionReport:
     return PrecisionReport(
         precision=precision,
@@ -177,7 +207,7 @@ def test_accuracy_gate_limits(precision: str, agreement: float, fp32: float, can
 
 def test_cpu_build_ships_the_precision_graphs_it_gated(tmp_path: Path, tiny_artifacts: Path, tiny_config: ModelConfig):
     out = tmp_path / "cpu-int8"
-    # The decode step's int8 graph (dense experts as MatMulInteger, 2-D MatMuls as MatMulNBits) keeps
+    # The decode step's int8 graph (the MoE kernels as QMoE, 2-D MatMuls as MatMulNBits) keeps
     # the tiny model's greedy tokens: the gate passes it and the build records the figures.
     options = BuildOptions(
         precision="int8", reuse_export=tiny_artifacts, gate_captions=GATE, repository={"max_batch_size": 8, "instances": 1},
@@ -194,6 +224,7 @@ def test_cpu_build_ships_the_precision_graphs_it_gated(tmp_path: Path, tiny_arti
     assert graphs["reasoning_prefill"].optimized_file == "reasoning_prefill.ort.onnx" and graphs["reasoning_decode"].optimized_file is None
     decode = next(a for a in manifest["artifacts"] if a["graph"] == "reasoning_decode")
     assert decode["file"] == "precision/reasoning_decode.int8.onnx"
+    assert "QMoE" in {n.op_type for n in onnx.load(str(out / decode["file"])).graph.node}  # built from ONNX Runtime's MoE graph
     shipped_files = {p.name for p in (out / "model_repository").rglob("*.onnx")}
     assert "reasoning_decode.int8.onnx" in shipped_files and "reasoning_decode.onnx" not in shipped_files
     config = (out / "model_repository" / "reasoning" / "config.pbtxt").read_text()

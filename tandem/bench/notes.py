@@ -18,6 +18,28 @@ def _point(results: dict, runtime: str, graph: str, batch: str) -> dict | None:
     return _get(results, "roofline", "measured", runtime, graph, batch)
 
 
+def _serving_share(results: dict, protocol: str) -> str:
+    """What serving adds at concurrency 8 beyond the in-process generation, from Triton's statistics."""
+    inproc = _get(results, "pipeline", "onnxruntime", default={})
+    g1, g8 = _get(inproc, "1", "images_per_s"), _get(inproc, "8", "images_per_s")
+    levels = _get(results, "served", "protocols", protocol, default={})
+    r1 = _get(levels, "1", "triton", "refinement", "compute_ms_per_request")
+    r8 = _get(levels, "8", "triton", "refinement", "compute_ms_per_request")
+    q8 = _get(levels, "8", "triton", "refinement", "queue_ms_per_request")
+    said = ""
+    if g1 and g8:
+        said += f" In-process, a batch of 8 generations gives {g8 / g1:.2f}x the images/s of batch 1 (pipeline_scaling)"
+        said += ", so the served ratio can reach that at most." if g8 / g1 < 2.5 else "."
+    if r1 and r8:
+        said += (
+            f" Served, refinement's compute per request grows from {r1:.1f} ms at concurrency 1 to {r8:.1f} ms at 8 "
+            f"(plus {q8 or 0:.1f} ms queued): both stages' ONNX Runtime threads and the python-backend stubs share this "
+            "machine's cores, so refinement runs slower beside the decode loop. Fix: separate pools per stage "
+            "(`tandem deploy`, the split path) or more cores per server."
+        )
+    return said
+
+
 def explain(results: dict) -> list[str]:
     notes = []
     by_id = {t["id"]: t for t in results["targets"]}
@@ -95,10 +117,37 @@ def explain(results: dict) -> list[str]:
                     f"traffic is {w1['bytes'] / 1e6:.1f} MB at batch 1 and {w8['bytes'] / 1e6:.1f} MB at batch 8: the experts "
                     f"routed to per layer grow from {w1.get('routed_experts_per_layer')} to {w8.get('routed_experts_per_layer')} "
                     f"and each row reads its own cache ({(w8.get('cache_read_bytes', 0) - w1.get('cache_read_bytes', 0)) / 7e6:.2f} "
-                    "MB per extra row at these positions). If the in-process ratio (decode_rows_scaling) passes and this "
-                    "one does not, the loss is in serving (the python backend generating one request at a time rather "
-                    "than batching rows in flight, issue 11)."
+                    "MB per extra row at these positions)."
+                    + _serving_share(results, protocol)
                 )
+    if failed("pipeline_scaling"):
+        runs = _get(results, "pipeline", "onnxruntime", default={})
+        decode = _get(results, "stages", "onnxruntime", "reasoning_decode", "batches", default={})
+        steps = {b: _get(runs, b, "phase_ms_per_generation", "reasoning_decode") for b in ("1", "8")}
+        calls = {b: _get(runs, b, "graph_calls_per_generation", "reasoning_decode") for b in ("1", "8")}
+        graph = {b: _get(decode, b, "p50_ms") for b in ("1", "8")}
+        if all(steps.values()) and all(calls.values()) and all(graph.values()):
+            per_step = {b: steps[b] / calls[b] for b in steps}
+            notes.append(
+                f"Generation scaling: in the generation loop a decode step takes {per_step['1']:.2f} ms at batch 1 and "
+                f"{per_step['8']:.2f} ms at batch 8, against {graph['1']:.2f} / {graph['8']:.2f} ms for the graph call alone "
+                "(stage figures, random routing). At batch 1 about "
+                f"{max(per_step['1'] - graph['1'], 0):.2f} ms a step is the loop's own work (sampling, writing the new cache rows, "
+                "binding), which batch 8 shares across rows; the rest of the ratio is the routed-expert bytes that grow "
+                "with the batch (decode_rows_scaling). Fixes: lighter expert weights (the cpu int8 build's QMoE decode "
+                "step), sampling inside the graph so a step is one call."
+            )
+    if failed("cpu_int8_decode_speedup"):
+        int8 = _get(results, "stages", "onnxruntime_int8", "reasoning_decode", "batches", "1", "p50_ms")
+        fp32 = _get(results, "stages", "onnxruntime", "reasoning_decode", "batches", "1", "p50_ms")
+        if int8 and fp32:
+            notes.append(
+                f"int8 decode speed-up: {fp32:.3f} ms fp32 vs {int8:.3f} ms int8 at batch 1. The measured build's manifest "
+                "says which rewrite made its decode graph (precision_checks -> graphs -> reasoning_decode -> rewrite): a "
+                "build whose experts are MatMulInteger over the dense all-expert graph reads every expert each step; "
+                "rebuild with `tandem build --target cpu --precision int8` so the MoE kernels become QMoE (routed "
+                "experts only, 8-bit)."
+            )
     if failed("refinement_peak"):
         best = _get(results, "roofline", "refinement_best")
         if best:

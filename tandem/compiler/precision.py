@@ -24,14 +24,19 @@ Rewrites, per toolchain (:data:`REWRITES`):
     calibration.
 ``int8`` (CPU, ONNX Runtime)
     The decode step only (it is memory-bound: each token reads its experts' weights once).
-    It starts from the plain ``<graph>.onnx`` (not ONNX Runtime's ``.ort.onnx`` with the
-    ``com.microsoft::MoE`` kernel). MatMuls with constant 2-D weights: ``MatMulNBits`` (8 bits,
-    blocks of 32, int8 compute). MoE experts, i.e. MatMuls over a constant ``[E, d, f]`` weight
-    stack (the plain graph's dense MoE, which evaluates every expert with zero gates for the
-    unchosen ones; or a ``Gather``/``GatherND`` of that stack per token), which ONNX Runtime's
-    quantizers do not handle because the weight is 3-D: int8 weights (7-bit range, see INT8_WEIGHT_LIMIT) with one scale per expert and output column,
-    multiplied with ``MatMulInteger`` (a quarter of the bytes per step), the scales applied
-    to the int32 result. Prefill (once per request) and refinement stay fp32.
+    It starts from ONNX Runtime's own graph (``<graph>.ort.onnx``, where each MoE layer is one
+    ``com.microsoft::MoE`` kernel that reads only the experts a token is routed to) and makes each
+    ``MoE`` a ``com.microsoft::QMoE``: expert weights 8-bit, symmetric, one scale per block of 32
+    along the reduction axis (the layout ONNX Runtime's CPU kernel runs on its MLAS int8 GEMMs).
+    MatMuls with constant 2-D weights: ``MatMulNBits`` (8 bits, blocks of 32, int8 compute). The
+    router (its logits choose the experts) and the sampling logits stay fp32. A graph without the
+    MoE kernel (an export with no ONNX Runtime copy) has its experts as MatMuls over a constant
+    ``[E, d, f]`` weight stack (the plain graph's dense MoE, which evaluates every expert with zero
+    gates for the unchosen ones; or a ``Gather``/``GatherND`` of that stack per token), which
+    ONNX Runtime's quantizers do not handle because the weight is 3-D: int8 weights (7-bit range,
+    see INT8_WEIGHT_LIMIT) with one scale per expert and output column, multiplied with
+    ``MatMulInteger``, the scales applied to the int32 result. Prefill (once per request) and
+    refinement stay fp32.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ NORM_OPS = frozenset(
     }
 )
 PROBABILITY_OPS = frozenset({"Softmax", "LogSoftmax", "TopK"})
+MOE_KERNEL_OPS = frozenset({"MoE", "QMoE"})  # com.microsoft: input 1 is the router's logits
 MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 # onnxconverter-common writes ConstantOfShape's output type without converting its value attribute.
 CONVERTER_UNSAFE_OPS = frozenset({"ConstantOfShape"})
@@ -155,6 +161,8 @@ def sensitive_nodes(model: onnx.ModelProto) -> dict[str, str]:
             for user in users.get(node.output[0], []):
                 if user.op_type == "Softmax" and any(u.op_type == "TopK" for u in users.get(user.output[0], [])):
                     kept[node.name] = "MoE router (feeds softmax -> top-k)"
+                elif user.op_type in MOE_KERNEL_OPS and user.domain == "com.microsoft" and user.input[1] == node.output[0]:
+                    kept[node.name] = "MoE router (its logits choose the MoE kernel's experts)"
     return kept
 
 
@@ -485,6 +493,62 @@ def quantize_gathered_experts(model: onnx.ModelProto, exclude: Iterable[str] = (
     return rewritten
 
 
+QMOE_BITS = 8
+QMOE_BLOCK = 32  # weights per scale along the reduction axis: ONNX Runtime's CPU QMoE runs block-wise 8-bit on MLAS int8 GEMMs
+
+
+def _qmoe_blockwise(weights: np.ndarray, block: int = QMOE_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``[E, N, K]`` float -> uint8 ``[E, N, K]`` (symmetric, stored with an offset of 128) and float
+    scales ``[E, N, K / block]``: the QMoE kernel's 8-bit block-wise layout."""
+    experts, rows, depth = weights.shape
+    blocks = weights.reshape(experts, rows, depth // block, block)
+    scale = np.abs(blocks).max(axis=-1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(blocks / scale[..., None]), -128, 127).astype(np.int16) + 128
+    return q.reshape(experts, rows, depth).astype(np.uint8), scale.astype(np.float32)
+
+
+def quantize_moe_kernels(model: onnx.ModelProto) -> list[str]:
+    """Rewrite, in place, every ``com.microsoft::MoE`` whose expert weights are constant ``[E, N, K]``
+    stacks (fc1 with gate and up rows, fc2) into a ``com.microsoft::QMoE`` with 8-bit block-wise
+    weights; the routing and activation attributes carry over unchanged."""
+    graph = model.graph
+    inits = _initializers(graph)
+    rewritten, replaced, added = [], set(), []
+    for node in graph.node:
+        if node.op_type != "MoE" or node.domain != "com.microsoft":
+            continue
+        names = list(node.input) + [""] * (5 - len(node.input))
+        fc1, fc2 = names[2], names[4]
+        if any(b for b in names[3:4] + names[5:]) or fc1 not in inits or fc2 not in inits:
+            raise TandemError(f"{node.name}: a MoE kernel with biases, a third expert matrix or computed weights has no int8 rewrite here")
+        stacks = {}
+        for label, name in (("fc1", fc1), ("fc2", fc2)):
+            weights = numpy_helper.to_array(inits[name])
+            if weights.ndim != 3 or weights.shape[-1] % QMOE_BLOCK:
+                raise TandemError(f"{node.name}: {label} {list(weights.shape)} is not [E, N, K] with K a multiple of {QMOE_BLOCK}")
+            q, scale = _qmoe_blockwise(weights)
+            prefix = f"{node.name}__q{label}"
+            graph.initializer.extend([numpy_helper.from_array(q, f"{prefix}_weight"), numpy_helper.from_array(scale, f"{prefix}_scale")])
+            stacks[label] = (f"{prefix}_weight", f"{prefix}_scale")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs.update(expert_weight_bits=QMOE_BITS, block_size=QMOE_BLOCK)
+        added.append(
+            helper.make_node(
+                "QMoE", [names[0], names[1], *stacks["fc1"], "", *stacks["fc2"], ""], list(node.output),
+                name=f"{node.name}__int8", domain="com.microsoft", **attrs,
+            )
+        )
+        replaced.add(node.name)
+        rewritten.append(node.name)
+    _replace_nodes(graph, [n for n in graph.node if n.name not in replaced], added)
+    used = {i for n in graph.node for i in n.input}
+    live = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return rewritten
+
+
 def _replace_nodes(graph: onnx.GraphProto, kept: list[onnx.NodeProto], added: list[onnx.NodeProto]) -> None:
     """Set the graph's nodes to ``kept`` + ``added`` in topological order."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
@@ -512,7 +576,8 @@ def quantize_cpu_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, RewriteR
 
     kept = sensitive_nodes(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    experts = quantize_gathered_experts(model, exclude=kept)
+    kernels = quantize_moe_kernels(model)
+    experts = kernels + quantize_gathered_experts(model, exclude=kept)
     inits = _initializers(model.graph)
     dense = [
         n.name
@@ -532,10 +597,16 @@ def quantize_cpu_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, RewriteR
     record = RewriteRecord(
         method=(
             "int8 weights: constant 2-D MatMuls as MatMulNBits (8 bits, blocks of "
-            f"{INT8_BLOCK}, int8 compute); the MoE expert stacks (dense [E, d, f] MatMuls, or gathered per token) as int8 with a scale per expert "
-            "and output column, multiplied by MatMulInteger on activations quantized at run time"
+            f"{INT8_BLOCK}, int8 compute); "
+            + (
+                f"each com.microsoft MoE kernel as QMoE ({QMOE_BITS}-bit expert weights, blocks of {QMOE_BLOCK})"
+                if kernels
+                else "the MoE expert stacks (dense [E, d, f] MatMuls, or gathered per token) as int8 with a scale per "
+                "expert and output column, multiplied by MatMulInteger on activations quantized at run time"
+            )
         ),
-        library="onnxruntime.quantization.matmul_nbits_quantizer + tandem's gathered-expert rewrite",
+        library="onnxruntime.quantization.matmul_nbits_quantizer + "
+        + ("tandem's MoE -> QMoE rewrite" if kernels else "tandem's gathered-expert rewrite"),
         kept_fp32=dict(sorted(kept.items())),
         quantized=sorted(dense + experts),
     )
@@ -658,6 +729,15 @@ REWRITES: dict[str, dict[str, Callable[[GraphSpec], Rewrite | None]]] = {
         "int8": lambda spec: _cpu_int8 if _is_decode(spec) else None,
     },
 }
+
+
+# Rewrites that start from ONNX Runtime's own graph (``<graph>.ort.onnx``, with the MoE kernel)
+# when the export has one, rather than the plain graph.
+READS_ONNXRUNTIME_GRAPH = {(CPU, "int8")}
+
+
+def reads_onnxruntime_graph(toolchain: str, precision: str) -> bool:
+    return (toolchain, precision) in READS_ONNXRUNTIME_GRAPH
 
 
 def rewrite_for(toolchain: str, precision: str, spec: GraphSpec) -> Rewrite | None:

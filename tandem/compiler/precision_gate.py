@@ -38,6 +38,7 @@ from pydantic import BaseModel
 from tandem.compiler.precision import (
     emulate_on_float32,
     get_precision,
+    reads_onnxruntime_graph,
     rewrite_for,
     uses_calibration,
 )
@@ -52,6 +53,7 @@ from tandem.export.manifest import (
     graph_files,
     read_manifest,
     verify_file,
+    verify_graph_files,
 )
 from tandem.util import atomic_directory, sha256_file
 
@@ -499,7 +501,10 @@ def make_precision_graphs(
                     shutil.copy2(export_dir / extra, staging / extra)
                 shutil.copy2(staging / file, emulated / file)
             else:
-                model = onnx.load(str(export_dir / entry.file))
+                # The rewrite's source graph, hash-checked like every file loaded from the export.
+                kernel_graph = reads_onnxruntime_graph(toolchain, precision) and entry.optimized_file is not None
+                source_file = verify_graph_files(export_dir, entry, optimized=kernel_graph)[0]
+                model = onnx.load(str(export_dir / source_file))
                 converted, rewrite_record = rewrite(model, (calibration or {}).get(name, []))
                 onnx.checker.check_model(converted)
                 file, graph_precision = f"{name}.{precision}.onnx", precision
@@ -514,7 +519,7 @@ def make_precision_graphs(
             rewritten = {} if rewrite is None else {
                 "external_data": external,
                 "external_data_sha256": {f: sha256_file(staging / f) for f in external},
-                "optimized_file": None,  # the rewrite starts from the plain graph; there is no ORT copy of it
+                "optimized_file": None,  # the rewritten graph is the only copy: there is no second ORT graph of it
                 "optimized_sha256": None,
                 "optimized_external_data": [],
                 "optimized_external_data_sha256": {},
