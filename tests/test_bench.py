@@ -177,6 +177,18 @@ def test_rerender_reproduces_the_report_from_json(quick_run):
     assert (out / "report.md").read_text() == report
 
 
+def test_a_report_folder_holding_other_files_is_never_replaced(tiny_artifacts, tmp_path, capsys):
+    out = tmp_path / "report"
+    (out / "plots").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "plots" / "sketch.svg").write_text("<svg/>")
+    args = ["bench", "--config", "tiny", "--artifacts", str(tiny_artifacts), "--quick", "--skip-served", "--out", str(out)]
+    assert main(args) == 2  # refused before measuring: it would delete what it did not write
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "plots/sketch.svg" in err and "--force" in err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "sketch.svg").exists()
+
+
 def test_decode_positions_span_the_cache():
     assert decode_positions(320) == [16, 32, 64, 128, 256, 319]
     assert decode_positions(64) == [16, 32, 63]

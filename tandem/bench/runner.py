@@ -88,6 +88,30 @@ class BenchOptions:
     served: ServedSettings = field(default_factory=ServedSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
     progress: bool = True
+    force: bool = False  # replace --out even if it holds files tandem bench did not write
+
+
+REPORT_FILES = ("results.json", "report.md", "plots")
+
+
+def check_report_out(out: Path, force: bool = False) -> None:
+    """A report replaces its folder as a whole, so the folder must be absent, empty or an earlier
+    report holding nothing but a report's files (plots/ only PNGs); anything else is kept unless
+    ``force``."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TandemError(f"{out} exists and is not a folder; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+    if (out / "plots").is_dir():
+        foreign += sorted(f"plots/{p.name}" for p in (out / "plots").iterdir() if p.suffix != ".png" or not p.is_file())
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise TandemError(
+            f"{out} holds files tandem bench did not write ({shown}); writing the report replaces the folder and would "
+            "delete them. Choose another --out, or pass --force to replace it"
+        )
 
 
 @dataclass
@@ -193,9 +217,12 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     for b in opts.batches:
         if not 1 <= b <= 8:
             raise TandemError(f"batch size {b} is outside the exported graphs' range [1, 8]")
+    if opts.out:
+        check_report_out(opts.out, opts.force)  # before minutes of measuring, not after
     artifacts = ensure_artifacts(config, opts.artifacts, opts.progress)
     stagebench.set_settle_seconds(budgets.settle_seconds)
     env = environment.collect()
+    check_report_out(opts.out or default_out(env, config, opts.quick), opts.force)
     own_cpu = environment.OwnCpuMeter().start()  # this run's processes, tritonserver's stubs included
     cpu_start = environment.cpu_snapshot(0.0)
     results: dict = {
@@ -319,6 +346,7 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     results["duration_s"] = time.monotonic() - started
 
     out = Path(opts.out) if opts.out else default_out(env, config, opts.quick)
+    check_report_out(out, opts.force)
     write_report(results, out)
     return BenchResult(out=out, results=results)
 
@@ -353,6 +381,7 @@ def rerender(directory: Path) -> Path:
         raise TandemError(f"{path} is not valid JSON ({exc})") from exc
     if results.get("schema") != SCHEMA:
         raise TandemError(f"{path} was written by another benchmark format ({results.get('schema')!r}, expected {SCHEMA!r})")
+    check_report_out(Path(directory))
     write_report(results, Path(directory))
     return Path(directory)
 

@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_list_argument(p, "--open-loop-loads", item_type=_positive_float,
                    help="open-loop offered rates as multiples of the in-process rate (default 0.5,1,2,3,4,6; quick: 1,4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds files tandem bench did not write")
     p.add_argument("--rerender", type=Path, metavar="DIR", help="only redraw report.md and plots/ of DIR from its results.json")
     p.add_argument("--fail-on-target", action="store_true", help="exit 1 when a performance target line says FAIL")
     add_json_argument(p)
@@ -94,6 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config=args.config,
         artifacts=export,
         out=args.out,
+        force=args.force,
         quick=args.quick,
         skip_served=args.skip_served,
         hardware_file=args.hardware,
