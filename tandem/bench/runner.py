@@ -217,12 +217,11 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     for b in opts.batches:
         if not 1 <= b <= 8:
             raise TandemError(f"batch size {b} is outside the exported graphs' range [1, 8]")
-    if opts.out:
-        check_report_out(opts.out, opts.force)  # before minutes of measuring, not after
+    env = environment.collect()
+    out = Path(opts.out) if opts.out else default_out(env, config, opts.quick)
+    check_report_out(out, opts.force)  # before minutes of exporting and measuring, not after
     artifacts = ensure_artifacts(config, opts.artifacts, opts.progress)
     stagebench.set_settle_seconds(budgets.settle_seconds)
-    env = environment.collect()
-    check_report_out(opts.out or default_out(env, config, opts.quick), opts.force)
     own_cpu = environment.OwnCpuMeter().start()  # this run's processes, tritonserver's stubs included
     cpu_start = environment.cpu_snapshot(0.0)
     results: dict = {
@@ -345,8 +344,7 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     )
     results["duration_s"] = time.monotonic() - started
 
-    out = Path(opts.out) if opts.out else default_out(env, config, opts.quick)
-    check_report_out(out, opts.force)
+    check_report_out(out, opts.force)  # again: the run took minutes, and the folder may have changed
     write_report(results, out)
     return BenchResult(out=out, results=results)
 

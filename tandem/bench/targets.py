@@ -209,13 +209,14 @@ def served_scheduler_targets(results: dict) -> list[Target]:
     for protocol in ("http", "grpc"):
         c8 = served.get("protocols", {}).get(protocol, {}).get("8", {}) if ok else {}
         p50, p99 = c8.get("latency", {}).get("p50_ms"), c8.get("latency", {}).get("p99_ms")
+        shared = _shared_cores(served, protocol)
         t = Target(f"served_tail_{protocol}", f"served p99 vs p50 latency ({protocol.upper()}, {primary} batching), concurrency 8", 1.5, "<=", "x")
         targets.append(
             t.evaluate(
                 p99 / p50 if p50 and p99 else None,
                 f"p99 {p99:.1f} ms vs p50 {p50:.1f} ms" + (
                     "" if p99 <= 1.5 * p50
-                    else f"; {_shared_cores(served, protocol)}" if primary == "inflight" and _shared_cores(served, protocol)
+                    else f"; {shared}" if primary == "inflight" and shared
                     else "; a request waited behind others' generations: serve with --scheduler inflight and enough slots (--max-batch-size)"
                 ) if p50 and p99 else "",
                 missing or f"no {protocol} level at concurrency 8",
@@ -236,7 +237,7 @@ def served_scheduler_targets(results: dict) -> list[Target]:
         if first > budget and primary == "inflight":
             detail += (
                 "; most of the wait is in Triton's queue, before the reasoning model's execute hands the request to a slot"
-                + (f"; {_shared_cores(served, 'grpc')}" if _shared_cores(served, "grpc") else "")
+                + (f"; {shared}" if (shared := _shared_cores(served, "grpc")) else "")
             )
         elif first > budget:
             detail += "; requests wait behind whole generations: serve with --scheduler inflight"

@@ -486,10 +486,7 @@ def quantize_gathered_experts(model: onnx.ModelProto, exclude: Iterable[str] = (
     # The rewritten nodes must sit where their inputs exist: append them after their producers by
     # re-sorting topologically (the readers' inputs come before the gathers' consumers).
     _replace_nodes(graph, kept_nodes, nodes)
-    used = {i for n in graph.node for i in n.input}
-    live = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    _drop_unused_initializers(graph)
     return rewritten
 
 
@@ -542,11 +539,15 @@ def quantize_moe_kernels(model: onnx.ModelProto) -> list[str]:
         replaced.add(node.name)
         rewritten.append(node.name)
     _replace_nodes(graph, [n for n in graph.node if n.name not in replaced], added)
+    _drop_unused_initializers(graph)
+    return rewritten
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {i for n in graph.node for i in n.input}
     live = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(live)
-    return rewritten
 
 
 def _replace_nodes(graph: onnx.GraphProto, kept: list[onnx.NodeProto], added: list[onnx.NodeProto]) -> None:
