@@ -496,17 +496,19 @@ def test_an_oversized_request_is_refused_before_it_is_read(tiny_server: TritonSe
             generator.generate("x" * (tiny_config.reasoning.max_prompt_len + 1))
 
 
-def test_the_front_door_limit_is_a_flag_and_tritonserver_itself_listens_on_loopback(tiny_repository: Path):
-    from tandem.serving.server import UPSTREAM_ADDRESS
-
+def test_the_front_door_limit_is_a_flag_and_tritonserver_listens_only_on_private_sockets(tiny_repository: Path):
     with pytest.raises(TandemError, match="--max-request-bytes must be at least"):
         TritonServer(tiny_repository, max_request_bytes=10)
-    server = TritonServer(tiny_repository, address="0.0.0.0", max_request_bytes=50_000)
-    server._upstream_ports = (1, 2)
+    server = TritonServer(tiny_repository, address="0.0.0.0", max_request_bytes=50_000, http_port=1, grpc_port=2, metrics_port=3)
+    server._workdir = Path("/private/work")
+    server.cancel_dir = server._workdir / "cancel"
     command = " ".join(server.command(Path("/backends")))
-    assert f"--http-address={UPSTREAM_ADDRESS}" in command and f"--grpc-address={UPSTREAM_ADDRESS}" in command
-    assert "--max-request-bytes=50000" in " ".join(server.front_door_command())
-    assert "--http-listen=0.0.0.0:" in " ".join(server.front_door_command())
+    for what in ("http", "grpc", "metrics"):
+        assert f"--{what}-address=unix:/private/work/" in command
+    assert "restricted" not in command and "key" not in command  # no key on tritonserver's command line
+    config = server.front_door_config()
+    assert config.max_request_bytes == 50_000 and config.http_listen == ("0.0.0.0", 1)
+    assert config.grpc_upstream == "unix:/private/work/grpc.sock:2"
 
 
 # -- defect 3: the python backend's shared memory is private and does not outlive the server -----------
@@ -665,3 +667,223 @@ def test_poll_mode_loads_each_model_once(tmp_path: Path, tiny_artifacts: Path):
         loads = [line for line in server.log_text().splitlines() if '"loading: reasoning:1"' in line]
         assert len(loads) == 1, "\n".join(loads)
         assert {p: p.stat().st_mtime_ns for p in repo.rglob("*")} == files  # serving writes nothing into the repository
+
+
+# -- issue 24: faults and hostile load ------------------------------------------------------------------
+
+
+def _tree(pid: int) -> dict[str, list[int]]:
+    """tandem serve's children by role: tritonserver, the front door, the python-backend stubs."""
+    import psutil
+
+    roles: dict[str, list[int]] = {"tritonserver": [], "front door": [], "stub": []}
+    for child in psutil.Process(pid).children(recursive=True):
+        cmdline = " ".join(child.cmdline())
+        if "triton_python_backend_stub" in cmdline:
+            roles["stub"].append(child.pid)
+        elif "tritonserver" in cmdline.split(" ")[0]:
+            roles["tritonserver"].append(child.pid)
+        elif "tandem.serving.frontdoor" in cmdline:
+            roles["front door"].append(child.pid)
+    return roles
+
+
+@pytest.mark.parametrize("victim", ["tritonserver", "stub", "front door"])
+def test_a_child_killed_under_load_ends_tandem_serve_in_bounded_time(tiny_repository: Path, victim: str):
+    """Defect 1: kill -9 of tritonserver under load left `tandem serve` hung forever (an orphaned
+    stub held the log pipe). Any child's death now ends it with a non-zero exit and the reason,
+    every child killed, its work folder and shared memory removed."""
+    import os
+    import signal
+    import tempfile
+    import threading
+    import time
+
+    import psutil
+
+    from tandem.serving.server import SHM_DIR, free_port
+
+    ports = [free_port() for _ in range(3)]
+    process, _ = _start_serve(tiny_repository, ports)
+    stop, outcomes = threading.Event(), []
+    clients = [threading.Thread(target=_load, args=(url, stop, outcomes), daemon=True)
+               for url in (f"grpc://127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[0]}")]
+    try:
+        roles = _tree(process.pid)
+        everyone = [pid for pids in roles.values() for pid in pids]
+        assert roles["tritonserver"] and roles["front door"] and len(roles["stub"]) >= 2, roles
+        for client in clients:
+            client.start()
+        while len(outcomes) < 4:
+            time.sleep(0.05)
+        killed_at = time.monotonic()
+        os.kill(roles[victim][0], signal.SIGKILL)
+        out, _ = process.communicate(timeout=60)
+        took = time.monotonic() - killed_at
+    finally:
+        stop.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode not in (0, None), out
+    assert took < 30, f"tandem serve took {took:.1f} s to end after the {victim} died"
+    assert {"tritonserver": "tritonserver exited", "stub": "python backend process", "front door": "front door exited"}[victim] in out
+    time.sleep(0.5)
+    alive = [pid for pid in everyone if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"left running: {alive}"
+    assert not list(Path(tempfile.gettempdir()).glob(f"tandem-triton-{os.getuid()}-{process.pid}-*"))
+    assert not list(SHM_DIR.glob(f"tandem-shm-{os.getuid()}-{process.pid}-*"))
+
+
+def test_an_idle_stop_is_graceful_and_quick(tiny_repository: Path):
+    """Defect 11: every stop waited for the front door's pooled connection until tritonserver's exit
+    timeout ("Non-graceful termination") and was still reported clean. The front door now closes its
+    connections first: tritonserver exits 0 within seconds, and only that is called clean."""
+    import time
+
+    server = TritonServer(tiny_repository, startup_timeout=120).start()
+    try:
+        for url in (server.http_url, server.grpc_url):
+            with TandemClient(url) as client:
+                client.generate(PROMPT_TEXT)
+    finally:
+        started = time.monotonic()
+        code = server.stop()
+        took = time.monotonic() - started
+    assert code == 0 and took < 8, (code, took)
+    assert "Non-graceful" not in server.log_text() and "Exit timeout expired" not in server.log_text()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_repository: Path):
+    """A server with a small connection cap and a short header timeout, for the abuse checks."""
+    with TritonServer(tiny_repository, startup_timeout=120, max_connections=16, header_timeout_s=1.0) as server:
+        yield server
+
+
+def _exchange(server: TritonServer, raw: bytes, wait: float = 10.0) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=wait) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_front_door_refuses_encodings_it_cannot_bound_and_oversized_headers(guarded_server: TritonServer):
+    """Defect 2: a 1.7 kB brotli body cost 2.4 s of the front door's CPU; about 1 MB of headers
+    passed outside the size limit; HEAD answered 502."""
+    import time
+
+    started = time.monotonic()
+    answer = _exchange(guarded_server, b"POST /v2/models/tandem/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\n"
+                                       b"Content-Length: 1692\r\nConnection: close\r\n\r\n" + b"\x1b" * 1692)
+    assert answer.startswith(b"HTTP/1.1 415") and b"gzip or deflate" in answer
+    assert time.monotonic() - started < 2
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 4000) for i in range(50))  # 200 kB of headers
+    answer = _exchange(guarded_server, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    assert answer.split(b" ", 2)[1] in (b"431", b"400"), answer[:200]
+    answer = _exchange(guarded_server, b"HEAD /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+    with TandemClient(guarded_server.http_url) as client:
+        assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
+
+
+def test_front_door_closes_half_open_connections_and_caps_them_cleanly(guarded_server: TritonServer):
+    """Defect 2: with no header timeout, ~20,000 half-open connections exhausted the front door's file
+    descriptors and every client timed out. Incomplete headers are now cut off after the header
+    timeout, and connections over the cap are answered 503 and closed, not left hanging."""
+    import socket
+    import time
+
+    slow = socket.create_connection(("127.0.0.1", guarded_server.http_port), timeout=10)
+    slow.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    started = time.monotonic()
+    assert slow.recv(1024) == b""  # closed by the front door
+    assert time.monotonic() - started < 5
+    slow.close()
+    held = []
+    try:
+        for _ in range(guarded_server.max_connections):
+            held.append(socket.create_connection(("127.0.0.1", guarded_server.http_port), timeout=10))
+        time.sleep(0.2)
+        answer = _exchange(guarded_server, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"limit" in answer
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(1.5)  # the held ones were idle: closed by the server's timeout or by us
+    with TandemClient(guarded_server.grpc_url) as client:
+        assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
+    with TandemClient(guarded_server.http_url) as client:
+        assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
+
+
+def test_responses_are_encoded_only_when_the_client_asks(tiny_server: TritonServer):
+    """Defect 10: a plain POST (no Accept-Encoding) got a gzip body the front door's own HTTP client
+    had asked tritonserver for. Now the bytes are what tritonserver sends that client."""
+    import gzip
+
+    body = json.dumps({"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPT_TEXT]}]}).encode()
+    request = urllib.request.Request(f"{tiny_server.http_url}/v2/models/tandem/infer", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers.get("Content-Encoding") is None
+        assert {o["name"] for o in json.loads(response.read())["outputs"]} == {"image", "scene_tokens"}
+    request = urllib.request.Request(f"{tiny_server.http_url}/v2/models/tandem/infer", data=body, method="POST",
+                                     headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        payload = response.read()
+        if response.headers.get("Content-Encoding") == "gzip":  # tritonserver compresses when asked
+            payload = gzip.decompress(payload)
+        assert "outputs" in json.loads(payload)
+
+
+def test_no_key_on_any_command_line_and_no_other_user_reaches_tritonserver(secured_server: TritonServer):
+    """Defect 3: tritonserver's restricted-API keys sat on its command line (any local user read them
+    in /proc and became admin) and its loopback ports took them with no TLS and no size limit. Now
+    tritonserver listens on Unix sockets in a 0700 folder and gets no key; the front door enforces
+    the keys it read from its standard input."""
+    import os
+    import socket
+    import psutil
+
+    pids = [secured_server.process.pid, secured_server._front.pid]
+    pids += [c.pid for c in psutil.Process(secured_server.process.pid).children(recursive=True)]
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert API_KEY not in cmdline and ADMIN_KEY not in cmdline, cmdline
+    folder = secured_server._workdir
+    assert folder.stat().st_mode & 0o777 == 0o700
+    sockets = sorted(p.name for p in folder.iterdir() if p.is_socket())
+    assert sockets == ["grpc.sock:2", "http.sock", "metrics.sock"], sockets
+    # tritonserver has no TCP port at all
+    listening = {c.laddr.port for c in psutil.Process(secured_server.process.pid).connections("inet") if c.status == "LISTEN"}
+    assert listening == set(), listening
+    if os.getuid() == 0:  # as an unprivileged local user (nobody): the sockets cannot be reached
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # only system calls here, then _exit
+            outcome = b"?"
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                probe = socket.socket(socket.AF_UNIX)
+                try:
+                    probe.connect(str(folder / "http.sock"))
+                    outcome = b"connected"
+                except PermissionError:
+                    outcome = b"refused"
+            finally:
+                os.write(write, outcome)
+                os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        assert os.read(read, 64) == b"refused"
+        os.close(read)
+    with socket.socket(socket.AF_UNIX) as sock:  # its owner can (tandem itself)
+        sock.connect(str(folder / "http.sock"))
+    # the keys still work through the front door, and are still required there
+    assert _http(f"{secured_server.http_url}/v2/logging", headers={"tandem-api-key": API_KEY})[0] == 403
+    assert _http(f"{secured_server.http_url}/v2/logging", headers={"tandem-admin-key": ADMIN_KEY})[0] == 200

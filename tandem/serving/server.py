@@ -162,7 +162,18 @@ def _server_preexec() -> None:
         _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
-UPSTREAM_ADDRESS = "127.0.0.1"  # where tritonserver listens behind the front door
+UPSTREAM_ADDRESS = "127.0.0.1"  # where tritonserver listens with front_door=False and no address given
+# Behind the front door tritonserver listens on Unix sockets in the server's private (0700) work
+# folder, not on TCP: no other local user can connect to it, so it needs (and gets) no API keys on
+# its command line. tritonserver 2.51 accepts ``unix:<path>`` addresses for all three endpoints; it
+# appends ``:<port>`` to the gRPC one, so that socket's file is named ``grpc.sock:<port>``.
+UPSTREAM_SOCKETS = {"http": "http.sock", "grpc": "grpc.sock", "metrics": "metrics.sock"}
+UPSTREAM_SOCKET_PORTS = {"http": 1, "grpc": 2, "metrics": 3}  # placeholders tritonserver requires
+WORKDIR_PREFIX = "tandem-triton-"
+CANCEL_DIR_ENV = "TANDEM_CANCEL_DIR"  # the front door's cancellation markers, read by the reasoning model
+STUB_NAME = "triton_python_backend_stub"
+SUPERVISE_INTERVAL_S = 0.5
+FRONT_DOOR_STOP_S = 5.0
 FALLBACK_MAX_REQUEST_BYTES = 1 << 20  # a repository that records no limit of its own
 MIN_REQUEST_BYTES = 4096  # below this not even a health probe with headers fits
 
@@ -212,6 +223,65 @@ def remove_shm_regions(prefix: str | None = None) -> list[str]:
                 path.unlink()
                 removed.append(path.name)
     return removed
+
+
+def workdir_prefix() -> str:
+    """Work folders are named for the user and process that made them, so a later start can remove
+    those whose process is gone (tandem serve killed with SIGKILL)."""
+    return f"{WORKDIR_PREFIX}{os.getuid()}-{os.getpid()}-"
+
+
+def remove_stale_workdirs() -> list[str]:
+    import shutil
+
+    removed = []
+    root = Path(tempfile.gettempdir())
+    uid = os.getuid()
+    for path in root.glob(f"{WORKDIR_PREFIX}{uid}-*"):
+        parts = path.name[len(WORKDIR_PREFIX):].split("-")
+        if len(parts) < 3 or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink() and path.lstat().st_uid == uid:
+                shutil.rmtree(path)
+                removed.append(path.name)
+    return removed
+
+
+def unix_http_get(socket_path: str | Path, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``path`` from an HTTP server on a Unix socket (tritonserver behind the front door)."""
+    import http.client
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(socket_path))
+
+    connection = Connection("localhost", timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def kill_stubs(prefix: str) -> list[int]:
+    """SIGKILL every python-backend stub of one server (its command line names the server's
+    shared-memory prefix), wherever it ended up: a stub orphaned by a killed tritonserver keeps its
+    log pipe open, and used to hang the stop."""
+    import psutil
+
+    killed = []
+    for process in psutil.process_iter(["name", "cmdline", "uids"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = process.info["cmdline"] or []
+            if cmdline and STUB_NAME in os.path.basename(cmdline[0]) and any(a.startswith(prefix) for a in cmdline[1:]):
+                if process.info["uids"] is None or process.info["uids"].real == os.getuid():
+                    process.kill()
+                    killed.append(process.pid)
+    return killed
 
 
 def protect_shm_regions(prefix: str) -> int:
@@ -284,16 +354,14 @@ class StopReport:
 
     @property
     def ok(self) -> bool:
-        # After a drain every generation that started has been answered. tritonserver may still
-        # exit 1 when its exit timeout ran out on idle keep-alive connections or on requests that
-        # arrived after the drain began (refused, never started): nothing was dropped then.
-        # Killed (a negative code) is never clean.
-        return self.drained and self.exit_code is not None and self.exit_code >= 0
+        # After a drain every generation that started has been answered, and tritonserver then
+        # stops at once (the front door closed its connections first): exit code 0. Anything else
+        # (its exit timeout ran out, killed) is not a clean stop.
+        return self.drained and self.exit_code == 0
 
     def describe(self) -> str:
         if self.ok:
-            note = f" (tritonserver exited {self.exit_code}: requests that arrived while stopping were refused)" if self.exit_code else ""
-            return f"tritonserver stopped cleanly; every generation in flight was answered{note}"
+            return "tritonserver stopped cleanly; every generation in flight was answered"
         why = []
         if not self.drained:
             why.append(
@@ -303,7 +371,9 @@ class StopReport:
         if self.exit_code is not None and self.exit_code < 0:
             why.append(f"tritonserver had to be killed (signal {-self.exit_code})")
         elif self.exit_code:
-            why.append(f"tritonserver exited with code {self.exit_code}")
+            why.append(f"tritonserver exited with code {self.exit_code} (not a graceful stop: see its log)")
+        elif self.exit_code is None:
+            why.append("tritonserver was not running any more")
         return "; ".join(why)
 
 
@@ -321,11 +391,18 @@ class TritonServer:
     binds the plaintext HTTP and metrics endpoints separately, e.g. to 127.0.0.1 while gRPC
     listens on 0.0.0.0 with TLS.
 
-    Clients reach the HTTP and gRPC ports through the front door (:mod:`tandem.serving.frontdoor`,
-    on by default), which refuses requests over ``max_request_bytes`` (default: the largest the
-    repository's models take, recorded by the repository writer) before reading them, and
-    terminates TLS; tritonserver itself then listens on private loopback ports. ``front_door=False``
-    exposes tritonserver directly (TLS by its own options, no size limit).
+    Clients reach the HTTP, gRPC and metrics ports through the front door
+    (:mod:`tandem.serving.frontdoor`, on by default), which refuses requests over
+    ``max_request_bytes`` (default: the largest the repository's models take, recorded by the
+    repository writer) before reading them, enforces the API keys, terminates TLS and turns a
+    client that leaves into a cancellation; tritonserver itself then listens only on Unix sockets
+    in a private work folder, so no other local user can reach it, and no key is on any command
+    line. ``front_door=False`` exposes tritonserver directly (TLS and keys by its own options, the
+    keys then on its command line; no size limit).
+
+    Supervised: :meth:`serve_forever` ends, within bounded time, when any child dies (tritonserver,
+    a python-backend stub, the front door), having stopped the others; :meth:`stop` is bounded
+    whatever died first.
     """
 
     def __init__(
@@ -347,6 +424,8 @@ class TritonServer:
         http_address: str | None = None,
         front_door: bool = True,
         max_request_bytes: int | None = None,
+        max_connections: int = 1024,
+        header_timeout_s: float = 10.0,
     ):
         self.repository = Path(repository).resolve()
         self.address = address
@@ -379,12 +458,15 @@ class TritonServer:
                 f"got {max_request_bytes}"
             )
         self.max_request_bytes = max_request_bytes
-        self._upstream_ports: tuple[int, int] | None = None  # tritonserver's own (http, grpc) behind the front door
+        self.max_connections = max_connections  # per protocol, at the front door
+        self.header_timeout_s = header_timeout_s  # a connection sends complete request headers within this, or is closed
         self._front: subprocess.Popen | None = None
         self._front_ready = threading.Event()
         self.shm_prefix = shm_prefix()
         self.process: subprocess.Popen | None = None
-        self._workdir: tempfile.TemporaryDirectory | None = None
+        self._workdir: Path | None = None  # private (0700): tritonserver's sockets, drain and cancel folders
+        self._front_reader: threading.Thread | None = None
+        self._stubs: dict[int, str] = {}
         self._log: collections.deque[str] = collections.deque(maxlen=2000)
         self._reader: threading.Thread | None = None
         self.cpu_host = not has_cuda_driver()
@@ -419,24 +501,33 @@ class TritonServer:
         return next((r.headers(protocol) for r in self.restrictions if api in r.apis), {})
 
     # -- lifecycle --------------------------------------------------------------------------------
+    def _socket(self, what: str) -> Path:
+        assert self._workdir is not None
+        name = UPSTREAM_SOCKETS[what]
+        if what == "grpc":
+            name += f":{UPSTREAM_SOCKET_PORTS[what]}"
+        return self._workdir / name
+
     def command(self, backend_dir: Path) -> list[str]:
-        if self.front_door:  # tritonserver on private loopback ports; the front door has the public ones and TLS
-            assert self._upstream_ports is not None
-            (http_address, http_port), (grpc_address, grpc_port) = ((UPSTREAM_ADDRESS, p) for p in self._upstream_ports)
-            tls = []
-        else:
-            http_address, http_port, grpc_address, grpc_port = self.http_address, self.http_port, self.address, self.grpc_port
+        if self.front_door:  # tritonserver on Unix sockets in the private work folder; the front door has the ports, TLS and keys
+            assert self._workdir is not None
+            endpoints = {
+                what: (f"unix:{self._workdir / UPSTREAM_SOCKETS[what]}", UPSTREAM_SOCKET_PORTS[what]) for what in UPSTREAM_SOCKETS
+            }
+            tls, restrictions = [], []
+        else:  # tritonserver on the public ports: its own TLS and restricted-API keys (on its command line)
+            endpoints = {
+                "http": (self.http_address, self.http_port), "grpc": (self.address, self.grpc_port),
+                "metrics": (self.http_address, self.metrics_port),
+            }
             tls = self.tls.server_args() if self.tls else []
+            restrictions = [arg for restriction in self.restrictions for arg in restriction.server_args()]
         return [
             str(tritonserver_binary()),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={http_address}",
-            f"--http-port={http_port}",
-            f"--grpc-address={grpc_address}",
-            f"--grpc-port={grpc_port}",
-            f"--metrics-address={self.http_address}",
-            f"--metrics-port={self.metrics_port}",
+            *(f"--{what}-{key}={value}" for what, (address, port) in endpoints.items()
+              for key, value in (("address", address), ("port", port))),
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
@@ -448,7 +539,7 @@ class TritonServer:
                 ["--model-control-mode=poll", f"--repository-poll-secs={self.poll_seconds}"] if self.poll_seconds else []
             ),
             *tls,
-            *(arg for restriction in self.restrictions for arg in restriction.server_args()),
+            *restrictions,
             *(CPU_HOST_ARGUMENTS if self.cpu_host else ()),
             *self.extra_args,
         ]
@@ -465,6 +556,9 @@ class TritonServer:
         stale = remove_shm_regions()
         if stale:
             log.info("removed %d shared-memory regions left by tandem servers that are gone", len(stale))
+        stale = remove_stale_workdirs()
+        if stale:
+            log.info("removed %d work folders left by tandem servers that are gone", len(stale))
         chosen = {what: getattr(self, f"{what}_port") for what in ("http", "grpc", "metrics")}
         for what, port in chosen.items():
             if port is not None:
@@ -497,35 +591,38 @@ class TritonServer:
                 raise
         raise AssertionError("unreachable")
 
-    def front_door_command(self) -> list[str]:
-        assert self._upstream_ports is not None
-        http, grpc = self._upstream_ports
+    def front_door_config(self):
+        """What the front door serves, forwards to and enforces (keys included): sent on its
+        standard input, never on a command line."""
+        from tandem.serving.frontdoor import FrontDoorConfig
+
         tls = self.tls
-        return [
-            sys.executable, "-m", "tandem.serving.frontdoor",
-            f"--http-listen={self.http_address}:{self.http_port}",
-            f"--http-upstream={UPSTREAM_ADDRESS}:{http}",
-            f"--grpc-listen={self.address}:{self.grpc_port}",
-            f"--grpc-upstream={UPSTREAM_ADDRESS}:{grpc}",
-            f"--max-request-bytes={self.max_request_bytes}",
-            *([f"--tls-cert={tls.cert}", f"--tls-key={tls.key}"] if tls else []),
-            *([f"--tls-client-ca={tls.client_ca}"] if tls and tls.client_ca else []),
-        ]
+        return FrontDoorConfig(
+            http_listen=(self.http_address, int(self.http_port)),
+            grpc_listen=(self.address, int(self.grpc_port)),
+            metrics_listen=(self.http_address, int(self.metrics_port)),
+            http_upstream=str(self._socket("http")),
+            grpc_upstream=f"unix:{self._socket('grpc')}",
+            metrics_upstream=str(self._socket("metrics")),
+            max_request_bytes=int(self.max_request_bytes),
+            tls_cert=str(tls.cert) if tls else None,
+            tls_key=str(tls.key) if tls else None,
+            tls_client_ca=str(tls.client_ca) if tls and tls.client_ca else None,
+            restrictions=[{"apis": list(r.apis), "header": r.header, "value": r.value} for r in self.restrictions],
+            cancel_dir=str(self.cancel_dir),
+            max_connections=self.max_connections,
+            header_timeout_s=self.header_timeout_s,
+        )
 
     def _launch(self) -> None:
         self._log.clear()
-        self._workdir = tempfile.TemporaryDirectory(prefix="tandem-triton-")
-        backend_dir = prepare_backend_directory(Path(self._workdir.name) / "backends")
-        self.drain_dir = Path(self._workdir.name) / "drain"
+        self._stubs = {}
+        self._workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix()))  # mode 0700
+        backend_dir = prepare_backend_directory(self._workdir / "backends")
+        self.drain_dir = self._workdir / "drain"
         self.drain_dir.mkdir()
-        if self.front_door:
-            public = {self.http_port, self.grpc_port, self.metrics_port}
-            ports = []
-            while len(ports) < 2:
-                port = free_port(UPSTREAM_ADDRESS)
-                if port not in public and port not in ports:
-                    ports.append(port)
-            self._upstream_ports = (ports[0], ports[1])
+        self.cancel_dir = self._workdir / "cancel"
+        self.cancel_dir.mkdir()
         command = self.command(backend_dir)
         log.debug("starting %s", " ".join(command))
         self.process = subprocess.Popen(
@@ -533,8 +630,8 @@ class TritonServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**server_environment(), DRAIN_DIR_ENV: str(self.drain_dir)},
-            cwd=self._workdir.name,
+            env={**server_environment(), DRAIN_DIR_ENV: str(self.drain_dir), CANCEL_DIR_ENV: str(self.cancel_dir)},
+            cwd=self._workdir,
             start_new_session=True,  # our signal handling decides when it stops, not the terminal's Ctrl-C
             preexec_fn=_server_preexec,
         )
@@ -544,27 +641,36 @@ class TritonServer:
         if self.front_door:
             self._front_ready.clear()
             self._front = subprocess.Popen(
-                self.front_door_command(),
+                [sys.executable, "-m", "tandem.serving.frontdoor"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
                 preexec_fn=_server_preexec,
             )
-            threading.Thread(target=self._read_front_log, args=(self._front,), name="front-door-log", daemon=True).start()
+            assert self._front.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                self._front.stdin.write(self.front_door_config().to_json().encode())
+            with contextlib.suppress(BrokenPipeError):
+                self._front.stdin.close()
+            self._front_reader = threading.Thread(
+                target=self._read_front_log, args=(self._front,), name="front-door-log", daemon=True
+            )
+            self._front_reader.start()
 
     def _read_front_log(self, process: subprocess.Popen) -> None:
         from tandem.serving.frontdoor import READY_LINE
 
         assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            if line == READY_LINE:
-                self._front_ready.set()
-            self._log.append(line)
-            if self.echo_log:
-                print(line, file=sys.stderr, flush=True)
+        with contextlib.suppress(ValueError, OSError):
+            for raw in process.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if line == READY_LINE:
+                    self._front_ready.set()
+                self._log.append(line)
+                if self.echo_log:
+                    print(line, file=sys.stderr, flush=True)
 
     def _guard_shm(self, process: subprocess.Popen) -> None:
         """Keep the python backend's regions private for the server's life: stubs create them at
@@ -575,13 +681,14 @@ class TritonServer:
 
     def _read_log(self, process: subprocess.Popen) -> None:
         assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            if self.cpu_host:
-                line = relabel_cpu_host_line(line)
-            self._log.append(line)
-            if self.echo_log:
-                print(line, file=sys.stderr, flush=True)
+        with contextlib.suppress(ValueError, OSError):
+            for raw in process.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if self.cpu_host:
+                    line = relabel_cpu_host_line(line)
+                self._log.append(line)
+                if self.echo_log:
+                    print(line, file=sys.stderr, flush=True)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return "\n".join(list(self._log)[-lines:])
@@ -599,35 +706,88 @@ class TritonServer:
             hint = "\na port is already in use; stop whatever holds it or choose other ports"
         return ServerError(f"{message}{hint}\n--- tritonserver log (last lines) ---\n{tail}")
 
-    def wait_ready(self) -> None:
-        import tritonclient.http as httpclient
+    def _upstream_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """GET from tritonserver itself (its Unix socket behind the front door, else its HTTP port)."""
+        if self.front_door:
+            return unix_http_get(self._socket("http"), path, timeout)
+        import http.client
 
-        deadline = time.monotonic() + self.startup_timeout
-        client = httpclient.InferenceServerClient(f"{self._host}:{self.http_port}", connection_timeout=2.0, network_timeout=5.0)
+        connection = http.client.HTTPConnection(self._http_host, self.http_port, timeout=timeout)
         try:
-            while True:
-                code = self.process.poll() if self.process else None
-                if code is not None:
-                    raise self._failure(f"tritonserver exited with code {code} before it was ready")
-                front = self._front.poll() if self._front else None
-                if front is not None:
-                    time.sleep(0.2)  # let the reader collect the front door's last words
-                    raise self._failure(f"the front door exited with code {front} before it was ready")
-                if self.front_door and not self._front_ready.is_set():
-                    time.sleep(0.1)
-                    continue
-                with contextlib.suppress(Exception):  # connection refused until the HTTP endpoint is up
-                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.ready_models):
-                        protect_shm_regions(self.shm_prefix)  # every region of the loaded models, before any request
-                        return
-                if time.monotonic() > deadline:
-                    raise self._failure(
-                        f"tritonserver did not report {'server and ' if self.ready_models else 'server '}"
-                        f"{', '.join(self.ready_models)} ready within {self.startup_timeout:.0f} s"
-                    )
-                time.sleep(0.25)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
         finally:
-            client.close()
+            connection.close()
+
+    def _ready(self) -> bool:
+        try:
+            if self._upstream_get("/v2/health/ready", 2.0)[0] != 200:
+                return False
+            return all(self._upstream_get(f"/v2/models/{m}/ready", 2.0)[0] == 200 for m in self.ready_models)
+        except OSError:  # not listening yet
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            code = self.process.poll() if self.process else None
+            if code is not None:
+                raise self._failure(f"tritonserver exited with code {code} before it was ready")
+            front = self._front.poll() if self._front else None
+            if front is not None:
+                time.sleep(0.2)  # let the reader collect the front door's last words
+                raise self._failure(f"the front door exited with code {front} before it was ready")
+            if (not self.front_door or self._front_ready.is_set()) and self._ready():
+                protect_shm_regions(self.shm_prefix)  # every region of the loaded models, before any request
+                self._stubs = self._stub_processes()
+                return
+            if time.monotonic() > deadline:
+                raise self._failure(
+                    f"tritonserver did not report {'server and ' if self.ready_models else 'server '}"
+                    f"{', '.join(self.ready_models)} ready within {self.startup_timeout:.0f} s"
+                )
+            time.sleep(0.25)
+
+    def _stub_processes(self) -> dict[int, str]:
+        """pid -> model instance of each python-backend stub tritonserver runs now."""
+        import psutil
+
+        stubs = {}
+        if self.process is None:
+            return stubs
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    cmdline = child.cmdline()
+                    if cmdline and STUB_NAME in os.path.basename(cmdline[0]):
+                        region = next((a for a in cmdline[1:] if a.startswith(self.shm_prefix)), "?")
+                        stubs[child.pid] = region[len(self.shm_prefix):]
+        return stubs
+
+    def failure(self) -> str | None:
+        """Why the server cannot serve any more (a child died), or None while all is well: the
+        supervisor's check, made every SUPERVISE_INTERVAL_S by serve_forever."""
+        if self.process is None:
+            return "tritonserver is not running"
+        code = self.process.poll()
+        if code is not None:
+            return f"tritonserver exited unexpectedly (code {code})"
+        if self._front is not None and self._front.poll() is not None:
+            return f"the front door exited unexpectedly (code {self._front.poll()})"
+        import psutil
+
+        for pid, name in self._stubs.items():
+            try:
+                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                if self.poll_seconds:  # a version change replaces stubs: only tritonserver and the front door count
+                    self._stubs = self._stub_processes()
+                    return None
+                return f"the python backend process of {name or 'a model'} (pid {pid}) died; its requests cannot be answered"
+        return None
 
     def is_running(self) -> bool:
         front_ok = self._front is None or self._front.poll() is None
@@ -641,15 +801,21 @@ class TritonServer:
             with contextlib.suppress(ProcessLookupError):
                 front.send_signal(signal.SIGTERM)
             try:
-                front.wait(timeout=10)
+                front.wait(timeout=FRONT_DOOR_STOP_S)
             except subprocess.TimeoutExpired:
+                log.warning("the front door did not stop within %.0f s; killing it", FRONT_DOOR_STOP_S)
                 front.kill()
                 front.wait(timeout=5)
-        if front.stdout is not None:
-            front.stdout.close()
+        reader = getattr(self, "_front_reader", None)
+        if reader is not None:
+            reader.join(timeout=2)
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """SIGINT (Triton drains in-flight requests, up to exit_timeout), then SIGKILL. Returns the exit code."""
+        """Stop the front door (its connections to tritonserver close), then tritonserver: SIGINT
+        (it finishes requests in flight, up to exit_timeout), then SIGKILL of its whole process
+        group and of any python-backend stub of this server left anywhere. Every wait is bounded,
+        whatever died first. Returns tritonserver's exit code (None if it was not running)."""
+        self._stop_front_door()  # first: tritonserver otherwise waits for its pooled connections
         process, self.process = self.process, None
         code = None
         if process is not None:
@@ -661,40 +827,58 @@ class TritonServer:
                     process.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop within %.0f s; killing it and its backend stubs", timeout)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its stubs only
-                    process.wait(timeout=10)
+            # Its own session: the server and its stubs only. A stub outlives a killed tritonserver
+            # (orphaned, still holding the log pipe): the group is killed whatever happened.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                kill_stubs(self.shm_prefix)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
             code = process.returncode
             if self._reader is not None:
-                self._reader.join(timeout=5)
-            if process.stdout is not None:
-                process.stdout.close()
-        self._stop_front_door()  # after tritonserver: requests in flight were answered through it
+                self._reader.join(timeout=5)  # EOF once every writer of the pipe is gone
+            if self._reader is None or not self._reader.is_alive():
+                with contextlib.suppress(OSError):
+                    process.stdout.close()
         if self._workdir is not None:
-            self._workdir.cleanup()
+            import shutil
+
+            shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         remove_shm_regions(self.shm_prefix)  # the stubs unlink theirs on a clean stop; not after a kill
         return code
 
     # -- drain --------------------------------------------------------------------------------------
+    def _metrics_text(self) -> str:
+        if self.front_door:
+            status, body = unix_http_get(self._socket("metrics"), "/metrics", 5.0)
+            if status != 200:
+                raise OSError(f"tritonserver's metrics answered {status}")
+            return body.decode()
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return response.read().decode()
+
     def in_flight(self) -> tuple[int, int]:
         """(requests queued in Triton's schedulers, model processes running work now). Queued
         requests are Triton's ``nv_inference_pending_request_count`` metric; running work is
         the models' busy markers (see tandem.serving.models.common.Activity)."""
-        import urllib.request
-
         busy = 0
         for marker in self.drain_dir.glob(f"{BUSY_PREFIX}*"):
             pid = marker.name[len(BUSY_PREFIX):]
             if pid.isdigit() and _pid_alive(int(pid)):
                 busy += 1
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            text = response.read().decode()
         pending = 0
-        for line in text.splitlines():
+        for line in self._metrics_text().splitlines():
             # Requests queued for reasoning never start once a drain began (it refuses them), so
-            # they are not work to wait for; what is queued anywhere else is (refinement steps).
-            if line.startswith("nv_inference_pending_request_count{") and f'model="{REASONING}"' not in line:
+            # they are not work to wait for, nor are the ensemble's own (its steps are counted at
+            # the composing models, and new arrivals keep it non-zero while they are refused);
+            # what is queued anywhere else is (refinement steps).
+            if line.startswith("nv_inference_pending_request_count{") and not any(
+                f'model="{name}"' in line for name in (REASONING, ENSEMBLE)
+            ):
                 pending += int(float(line.rsplit(" ", 1)[1]))
         return pending, busy
 
@@ -727,8 +911,9 @@ class TritonServer:
         return False  # it stopped by itself while draining
 
     def serve_forever(self, grace_s: float = DEFAULT_GRACE_S) -> "StopReport":
-        """Block until SIGINT/SIGTERM or until the server exits by itself; then drain (up to
-        ``grace_s``) and stop it."""
+        """Block until SIGINT/SIGTERM or until a child dies (tritonserver, a python-backend stub,
+        the front door: then everything is stopped, within bounded time, and ServerError says
+        which); on a signal drain (up to ``grace_s``) and stop."""
         stop = threading.Event()
 
         def handler(signum: int, frame: FrameType | None) -> None:
@@ -736,18 +921,18 @@ class TritonServer:
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not stop.wait(0.5):
-                if not self.is_running():
-                    which = "tritonserver" if self.process.poll() is not None else "the front door"
-                    code = self.process.poll() if self.process.poll() is not None else self._front.poll()
-                    error = self._failure(f"{which} exited unexpectedly (code {code})")
-                    self.stop()
+            while not stop.wait(SUPERVISE_INTERVAL_S):
+                reason = self.failure()
+                if reason is not None:
+                    error = self._failure(reason + "; tandem serve stopped everything it started")
+                    self.stop(timeout=5)
                     raise error
             drained = self.drain(grace_s)
             left = (0, 0)
             if not drained and self.is_running():
                 with contextlib.suppress(OSError):
                     left = self.in_flight()
+                drained = left == (0, 0)  # finished between the last check and the deadline
         finally:  # a second signal while draining must not kill us half-way: restore handlers only now
             for sig, old in previous.items():
                 signal.signal(sig, old)
