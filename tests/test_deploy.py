@@ -493,3 +493,39 @@ def test_hop_turns_reasoning_response_into_refinement_request_and_returns_tokens
     # its own process: kserve's model server and tritonclient register the same protobuf symbols
     result = subprocess.run([sys.executable, "-c", HOP_CHECK], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "HOP OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_hop_serves_on_an_inherited_socket_and_binds_nothing():
+    """The start-up race of the hop (a port picked, released, then taken by another process before
+    the hop bound it: uvicorn exits 3) cannot happen with --listen_fd: the parent binds and holds
+    the port. Here --http_port names a port another socket holds; the hop must not even try it."""
+    import socket
+    import time
+    import urllib.request
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    occupied = socket.create_server(("127.0.0.1", 0))  # what a racing process would hold
+    port = listener.getsockname()[1]
+    with listener:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tandem.deploy.hop", "--model_name", "refinement", "--predictor_host", "127.0.0.1:9",
+             "--http_port", str(occupied.getsockname()[1]), "--listen_fd", str(listener.fileno()), "--enable_grpc", "false",
+             "--workers", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, pass_fds=(listener.fileno(),),
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "hop not live"
+            time.sleep(0.3)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+        occupied.close()
