@@ -575,7 +575,8 @@ def _load(url: str, stop, outcomes: list, prompts: int = 4) -> None:
                 return  # a refused client goes elsewhere (and closes its connection)
 
 
-def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repository: Path):
+@pytest.mark.parametrize("grace", ["60", "2"])  # defect 8: --grace 2 finished everything yet said "dropped"
+def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repository: Path, grace: str):
     import os
     import signal
     import threading
@@ -584,7 +585,7 @@ def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repos
     from tandem.serving.server import SHM_DIR, free_port
 
     ports = [free_port() for _ in range(3)]
-    process, banner = _start_serve(tiny_repository, ports)
+    process, banner = _start_serve(tiny_repository, ports, "--grace", grace)
     try:
         assert "loopback only" in banner and "admin APIs need tandem-admin-key" in banner
         regions = list(SHM_DIR.glob(f"tandem-shm-{os.getuid()}-{process.pid}-*"))
