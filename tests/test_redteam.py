@@ -815,6 +815,19 @@ def test_front_door_closes_half_open_connections_and_caps_them_cleanly(guarded_s
     finally:
         for sock in held:
             sock.close()
+    # gRPC: connections over the cap are refused at once (the client fails fast instead of hanging)
+    held = [socket.create_connection(("127.0.0.1", guarded_server.grpc_port), timeout=10)
+            for _ in range(guarded_server.max_connections + 8)]
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        with TandemClient(guarded_server.grpc_url, timeout_s=20) as client:
+            with pytest.raises(TandemError):
+                client.generate(PROMPT_TEXT)
+        assert time.monotonic() - started < 10
+    finally:
+        for sock in held:
+            sock.close()
     time.sleep(1.5)  # the held ones were idle: closed by the server's timeout or by us
     with TandemClient(guarded_server.grpc_url) as client:
         assert client.generate(PROMPT_TEXT).tokens.shape[0] == 1
