@@ -22,8 +22,8 @@ from tandem.errors import TandemError
 from tandem.pipeline import Pipeline
 from tandem.runtimes import make_runtime
 from tandem.sampling import SamplingParams
-from tandem.serving.client import TandemClient, generation_arrays, infer_inputs, server_timeout_us
-from tandem.serving.interface import ENSEMBLE, REASONING, SCENE_TOKENS
+from tandem.serving.client import TandemClient, generation_arrays, infer_inputs, server_timeout_us, tokens_array
+from tandem.serving.interface import ENSEMBLE, REASONING, REFINEMENT, SCENE_TOKENS
 from tandem.serving.metrics import FIRST_STEP, SCHEDULER_EVENTS, histogram_quantile, scrape
 from tandem.serving.repository import write_repository
 from tandem.serving.server import TritonServer
@@ -39,9 +39,11 @@ def pipeline(tiny_artifacts: Path) -> Pipeline:
     return Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts))
 
 
-def start_server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path, slots: int, waiting: int) -> TritonServer:
+def start_server(
+    tmp_path_factory: pytest.TempPathFactory, artifacts: Path, slots: int, waiting: int, scheduler: str = "inflight"
+) -> TritonServer:
     repository = write_repository(
-        artifacts, tmp_path_factory.mktemp("inflight") / "repo", max_batch_size=slots, max_queue_size=waiting, scheduler="inflight"
+        artifacts, tmp_path_factory.mktemp("inflight") / "repo", max_batch_size=slots, max_queue_size=waiting, scheduler=scheduler
     )
     running = TritonServer(repository, startup_timeout=120).start()
     with TandemClient(running.grpc_url) as client:
@@ -241,3 +243,50 @@ def test_scene_tokens_come_back_over_both_protocols_from_one_endpoint(server: Tr
             result = client.generate(PROMPTS[0], seed=9, temperature=0.8, top_k=4)
         assert np.array_equal(result.tokens[0], expected.tokens) and np.array_equal(result.images[0], expected.image)
         assert SCENE_TOKENS in client.output_names(ENSEMBLE)
+
+
+def test_work_reasoning_admitted_is_never_refused_at_refinement(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
+    """--max-queue-size 2, eight slots, and a burst of ensemble requests while refinement is also
+    busy with direct render calls (the tiny model's refinement is too quick to back up on its
+    own): each ensemble request is refused at reasoning (at capacity, with the fix) or answered
+    with its image; nothing reasoning finished is thrown away at refinement's queue ("Exceeds
+    maximum queue size" once discarded finished generations)."""
+    server = start_server(tmp_path_factory, tiny_artifacts, slots=8, waiting=2)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+
+        def refinement_stats() -> tuple[int, int]:
+            stats = client.get_inference_statistics(REFINEMENT, as_json=True)["model_stats"][0]["inference_stats"]
+            return int(stats["success"].get("count", 0)), int(stats["fail"].get("count", 0))
+
+        before = refinement_stats()
+        futures: list[Future] = []
+        renders: list[Future] = []
+        scene = tokens_array(np.zeros((8, 4, 4), dtype=np.int32))  # eight 4x4 grids
+        for i in range(64):
+            for model, inputs, into in (
+                (ENSEMBLE, infer_inputs(grpcclient, generation_arrays(PROMPTS[i % 4], seed=i)), futures),
+                *[(REFINEMENT, infer_inputs(grpcclient, {SCENE_TOKENS: scene}), renders)] * 2,
+            ):
+                future: Future = Future()
+
+                def done(result, error, future=future):
+                    future.set_result(error.message() if error is not None else result.as_numpy("image"))
+
+                client.async_infer(model, inputs, done, client_timeout=120)
+                into.append(future)
+        results = [future.result(timeout=180) for future in futures]
+        rendered = [future.result(timeout=180) for future in renders]
+        after = refinement_stats()
+        client.close()
+        refused = [r for r in results if isinstance(r, str)]
+        images = [r for r in results if not isinstance(r, str)]
+        assert images, refused[:3]
+        # Refinement refused nothing: every generation that reached it came back as an image.
+        assert all(not isinstance(r, str) for r in rendered), [r for r in rendered if isinstance(r, str)][:3]
+        assert after[1] == before[1] and after[0] - before[0] == len(images) + len(renders), refused[:3]
+        for error in refused:
+            assert "at capacity" in error and "max_queue_size 2" in error, error
+        assert all(image.shape[0] == 1 and image.dtype == np.uint8 for image in images)
+    finally:
+        server.stop()

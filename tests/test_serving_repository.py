@@ -42,12 +42,15 @@ def test_every_config_parses_with_tritons_schema(tmp_path: Path, tiny_artifacts:
         assert c.name == name and c.max_batch_size == 4
         assert list(c.dynamic_batching.preferred_batch_size) == [2, 4]
         policy = c.dynamic_batching.default_queue_policy
-        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
-        assert policy.default_timeout_microseconds == 60_000_000
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
         assert len(c.instance_group) == 1 and c.instance_group[0].count == 1
         assert c.parameters["tandem.grid"].string_value == "4x4"
+    # Refinement behind reasoning only gets work reasoning admitted and finished: no queue limit and
+    # no default timeout there, so admitted work is never thrown away (a client's timeout still applies).
     refinement = configs[REFINEMENT].dynamic_batching
-    assert refinement.max_queue_delay_microseconds > 0 and refinement.default_queue_policy.max_queue_size == 16
+    assert refinement.max_queue_delay_microseconds > 0
+    assert refinement.default_queue_policy.max_queue_size == 0 and refinement.default_queue_policy.default_timeout_microseconds == 0
+    assert configs[REASONING].dynamic_batching.default_queue_policy.default_timeout_microseconds == 60_000_000
     # In-flight batching (the default): reasoning takes requests at every decode step, so it never
     # waits to fill a batch; its scheduler holds the 16 waiting prompts, Triton's queue is a backstop.
     reasoning = configs[REASONING]
@@ -205,7 +208,8 @@ def test_later_targets_plug_into_the_writer(tmp_path: Path, tiny_artifacts: Path
         config = parse(repo / REFINEMENT / "config.pbtxt")
         assert config.parameters["label"].string_value == "x1"
         assert config.parameters["tandem.flavor"].string_value == "test-plain"
-        assert config.dynamic_batching.default_queue_policy.max_queue_size == 32
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 0  # behind reasoning: never refuses its work
+        assert parse(repo / REASONING / "config.pbtxt").parameters["max_waiting"].string_value == "32"
         assert sorted(p.name for p in (repo / REFINEMENT / "1" / "artifacts").iterdir()) == ["manifest.json", "refinement.onnx"]
         with pytest.raises(TandemError, match="unknown repository option"):
             write_repository(tiny_artifacts, tmp_path / "repo2", label="x1")  # local does not take it
@@ -224,3 +228,11 @@ def test_request_level_batching_stays_selectable(tmp_path: Path, tiny_artifacts:
     assert reasoning.dynamic_batching.default_queue_policy.max_queue_size == 16
     with pytest.raises(TandemError, match="scheduler must be one of inflight, request"):
         write_repository(tiny_artifacts, tmp_path / "bad", scheduler="continuous")
+
+
+def test_refinement_alone_keeps_its_queue_limit(tmp_path: Path, tiny_artifacts: Path):
+    """A one-stage refinement repository (a split deployment's pool) faces clients itself: its
+    queue stays bounded and timed out; only behind reasoning is it unbounded."""
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", max_batch_size=4, max_queue_size=3, stages=(REFINEMENT,))
+    policy = parse(repo / REFINEMENT / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 3 and policy.default_timeout_microseconds == 60_000_000

@@ -368,8 +368,14 @@ def _common_parameters(ctx: BuildContext, config: mc.ModelConfig) -> None:
     )
 
 
-def stage_config(ctx: BuildContext, stage: str, target: ModelTarget) -> mc.ModelConfig:
-    """config.pbtxt of a composing model: I/O, dynamic batching with a bounded, timed-out queue, instances."""
+def stage_config(ctx: BuildContext, stage: str, target: ModelTarget, behind_reasoning: bool = False) -> mc.ModelConfig:
+    """config.pbtxt of a composing model: I/O, dynamic batching with a bounded, timed-out queue, instances.
+
+    ``behind_reasoning``: refinement inside the ensemble, which only ever gets requests reasoning
+    already admitted and finished. Its queue is then unbounded and has no default timeout: a
+    bound there could only throw away a finished generation (``--max-queue-size 2`` once refused 3
+    at refinement), and reasoning's own limits (slots + waiting prompts, its timeout) already bound
+    what enters the ensemble. A client's own timeout still applies (allow_timeout_override)."""
     opts = ctx.options
     config = mc.ModelConfig(name=stage, max_batch_size=opts.max_batch_size)
     config.version_policy.latest.num_versions = 1
@@ -386,6 +392,9 @@ def stage_config(ctx: BuildContext, stage: str, target: ModelTarget) -> mc.Model
     policy.allow_timeout_override = True
     queue_size = opts.max_queue_size or 4 * opts.max_batch_size
     policy.max_queue_size = queue_size
+    if behind_reasoning:  # admission happened at reasoning: never refuse its finished work here (see above)
+        policy.max_queue_size = 0  # Triton: no limit
+        policy.default_timeout_microseconds = 0  # Triton: no timeout unless the client sets one
     if inflight:
         # execute() hands requests to the scheduler at once, so they wait in the scheduler's queue,
         # which refuses beyond max_queue_size prompts with the reason and the fix. Triton's own
@@ -573,7 +582,7 @@ def write_repository(
     try:
         for stage in composing:  # composing models first, the ensemble that names them last
             target = chosen.targets[stage]
-            config = stage_config(ctx, stage, target)
+            config = stage_config(ctx, stage, target, behind_reasoning=stage == REFINEMENT and bool(ensemble))
             _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), undo)
         if ensemble:
             _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, undo)
