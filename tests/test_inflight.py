@@ -290,3 +290,81 @@ def test_work_reasoning_admitted_is_never_refused_at_refinement(tmp_path_factory
         assert all(image.shape[0] == 1 and image.dtype == np.uint8 for image in images)
     finally:
         server.stop()
+
+
+# -- the model side of hostile load: tritonserver directly (no front door), with a cancel folder ----------
+
+
+@pytest.fixture(scope="module")
+def direct_server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
+    """tritonserver without the front door, its stubs given $TANDEM_CANCEL_DIR: the test plays the
+    front door's part (sends tandem_request_id, writes the markers)."""
+    from tandem.serving.models.common import CANCEL_DIR_ENV
+
+    cancel_dir = tmp_path_factory.mktemp("cancel")
+    repository = write_repository(
+        tiny_artifacts, tmp_path_factory.mktemp("direct") / "repo", max_batch_size=SLOTS, max_queue_size=WAITING
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CANCEL_DIR_ENV, str(cancel_dir))
+        running = TritonServer(repository, startup_timeout=120, front_door=False).start()
+    running.cancel_dir = cancel_dir
+    with TandemClient(running.grpc_url) as client:
+        client.generate(PROMPTS[0])
+    yield running
+    running.stop()
+
+
+def _json_body(prompt: str, rid: str | None = None, **columns) -> dict:
+    from tandem.serving.models.common import REQUEST_ID_PARAMETER
+
+    inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]}]
+    for name, (datatype, value) in columns.items():
+        inputs.append({"name": name, "datatype": datatype, "shape": [1, 1], "data": [value]})
+    return {"inputs": inputs, **({"parameters": {REQUEST_ID_PARAMETER: rid}} if rid else {})}
+
+
+def test_a_front_door_marker_cancels_through_the_ensemble_over_both_protocols(direct_server: TritonServer, pipeline: Pipeline):
+    """Triton 2.51's ensemble forwards request parameters to reasoning (HTTP JSON and gRPC), so a
+    request tagged with tandem_request_id whose marker exists is cancelled with the reason, counted,
+    and its marker removed; with the marker written while it waits behind a backlog it leaves
+    without running to its end, and the backlog's tokens are unchanged."""
+    import requests as http
+    from tandem.serving.models.common import REQUEST_ID_PARAMETER
+
+    server = direct_server
+    before = events(server)
+    rid = os.urandom(16).hex()
+    (server.cancel_dir / rid).touch()
+    answer = http.post(f"{server.http_url}/v2/models/{ENSEMBLE}/infer", json=_json_body(PROMPTS[0], rid), timeout=60)
+    assert answer.status_code >= 400 and "cancelled by its client" in answer.text, answer.text
+    assert not (server.cancel_dir / rid).exists()
+    rid = os.urandom(16).hex()
+    (server.cancel_dir / rid).touch()
+    client = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+    with pytest.raises(Exception, match="cancelled by its client"):
+        client.infer(ENSEMBLE, infer_inputs(grpcclient, generation_arrays(PROMPTS[1])), parameters={REQUEST_ID_PARAMETER: rid})
+    assert not (server.cancel_dir / rid).exists()
+    assert wait_for(lambda: events(server)["cancelled"] - before["cancelled"] == 2)
+    # A request the marker reaches while it waits for a slot (or runs) behind a backlog.
+    for attempt in range(4):
+        before = events(server)
+        futures = backlog(server, requests=WAITING // 2)
+        time.sleep(0.05)
+        rid = os.urandom(16).hex()
+        threading.Timer(0.02, lambda rid=rid: (server.cancel_dir / rid).touch()).start()
+        answer = http.post(f"{server.http_url}/v2/models/{ENSEMBLE}/infer", json=_json_body(PROMPTS[2], rid), timeout=60)
+        for i, future in enumerate(futures):
+            tokens = future.result(timeout=120)
+            assert not isinstance(tokens, str), tokens
+            assert np.array_equal(tokens, expected_backlog(pipeline, i))
+        if answer.status_code >= 400:
+            assert "cancelled by its client" in answer.text, answer.text
+            assert wait_for(lambda: events(server)["cancelled"] - before["cancelled"] == 1)
+            assert events(server)["completed"] - before["completed"] == 2 * len(futures)
+            assert not (server.cancel_dir / rid).exists()
+            break
+        (server.cancel_dir / rid).unlink(missing_ok=True)  # it finished before its marker: try again
+    else:
+        pytest.fail("in four rounds the marked request never waited behind the backlog")
+    client.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,76 @@ class Activity:
             yield
         finally:
             self.leave()
+
+
+# -- cancellation for every client: the front door's markers ------------------------------------------
+# Triton tells a python model about a cancellation only for a direct gRPC call, and a deadline only
+# when the client sent Triton's own ``timeout`` parameter. The front door sees every client: it
+# gives each inference request a random id in the request parameter REQUEST_ID_PARAMETER (the
+# ensemble forwards request parameters to its composing models, checked on Triton 2.51 over HTTP
+# and gRPC), and when that client disconnects or its deadline passes before the answer it creates
+# an empty file named after the id in the folder CANCEL_DIR_ENV names (set for tritonserver, so
+# for every stub). The reasoning model stats that file at every scheduler step: no round trip to
+# Triton. The model removes a marker once it has seen it, and when it answers the request.
+
+CANCEL_DIR_ENV = "TANDEM_CANCEL_DIR"  # folder of cancellation markers, set by the server for the stubs it starts
+REQUEST_ID_PARAMETER = "tandem_request_id"  # request parameter (string): 32 lowercase hex characters
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def request_id(parameters: str | dict | None) -> str | None:
+    """The front door's request id from a request's parameters (the python backend hands them
+    over as a JSON string), or None when it is absent or not exactly 32 lowercase hex characters
+    (anything else is ignored: it never becomes a path)."""
+    if isinstance(parameters, str):
+        try:
+            parameters = json.loads(parameters) if parameters else {}
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(parameters, dict):
+        return None
+    value = parameters.get(REQUEST_ID_PARAMETER)
+    return value if isinstance(value, str) and _REQUEST_ID.fullmatch(value) else None
+
+
+class CancelMarkers:
+    """The folder of cancellation markers (``$TANDEM_CANCEL_DIR``; none set: nothing is ever cancelled this way)."""
+
+    def __init__(self, folder: str | Path | None = None):
+        folder = folder if folder is not None else os.environ.get(CANCEL_DIR_ENV)
+        self.folder = Path(folder) if folder else None
+
+    def path(self, rid: str | None) -> Path | None:
+        if self.folder is None or rid is None or not _REQUEST_ID.fullmatch(rid):
+            return None
+        return self.folder / rid
+
+    def watcher(self, rid: str | None):
+        """A check for the scheduler: true (and the marker removed) once the marker of ``rid`` exists.
+        One os.stat per call; None when there is nothing to watch."""
+        path = self.path(rid)
+        if path is None:
+            return None
+        seen = [False]
+
+        def cancelled() -> bool:
+            if seen[0]:
+                return True
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                return False
+            seen[0] = True
+            self.forget(rid)
+            return True
+
+        return cancelled
+
+    def forget(self, rid: str | None) -> None:
+        """Remove the marker of ``rid`` if there is one (it was seen, or the request was answered)."""
+        path = self.path(rid)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
