@@ -368,3 +368,54 @@ def test_a_front_door_marker_cancels_through_the_ensemble_over_both_protocols(di
     else:
         pytest.fail("in four rounds the marked request never waited behind the backlog")
     client.close()
+
+
+def test_every_client_mistake_in_json_is_a_4xx(direct_server: TritonServer):
+    """tritonserver 2.51 parses JSON tensors before any model runs: a seed of 2**64-1 (or 1.5, "7"),
+    a non-number temperature, a non-string prompt or a body that is not JSON answered 500, and an
+    INT32 top_k of 2**40 was silently truncated to 0 ("no limit"). check_json_request (run by the
+    front door before forwarding) refuses each with the valid range; everything it lets through
+    gets a 4xx from Triton or the model, or is served: never a 500."""
+    import json as _json
+
+    import requests as http
+    from tandem.serving.interface import ClientRequestError, check_json_request
+
+    def body(prompt="a red circle", **columns):
+        return _json.dumps(_json_body(prompt, **columns)) if prompt is not None else _json.dumps(
+            {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": [5]}]}
+        )
+
+    refused = {
+        "seed 2**64-1": (body(seed=("INT64", 2**64 - 1)), "'seed' takes an integer in [0, 2**63)"),
+        "seed 2**63": (body(seed=("INT64", 2**63)), "outside [-9223372036854775808, 9223372036854775808)"),
+        "seed 1.5": (body(seed=("INT64", 1.5)), "not a JSON integer"),
+        "seed text": (body(seed=("INT64", "7")), "not a JSON integer"),
+        "temperature text": (body(temperature=("FP64", "nan")), "'temperature' takes 0 (greedy)"),
+        "temperature NaN": (body(temperature=("FP64", float("nan"))), "not a finite JSON number"),
+        "top_k 2**40": (body(top_k=("INT32", 2**40)), "'top_k' takes an integer in [0, 2**31)"),
+        "top_k 1.5": (body(top_k=("INT32", 1.5)), "not a JSON integer"),
+        "prompt number": (body(None), "not a JSON string"),
+        "not json": ("{", "not valid JSON"),
+    }
+    for name, (raw, expected) in refused.items():
+        with pytest.raises(ClientRequestError) as info:
+            check_json_request(raw)
+        assert expected in str(info.value), (name, str(info.value))
+    passed = {
+        "seed 2**63-1": body(seed=("INT64", 2**63 - 1)),
+        "seed -1": body(seed=("INT64", -1)),
+        "temperature -1": body(temperature=("FP64", -1.0)),
+        "temperature 1e308": body(temperature=("FP64", 1e308)),
+        "temperature FP32": body(temperature=("FP32", 1.0)),
+        "top_k 2**31-1": body(top_k=("INT32", 2**31 - 1)),
+        "top_k -1": body(top_k=("INT32", -1)),
+        "empty prompt": body(""),
+        "long prompt": body("a red circle " * 200),
+    }
+    for name, raw in passed.items():
+        check_json_request(raw)
+        answer = http.post(f"{direct_server.http_url}/v2/models/{ENSEMBLE}/infer", data=raw, timeout=60)
+        assert answer.status_code == 200 or 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:300])
+        if answer.status_code != 200:
+            assert "error" in answer.json()
