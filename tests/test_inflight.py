@@ -419,3 +419,37 @@ def test_every_client_mistake_in_json_is_a_4xx(direct_server: TritonServer):
         assert answer.status_code == 200 or 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:300])
         if answer.status_code != 200:
             assert "error" in answer.json()
+
+
+def test_prompts_and_sampling_inputs_leave_no_trace_in_shared_memory(direct_server: TritonServer):
+    """The python backend's /dev/shm regions used to keep each prompt after its request. Reasoning
+    now zeroes its inputs there once the batch is read: the prompt (found by its serialized form;
+    as_numpy() is a copy and DLPack refuses BYTES) and the seed and temperature (in place, through
+    DLPack). Scene tokens are zeroed at refinement's input the same way, but they also travel as
+    outputs (reasoning's answer, refinement's rendered_tokens), which the backend owns."""
+    import glob
+    import struct
+
+    import requests as http
+
+    def regions() -> bytes:
+        return b"".join(Path(p).read_bytes() for p in glob.glob(f"/dev/shm/{direct_server.shm_prefix}*"))
+
+    for protocol in ("http", "grpc"):
+        marker = os.urandom(6).hex()
+        prompt = f"a red circle {marker}"
+        seed, temperature = 0x5EED_0000_0000 + int(marker[:4], 16), 1.2345678901234
+        if protocol == "http":
+            answer = http.post(
+                f"{direct_server.http_url}/v2/models/{ENSEMBLE}/infer",
+                json=_json_body(prompt, seed=("INT64", seed), temperature=("FP64", temperature)), timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+        else:
+            with TandemClient(direct_server.grpc_url) as client:
+                assert client.generate(prompt, seed=seed, temperature=temperature).images is not None
+        time.sleep(0.2)
+        shm = regions()
+        assert shm, "no shared-memory region found"
+        assert marker.encode() not in shm, f"{protocol}: the prompt stayed in shared memory"
+        assert struct.pack("<q", seed) not in shm and struct.pack("<d", temperature) not in shm, protocol

@@ -56,7 +56,10 @@ from tandem.serving.models.common import (
     parse_sampling,
     request_id,
     scheduler_kind,
+    scrub_serialized,
+    serialized_row,
     waiting_limit,
+    zero_tensor,
 )
 
 FIRST_STEP_METRIC = "tandem_reasoning_first_step_seconds"
@@ -81,6 +84,25 @@ def refusal(exc: TandemError) -> "pb_utils.InferenceResponse":
 def _input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def forget_inputs(requests: list) -> None:
+    """Clear the batch's inputs from the stub's shared-memory region once all are read: the
+    sampling columns in place (DLPack), the prompts by their serialized form (see
+    :func:`~tandem.serving.models.common.zero_tensor`). Never fails a request."""
+    rows = []
+    try:
+        for request in requests:
+            for name in (SEED, TEMPERATURE, TOP_K):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    zero_tensor(tensor)
+            prompts = _input(request, PROMPT)
+            if prompts is not None:
+                rows += [serialized_row(v if isinstance(v, bytes) else str(v)) for v in prompts.reshape(-1)]
+        scrub_serialized(rows)
+    except Exception as exc:  # clearing is hygiene: a failure here must not cost anyone an answer
+        pb_utils.Logger.log_warn(f"reasoning: could not clear request inputs from shared memory ({type(exc).__name__})")
 
 
 class TimingMetrics:
@@ -225,18 +247,24 @@ class TritonPythonModel:
         if self.scheduler is None:
             with self.activity.busy():
                 return self.execute_batch(requests)
+        parsed = []
         for request in requests:
-            self.submit(request)
+            try:
+                parsed.append(self.parse(request))
+            except TandemError as exc:
+                parsed.append(exc)
+        forget_inputs(requests)  # every request of the batch is read: clear them from shared memory
+        for request, result in zip(requests, parsed):
+            self.submit(request, result)
         return None
 
     # -- in-flight batching ---------------------------------------------------------------------------
-    def submit(self, request) -> None:
+    def submit(self, request, parsed) -> None:
         sender = request.get_response_sender()
-        try:
-            prompts, params = self.parse(request)
-        except TandemError as exc:
-            sender.send(refusal(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if isinstance(parsed, TandemError):
+            sender.send(refusal(parsed), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
+        prompts, params = parsed
         # The generation outlives execute(): the drain waits until its response is sent.
         self.activity.enter()
         rid = request_id(request.parameters())  # the front door's id (None: not sent, or not a valid id)
@@ -284,6 +312,7 @@ class TritonPythonModel:
             prompts += rows
             params += row_params
             owners += [index] * len(rows)
+        forget_inputs(requests)
         if prompts:
             marks: dict[str, float] = {}
 
