@@ -350,9 +350,9 @@ def test_a_front_door_marker_cancels_through_the_ensemble_over_both_protocols(di
     for attempt in range(4):
         before = events(server)
         futures = backlog(server, requests=WAITING // 2)
-        time.sleep(0.05)
+        futures[0].result(timeout=120)  # the backlog is running: what follows queues behind the other 15
         rid = os.urandom(16).hex()
-        threading.Timer(0.02, lambda rid=rid: (server.cancel_dir / rid).touch()).start()
+        threading.Timer(0.01, lambda rid=rid: (server.cancel_dir / rid).touch()).start()
         answer = http.post(f"{server.http_url}/v2/models/{ENSEMBLE}/infer", json=_json_body(PROMPTS[2], rid), timeout=60)
         for i, future in enumerate(futures):
             tokens = future.result(timeout=120)
