@@ -163,3 +163,33 @@ def test_eval_command_reports_accuracy(tmp_path, capsys):
 def test_eval_command_explains_missing_export(tmp_path, capsys):
     code = main(["eval", "--config", "small", "--runtime", "onnxruntime", "--artifacts", str(tmp_path / "none")])
     assert code == 2 and "tandem export" in capsys.readouterr().err
+
+
+def test_eval_never_overwrites_a_file_it_did_not_write(tmp_path, capsys, tiny_config):
+    """`tandem eval` used to overwrite a foreign report JSON and PNG. It recognises its own outputs
+    by content and refuses anything else with the fix; its own outputs it replaces."""
+    from tandem.eval.evaluate import RuntimeEval, check_outputs_owned, plot_samples, write_report
+
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}\n')
+    code = main(["eval", "--config", "small", "--runtime", "torch", "--per-count", "1", "--out", str(foreign)])
+    assert code != 0 and foreign.read_text() == '{"mine": true}\n'
+    err = capsys.readouterr().err
+    assert "is not a file tandem eval wrote" in err and "Choose another --out/--plot" in err
+    run = RuntimeEval("torch", "test", 1.0, 1.0, 0, 0.0, [], {})
+    own, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    write_report(own, tiny_config, None, [run], [])
+    write_report(own, tiny_config, None, [run], [])  # its own report: replaced
+    plot_samples(png, run)
+    plot_samples(png, run)
+    check_outputs_owned(own, png)
+    picture = tmp_path / "holiday.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(picture)  # somebody's PNG, without tandem's mark
+    with pytest.raises(TandemError, match="holiday.png exists and is not a file tandem eval wrote"):
+        plot_samples(picture, run)
+    for stranger in (tmp_path / "text.json", tmp_path / "list.json"):
+        stranger.write_text("not json" if stranger.stem == "text" else "[1, 2]")
+        with pytest.raises(TandemError, match="refusing to overwrite"):
+            write_report(stranger, tiny_config, None, [run], [])

@@ -22,8 +22,8 @@ from tandem.errors import TandemError
 from tandem.pipeline import Pipeline
 from tandem.runtimes import make_runtime
 from tandem.sampling import SamplingParams
-from tandem.serving.client import TandemClient, generation_arrays, infer_inputs, server_timeout_us
-from tandem.serving.interface import ENSEMBLE, REASONING, SCENE_TOKENS
+from tandem.serving.client import TandemClient, generation_arrays, infer_inputs, server_timeout_us, tokens_array
+from tandem.serving.interface import ENSEMBLE, REASONING, REFINEMENT, SCENE_TOKENS
 from tandem.serving.metrics import FIRST_STEP, SCHEDULER_EVENTS, histogram_quantile, scrape
 from tandem.serving.repository import write_repository
 from tandem.serving.server import TritonServer
@@ -39,9 +39,11 @@ def pipeline(tiny_artifacts: Path) -> Pipeline:
     return Pipeline(make_runtime("onnxruntime", artifacts=tiny_artifacts))
 
 
-def start_server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path, slots: int, waiting: int) -> TritonServer:
+def start_server(
+    tmp_path_factory: pytest.TempPathFactory, artifacts: Path, slots: int, waiting: int, scheduler: str = "inflight"
+) -> TritonServer:
     repository = write_repository(
-        artifacts, tmp_path_factory.mktemp("inflight") / "repo", max_batch_size=slots, max_queue_size=waiting, scheduler="inflight"
+        artifacts, tmp_path_factory.mktemp("inflight") / "repo", max_batch_size=slots, max_queue_size=waiting, scheduler=scheduler
     )
     running = TritonServer(repository, startup_timeout=120).start()
     with TandemClient(running.grpc_url) as client:
@@ -241,3 +243,213 @@ def test_scene_tokens_come_back_over_both_protocols_from_one_endpoint(server: Tr
             result = client.generate(PROMPTS[0], seed=9, temperature=0.8, top_k=4)
         assert np.array_equal(result.tokens[0], expected.tokens) and np.array_equal(result.images[0], expected.image)
         assert SCENE_TOKENS in client.output_names(ENSEMBLE)
+
+
+def test_work_reasoning_admitted_is_never_refused_at_refinement(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
+    """--max-queue-size 2, eight slots, and a burst of ensemble requests while refinement is also
+    busy with direct render calls (the tiny model's refinement is too quick to back up on its
+    own): each ensemble request is refused at reasoning (at capacity, with the fix) or answered
+    with its image; nothing reasoning finished is thrown away at refinement's queue ("Exceeds
+    maximum queue size" once discarded finished generations)."""
+    server = start_server(tmp_path_factory, tiny_artifacts, slots=8, waiting=2)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+
+        def refinement_stats() -> tuple[int, int]:
+            stats = client.get_inference_statistics(REFINEMENT, as_json=True)["model_stats"][0]["inference_stats"]
+            return int(stats["success"].get("count", 0)), int(stats["fail"].get("count", 0))
+
+        before = refinement_stats()
+        futures: list[Future] = []
+        renders: list[Future] = []
+        scene = tokens_array(np.zeros((8, 4, 4), dtype=np.int32))  # eight 4x4 grids
+        for i in range(64):
+            for model, inputs, into in (
+                (ENSEMBLE, infer_inputs(grpcclient, generation_arrays(PROMPTS[i % 4], seed=i)), futures),
+                *[(REFINEMENT, infer_inputs(grpcclient, {SCENE_TOKENS: scene}), renders)] * 2,
+            ):
+                future: Future = Future()
+
+                def done(result, error, future=future):
+                    future.set_result(error.message() if error is not None else result.as_numpy("image"))
+
+                client.async_infer(model, inputs, done, client_timeout=120)
+                into.append(future)
+        results = [future.result(timeout=180) for future in futures]
+        rendered = [future.result(timeout=180) for future in renders]
+        after = refinement_stats()
+        client.close()
+        refused = [r for r in results if isinstance(r, str)]
+        images = [r for r in results if not isinstance(r, str)]
+        assert images, refused[:3]
+        # Refinement refused nothing: every generation that reached it came back as an image.
+        assert all(not isinstance(r, str) for r in rendered), [r for r in rendered if isinstance(r, str)][:3]
+        assert after[1] == before[1] and after[0] - before[0] == len(images) + len(renders), refused[:3]
+        for error in refused:
+            assert "at capacity" in error and "max_queue_size 2" in error, error
+        assert all(image.shape[0] == 1 and image.dtype == np.uint8 for image in images)
+    finally:
+        server.stop()
+
+
+# -- the model side of hostile load: tritonserver directly (no front door), with a cancel folder ----------
+
+
+@pytest.fixture(scope="module")
+def direct_server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
+    """tritonserver without the front door, its stubs given $TANDEM_CANCEL_DIR: the test plays the
+    front door's part (sends tandem_request_id, writes the markers)."""
+    from tandem.serving.models.common import CANCEL_DIR_ENV
+
+    cancel_dir = tmp_path_factory.mktemp("cancel")
+    repository = write_repository(
+        tiny_artifacts, tmp_path_factory.mktemp("direct") / "repo", max_batch_size=SLOTS, max_queue_size=WAITING
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CANCEL_DIR_ENV, str(cancel_dir))
+        running = TritonServer(repository, startup_timeout=120, front_door=False).start()
+    running.cancel_dir = cancel_dir
+    with TandemClient(running.grpc_url) as client:
+        client.generate(PROMPTS[0])
+    yield running
+    running.stop()
+
+
+def _json_body(prompt: str, rid: str | None = None, **columns) -> dict:
+    from tandem.serving.models.common import REQUEST_ID_PARAMETER
+
+    inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]}]
+    for name, (datatype, value) in columns.items():
+        inputs.append({"name": name, "datatype": datatype, "shape": [1, 1], "data": [value]})
+    return {"inputs": inputs, **({"parameters": {REQUEST_ID_PARAMETER: rid}} if rid else {})}
+
+
+def test_a_front_door_marker_cancels_through_the_ensemble_over_both_protocols(direct_server: TritonServer, pipeline: Pipeline):
+    """Triton 2.51's ensemble forwards request parameters to reasoning (HTTP JSON and gRPC), so a
+    request tagged with tandem_request_id whose marker exists is cancelled with the reason, counted,
+    and its marker removed; with the marker written while it waits behind a backlog it leaves
+    without running to its end, and the backlog's tokens are unchanged."""
+    import requests as http
+    from tandem.serving.models.common import REQUEST_ID_PARAMETER
+
+    server = direct_server
+    before = events(server)
+    rid = os.urandom(16).hex()
+    (server.cancel_dir / rid).touch()
+    answer = http.post(f"{server.http_url}/v2/models/{ENSEMBLE}/infer", json=_json_body(PROMPTS[0], rid), timeout=60)
+    assert answer.status_code >= 400 and "cancelled by its client" in answer.text, answer.text
+    assert not (server.cancel_dir / rid).exists()
+    rid = os.urandom(16).hex()
+    (server.cancel_dir / rid).touch()
+    client = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+    with pytest.raises(Exception, match="cancelled by its client"):
+        client.infer(ENSEMBLE, infer_inputs(grpcclient, generation_arrays(PROMPTS[1])), parameters={REQUEST_ID_PARAMETER: rid})
+    assert not (server.cancel_dir / rid).exists()
+    assert wait_for(lambda: events(server)["cancelled"] - before["cancelled"] == 2)
+    # A request the marker reaches while it waits for a slot (or runs) behind a backlog.
+    for attempt in range(4):
+        before = events(server)
+        futures = backlog(server, requests=WAITING // 2)
+        futures[0].result(timeout=120)  # the backlog is running: what follows queues behind the other 15
+        rid = os.urandom(16).hex()
+        threading.Timer(0.01, lambda rid=rid: (server.cancel_dir / rid).touch()).start()
+        answer = http.post(f"{server.http_url}/v2/models/{ENSEMBLE}/infer", json=_json_body(PROMPTS[2], rid), timeout=60)
+        for i, future in enumerate(futures):
+            tokens = future.result(timeout=120)
+            assert not isinstance(tokens, str), tokens
+            assert np.array_equal(tokens, expected_backlog(pipeline, i))
+        if answer.status_code >= 400:
+            assert "cancelled by its client" in answer.text, answer.text
+            assert wait_for(lambda: events(server)["cancelled"] - before["cancelled"] == 1)
+            assert events(server)["completed"] - before["completed"] == 2 * len(futures)
+            assert not (server.cancel_dir / rid).exists()
+            break
+        (server.cancel_dir / rid).unlink(missing_ok=True)  # it finished before its marker: try again
+    else:
+        pytest.fail("in four rounds the marked request never waited behind the backlog")
+    client.close()
+
+
+def test_every_client_mistake_in_json_is_a_4xx(direct_server: TritonServer):
+    """tritonserver 2.51 parses JSON tensors before any model runs: a seed of 2**64-1 (or 1.5, "7"),
+    a non-number temperature, a non-string prompt or a body that is not JSON answered 500, and an
+    INT32 top_k of 2**40 was silently truncated to 0 ("no limit"). check_json_request (run by the
+    front door before forwarding) refuses each with the valid range; everything it lets through
+    gets a 4xx from Triton or the model, or is served: never a 500."""
+    import json as _json
+
+    import requests as http
+    from tandem.serving.interface import ClientRequestError, check_json_request
+
+    def body(prompt="a red circle", **columns):
+        return _json.dumps(_json_body(prompt, **columns)) if prompt is not None else _json.dumps(
+            {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": [5]}]}
+        )
+
+    refused = {
+        "seed 2**64-1": (body(seed=("INT64", 2**64 - 1)), "'seed' takes an integer in [0, 2**63)"),
+        "seed 2**63": (body(seed=("INT64", 2**63)), "outside [-9223372036854775808, 9223372036854775808)"),
+        "seed 1.5": (body(seed=("INT64", 1.5)), "not a JSON integer"),
+        "seed text": (body(seed=("INT64", "7")), "not a JSON integer"),
+        "temperature text": (body(temperature=("FP64", "nan")), "'temperature' takes 0 (greedy)"),
+        "temperature NaN": (body(temperature=("FP64", float("nan"))), "not a finite JSON number"),
+        "top_k 2**40": (body(top_k=("INT32", 2**40)), "'top_k' takes an integer in [0, 2**31)"),
+        "top_k 1.5": (body(top_k=("INT32", 1.5)), "not a JSON integer"),
+        "prompt number": (body(None), "not a JSON string"),
+        "not json": ("{", "not valid JSON"),
+    }
+    for name, (raw, expected) in refused.items():
+        with pytest.raises(ClientRequestError) as info:
+            check_json_request(raw)
+        assert expected in str(info.value), (name, str(info.value))
+    passed = {
+        "seed 2**63-1": body(seed=("INT64", 2**63 - 1)),
+        "seed -1": body(seed=("INT64", -1)),
+        "temperature -1": body(temperature=("FP64", -1.0)),
+        "temperature 1e308": body(temperature=("FP64", 1e308)),
+        "temperature FP32": body(temperature=("FP32", 1.0)),
+        "top_k 2**31-1": body(top_k=("INT32", 2**31 - 1)),
+        "top_k -1": body(top_k=("INT32", -1)),
+        "empty prompt": body(""),
+        "long prompt": body("a red circle " * 200),
+    }
+    for name, raw in passed.items():
+        check_json_request(raw)
+        answer = http.post(f"{direct_server.http_url}/v2/models/{ENSEMBLE}/infer", data=raw, timeout=60)
+        assert answer.status_code == 200 or 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:300])
+        if answer.status_code != 200:
+            assert "error" in answer.json()
+
+
+def test_prompts_and_sampling_inputs_leave_no_trace_in_shared_memory(direct_server: TritonServer):
+    """The python backend's /dev/shm regions used to keep each prompt after its request. Reasoning
+    now zeroes its inputs there once the batch is read: the prompt (found by its serialized form;
+    as_numpy() is a copy and DLPack refuses BYTES) and the seed and temperature (in place, through
+    DLPack). Scene tokens are zeroed at refinement's input the same way, but they also travel as
+    outputs (reasoning's answer, refinement's rendered_tokens), which the backend owns."""
+    import glob
+    import struct
+
+    import requests as http
+
+    def regions() -> bytes:
+        return b"".join(Path(p).read_bytes() for p in glob.glob(f"/dev/shm/{direct_server.shm_prefix}*"))
+
+    for protocol in ("http", "grpc"):
+        marker = os.urandom(6).hex()
+        prompt = f"a red circle {marker}"
+        seed, temperature = 0x5EED_0000_0000 + int(marker[:4], 16), 1.2345678901234
+        if protocol == "http":
+            answer = http.post(
+                f"{direct_server.http_url}/v2/models/{ENSEMBLE}/infer",
+                json=_json_body(prompt, seed=("INT64", seed), temperature=("FP64", temperature)), timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+        else:
+            with TandemClient(direct_server.grpc_url) as client:
+                assert client.generate(prompt, seed=seed, temperature=temperature).images is not None
+        time.sleep(0.2)
+        shm = regions()
+        assert shm, "no shared-memory region found"
+        assert marker.encode() not in shm, f"{protocol}: the prompt stayed in shared memory"
+        assert struct.pack("<q", seed) not in shm and struct.pack("<d", temperature) not in shm, protocol

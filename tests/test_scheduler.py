@@ -155,3 +155,34 @@ def test_stop_answers_everything_still_pending(runtime):
     assert len(answered) == 3 and all("shutting down" in o.error for o in answered)
     with pytest.raises(TandemError, match="shutting down"):
         scheduler.submit(Job(PROMPTS[0], SETTINGS[0], answered.append))
+
+
+def test_a_front_door_marker_frees_the_slot_at_the_next_step(runtime, pipeline, tmp_path):
+    """The front door's cancellation marker ($TANDEM_CANCEL_DIR/<tandem_request_id>) appearing
+    mid-generation: the row leaves at the very next step, counted as cancelled, the marker is
+    removed once seen, and the other row's tokens are those it gets alone. An id that is not 32
+    lowercase hex characters is never watched (it never becomes a path)."""
+    from tandem.serving.models.common import REQUEST_ID_PARAMETER, CancelMarkers, request_id
+
+    markers = CancelMarkers(tmp_path)
+    rid = "0123456789abcdef" * 2
+    assert request_id(f'{{"{REQUEST_ID_PARAMETER}": "{rid}"}}') == rid
+    for bad in ("../../etc/passwd", rid.upper(), rid[:-1], rid + "0", 7, None):
+        assert request_id({REQUEST_ID_PARAMETER: bad}) is None and markers.watcher(request_id({REQUEST_ID_PARAMETER: bad})) is None
+    assert request_id("not json") is None and request_id("{}") is None
+    scheduler = InflightScheduler.for_runtime(runtime, capacity=2)
+    outcomes: dict[str, Outcome] = {}
+    scheduler.submit(Job(PROMPTS[0], SETTINGS[1], collect(outcomes, "gone"), is_cancelled=markers.watcher(rid)))
+    scheduler.submit(Job(PROMPTS[1], SETTINGS[2], collect(outcomes, "stays")))
+    for _ in range(3):
+        scheduler.step()
+    assert scheduler.occupied == 2 and not outcomes
+    (tmp_path / rid).touch()
+    scheduler.step()
+    assert scheduler.occupied == 1 and scheduler.stats.cancelled == 1
+    assert outcomes["gone"].cancelled and "cancelled by its client" in outcomes["gone"].error
+    assert not (tmp_path / rid).exists()
+    scheduler.run_until_idle()
+    np.testing.assert_array_equal(outcomes["stays"].tokens, alone(pipeline, PROMPTS[1], SETTINGS[2]))
+    # No folder configured: nothing is watched.
+    assert CancelMarkers(folder="").watcher(rid) is None

@@ -3,6 +3,7 @@ parsing shared by the python-backend models. No server here (see test_serving.py
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -42,12 +43,15 @@ def test_every_config_parses_with_tritons_schema(tmp_path: Path, tiny_artifacts:
         assert c.name == name and c.max_batch_size == 4
         assert list(c.dynamic_batching.preferred_batch_size) == [2, 4]
         policy = c.dynamic_batching.default_queue_policy
-        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
-        assert policy.default_timeout_microseconds == 60_000_000
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
         assert len(c.instance_group) == 1 and c.instance_group[0].count == 1
         assert c.parameters["tandem.grid"].string_value == "4x4"
+    # Refinement behind reasoning only gets work reasoning admitted and finished: no queue limit and
+    # no default timeout there, so admitted work is never thrown away (a client's timeout still applies).
     refinement = configs[REFINEMENT].dynamic_batching
-    assert refinement.max_queue_delay_microseconds > 0 and refinement.default_queue_policy.max_queue_size == 16
+    assert refinement.max_queue_delay_microseconds > 0
+    assert refinement.default_queue_policy.max_queue_size == 0 and refinement.default_queue_policy.default_timeout_microseconds == 0
+    assert configs[REASONING].dynamic_batching.default_queue_policy.default_timeout_microseconds == 60_000_000
     # In-flight batching (the default): reasoning takes requests at every decode step, so it never
     # waits to fill a batch; its scheduler holds the 16 waiting prompts, Triton's queue is a backstop.
     reasoning = configs[REASONING]
@@ -205,7 +209,8 @@ def test_later_targets_plug_into_the_writer(tmp_path: Path, tiny_artifacts: Path
         config = parse(repo / REFINEMENT / "config.pbtxt")
         assert config.parameters["label"].string_value == "x1"
         assert config.parameters["tandem.flavor"].string_value == "test-plain"
-        assert config.dynamic_batching.default_queue_policy.max_queue_size == 32
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 0  # behind reasoning: never refuses its work
+        assert parse(repo / REASONING / "config.pbtxt").parameters["max_waiting"].string_value == "32"
         assert sorted(p.name for p in (repo / REFINEMENT / "1" / "artifacts").iterdir()) == ["manifest.json", "refinement.onnx"]
         with pytest.raises(TandemError, match="unknown repository option"):
             write_repository(tiny_artifacts, tmp_path / "repo2", label="x1")  # local does not take it
@@ -224,3 +229,80 @@ def test_request_level_batching_stays_selectable(tmp_path: Path, tiny_artifacts:
     assert reasoning.dynamic_batching.default_queue_policy.max_queue_size == 16
     with pytest.raises(TandemError, match="scheduler must be one of inflight, request"):
         write_repository(tiny_artifacts, tmp_path / "bad", scheduler="continuous")
+
+
+def test_refinement_alone_keeps_its_queue_limit(tmp_path: Path, tiny_artifacts: Path):
+    """A one-stage refinement repository (a split deployment's pool) faces clients itself: its
+    queue stays bounded and timed out; only behind reasoning is it unbounded."""
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", max_batch_size=4, max_queue_size=3, stages=(REFINEMENT,))
+    policy = parse(repo / REFINEMENT / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 3 and policy.default_timeout_microseconds == 60_000_000
+
+
+def test_every_served_file_is_checked_against_what_tandem_wrote(tmp_path: Path, tiny_artifacts: Path):
+    """`tandem repo` records the sha256 of each config.pbtxt and every file of each version folder;
+    verify_repository refuses an edited config (codebook_size 512 -> 1024 used to be served), an
+    edited, missing or added file in the served version, a foreign model folder and a repository
+    with no manifest, each naming the file and the fix."""
+    from tandem.serving.repository import REPOSITORY_MANIFEST, RepositoryIntegrityError, verify_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    verify_repository(repo)
+    write_repository(tiny_artifacts, repo)  # --poll adds versions while serving: still verified
+    verify_repository(repo)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(repo, pristine)
+
+    def tampered(edit) -> str:
+        shutil.rmtree(repo)
+        shutil.copytree(pristine, repo)
+        edit()
+        with pytest.raises(RepositoryIntegrityError) as info:
+            verify_repository(repo)
+        assert "rewrite it with `tandem repo`" in str(info.value)
+        return str(info.value)
+
+    config = repo / ENSEMBLE / "config.pbtxt"
+    codebook = re.compile(r'(key: "tandem.codebook_size"\s*value \{\s*string_value: ")(\d+)"')
+    assert codebook.search(config.read_text())
+    message = tampered(lambda: config.write_text(codebook.sub(r'\g<1>1024"', config.read_text())))
+    assert f"{config} was changed" in message
+    model_py = repo / REASONING / "2" / "model.py"
+    assert f"{model_py} was changed" in tampered(lambda: model_py.write_text(model_py.read_text() + "\nimport os\n"))
+    graph = repo / REFINEMENT / "2" / "artifacts" / "refinement.ort.onnx"
+    assert f"{graph} is missing" in tampered(graph.unlink)
+    extra = repo / REASONING / "2" / "artifacts" / "evil.onnx"
+    assert f"{extra} was not written by tandem repo" in tampered(lambda: extra.write_bytes(b"x"))
+    newer = repo / REASONING / "3"
+    assert "version folder tandem repo did not write" in tampered(lambda: shutil.copytree(repo / REASONING / "2", newer))
+    assert "model folder tandem repo did not write" in tampered(lambda: (repo / "other").mkdir())
+    assert REPOSITORY_MANIFEST in tampered(lambda: (repo / REPOSITORY_MANIFEST).unlink())
+    # An older, unserved version is not what Triton serves: a change there does not block serving.
+    shutil.rmtree(repo)
+    shutil.copytree(pristine, repo)
+    (repo / REASONING / "1" / "model.py").write_text("# edited\n")
+    verify_repository(repo)
+
+
+def test_pruning_deletes_only_what_tandem_wrote(tmp_path: Path, tiny_artifacts: Path, caplog):
+    """--keep-versions used to delete a foreign reasoning/1/precious.txt with the old version. Now a
+    pruned version loses only the files tandem wrote; a folder holding anything else is kept (with
+    a warning naming the file), and a version folder tandem did not write is not touched."""
+    from tandem.serving.repository import verify_repository
+
+    repo = write_repository(tiny_artifacts, tmp_path / "repo")
+    (repo / REASONING / "1" / "precious.txt").write_text("mine")
+    write_repository(tiny_artifacts, repo, keep_versions=1)
+    assert (repo / REASONING / "1" / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in (repo / REASONING / "1").iterdir()) == ["precious.txt"]
+    assert not (repo / REFINEMENT / "1").exists() and not (repo / ENSEMBLE / "1").exists()
+    assert "precious.txt" in caplog.text and "did not write" in caplog.text
+    verify_repository(repo)  # version 2 is served, untouched
+    foreign = repo / REFINEMENT / "1"
+    foreign.mkdir()
+    (foreign / "model.onnx").write_bytes(b"someone else's")
+    write_repository(tiny_artifacts, repo, keep_versions=1)
+    assert (foreign / "model.onnx").read_bytes() == b"someone else's"
+    assert existing_versions(repo / REFINEMENT) == [1, 3] and existing_versions(repo / ENSEMBLE) == [3]
+    assert f"kept {foreign}" in caplog.text
+    verify_repository(repo)

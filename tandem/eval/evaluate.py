@@ -181,6 +181,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+REPORT_KIND = "tandem eval"  # the report's "report" field and the PNG's "tandem" text chunk: what this command wrote
+_LEGACY_REPORT_KEYS = {"config", "checkpoint", "caption_set", "runtimes", "agreement", "all_agree"}  # before REPORT_KIND
+
+
+def written_by_eval(path: Path) -> bool:
+    """Whether ``path`` is a report or samples PNG that ``tandem eval`` wrote (recognised by its
+    content: the report's ``"report": "tandem eval"``, or an older report's fields; the PNG's
+    ``tandem`` text chunk)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return image.format == "PNG" and image.info.get("tandem") == REPORT_KIND
+        data = json.loads(path.read_text())
+    except Exception:  # unreadable, not JSON, not an image: not ours
+        return False
+    return isinstance(data, dict) and (data.get("report") == REPORT_KIND or _LEGACY_REPORT_KEYS <= set(data))
+
+
+def check_outputs_owned(*paths: Path | None) -> None:
+    """Refuse (before any work, and again at write time) to overwrite a file ``tandem eval`` did not write."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not written_by_eval(Path(path)):
+            raise TandemError(
+                f"{path} exists and is not a file tandem eval wrote; refusing to overwrite it. "
+                "Choose another --out/--plot, or move the file away"
+            )
+
+
 def write_report(
     path: Path,
     config: ModelConfig,
@@ -191,7 +222,9 @@ def write_report(
 ) -> dict:
     import os
 
+    check_outputs_owned(path)
     report = {
+        "report": REPORT_KIND,
         "config": config.name,
         "checkpoint": Path(checkpoint).name if checkpoint else None,
         "checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint else None,
@@ -229,6 +262,7 @@ def plot_samples(path: Path, run: RuntimeEval, count: int = 12) -> None:
         ax.set_title(("PASS  " if r.passed else "FAIL  ") + title, fontsize=7, color="black" if r.passed else "red")
     fig.suptitle(f"{run.runtime}: held-out accuracy {run.accuracy:.1%} ({run.captions} captions)")
     fig.tight_layout()
+    check_outputs_owned(path)
     with atomic_write_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+        fig.savefig(tmp, format="png", dpi=80, metadata={"tandem": REPORT_KIND})
     plt.close(fig)

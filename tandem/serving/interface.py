@@ -113,3 +113,79 @@ def request_size_limit(config: ModelConfig, max_batch_size: int) -> int:
     prompt_row = JSON_CHARS_PER_PROMPT_BYTE * config.reasoning.max_prompt_len + sampling
     tokens_row = JSON_CHARS_PER_NUMBER * int(np.prod(models[REFINEMENT].inputs[0].dims))
     return REQUEST_ENVELOPE_BYTES + max_batch_size * max(prompt_row, tokens_row)
+
+
+# -- HTTP JSON requests Triton 2.51 mishandles --------------------------------------------------------
+# tritonserver's HTTP endpoint parses a JSON body's tensors before any model runs, and answers a
+# client's mistake there with 500 (seed 2**64-1, 1.5 or "7" for an integer, a non-number for a
+# float, a non-string for BYTES, a body that is not JSON) or truncates it silently (an INT32 of
+# 2**40 arrives as 0: top_k "no limit", scene token 0). The front door runs check_json_request on
+# a JSON infer body before forwarding it and answers 400 with the message.
+
+_INTEGER_RANGES = {
+    "INT8": (-(2**7), 2**7), "INT16": (-(2**15), 2**15), "INT32": (-(2**31), 2**31), "INT64": (-(2**63), 2**63),
+    "UINT8": (0, 2**8), "UINT16": (0, 2**16), "UINT32": (0, 2**32), "UINT64": (0, 2**64),
+}
+_FLOATS = ("FP16", "FP32", "FP64", "BF16")
+VALID_VALUES = {  # what each of tandem's inputs takes, for the messages
+    SEED: "an integer in [0, 2**63)",
+    TOP_K: "an integer in [0, 2**31) (0: no limit)",
+    TEMPERATURE: "0 (greedy) or a number in [0.01, 10.0]",
+    SCENE_TOKENS: "codebook indices (integers from 0 to the codebook size - 1)",
+    PROMPT: "UTF-8 text, one string per row",
+}
+
+
+class ClientRequestError(ValueError):
+    """A request the client must fix (HTTP 400 / gRPC INVALID_ARGUMENT); the message says how."""
+
+
+def _flatten(data):
+    if isinstance(data, list):
+        for item in data:
+            yield from _flatten(item)
+    else:
+        yield data
+
+
+def check_json_request(body: bytes | str | dict) -> dict:
+    """Check a KServe v2 JSON infer request body the way tandem's inputs need it; returns the
+    parsed body. Raises :class:`ClientRequestError` (answer 400) for what Triton 2.51 would answer
+    with 500 or truncate: a body that is not a JSON object, a value outside its datatype's range
+    or of the wrong JSON type. Inputs sent as binary data (``binary_data_size``) are not looked at."""
+    import json as _json
+    import math
+
+    if not isinstance(body, dict):
+        try:
+            body = _json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientRequestError(f"the request body is not valid JSON ({exc}); send a KServe v2 JSON infer request") from None
+    if not isinstance(body, dict) or not isinstance(body.get("inputs", []), list):
+        raise ClientRequestError('the request body must be a JSON object with an "inputs" list (KServe v2 infer request)')
+    for tensor in body.get("inputs", []):
+        if not isinstance(tensor, dict) or "data" not in tensor:
+            continue
+        name, datatype = str(tensor.get("name", "?")), str(tensor.get("datatype", "")).upper()
+        valid = VALID_VALUES.get(name)
+        wants = f"; {name!r} takes {valid}" if valid else ""
+        secret = name in (SCENE_TOKENS, RENDERED_TOKENS)  # error bodies never quote scene-token values
+        for value in _flatten(tensor["data"]):
+            shown = "a value" if secret else _json.dumps(value)[:40]
+            if datatype in _INTEGER_RANGES:
+                low, high = _INTEGER_RANGES[datatype]
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ClientRequestError(f"input {name!r} ({datatype}) holds {shown}, not a JSON integer{wants}")
+                if not low <= value < high:
+                    raise ClientRequestError(
+                        f"input {name!r} ({datatype}) holds {shown}, outside [{low}, {high}) (Triton would truncate or refuse it){wants}"
+                    )
+            elif datatype in _FLOATS:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ClientRequestError(f"input {name!r} ({datatype}) holds {shown}, not a finite JSON number{wants}")
+            elif datatype == "BYTES":
+                if not isinstance(value, str):
+                    raise ClientRequestError(f"input {name!r} (BYTES) holds {shown}, not a JSON string{wants}")
+            elif datatype == "BOOL" and not isinstance(value, bool):
+                raise ClientRequestError(f"input {name!r} (BOOL) holds {shown}, not true or false")
+    return body

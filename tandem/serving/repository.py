@@ -21,6 +21,12 @@ schema) and printed with protobuf's text format, so every config.pbtxt parses by
 is re-parsed before it is written. Each model version folder is staged and renamed into place
 (complete or absent); configs are replaced atomically after their version folder exists; the
 ensemble is written last so it never names a model that is not there yet.
+
+``tandem-repository.json`` at the repository's root records the sha256 of each model's config.pbtxt
+and of every file of every version folder the writer wrote. :func:`verify_repository` checks the
+served (newest) version of each model against it before serving: an edited, missing or added file
+is refused with its name and the fix. Pruning (``keep_versions``) deletes only the files the
+manifest lists: a version folder tandem did not write, and any file someone else put in one, stay.
 """
 
 from __future__ import annotations
@@ -72,12 +78,13 @@ from tandem.serving.models.common import (
     SCHEDULER_INFLIGHT,
     SCHEDULERS,
 )
-from tandem.util import atomic_directory, atomic_write_text
+from tandem.util import atomic_directory, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REPOSITORY = "model_repository"
 CONFIG_NAME = "config.pbtxt"
+REPOSITORY_MANIFEST = "tandem-repository.json"  # at the repository's root: what `tandem repo` wrote, with sha256s
 ARTIFACTS_DIR = "artifacts"  # inside a python-backend version folder
 ENSEMBLE_INTERNAL_TOKENS = "reasoning_scene_tokens"  # reasoning -> refinement inside the ensemble
 
@@ -368,8 +375,14 @@ def _common_parameters(ctx: BuildContext, config: mc.ModelConfig) -> None:
     )
 
 
-def stage_config(ctx: BuildContext, stage: str, target: ModelTarget) -> mc.ModelConfig:
-    """config.pbtxt of a composing model: I/O, dynamic batching with a bounded, timed-out queue, instances."""
+def stage_config(ctx: BuildContext, stage: str, target: ModelTarget, behind_reasoning: bool = False) -> mc.ModelConfig:
+    """config.pbtxt of a composing model: I/O, dynamic batching with a bounded, timed-out queue, instances.
+
+    ``behind_reasoning``: refinement inside the ensemble, which only ever gets requests reasoning
+    already admitted and finished. Its queue is then unbounded and has no default timeout: a
+    bound there could only throw away a finished generation (``--max-queue-size 2`` once refused 3
+    at refinement), and reasoning's own limits (slots + waiting prompts, its timeout) already bound
+    what enters the ensemble. A client's own timeout still applies (allow_timeout_override)."""
     opts = ctx.options
     config = mc.ModelConfig(name=stage, max_batch_size=opts.max_batch_size)
     config.version_policy.latest.num_versions = 1
@@ -386,6 +399,9 @@ def stage_config(ctx: BuildContext, stage: str, target: ModelTarget) -> mc.Model
     policy.allow_timeout_override = True
     queue_size = opts.max_queue_size or 4 * opts.max_batch_size
     policy.max_queue_size = queue_size
+    if behind_reasoning:  # admission happened at reasoning: never refuse its finished work here (see above)
+        policy.max_queue_size = 0  # Triton: no limit
+        policy.default_timeout_microseconds = 0  # Triton: no timeout unless the client sets one
     if inflight:
         # execute() hands requests to the scheduler at once, so they wait in the scheduler's queue,
         # which refuses beyond max_queue_size prompts with the reason and the fix. Triton's own
@@ -499,7 +515,9 @@ class _Undo:
                 log.warning("could not undo a partial repository write: %s", exc)
 
 
-def _write_model(model_dir: Path, version: int, config: mc.ModelConfig, populate, undo: _Undo) -> None:
+def _write_model(model_dir: Path, version: int, config: mc.ModelConfig, populate, undo: _Undo) -> dict[str, Any]:
+    """Write one version folder and the model's config; returns the model's manifest entry for
+    this version (the sha256 of every file written)."""
     text = render_config(config)  # fail before touching the repository
     undo.created_dir(model_dir)
     version_dir = model_dir / str(version)
@@ -507,15 +525,123 @@ def _write_model(model_dir: Path, version: int, config: mc.ModelConfig, populate
         raise TandemError(f"{version_dir} already exists; choose another --version (or leave it out for the next one)")
     with atomic_directory(version_dir) as staging:
         populate(staging)
+        files = _hash_folder(staging)
     undo.wrote_version(version_dir)
     undo.replacing(model_dir / CONFIG_NAME)
     atomic_write_text(model_dir / CONFIG_NAME, text)
+    return {"files": files, "config_sha256": sha256_file(model_dir / CONFIG_NAME)}
 
 
-def _prune(model_dir: Path, version: int, keep_versions: int) -> None:
+# -- the repository manifest: what tandem wrote, checked before serving ---------------------------------
+
+
+class RepositoryIntegrityError(TandemError):
+    """A served file differs from what `tandem repo` wrote (edited, missing, or added by someone else)."""
+
+
+def _hash_folder(folder: Path) -> dict[str, str]:
+    """{relative posix path: sha256} of every file under ``folder`` (symlinks refused: tandem writes none)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise RepositoryIntegrityError(f"{path} is a symbolic link; tandem repo writes none. Remove it and rewrite with `tandem repo`")
+        if path.is_file():
+            files[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return files
+
+
+def read_repository_manifest(repository: str | Path) -> dict[str, Any] | None:
+    """The repository's manifest (None when there is none: not written by this tandem)."""
+    path = Path(repository) / REPOSITORY_MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RepositoryIntegrityError(f"{path} cannot be read ({exc}); rewrite the repository with `tandem repo`") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict):
+        raise RepositoryIntegrityError(f"{path} is not a tandem repository manifest; rewrite the repository with `tandem repo`")
+    return manifest
+
+
+def _write_repository_manifest(repository: Path, manifest: dict[str, Any]) -> None:
+    manifest = {"written_by": "tandem repo", "format": 1, **manifest}
+    atomic_write_text(repository / REPOSITORY_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def verify_repository(repository: str | Path) -> None:
+    """Check before serving that every model's config.pbtxt and every file of the version folder
+    Triton serves (the newest) are exactly what `tandem repo` wrote: nothing edited, missing or
+    added. Raises :class:`RepositoryIntegrityError` naming the file and the fix."""
+    repository = Path(repository)
+    fix = "rewrite it with `tandem repo` (edits to a written repository are not served)"
+    manifest = read_repository_manifest(repository)
+    if manifest is None:
+        raise RepositoryIntegrityError(
+            f"{repository} has no {REPOSITORY_MANIFEST}, so its files cannot be checked before serving: {fix}"
+        )
+    models = manifest["models"]
+    present = sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in present:
+        if name not in models:
+            raise RepositoryIntegrityError(f"{repository / name} is a model folder tandem repo did not write: remove it, or {fix}")
+    for name, entry in sorted(models.items()):
+        model_dir = repository / name
+        config = model_dir / CONFIG_NAME
+        if not config.is_file():
+            raise RepositoryIntegrityError(f"{config} is missing: {fix}")
+        if sha256_file(config) != entry.get("config_sha256"):
+            raise RepositoryIntegrityError(f"{config} was changed after tandem repo wrote it: {fix}")
+        versions = existing_versions(model_dir)
+        if not versions:
+            raise RepositoryIntegrityError(f"{model_dir} has no version folder: {fix}")
+        served = versions[-1]
+        written = entry.get("versions", {}).get(str(served))
+        if written is None:
+            raise RepositoryIntegrityError(f"{model_dir / str(served)} is a version folder tandem repo did not write: remove it, or {fix}")
+        expected: dict[str, str] = written["files"]
+        actual = _hash_folder(model_dir / str(served))
+        for rel in sorted(set(expected) | set(actual)):
+            path = model_dir / str(served) / rel
+            if rel not in actual:
+                raise RepositoryIntegrityError(f"{path} is missing: {fix}")
+            if rel not in expected:
+                raise RepositoryIntegrityError(f"{path} was not written by tandem repo: remove it, or {fix}")
+            if actual[rel] != expected[rel]:
+                raise RepositoryIntegrityError(f"{path} was changed after tandem repo wrote it: {fix}")
+
+
+def _prune(model_dir: Path, version: int, keep_versions: int, written: dict[str, Any]) -> None:
+    """Delete the files of old version folders that tandem wrote (the newest ``keep_versions``
+    stay) and nothing else: a folder the manifest does not list is kept, and so is any file in
+    one that tandem did not write (with a warning naming it). Pruned versions leave ``written``."""
     for old in existing_versions(model_dir)[:-keep_versions]:
-        if old != version:
-            shutil.rmtree(model_dir / str(old), ignore_errors=True)
+        if old == version:
+            continue
+        folder = model_dir / str(old)
+        entry = written.get(str(old))
+        if entry is None:
+            log.warning(
+                "kept %s: tandem repo did not write it (or wrote it before it recorded what it writes), so it is not "
+                "pruned; delete it yourself if it is no longer needed", folder,
+            )
+            continue
+        for rel in entry["files"]:
+            path = folder / rel
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: len(p.parts), reverse=True):
+            if not any(sub.iterdir()):
+                sub.rmdir()
+        if any(folder.iterdir()):
+            foreign = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+            log.warning(
+                "pruned tandem's files from %s but kept the folder: it holds files tandem repo did not write (%s); "
+                "move them out and delete the folder", folder, ", ".join(foreign) or "empty folders",
+            )
+        else:
+            folder.rmdir()
+        del written[str(old)]
 
 
 def _parse_options(flavor: Flavor, options: dict[str, Any], max_batch_size: int) -> tuple[RepositoryOptions, dict]:
@@ -566,21 +692,30 @@ def write_repository(
     ctx = BuildContext(artifacts, manifest, served_models(manifest.config), opts, chosen.name, target_options)
 
     version = opts.version or max([0, *(v for m in (REASONING, REFINEMENT, ENSEMBLE) for v in existing_versions(out / m))]) + 1
+    repo_manifest = read_repository_manifest(out) or {"models": {}}
     undo = _Undo()
     undo.created_dir(out)
     composing = [m for m in (REFINEMENT, REASONING) if m in stages]
     ensemble = [ENSEMBLE] if len(composing) == 2 else []  # a one-stage repository has no ensemble
+    written: dict[str, dict[str, Any]] = {}
     try:
         for stage in composing:  # composing models first, the ensemble that names them last
             target = chosen.targets[stage]
-            config = stage_config(ctx, stage, target)
-            _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), undo)
+            config = stage_config(ctx, stage, target, behind_reasoning=stage == REFINEMENT and bool(ensemble))
+            written[stage] = _write_model(out / stage, version, config, lambda d, t=target, s=stage: t.populate(ctx, s, d), undo)
         if ensemble:
-            _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, undo)
+            written[ENSEMBLE] = _write_model(out / ENSEMBLE, version, ensemble_config(ctx), lambda d: None, undo)
+        for model, entry in written.items():
+            record = repo_manifest["models"].setdefault(model, {})
+            record["config_sha256"] = entry["config_sha256"]
+            record.setdefault("versions", {})[str(version)] = {"files": entry["files"]}
+        undo.replacing(out / REPOSITORY_MANIFEST)
+        _write_repository_manifest(out, repo_manifest)
     except BaseException:
         undo.rollback()  # a failed write leaves the repository as it found it
         raise
     for model in composing + ensemble:
-        _prune(out / model, version, opts.keep_versions)
+        _prune(out / model, version, opts.keep_versions, repo_manifest["models"][model]["versions"])
+    _write_repository_manifest(out, repo_manifest)
     log.debug("wrote %s flavor version %d of %s to %s", chosen.name, version, manifest.config.name, out)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,182 @@ class Activity:
             yield
         finally:
             self.leave()
+
+
+# -- cancellation for every client: the front door's markers ------------------------------------------
+# Triton tells a python model about a cancellation only for a direct gRPC call, and a deadline only
+# when the client sent Triton's own ``timeout`` parameter. The front door sees every client: it
+# gives each inference request a random id in the request parameter REQUEST_ID_PARAMETER (the
+# ensemble forwards request parameters to its composing models, checked on Triton 2.51 over HTTP
+# and gRPC), and when that client disconnects or its deadline passes before the answer it creates
+# an empty file named after the id in the folder CANCEL_DIR_ENV names (set for tritonserver, so
+# for every stub). The reasoning model stats that file at every scheduler step: no round trip to
+# Triton. The model removes a marker once it has seen it, and when it answers the request.
+
+CANCEL_DIR_ENV = "TANDEM_CANCEL_DIR"  # folder of cancellation markers, set by the server for the stubs it starts
+REQUEST_ID_PARAMETER = "tandem_request_id"  # request parameter (string): 32 lowercase hex characters
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def request_id(parameters: str | dict | None) -> str | None:
+    """The front door's request id from a request's parameters (the python backend hands them
+    over as a JSON string), or None when it is absent or not exactly 32 lowercase hex characters
+    (anything else is ignored: it never becomes a path)."""
+    if isinstance(parameters, str):
+        try:
+            parameters = json.loads(parameters) if parameters else {}
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(parameters, dict):
+        return None
+    value = parameters.get(REQUEST_ID_PARAMETER)
+    return value if isinstance(value, str) and _REQUEST_ID.fullmatch(value) else None
+
+
+class CancelMarkers:
+    """The folder of cancellation markers (``$TANDEM_CANCEL_DIR``; none set: nothing is ever cancelled this way)."""
+
+    def __init__(self, folder: str | Path | None = None):
+        folder = folder if folder is not None else os.environ.get(CANCEL_DIR_ENV)
+        self.folder = Path(folder) if folder else None
+
+    def path(self, rid: str | None) -> Path | None:
+        if self.folder is None or rid is None or not _REQUEST_ID.fullmatch(rid):
+            return None
+        return self.folder / rid
+
+    def watcher(self, rid: str | None):
+        """A check for the scheduler: true (and the marker removed) once the marker of ``rid`` exists.
+        One os.stat per call; None when there is nothing to watch."""
+        path = self.path(rid)
+        if path is None:
+            return None
+        seen = [False]
+
+        def cancelled() -> bool:
+            if seen[0]:
+                return True
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                return False
+            seen[0] = True
+            self.forget(rid)
+            return True
+
+        return cancelled
+
+    def forget(self, rid: str | None) -> None:
+        """Remove the marker of ``rid`` if there is one (it was seen, or the request was answered)."""
+        path = self.path(rid)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+# -- inputs out of shared memory once read ----------------------------------------------------------
+# The python backend hands each request's inputs to the stub in a /dev/shm region (mode 0600 under
+# tandem serve) and leaves the bytes there after the request, where the next reader of the region
+# would find prompts and scene tokens. Checked on Triton 2.51: ``as_numpy()`` is a private copy
+# (zeroing it leaves the region as it was), but ``to_dlpack()`` of a numeric CPU tensor points into
+# the region itself, so zero_tensor clears it in place. DLPack refuses BYTES tensors, so a prompt is
+# found by its exact serialized form (4-byte little-endian length + UTF-8) in this process's
+# mappings of /dev/shm and zeroed there (scrub_serialized).
+
+SCRUB_MIN_TEXT_BYTES = 8  # shorter rows are left: their serialized form could coincide with other data
+
+
+def zero_tensor(tensor) -> int:
+    """Zero a numeric CPU input tensor where it lives (the stub's shared-memory region), through
+    its DLPack capsule. Returns the bytes cleared (0 when the tensor cannot be reached this way)."""
+    import ctypes
+    import math
+
+    class _Device(ctypes.Structure):
+        _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int)]
+
+    class _DType(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+    class _DLTensor(ctypes.Structure):
+        _fields_ = [
+            ("data", ctypes.c_void_p), ("device", _Device), ("ndim", ctypes.c_int), ("dtype", _DType),
+            ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+            ("byte_offset", ctypes.c_uint64),
+        ]
+
+    try:
+        capsule = tensor.to_dlpack()
+    except Exception:  # BYTES, or a backend without DLPack
+        return 0
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    view = _DLTensor.from_address(get(capsule, b"dltensor"))  # DLManagedTensor starts with its DLTensor
+    if view.device.device_type != 1 or not view.data:  # kDLCPU only
+        return 0
+    if view.strides:  # tandem's inputs are contiguous; anything else is left alone
+        return 0
+    size = math.prod(view.shape[i] for i in range(view.ndim)) * view.dtype.bits * view.dtype.lanes // 8
+    ctypes.memset(view.data + view.byte_offset, 0, size)
+    return size  # the capsule, never consumed, releases its reference when it goes
+
+
+def _shared_mappings() -> list[str]:
+    """Files under /dev/shm this process has mapped shared and writable (the backend's regions)."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[1].startswith("rw") and parts[1].endswith("s") and parts[5].startswith("/dev/shm/"):
+                    path = parts[5].strip()
+                    if path not in paths:
+                        paths.append(path)
+    except OSError:
+        pass
+    return paths
+
+
+def serialized_row(value: str | bytes) -> bytes | None:
+    """A BYTES element as Triton serializes it, or None when it is too short (or holds NUL) to be
+    scrubbed by pattern without risk of matching other data."""
+    import struct
+
+    raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    if len(raw) < SCRUB_MIN_TEXT_BYTES or b"\x00" in raw:
+        return None
+    return struct.pack("<I", len(raw)) + raw
+
+
+def scrub_serialized(rows: list[bytes]) -> int:
+    """Zero every occurrence of each serialized row in this process's shared-memory regions; call
+    it only once every request of the batch has been read. Returns the occurrences cleared."""
+    import mmap
+
+    rows = [row for row in dict.fromkeys(rows) if row]
+    if not rows:
+        return 0
+    cleared = 0
+    for path in _shared_mappings():
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if not size:
+                continue
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as region:
+                for row in rows:
+                    at = region.find(row)
+                    while at != -1:
+                        region[at : at + len(row)] = bytes(len(row))
+                        cleared += 1
+                        at = region.find(row, at + len(row))
+        except (OSError, ValueError):
+            continue
+        finally:
+            os.close(fd)
+    return cleared

@@ -13,9 +13,13 @@ Two schedulers, chosen by the config parameter ``scheduler`` (``tandem repo --sc
   (``request.is_cancelled()``, e.g. a gRPC deadline on a direct call) or whose timeout passes
   (``request.timeout()``, the client's ``timeout`` parameter, which the ensemble forwards) frees its
   slot at the next step (cancellation is polled every ``CANCEL_POLL_S``: each poll is a round trip
-  to the Triton process that holds up new arrivals). Requests wait in the scheduler's queue, not Triton's (``execute`` returns at
-  once), so the repository's ``max_queue_size`` becomes the scheduler's waiting limit (parameter
-  ``max_waiting``, in prompts), which refuses the excess at once with the reason.
+  to the Triton process that holds up new arrivals). Every other client is covered by the front
+  door: it tags each request with the parameter ``tandem_request_id`` and, when the client goes
+  away, creates a marker file of that name in ``$TANDEM_CANCEL_DIR``; the row's check stats it at
+  every step (:class:`~tandem.serving.models.common.CancelMarkers`) and the slot is free at the next.
+  Requests wait in the scheduler's queue, not Triton's (``execute`` returns at once), so the
+  repository's ``max_queue_size`` becomes the scheduler's waiting limit (parameter ``max_waiting``,
+  in prompts), which refuses the excess at once with the reason.
 - ``request``: all requests Triton's dynamic batcher hands to one ``execute`` call become ONE
   batched generation run to its end (:meth:`tandem.pipeline.Pipeline.generate_tokens`).
 
@@ -42,6 +46,7 @@ from tandem.serving.interface import PROMPT, SCENE_TOKENS, SEED, TEMPERATURE, TO
 from tandem.serving.models.common import (
     SCHEDULER_INFLIGHT,
     Activity,
+    CancelMarkers,
     DrainingError,
     check_prompts,
     failure_message,
@@ -49,8 +54,12 @@ from tandem.serving.models.common import (
     model_parameters,
     parse_prompts,
     parse_sampling,
+    request_id,
     scheduler_kind,
+    scrub_serialized,
+    serialized_row,
     waiting_limit,
+    zero_tensor,
 )
 
 FIRST_STEP_METRIC = "tandem_reasoning_first_step_seconds"
@@ -75,6 +84,25 @@ def refusal(exc: TandemError) -> "pb_utils.InferenceResponse":
 def _input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def forget_inputs(requests: list) -> None:
+    """Clear the batch's inputs from the stub's shared-memory region once all are read: the
+    sampling columns in place (DLPack), the prompts by their serialized form (see
+    :func:`~tandem.serving.models.common.zero_tensor`). Never fails a request."""
+    rows = []
+    try:
+        for request in requests:
+            for name in (SEED, TEMPERATURE, TOP_K):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    zero_tensor(tensor)
+            prompts = _input(request, PROMPT)
+            if prompts is not None:
+                rows += [serialized_row(v if isinstance(v, bytes) else str(v)) for v in prompts.reshape(-1)]
+        scrub_serialized(rows)
+    except Exception as exc:  # clearing is hygiene: a failure here must not cost anyone an answer
+        pb_utils.Logger.log_warn(f"reasoning: could not clear request inputs from shared memory ({type(exc).__name__})")
 
 
 class TimingMetrics:
@@ -132,7 +160,10 @@ class _Answer:
     all are in, or an error as soon as one fails; later outcomes of a failed request are dropped
     and its other rows leave the engine at the next step (:attr:`failed` is their cancellation)."""
 
-    def __init__(self, rows: int, sender, metrics: TimingMetrics, counters: SchedulerCounters, activity: Activity):
+    def __init__(
+        self, rows: int, sender, metrics: TimingMetrics, counters: SchedulerCounters, activity: Activity, on_sent=None
+    ):
+        self.on_sent = on_sent  # called once the response is sent (e.g. to remove the request's cancel marker)
         self.activity = activity  # entered by submit; left when the one response is sent (drain waits for it)
         self.tokens: list[np.ndarray | None] = [None] * rows
         self.remaining = rows
@@ -177,6 +208,8 @@ class _Answer:
             self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
             self.activity.leave()
+            if self.on_sent is not None:
+                self.on_sent()
 
 
 class TritonPythonModel:
@@ -187,6 +220,7 @@ class TritonPythonModel:
         self.pipeline = load_pipeline(version_dir, parameters, args.get("model_instance_kind", "CPU"))
         self.max_prompt_len = self.pipeline.config.reasoning.max_prompt_len
         self.activity = Activity()
+        self.cancel_markers = CancelMarkers()  # the front door's, for clients Triton cannot tell us about
         self.scheduler_kind = scheduler_kind(parameters)
         self.metrics = TimingMetrics(self.scheduler_kind)
         self.scheduler: InflightScheduler | None = None
@@ -213,30 +247,42 @@ class TritonPythonModel:
         if self.scheduler is None:
             with self.activity.busy():
                 return self.execute_batch(requests)
+        parsed = []
         for request in requests:
-            self.submit(request)
+            try:
+                parsed.append(self.parse(request))
+            except TandemError as exc:
+                parsed.append(exc)
+        forget_inputs(requests)  # every request of the batch is read: clear them from shared memory
+        for request, result in zip(requests, parsed):
+            self.submit(request, result)
         return None
 
     # -- in-flight batching ---------------------------------------------------------------------------
-    def submit(self, request) -> None:
+    def submit(self, request, parsed) -> None:
         sender = request.get_response_sender()
-        try:
-            prompts, params = self.parse(request)
-        except TandemError as exc:
-            sender.send(refusal(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if isinstance(parsed, TandemError):
+            sender.send(refusal(parsed), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
+        prompts, params = parsed
         # The generation outlives execute(): the drain waits until its response is sent.
         self.activity.enter()
-        answer = _Answer(len(prompts), sender, self.metrics, self.counters, self.activity)
+        rid = request_id(request.parameters())  # the front door's id (None: not sent, or not a valid id)
+        marker = self.cancel_markers.watcher(rid)
+        answer = _Answer(
+            len(prompts), sender, self.metrics, self.counters, self.activity, on_sent=lambda: self.cancel_markers.forget(rid)
+        )
         timeout_us = int(request.timeout() or 0)  # the client's timeout parameter (0: none)
         polled = [time.monotonic()]
 
         def cancelled() -> bool:
+            if answer.failed:
+                return True
+            if marker is not None and marker():  # the front door's marker: one os.stat, every step
+                return True
             # request.is_cancelled() is a round trip to the Triton process; asked at every step for
             # every row it stalled execute() (new arrivals) by 15-20 ms per call, so ask at most
             # every CANCEL_POLL_S: a cancelled row leaves at the first step after that.
-            if answer.failed:
-                return True
             now = time.monotonic()
             if now - polled[0] < CANCEL_POLL_S:
                 return False
@@ -266,6 +312,7 @@ class TritonPythonModel:
             prompts += rows
             params += row_params
             owners += [index] * len(rows)
+        forget_inputs(requests)
         if prompts:
             marks: dict[str, float] = {}
 

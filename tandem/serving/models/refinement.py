@@ -2,7 +2,8 @@
 the tokens it rendered (``rendered_tokens``, the ensemble's ``scene_tokens`` output).
 
 Tokens of every valid request in a dynamic batch are rendered in one run; a request with tokens
-outside the codebook gets its own error and the others are still served. Imported only inside
+outside the codebook gets its own error and the others are still served. Each request's tokens are
+zeroed in the stub's shared-memory region once read (they are private data). Imported only inside
 Triton's python backend stub."""
 
 from __future__ import annotations
@@ -14,8 +15,24 @@ import triton_python_backend_utils as pb_utils
 
 from tandem.errors import TandemError
 from tandem.serving.interface import IMAGE, RENDERED_TOKENS, SCENE_TOKENS
-from tandem.serving.models.common import Activity, failure_message, load_pipeline, model_parameters, parse_scene_tokens
+from tandem.serving.models.common import (
+    Activity,
+    failure_message,
+    load_pipeline,
+    model_parameters,
+    parse_scene_tokens,
+    zero_tensor,
+)
 from tandem.serving.models.reasoning import error_response
+
+
+def _forget(tensor) -> None:
+    """Zero the request's scene tokens where they live (the stub's shared-memory region) once read."""
+    try:
+        if tensor is not None:
+            zero_tensor(tensor)
+    except Exception as exc:  # hygiene only: never costs a request its answer
+        pb_utils.Logger.log_warn(f"refinement: could not clear scene tokens from shared memory ({type(exc).__name__})")
 
 
 class TritonPythonModel:
@@ -35,13 +52,14 @@ class TritonPythonModel:
         responses: list = [None] * len(requests)
         batches, owners = [], []
         for index, request in enumerate(requests):
+            tensor = pb_utils.get_input_tensor_by_name(request, SCENE_TOKENS)
             try:
-                tokens = parse_scene_tokens(
-                    pb_utils.get_input_tensor_by_name(request, SCENE_TOKENS).as_numpy(), self.pipeline.grid, self.codebook_size
-                )
+                tokens = parse_scene_tokens(tensor.as_numpy(), self.pipeline.grid, self.codebook_size)  # a copy
             except TandemError as exc:
                 responses[index] = error_response(str(exc))
                 continue
+            finally:
+                _forget(tensor)
             batches.append(tokens)
             owners += [index] * len(tokens)
         if batches:
