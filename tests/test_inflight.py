@@ -7,6 +7,7 @@ The scheduler's own counters come from Triton's metrics endpoint (tandem.serving
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -193,6 +194,48 @@ def test_a_client_that_gives_up_frees_its_slot(server: TritonServer, pipeline: P
         assert client.is_ready(ENSEMBLE) and client.generate(PROMPTS[2]).images is not None
 
 
+def test_a_client_that_leaves_through_the_front_door_frees_its_slot(server: TritonServer, pipeline: Pipeline):
+    """Issue 24 defect 4: only clients that sent Triton's timeout parameter were covered. Through the
+    front door a stock tritonclient whose gRPC deadline passes, and an HTTP client that closes its
+    connection (curl killed), both behind a backlog, are cancelled by the scheduler (the front door's
+    marker): neither runs to its end, the backlog is served in full."""
+    import socket
+
+    body = json.dumps({"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPTS[1]]}]}).encode()
+    head = (f"POST /v2/models/{ENSEMBLE}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    for leave in ("grpc deadline", "http close"):
+        for attempt in range(4):
+            before = events(server)
+            futures = backlog(server, requests=WAITING // 2)
+            futures[0].result(timeout=120)  # the backlog is running: what follows waits behind the other 15
+            if leave == "grpc deadline":
+                stock = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+                try:
+                    with pytest.raises(Exception, match="Deadline"):
+                        stock.infer(ENSEMBLE, infer_inputs(grpcclient, generation_arrays(PROMPTS[1])), client_timeout=0.02)
+                finally:
+                    stock.close()
+            else:
+                with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+                    sock.sendall(head + body)
+                    time.sleep(0.02)
+                # closed without reading the answer
+            for i, future in enumerate(futures):
+                tokens = future.result(timeout=120)
+                assert not isinstance(tokens, str), tokens
+                assert np.array_equal(tokens, expected_backlog(pipeline, i))
+            if wait_for(lambda: events(server)["cancelled"] > before["cancelled"], timeout_s=5):
+                time.sleep(0.3)
+                after = events(server)
+                assert after["completed"] - before["completed"] == 2 * len(futures), (leave, before, after)
+                break
+        else:
+            pytest.fail(f"{leave}: in four rounds the request that left was never cancelled")
+    with TandemClient(server.grpc_url) as client:
+        assert client.generate(PROMPTS[2]).images is not None
+
+
 def test_overload_is_refused_with_a_clear_error_and_nothing_hangs(one_slot_server: TritonServer, pipeline: Pipeline):
     """Far more requests than slots plus waiting places, all at once: the excess is refused at
     once with the reason and the fix, everything accepted is answered correctly, the server stays
@@ -297,18 +340,12 @@ def test_work_reasoning_admitted_is_never_refused_at_refinement(tmp_path_factory
 
 @pytest.fixture(scope="module")
 def direct_server(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path):
-    """tritonserver without the front door, its stubs given $TANDEM_CANCEL_DIR: the test plays the
-    front door's part (sends tandem_request_id, writes the markers)."""
-    from tandem.serving.models.common import CANCEL_DIR_ENV
-
-    cancel_dir = tmp_path_factory.mktemp("cancel")
+    """tritonserver without the front door (its stubs still get $TANDEM_CANCEL_DIR, the server's
+    cancel folder): the test plays the front door's part (sends tandem_request_id, writes the markers)."""
     repository = write_repository(
         tiny_artifacts, tmp_path_factory.mktemp("direct") / "repo", max_batch_size=SLOTS, max_queue_size=WAITING
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(CANCEL_DIR_ENV, str(cancel_dir))
-        running = TritonServer(repository, startup_timeout=120, front_door=False).start()
-    running.cancel_dir = cancel_dir
+    running = TritonServer(repository, startup_timeout=120, front_door=False).start()
     with TandemClient(running.grpc_url) as client:
         client.generate(PROMPTS[0])
     yield running

@@ -8,6 +8,7 @@ for the TLS and key checks; the stop/restart checks run `tandem serve` as a user
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -262,20 +263,27 @@ def test_a_crafted_export_is_refused_and_leaves_the_repository_as_it_was(
     assert not (tmp_path / "fresh").exists()  # a failed `tandem repo` leaves nothing behind
 
 
-def test_an_edited_manifest_in_a_served_repository_does_not_load(tmp_path: Path, tiny_artifacts: Path):
-    """Editing the config inside a repository (not the export) is caught when the model loads: the
-    server refuses to start and says why, instead of serving out-of-range generations."""
-    from tandem.serving.repository import write_repository
-    from tandem.serving.server import ServerError
+def test_an_edited_manifest_or_config_in_a_served_repository_is_not_served(tmp_path: Path, tiny_artifacts: Path):
+    """Editing the config inside a repository (not the export), or a model's config.pbtxt (issue 24
+    defect 7: codebook_size 512 -> 1024 was served and published), is refused before tritonserver
+    starts, naming the file and the fix."""
+    from tandem.serving.repository import RepositoryIntegrityError, write_repository
 
     repo = write_repository(tiny_artifacts, tmp_path / "repo")
     for shipped in repo.glob("*/1/artifacts/manifest.json"):
         manifest = json.loads(shipped.read_text())
         manifest["config"]["scene"]["codebook_size"] = 1024
         shipped.write_text(json.dumps(manifest))
-    with pytest.raises(ServerError, match="config_fingerprint") as info:
+    with pytest.raises(RepositoryIntegrityError, match="manifest.json.*tandem repo"):
         TritonServer(repo, startup_timeout=90).start()
-    assert "Traceback" not in str(info.value).split("--- tritonserver log")[0]
+    repo = write_repository(tiny_artifacts, tmp_path / "repo2")
+    config = repo / "tandem" / "config.pbtxt"
+    text = config.read_text()
+    assert "codebook_size" in text
+    config.write_text(re.sub(r'(tandem.codebook_size"\s*value\s*\{\s*string_value:\s*")(\d+)', r"\g<1>1024", text))
+    assert config.read_text() != text
+    with pytest.raises(RepositoryIntegrityError, match="config.pbtxt.*tandem repo"):
+        TritonServer(repo, startup_timeout=90).start()
 
 
 # -- defect 10: the repository copies, so editing it cannot corrupt the export ----------------------
@@ -501,7 +509,7 @@ def test_the_front_door_limit_is_a_flag_and_tritonserver_listens_only_on_private
         TritonServer(tiny_repository, max_request_bytes=10)
     server = TritonServer(tiny_repository, address="0.0.0.0", max_request_bytes=50_000, http_port=1, grpc_port=2, metrics_port=3)
     server._workdir = Path("/private/work")
-    server.cancel_dir = server._workdir / "cancel"
+    server.cancel_dir, server.drain_dir = server._workdir / "cancel", server._workdir / "drain"
     command = " ".join(server.command(Path("/backends")))
     for what in ("http", "grpc", "metrics"):
         assert f"--{what}-address=unix:/private/work/" in command
@@ -901,3 +909,16 @@ def test_no_key_on_any_command_line_and_no_other_user_reaches_tritonserver(secur
     # the keys still work through the front door, and are still required there
     assert _http(f"{secured_server.http_url}/v2/logging", headers={"tandem-api-key": API_KEY})[0] == 403
     assert _http(f"{secured_server.http_url}/v2/logging", headers={"tandem-admin-key": ADMIN_KEY})[0] == 200
+
+
+def test_client_mistakes_in_json_are_answered_400_by_the_front_door(tiny_server: TritonServer):
+    """Defect 8: an INT64 seed of 2**64-1 answered 500 (tritonserver's JSON parser). The front door
+    checks JSON infer bodies first and answers 400 naming the valid range."""
+    def body(seed) -> dict:
+        return {"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPT_TEXT]},
+                           {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [seed]}]}
+
+    status, text = _http(f"{tiny_server.http_url}/v2/models/tandem/infer", "POST", body(2**64 - 1))
+    assert status == 400 and "'seed' takes an integer in [0, 2**63)" in json.loads(text)["error"]
+    status, text = _http(f"{tiny_server.http_url}/v2/models/tandem/infer", "POST", body(7))
+    assert status == 200, text

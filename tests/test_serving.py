@@ -191,11 +191,16 @@ def test_port_in_use_and_missing_repository_are_clear_errors(tiny_repository: Pa
 def test_startup_failure_raises_with_the_server_log(tiny_repository: Path, tmp_path: Path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repository, repo, copy_function=shutil.copy)  # copies: the shared repository stays intact
-    (repo / REFINEMENT / "1" / "artifacts" / "refinement.ort.onnx").write_bytes(b"corrupt")
+    # a model that cannot load (one the repository does not have): the error carries the log
     with pytest.raises(ServerError) as info:
+        TritonServer(repo, startup_timeout=60, extra_args=("--model-control-mode=explicit", "--load-model=absent")).start()
+    assert "tritonserver log" in str(info.value)
+    # a corrupted file is refused before tritonserver starts, naming the file and the fix
+    from tandem.serving.repository import RepositoryIntegrityError
+
+    (repo / REFINEMENT / "1" / "artifacts" / "refinement.ort.onnx").write_bytes(b"corrupt")
+    with pytest.raises(RepositoryIntegrityError, match="refinement.ort.onnx.*tandem repo"):
         TritonServer(repo, startup_timeout=60).start()
-    message = str(info.value)
-    assert "tritonserver log" in message and "corrupt or was modified" in message
 
 
 def test_tandem_serve_stops_cleanly_on_sigterm(tiny_repository: Path):

@@ -63,8 +63,8 @@ def reference(tiny_server) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray
 
 
 def test_each_server_serves_only_its_stage(repositories, servers, client_tls):
-    assert sorted(p.name for p in repositories[REASONING].iterdir()) == [REASONING]
-    assert sorted(p.name for p in repositories[REFINEMENT].iterdir()) == [REFINEMENT]
+    assert sorted(p.name for p in repositories[REASONING].iterdir()) == [REASONING, "tandem-repository.json"]
+    assert sorted(p.name for p in repositories[REFINEMENT].iterdir()) == [REFINEMENT, "tandem-repository.json"]
     assert servers.reasoning.grpc_port != servers.refinement.grpc_port
     for url, stage, other in ((servers.reasoning_url, REASONING, REFINEMENT), (servers.refinement_url, REFINEMENT, REASONING)):
         with TandemClient(url, tls=client_tls) as client:

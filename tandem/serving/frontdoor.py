@@ -50,8 +50,9 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tandem.serving.interface import ENSEMBLE, REASONING, REQUEST_ID_PARAMETER, ClientRequestError, check_json_request
+
 READY_LINE = "tandem front door ready"
-REQUEST_ID_PARAMETER = "tandem_request_id"  # read by tandem.serving.models (the reasoning model's cancellation)
 GRPC_SERVICES = ("/inference.GRPCInferenceService/", "/grpc.health.v1.Health/")
 GRPC_STREAM_METHODS = {"/inference.GRPCInferenceService/ModelStreamInfer"}
 GRPC_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -65,6 +66,8 @@ HOP_BY_HOP = {
 RESPONSE_HOP_BY_HOP = HOP_BY_HOP - {"content-encoding"}  # a response keeps its encoding: the client asked for it
 GRPC_RESERVED_METADATA = {"user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
 DECODABLE = {"identity", "gzip", "x-gzip", "deflate"}
+GENERATING_MODELS = (ENSEMBLE, REASONING)  # what a draining server refuses here (refinement still serves)
+DRAINING_MESSAGE = "the server is stopping and starts no new generations; retry on another replica or after the restart"
 CANCEL_MARKER_TTL_S = 300.0  # markers nobody consumed (the request had finished) are swept after this
 
 log = logging.getLogger("tandem.frontdoor")
@@ -86,6 +89,7 @@ class FrontDoorConfig:
     tls_client_ca: str | None = None
     restrictions: list[dict] = field(default_factory=list)  # [{"apis": [...], "header": str, "value": str}]
     cancel_dir: str | None = None
+    drain_file: str | None = None  # exists once `tandem serve` drains: new generations are refused here
     max_connections: int = 1024  # per protocol
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
@@ -213,20 +217,22 @@ class CancelMarkers:
                     marker.unlink()
 
 
-def inject_request_id_json(body: bytes, header_length: int | None, request_id: str) -> tuple[bytes, int | None] | None:
+def draining(config: FrontDoorConfig) -> bool:
+    """The server is stopping: new generations are refused at the door, so what Triton still holds
+    is exactly the work admitted before (the drain waits for it, and only for it)."""
+    return bool(config.drain_file) and os.path.exists(config.drain_file)
+
+
+def inject_request_id_json(body: bytes, header_length: int | None, request_id: str) -> tuple[bytes, int | None]:
     """``body`` with the KServe v2 JSON request's ``parameters.tandem_request_id`` set; with Triton's
-    binary extension the JSON part is the first ``header_length`` bytes. None: not a JSON object
-    (forwarded unchanged; tritonserver answers it)."""
+    binary extension the JSON part is the first ``header_length`` bytes. Raises
+    :class:`ClientRequestError` for a body tritonserver 2.51 would answer with a 500 or truncate
+    (not JSON, an integer out of its datatype's range, ...): the client's mistake, answered 400."""
     head, rest = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
-    try:
-        request = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(request, dict):
-        return None
+    request = check_json_request(head)
     parameters = request.setdefault("parameters", {})
     if not isinstance(parameters, dict):
-        return None
+        raise ClientRequestError('"parameters" must be a JSON object (KServe v2 infer request)')
     parameters[REQUEST_ID_PARAMETER] = request_id
     new_head = json.dumps(request, separators=(",", ":")).encode()
     return new_head + rest, (None if header_length is None else len(new_head))
@@ -434,16 +440,17 @@ def http_app(config: FrontDoorConfig, keys: Keys, markers: CancelMarkers, guard:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         request_id = None
         if request.method == "POST" and INFER_PATH.fullmatch(path):
+            if draining(config) and path.split("/")[3] in GENERATING_MODELS:
+                return error(503, DRAINING_MESSAGE)
             request_id = markers.new_id()
             length = request.headers.get("Inference-Header-Content-Length")
-            injected = inject_request_id_json(body, int(length) if length and length.isdigit() else None, request_id)
-            if injected is not None:
-                body, new_length = injected
-                if new_length is not None:
-                    headers = [(k, v) for k, v in headers if k.lower() != "inference-header-content-length"]
-                    headers.append(("Inference-Header-Content-Length", str(new_length)))
-            else:
-                request_id = None
+            try:
+                body, new_length = inject_request_id_json(body, int(length) if length and length.isdigit() else None, request_id)
+            except ClientRequestError as exc:
+                return error(400, str(exc))
+            if new_length is not None:
+                headers = [(k, v) for k, v in headers if k.lower() != "inference-header-content-length"]
+                headers.append(("Inference-Header-Content-Length", str(new_length)))
         method = "GET" if request.method == "HEAD" else request.method
         try:
             async with request.app["session"].request(
@@ -519,7 +526,7 @@ async def start_http(app, listen: tuple[str, int], guard: ConnectionGuard, handl
 
 
 # -- gRPC -----------------------------------------------------------------------------------------------
-def grpc_handler(channel, keys: Keys, markers: CancelMarkers):
+def grpc_handler(channel, keys: Keys, markers: CancelMarkers, config: FrontDoorConfig):
     """A generic handler forwarding Triton's gRPC services as raw bytes over ``channel``."""
     import grpc
 
@@ -533,16 +540,17 @@ def grpc_handler(channel, keys: Keys, markers: CancelMarkers):
         sent = {m.key: m.value for m in context.invocation_metadata()}
         return lambda header: sent.get(GRPC_HEADER_PREFIX + header)
 
-    def inject(request: bytes) -> tuple[bytes, str | None]:
+    def inject(request: bytes) -> tuple[bytes, str | None, str | None]:
+        """(request with its id set, the id, the model it is for)"""
         from tritonclient.grpc import service_pb2
 
         try:
             message = service_pb2.ModelInferRequest.FromString(request)
         except Exception:  # noqa: BLE001 - not ours to judge: tritonserver answers it
-            return request, None
+            return request, None, None
         request_id = markers.new_id()
         message.parameters[REQUEST_ID_PARAMETER].string_param = request_id
-        return message.SerializeToString(), request_id
+        return message.SerializeToString(), request_id, message.model_name
 
     def unary(method: str, api: str):
         call = channel.unary_unary(method)
@@ -554,7 +562,9 @@ def grpc_handler(channel, keys: Keys, markers: CancelMarkers):
                                     f"This API is restricted, expecting header '{GRPC_HEADER_PREFIX}{missing}'")
             request_id = None
             if method == GRPC_INFER_METHOD:
-                request, request_id = inject(request)
+                request, request_id, model = inject(request)
+                if model in GENERATING_MODELS and draining(config):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             try:
                 return await call(request, metadata=metadata(context), timeout=context.time_remaining())
             except asyncio.CancelledError:
@@ -647,7 +657,7 @@ async def serve(config: FrontDoorConfig) -> None:
             ("grpc.absolute_max_metadata_size", 16 * 1024),
         ]
     )
-    server.add_generic_rpc_handlers((grpc_handler(channel, keys, markers),))
+    server.add_generic_rpc_handlers((grpc_handler(channel, keys, markers, config),))
     grpc_listen = f"{config.grpc_listen[0]}:{config.grpc_listen[1]}"
     if ":" in config.grpc_listen[0]:
         grpc_listen = f"[{config.grpc_listen[0]}]:{config.grpc_listen[1]}"

@@ -17,6 +17,11 @@ ENSEMBLE = "tandem"
 REASONING = "reasoning"
 REFINEMENT = "refinement"
 SERVED_MODELS = (REASONING, REFINEMENT, ENSEMBLE)
+# Cancellation for every client (written by the front door, read by the reasoning model): a fresh
+# request parameter per inference request, and a marker file of that name in the folder this
+# environment variable names once the client has gone (see tandem.serving.models.common).
+REQUEST_ID_PARAMETER = "tandem_request_id"  # request parameter (string): 32 lowercase hex characters
+CANCEL_DIR_ENV = "TANDEM_CANCEL_DIR"  # folder of cancellation markers, set by the server for tritonserver and its stubs
 
 PROMPT = "prompt"
 SEED = "seed"

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from tandem.errors import EnvironmentProblem, TandemError
-from tandem.serving.interface import ENSEMBLE, REASONING
+from tandem.serving.interface import CANCEL_DIR_ENV, ENSEMBLE, REASONING
 from tandem.serving.models.common import BUSY_PREFIX, DRAIN_DIR_ENV, DRAINING_FILE
 from tandem.serving.security import APIRestriction, TLSOptions, admin_restriction
 
@@ -170,7 +170,6 @@ UPSTREAM_ADDRESS = "127.0.0.1"  # where tritonserver listens with front_door=Fal
 UPSTREAM_SOCKETS = {"http": "http.sock", "grpc": "grpc.sock", "metrics": "metrics.sock"}
 UPSTREAM_SOCKET_PORTS = {"http": 1, "grpc": 2, "metrics": 3}  # placeholders tritonserver requires
 WORKDIR_PREFIX = "tandem-triton-"
-CANCEL_DIR_ENV = "TANDEM_CANCEL_DIR"  # the front door's cancellation markers, read by the reasoning model
 STUB_NAME = "triton_python_backend_stub"
 SUPERVISE_INTERVAL_S = 0.5
 FRONT_DOOR_STOP_S = 5.0
@@ -553,6 +552,9 @@ class TritonServer:
                 "write one with `tandem repo --artifacts DIR --out REPO`"
             )
         check_bundled_support(self.repository)
+        from tandem.serving.repository import verify_repository
+
+        verify_repository(self.repository)  # every config.pbtxt and served file as `tandem repo` wrote it
         stale = remove_shm_regions()
         if stale:
             log.info("removed %d shared-memory regions left by tandem servers that are gone", len(stale))
@@ -610,6 +612,7 @@ class TritonServer:
             tls_client_ca=str(tls.client_ca) if tls and tls.client_ca else None,
             restrictions=[{"apis": list(r.apis), "header": r.header, "value": r.value} for r in self.restrictions],
             cancel_dir=str(self.cancel_dir),
+            drain_file=str(self.drain_dir / DRAINING_FILE),
             max_connections=self.max_connections,
             header_timeout_s=self.header_timeout_s,
         )
@@ -872,12 +875,13 @@ class TritonServer:
                 busy += 1
         pending = 0
         for line in self._metrics_text().splitlines():
-            # Requests queued for reasoning never start once a drain began (it refuses them), so
-            # they are not work to wait for, nor are the ensemble's own (its steps are counted at
-            # the composing models, and new arrivals keep it non-zero while they are refused);
-            # what is queued anywhere else is (refinement steps).
-            if line.startswith("nv_inference_pending_request_count{") and not any(
-                f'model="{name}"' in line for name in (REASONING, ENSEMBLE)
+            # Behind the front door a draining server refuses new generations at the door, so
+            # everything queued anywhere was admitted before the drain: wait for all of it (queued
+            # for reasoning, it is refused there; its answer must still reach the client before
+            # the door closes). Without the front door new arrivals reach reasoning's queue and
+            # are refused there: they are not work to wait for.
+            if line.startswith("nv_inference_pending_request_count{") and (
+                self.front_door or not any(f'model="{name}"' in line for name in (REASONING, ENSEMBLE))
             ):
                 pending += int(float(line.rsplit(" ", 1)[1]))
         return pending, busy

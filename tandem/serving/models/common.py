@@ -195,8 +195,8 @@ class Activity:
 # for every stub). The reasoning model stats that file at every scheduler step: no round trip to
 # Triton. The model removes a marker once it has seen it, and when it answers the request.
 
-CANCEL_DIR_ENV = "TANDEM_CANCEL_DIR"  # folder of cancellation markers, set by the server for the stubs it starts
-REQUEST_ID_PARAMETER = "tandem_request_id"  # request parameter (string): 32 lowercase hex characters
+from tandem.serving.interface import CANCEL_DIR_ENV, REQUEST_ID_PARAMETER  # noqa: E402  (the wire names)
+
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
