@@ -11,6 +11,7 @@ from tandem.cli.common import (
     DEFAULT_CONFIG,
     add_config_argument,
     add_json_argument,
+    bundled_names,
     check_output_path,
     default_build_dir,
     finish,
@@ -24,7 +25,7 @@ RUNTIME_HELP = "in-process runtime: onnxruntime (default), torch, tensorrt, neur
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="print total and active parameters per stage (meta device, nothing allocated)")
     p.add_argument("legacy_config", nargs="?", metavar="CONFIG", help=argparse.SUPPRESS)  # `tandem params seed`
-    add_config_argument(p, default=None, help="config name (tiny, small, seed) or YAML path")
+    add_config_argument(p, default=None, help=f"config name ({bundled_names()}) or YAML path")
     add_json_argument(p)
     p.set_defaults(handler=cmd_params)
 
@@ -102,7 +103,7 @@ def cmd_params(args: argparse.Namespace) -> int:
         raise TandemError(f"two configs given ({args.legacy_config!r} and --config {args.config!r}); pass one with --config")
     name = args.config or args.legacy_config
     if name is None:
-        raise TandemError("name a config: tandem params --config seed (bundled: tiny, small, seed, or a YAML path)")
+        raise TandemError(f"name a config: tandem params --config seed (bundled: {bundled_names()}, or a YAML path)")
     config = load_config(name)
     counts = count_parameters(config)
     if not args.json:
