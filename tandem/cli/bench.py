@@ -28,14 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Measures every stage on every runtime available here (latency percentiles, throughput vs batch, decode "
             "cost vs position), the Triton ensemble under a concurrency sweep (HTTP and gRPC), this machine's matmul "
             "peak and memory bandwidth, and models H100/A100/Inferentia2 from published peaks. Writes results.json, "
-            "report.md and plots/ to benchmarks/results/<machine>-<date>/ (or --out)."
+            "report.md and plots/ to benchmarks/results/<machine>-<date>/ (--quick: build/bench-...-quick/; or --out). A full run "
+            "takes about 7-9 minutes on 2 cores (the committed runs); --quick a few minutes and judges only what it can measure (correctness targets)."
         ),
     )
     add_config_argument(p)
     add_list_argument(p, "--artifacts", item_type=Path, help="tandem output folders to benchmark, comma-separated: an "
                       "export and/or `tandem build` folders (their compiled/ feeds tensorrt, neuron, torch_aot; default "
                       "build/<config>, exported if missing)")
-    p.add_argument("--out", type=Path, help="report directory (default benchmarks/results/<machine>-<date>[-<config>][-quick])")
+    p.add_argument("--out", type=Path, help="report directory (default benchmarks/results/<machine>-<date>[-<config>]; "
+                   "with --quick build/bench-<machine>-<date>[-<config>]-quick, never the tracked benchmarks/results/)")
     p.add_argument("--quick", action="store_true", help="few iterations: a smoke run for tests and CI, not for comparison")
     p.add_argument("--skip-served", action="store_true", help="do not start tritonserver (the served section says so)")
     p.add_argument("--hardware", type=Path, help="published peaks and prices (default configs/hardware.yaml)")
@@ -120,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  WARNING: {warning}")
     for target in result.results["targets"]:
         print(f"  {target['status']:<8}{target['description']}: " + (
-            f"{target['value'] * (100 if target['unit'] == '%' else 1):.2f}{'%' if target['unit'] == '%' else 'x'}"
+            f"{target['value']:.2f}{target['unit']}"  # a % target's value is already in percent
             if target["value"] is not None
             else target["detail"]
         ))

@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_argument(p)
     p.add_argument("--out", help="export folder to write (default build/<config>)")
     p.add_argument("--checkpoint", help="safetensors weights (default: the config's, else seeded init)")
-    p.add_argument("--force", action="store_true", help="replace --out even if it holds files an export did not write")
+    p.add_argument("--force", action="store_true", help="export again even when --out holds an up-to-date export (same "
+                   "config, weights, code and tool versions, files intact), and replace --out even if it holds files an "
+                   "export did not write")
     add_json_argument(p)
     p.set_defaults(handler=cmd_export)
 
@@ -120,16 +122,24 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tandem.config import load_config
-    from tandem.export.onnx_export import export_model
+    from tandem.export.onnx_export import ExportResult, export_model, up_to_date
     from tandem.preflight import require_memory
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_build_dir(config.name)
     if out.is_file():
         raise TandemError(f"--out {out} is a file; name a folder for the export")
-    require_memory(config, "export")
-    result = export_model(config, out, checkpoint=args.checkpoint, force=args.force)
-    print(f"exported {config.name} to {result.out} (manifest: {result.out / 'manifest.json'})")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise TandemError(f"--checkpoint {args.checkpoint} does not exist; give a safetensors file (or drop --checkpoint)")
+    reused = None if args.force else up_to_date(out, config, args.checkpoint)
+    if reused is not None:
+        result = ExportResult(out=out, manifest=reused)
+        print(f"export of {config.name} in {out} is up to date (same config, weights, code and tool versions; files "
+              "intact): reused, nothing exported. --force exports again")
+    else:
+        require_memory(config, "export")
+        result = export_model(config, out, checkpoint=args.checkpoint, force=args.force)
+        print(f"exported {config.name} to {result.out} (manifest: {result.out / 'manifest.json'})")
     graphs = {}
     for entry in result.manifest.graphs.values():
         worst = max(err.max_abs for case in entry.validation for err in case.outputs.values())
@@ -162,6 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "out": str(result.out.resolve()),
         "manifest": str((result.out / "manifest.json").resolve()),
         "passed": result.manifest.passed,
+        "reused": reused is not None,
         "graphs": graphs,
         "generation_checks": checks,
     })
