@@ -317,3 +317,57 @@ def test_serve_log_has_no_cuda_errors_on_a_cpu_host(tiny_server):
     errors = [line for line in log.splitlines() if line.startswith("E") and ("CUDA" in line or "Cuda" in line)]
     assert errors == []
     assert "Unable to allocate pinned system memory" not in log  # the pinned pool is off, not failing
+
+
+def _serve_once(handler) -> int:
+    """A listening socket on a free loopback port whose connections ``handler`` answers (daemon thread)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def loop():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_tls_and_plaintext_mismatches_name_the_other_scheme(tmp_path: Path):
+    """grpc:// to a TLS port names grpcs://, grpcs:// to a plaintext port names grpc:// (no "Socket closed")."""
+    import ssl
+
+    import trustme
+
+    from tandem.serving.client import diagnose_endpoint, parse_url
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context)
+
+    def tls_handler(conn):
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def plain_handler(conn):  # a plaintext gRPC port: HTTP/2 bytes back, never a TLS handshake
+        try:
+            conn.recv(1024)
+            conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+        finally:
+            conn.close()
+
+    tls_port, plain_port = _serve_once(tls_handler), _serve_once(plain_handler)
+    assert f"speaks TLS: use grpcs://127.0.0.1:{tls_port}" in diagnose_endpoint(parse_url(f"grpc://127.0.0.1:{tls_port}"))
+    assert f"does not speak TLS (a plaintext port?): use grpc://127.0.0.1:{plain_port}" in diagnose_endpoint(
+        parse_url(f"grpcs://127.0.0.1:{plain_port}")
+    )
+    assert diagnose_endpoint(parse_url(f"grpcs://127.0.0.1:{tls_port}")) is None  # TLS both ways: not a scheme problem

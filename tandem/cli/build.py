@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tandem.cli.common import add_alias, add_config_argument, add_json_argument, default_build_dir, finish
+from tandem.cli.common import add_alias, add_config_argument, add_json_argument, default_build_dir, finish, positive_int
 from tandem.compiler.targets import TARGETS
 from tandem.errors import EXIT_CHECK_FAILED, EXIT_OK
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
         help="export -> optimise -> compile -> Triton model repository for one target, step by step",
-        description="Build deployable artifacts for one target. Each step reports ok / failed / skipped; a re-run "
+        description="Build deployable artifacts for one target. Each step prints OK, FAILED or SKIPPED (ok / failed / skipped in the JSON); a re-run "
         "skips steps whose inputs (content hashes) did not change. Targets:\n" + targets,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     trt.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace memory pool (default 4 GiB)")
     trt.add_argument("--timing-cache", help="timing cache file to read and update (default <out>/cache/tensorrt-<arch>.timing)")
     repo = p.add_argument_group("model repository")
-    repo.add_argument("--max-batch-size", type=int, default=8)
+    repo.add_argument("--max-batch-size", type=positive_int, default=8, help="largest batch each served model takes (default 8)")
     repo.add_argument("--instances", type=int, default=1, help="model instances per stage")
     repo.add_argument("--neuron-cores-per-instance", type=int, default=1, help="inf2: NeuronCores each instance is pinned to")
     add_json_argument(p)
@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--artifacts", required=True, metavar="DIR",
                    help="a validated fp32 export (a `tandem export` folder or a build folder holding one)")
-    p.add_argument("--target", required=True, choices=[t.name for t in TARGETS.values() if t.toolchain in ("onnxruntime", "tensorrt")])
+    p.add_argument("--target", required=True, choices=[t.name for t in TARGETS.values() if t.toolchain in ("onnxruntime", "tensorrt")],
+                   help="the target the graphs are for (cpu: ONNX Runtime; h100, a100: TensorRT)")
     p.add_argument("--precision", required=True, help="a precision the target offers (int8 for cpu; fp16 / bf16 / int8 / fp8 for TensorRT)")
     p.add_argument("--out", required=True, help="directory for the precision graphs (an export's layout)")
     p.add_argument("--checkpoint", help="the weights the export was made from (default: the config's)")

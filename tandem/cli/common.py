@@ -151,6 +151,27 @@ def runtime_name(name: str) -> str:
     return canonical
 
 
+# -- prompts -------------------------------------------------------------------------------------
+
+
+def prompt_warning(prompt: str) -> str | None:
+    """A warning for a prompt the bundled models were not trained to follow: the byte tokenizer
+    encodes any text, but the reference checkpoint learned only the synthetic-scene grammar, so a
+    prompt outside it ("a purple elephant") still gives an image, just not of what it says."""
+    from tandem.data.scenes import parse_caption
+
+    if not prompt.strip():
+        return None  # refused later with its own message
+    try:
+        parse_caption(prompt)
+    except TandemError as exc:
+        return (
+            f"{exc}. The prompt is still encoded and generated (the tokenizer takes any UTF-8 text), but the bundled "
+            "checkpoints were trained on that grammar alone, so the image will not follow it"
+        )
+    return None
+
+
 # -- output paths --------------------------------------------------------------------------------
 
 

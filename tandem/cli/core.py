@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from tandem.cli.common import (
     check_output_path,
     default_build_dir,
     finish,
+    prompt_warning,
     runtime_name,
 )
 from tandem.errors import TandemError
@@ -40,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("generate", help="prompt -> scene tokens -> PNG, in-process or through a Triton server")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square" (1 to 3 coloured shapes and their relations)')
     p.add_argument("--out", default="out.png", help="PNG to write (default out.png)")
     p.add_argument("--tokens-out", help="also save the scene tokens (.npy) for editing and `tandem render`")
     add_runtime_arguments(p)
@@ -69,7 +71,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; greedy decoding ignores it)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = all)")
 
@@ -235,6 +237,9 @@ def numbered_paths(path: Path, count: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     check_output_path(args.out, (".png",), "--out")  # refused before generating, not after
     check_output_path(args.tokens_out, (".npy",), "--tokens-out")
+    warning = prompt_warning(args.prompt)
+    if warning:
+        print(f"tandem generate: warning: {warning}", file=sys.stderr, flush=True)
     if args.refinement_server:
         from tandem.deploy.split import SplitClient
 
@@ -266,6 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k,
+        "warnings": [warning] if warning else [],
     })
 
 

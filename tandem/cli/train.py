@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from tandem.cli.common import (
@@ -25,7 +26,6 @@ DEFAULT_EVAL_OUT = "build/eval-{config}.json"
 # The default sample: this many held-out captions per object count (the same ones every run), a few
 # minutes on 2 CPU cores; --full evaluates the whole held-out pool (hours) and says so first.
 DEFAULT_PER_COUNT = 8
-EVAL_SECONDS_PER_CAPTION = 2.2  # small config, one runtime, 2 busy cores (the whole pool took 4-6 h for two)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--reasoning-steps", type=int, default=d.reasoning_steps, help="reasoning phase 1: plans and whole rows"
     )
     p.add_argument("--canvas-steps", type=int, default=d.canvas_steps, help="reasoning phase 2: whole rows")
-    p.add_argument("--refinement-steps", type=int, default=d.refinement_steps)
+    p.add_argument("--refinement-steps", type=int, default=d.refinement_steps, help=f"refinement training steps (default {d.refinement_steps})")
     p.add_argument("--batch", type=int, help="captions per batch everywhere (default: the recipe's, see TrainSettings)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"training seed: data order and initial weights (default {d.seed})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument(
         "--dtype", default=d.stored_dtype, choices=["float16", "float32"], help="dtype stored in the checkpoint"
@@ -168,15 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     per_count = None if args.full else (args.per_count or DEFAULT_PER_COUNT)
     captions = eval_captions(config, per_count)
     pool = len(eval_captions(config, None))
-    sources = len(runtimes) + bool(args.server)
-    if per_count is None:
-        hours = pool * sources * EVAL_SECONDS_PER_CAPTION / 3600
-        print(f"tandem eval: the whole held-out pool, {pool:,} captions x {sources} runtime(s): about {hours:.1f} h "
-              "on 2 CPU cores (drop --full for a sample of minutes)", file=sys.stderr, flush=True)
-    else:
-        print(f"tandem eval: {len(captions)} of the {pool:,} held-out captions ({per_count} per object count; "
-              "--per-count N for more, --full for every one)", file=sys.stderr, flush=True)
-    runs = []
+    sources = []  # (name, description, generate), built before anything is evaluated
     for name in runtimes:
         if name == "torch":
             runtime = make_runtime("torch", config=config, checkpoint=checkpoint)
@@ -184,9 +176,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runtime = make_runtime(name, artifacts=artifacts)
             if runtime.config.fingerprint() != config.fingerprint():
                 raise TandemError(f"{artifacts} was exported for another config; export {config.name} again")
-        runs.append(evaluate_runtime(name, runtime.describe(), pipeline_generator(Pipeline(runtime)), captions, vocab))
+        sources.append((name, runtime.describe(), pipeline_generator(Pipeline(runtime))))
     if args.server:
-        runs.append(evaluate_runtime("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model), captions, vocab))
+        sources.append(("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model)))
+    if per_count is None:
+        # The whole pool takes long: time one batch of 8 per runtime here, say how long, then start.
+        seconds = 0.0
+        for _name, _description, generate in sources:
+            t0 = time.monotonic()
+            generate(captions[:8])
+            seconds += (time.monotonic() - t0) / len(captions[:8])
+        minutes = seconds * pool / 60
+        print(f"tandem eval: the whole held-out pool, {pool:,} captions x {len(sources)} runtime(s): about "
+              f"{minutes / 60:.1f} h ({minutes:.0f} min) at this machine's pace just measured (drop --full for a sample "
+              f"of {DEFAULT_PER_COUNT} per object count)", file=sys.stderr, flush=True)
+    else:
+        print(f"tandem eval: {len(captions)} of the {pool:,} held-out captions ({per_count} per object count; "
+              "--per-count N for more, --full for every one)", file=sys.stderr, flush=True)
+    runs = [evaluate_runtime(name, description, generate, captions, vocab) for name, description, generate in sources]
     agreements = [agreement(runs[0], other) for other in runs[1:]]
     report = write_report(out, config, checkpoint, runs, agreements, per_count=per_count)
     plot_samples(plot, runs[0])
