@@ -92,7 +92,7 @@ def add_gate_arguments(p: argparse.ArgumentParser) -> None:
 
 def announce_gate(export_or_config, captions: int | None) -> None:
     """Say how many captions the gate generates from and, for the whole pool, how long it takes."""
-    from tandem.compiler.precision_gate import GATE_SECONDS_PER_CAPTION, gate_captions
+    from tandem.compiler.precision_gate import DEFAULT_GATE_CAPTIONS, GATE_SECONDS_PER_CAPTION, gate_captions
     from tandem.config import ModelConfig
 
     if isinstance(export_or_config, ModelConfig):
@@ -103,9 +103,10 @@ def announce_gate(export_or_config, captions: int | None) -> None:
         config = read_manifest(export_or_config).config
     pool = len(gate_captions(config, None))
     if captions is None:
-        hours = pool * GATE_SECONDS_PER_CAPTION / 3600
-        print(f"accuracy gate: the whole held-out pool, {pool:,} captions: about {hours:.1f} h on 2 CPU cores "
-              f"(the default --gate-captions samples a few dozen in about a minute)", file=sys.stderr, flush=True)
+        low, high = (pool * seconds / 3600 for seconds in GATE_SECONDS_PER_CAPTION)
+        print(f"accuracy gate: the whole held-out pool, {pool:,} captions: about {low:.1f}-{high:.1f} h on 2 CPU cores "
+              f"(quiet to busy; the default --gate-captions samples {DEFAULT_GATE_CAPTIONS} in under a minute)",
+              file=sys.stderr, flush=True)
     else:
         print(f"accuracy gate: {min(captions, pool)} of the {pool:,} held-out captions (--gate-captions all for every one)",
               file=sys.stderr, flush=True)
