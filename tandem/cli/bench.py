@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_list_argument(p, "--protocols", dest="protocols", help=argparse.SUPPRESS)
     add_list_argument(p, "--schedulers", dest="schedulers", help=argparse.SUPPRESS)
     add_list_argument(p, "--open-loop-loads", dest="open_loop_loads", item_type=_positive_float, help=argparse.SUPPRESS)
+    p.add_argument("--port-base", type=positive_int, metavar="PORT",
+                   help="pin the servers' public ports: the served sweep uses PORT..PORT+2 (HTTP, gRPC, metrics; one server "
+                   "at a time), the split path's 5 servers PORT+3..PORT+17 (default: free ports)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files tandem bench did not write")
     p.add_argument("--rerender", type=Path, metavar="DIR", help="only redraw report.md and plots/ of DIR from its results.json")
@@ -88,6 +91,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [x for x in schedulers if x not in SCHEDULERS]
     if unknown:
         raise TandemError(f"--scheduler must name some of {','.join(SCHEDULERS)}, got {','.join(unknown)}")
+    if args.port_base is not None and args.port_base + 17 > 65535:
+        raise TandemError(f"--port-base {args.port_base}: the bench needs 18 consecutive ports; choose one at most 65518")
+    split_base = None if args.port_base is None else args.port_base + 3
     export, compiled = bench_folders(args.artifacts)
     served = ServedSettings(
         concurrencies=tuple(args.concurrency) if args.concurrency else ((1, 2) if args.quick else (1, 2, 4, 8, 16)),
@@ -97,6 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         schedulers=schedulers,
         open_loop_loads=tuple(args.open_loop_loads) if args.open_loop_loads else ((1.0, 4.0) if args.quick else ServedSettings.open_loop_loads),
         open_loop_requests=args.requests or (4 if args.quick else 32),
+        port_base=args.port_base,
     )
     options = BenchOptions(
         config=args.config,
@@ -110,7 +117,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compiled=compiled,
         batches=tuple(args.batches),
         served=served,
-        split=SplitSettings(requests=4, warmup=1, simulated_requests=2_000) if args.quick else SplitSettings(),
+        split=SplitSettings(requests=4, warmup=1, simulated_requests=2_000, port_base=split_base) if args.quick
+        else SplitSettings(port_base=split_base),
         progress=not args.no_progress,
     )
     result = run_benchmark(options)
