@@ -476,7 +476,7 @@ def test_tensorrt_missing_says_nothing_was_written_before_any_step(tmp_path: Pat
     result = tandem("build", "--config", "tiny", "--target", "h100", "--precision", "fp16", "--out", str(out), "--json")
     assert result.returncode == EXIT_ENVIRONMENT
     error = json_result(result, "build")["error"]
-    assert "<out>" not in error and "Nothing was built" in error and "--no-preflight" in error and "fp16" in error
+    assert "<out>" not in error and "No graphs were written" in error and "--no-preflight" in error and "fp16" in error
     assert not out.exists()
     doctor = json_result(tandem("doctor", "--json"), "doctor")
     h100 = next(c for c in doctor["targets"] if c["name"] == "h100")["detail"]

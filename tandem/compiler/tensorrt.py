@@ -44,7 +44,7 @@ INSTALL_HINT = (
 )
 # Before any step ran (pre-flight, `tandem doctor`) nothing is written yet: say how to write the graphs here.
 GRAPHS_NOT_WRITTEN = (
-    "Nothing was built. The {precision} graphs TensorRT builds from can be written and checked on this machine: "
+    "No graphs were written for it yet. The {precision} graphs TensorRT builds from can be written and checked on this machine: "
     "`tandem build --target {target} --precision {precision} --no-preflight` runs export, precision and optimise "
     "and stops at the TensorRT call. "
 )
