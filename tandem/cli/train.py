@@ -13,6 +13,7 @@ from tandem.cli.common import (
     add_config_argument,
     add_json_argument,
     add_list_argument,
+    bundled_names,
     check_output_path,
     default_build_dir,
     finish,
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("eval", help="held-out compositional accuracy per runtime; runtimes must agree token for token")
-    add_config_argument(p, help="config name or YAML path; its checkpoint is evaluated (default small)")
+    add_config_argument(p, help=f"config: a bundled name ({bundled_names()}) or a YAML path; its checkpoint is evaluated (default small)")
     add_list_argument(
         p,
         "--runtime",
