@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/models/small.yaml
 BUILD ?= build/small
+# Extra `tandem demo` flags, e.g. pinned ports: make demo DEMO_ARGS="--http-port 8000 --grpc-port 8001 --metrics-port 8002"
+DEMO_ARGS ?=
 
 .PHONY: venv demo test clean
 
@@ -21,7 +23,7 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/tandem export --config $(CONFIG) --out $(BUILD)
 # repository -> tritonserver -> the tandem ensemble over gRPC -> PNG -> server stopped
-	$(BIN)/tandem demo --config $(CONFIG) --artifacts $(BUILD) --out build/demo.png --tokens-out build/demo_tokens.npy
+	$(BIN)/tandem demo --config $(CONFIG) --artifacts $(BUILD) --out build/demo.png --tokens-out build/demo_tokens.npy $(DEMO_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest

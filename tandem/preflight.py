@@ -96,7 +96,7 @@ def require_memory(config: ModelConfig, work: str) -> None:
 # -- targets and runtimes ------------------------------------------------------------------------
 
 
-def target_problem(target_name: str) -> str | None:
+def target_problem(target_name: str, precision: str | None = None) -> str | None:
     """Why ``tandem build --target`` cannot run here (toolchain, device, architecture), or None."""
     from tandem.compiler.targets import CPU, NEURON, TENSORRT, TORCH_AOT, get_target
 
@@ -107,7 +107,7 @@ def target_problem(target_name: str) -> str | None:
         elif target.toolchain == TENSORRT:
             from tandem.compiler import tensorrt as trt_build
 
-            trt_build.require_tensorrt(target)
+            trt_build.require_tensorrt(target, precision or target.default_precision)
             trt_build.require_gpu_arch(target)
         elif target.toolchain == NEURON:
             from tandem.compiler import neuron as neuron_build
@@ -126,8 +126,8 @@ def target_problem(target_name: str) -> str | None:
     return None
 
 
-def require_target(target_name: str) -> None:
-    problem = target_problem(target_name)
+def require_target(target_name: str, precision: str | None = None) -> None:
+    problem = target_problem(target_name, precision)
     if problem:
         raise ToolchainMissingError(problem)
 

@@ -317,3 +317,187 @@ def test_serve_log_has_no_cuda_errors_on_a_cpu_host(tiny_server):
     errors = [line for line in log.splitlines() if line.startswith("E") and ("CUDA" in line or "Cuda" in line)]
     assert errors == []
     assert "Unable to allocate pinned system memory" not in log  # the pinned pool is off, not failing
+
+
+def _serve_once(handler) -> int:
+    """A listening socket on a free loopback port whose connections ``handler`` answers (daemon thread)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def loop():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_tls_and_plaintext_mismatches_name_the_other_scheme(tmp_path: Path):
+    """grpc:// to a TLS port names grpcs://, grpcs:// to a plaintext port names grpc:// (no "Socket closed")."""
+    import ssl
+
+    import trustme
+
+    from tandem.serving.client import diagnose_endpoint, parse_url
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context)
+
+    def tls_handler(conn):
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def plain_handler(conn):  # a plaintext gRPC port: HTTP/2 bytes back, never a TLS handshake
+        try:
+            conn.recv(1024)
+            conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+        finally:
+            conn.close()
+
+    tls_port, plain_port = _serve_once(tls_handler), _serve_once(plain_handler)
+    assert f"speaks TLS: use grpcs://127.0.0.1:{tls_port}" in diagnose_endpoint(parse_url(f"grpc://127.0.0.1:{tls_port}"))
+    assert f"does not speak TLS (a plaintext port?): use grpc://127.0.0.1:{plain_port}" in diagnose_endpoint(
+        parse_url(f"grpcs://127.0.0.1:{plain_port}")
+    )
+    assert diagnose_endpoint(parse_url(f"grpcs://127.0.0.1:{tls_port}")) is None  # TLS both ways: not a scheme problem
+
+
+# ----------------------------------------------------------------------------- the README's CI block, as written
+
+
+def readme_ci_commands() -> list[str]:
+    """The shell commands of README.md's "In CI" section (its first ```sh block), comments dropped."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## In CI\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip().startswith("tandem ")]
+
+
+def test_readme_ci_block_is_what_the_ci_test_runs():
+    commands = readme_ci_commands()
+    assert [c.split()[1] for c in commands] == ["doctor", "build", "export", "eval", "bench"]
+    for command in commands:  # every one writes its one JSON object to a file, as a pipeline would
+        assert "--json >" in command and command.endswith(".json"), command
+    assert "--config tiny" in commands[1] and "--config tiny" in commands[4]
+
+
+@pytest.mark.server
+@pytest.mark.timeout(1800)
+def test_readme_ci_commands_finish_in_minutes_with_exit_0_and_one_json_object(tmp_path: Path):
+    """Every command of README.md's "In CI" block, run as written from an empty folder (the tiny config
+    where the README says so): each finishes within 5 minutes on this 2-core machine, exits 0 (the
+    README: each exits 0 when the software is right) and leaves exactly one JSON object in its file."""
+    import shlex
+
+    work = tmp_path / "ci"
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for command in readme_ci_commands():
+        words = shlex.split(command)
+        argv, target = words[: words.index(">")], work / words[words.index(">") + 1]
+        start = time.monotonic()
+        with target.open("w") as stdout:
+            result = subprocess.run(
+                [sys.executable, "-m", "tandem", *argv[1:]], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                cwd=work, env=env, timeout=300,
+            )
+        took = time.monotonic() - start
+        stdout_text = target.read_text()
+        assert result.returncode == EXIT_OK, f"{command}: exit {result.returncode}\n{stdout_text[-2000:]}\n{result.stderr[-3000:]}"
+        data = json.loads(stdout_text)  # exactly one object: json.loads refuses anything after it
+        assert isinstance(data, dict) and data["command"] == argv[1] and data["exit_code"] == 0 and data["ok"]
+        assert took < 300, f"{command} took {took:.0f} s"
+        if argv[1] == "bench":
+            assert not data["missed_targets"] and Path(data["out"]).is_relative_to(work / "build")
+        if argv[1] == "export":  # the README says a re-run with unchanged inputs reuses the export
+            again = subprocess.run([sys.executable, "-m", "tandem", *argv[1:]], capture_output=True, text=True, cwd=work, env=env, timeout=120)
+            assert again.returncode == 0 and json.loads(again.stdout)["reused"], again.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- argparse errors under --json
+
+
+@pytest.mark.parametrize(
+    "args, command, says",
+    [
+        (["build", "--config", "tiny", "--target", "cpu", "--focre"], "build", "did you mean --force?"),
+        (["build", "--config", "tiny", "--target", "tpu"], "build", "invalid choice: 'tpu'"),
+        (["build", "--config", "tiny"], "build", "add --target cpu|h100"),
+        (["generate"], "generate", "add PROMPT"),
+        (["bench", "--batches", "abc"], "bench", "'abc' is not a valid positive integer"),
+        (["eval", "--per-count", "x"], "eval", "invalid int value: 'x'"),
+        (["nope"], "tandem", "run `tandem --help`"),
+    ],
+)
+def test_usage_errors_print_one_json_object_naming_the_fix(args, command, says):
+    from tandem.cli import main as cli_main
+
+    result = tandem(*args, "--json")
+    assert result.returncode == EXIT_USAGE
+    data = json_result(result, command)
+    assert says in data["error"] and data["ok"] is False
+    assert "Traceback" not in result.stderr and says in result.stderr  # a person reads it on stderr too
+    assert cli_main([*args]) == EXIT_USAGE  # in-process too: returned, not raised
+
+
+def test_a_failure_object_always_carries_error(capsys):
+    import argparse as _argparse
+
+    from tandem.cli.common import finish
+
+    args = _argparse.Namespace(json=True, command="build")
+    assert finish(args, {"build": {"passed": False}}, EXIT_CHECK_FAILED) == EXIT_CHECK_FAILED
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is False and "a check failed" in data["error"]  # no error of its own: what the code means
+    finish(args, {"error": "step 'compile' failed: no TensorRT"}, EXIT_CHECK_FAILED)
+    assert json.loads(capsys.readouterr().out)["error"] == "step 'compile' failed: no TensorRT"
+    finish(args, {"passed": True})
+    assert "error" not in json.loads(capsys.readouterr().out)
+
+
+def test_tensorrt_missing_says_nothing_was_written_before_any_step(tmp_path: Path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "h100"
+    result = tandem("build", "--config", "tiny", "--target", "h100", "--precision", "fp16", "--out", str(out), "--json")
+    assert result.returncode == EXIT_ENVIRONMENT
+    error = json_result(result, "build")["error"]
+    assert "<out>" not in error and "No graphs were written" in error and "--no-preflight" in error and "fp16" in error
+    assert not out.exists()
+    doctor = json_result(tandem("doctor", "--json"), "doctor")
+    h100 = next(c for c in doctor["targets"] if c["name"] == "h100")["detail"]
+    assert "<out>" not in h100 and "are ready in" not in h100
+
+
+# ----------------------------------------------------------------------------- figures the README quotes
+
+
+def test_readme_figures_match_what_the_code_computes():
+    import re
+
+    from tandem.config import load_config
+    from tandem.preflight import memory_estimate
+    from tandem.serving.interface import request_size_limit
+
+    readme = (REPO / "README.md").read_text()
+    limit = request_size_limit(load_config("small"), 8)
+    assert f"{limit / 1024:.0f} KiB ({limit:,} bytes) for `small`" in readme
+    seed = memory_estimate(load_config("seed"), "export") / 2**30
+    quoted = set(re.findall(r"needs about ([\d.]+) GiB", readme)) | set(re.findall(r"\| `seed` \| [^|]+\| [^|]+\| ([\d.]+) GiB", readme))
+    assert quoted == {f"{seed:.1f}"}, quoted
+    for stale in ("--compiled DIR", "--batches 1,2,4,8", "--protocols http,grpc"):
+        assert stale not in (REPO / "benchmarks" / "README.md").read_text()

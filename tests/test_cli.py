@@ -148,3 +148,74 @@ def test_in_process_render_accepts_flat_tokens_and_refuses_other_grids(tiny_arti
     np.save(tmp_path / "wrong.npy", np.zeros(17, dtype=np.int64))
     result = run("render", "--tokens", str(tmp_path / "wrong.npy"), "--artifacts", str(tiny_artifacts))
     assert result.returncode == 2 and "[17] do not fit the 4x4 grid: give [4, 4] or [16] for one image" in result.stderr
+
+
+# ----------------------------------------------------------------------------- issue 26: one vocabulary, work not redone
+
+
+def test_every_flag_has_help_and_configs_list_medium():
+    from tandem.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.items()
+        for action in sub._actions
+        if action.help is None and not isinstance(action, argparse._HelpAction)
+    ]
+    assert missing == []
+    for name in ("export", "build", "eval", "bench", "train", "doctor"):
+        text = " ".join(commands[name].format_help().split())
+        if "--config" in text and name != "doctor":
+            assert "tiny, small, medium, seed" in text, name
+
+
+def test_defaults_a_ci_runner_can_afford():
+    from tandem.cli import build_parser
+    from tandem.cli.train import DEFAULT_PER_COUNT
+    from tandem.compiler.precision_gate import DEFAULT_GATE_CAPTIONS
+
+    parser = build_parser()
+    assert parser.parse_args(["build", "--target", "cpu"]).config == "small"  # like every other command
+    build = parser.parse_args(["build", "--target", "cpu", "--precision", "int8"])
+    assert build.gate_captions == DEFAULT_GATE_CAPTIONS <= 32
+    assert parser.parse_args(["build", "--target", "cpu", "--gate-captions", "all"]).gate_captions is None
+    assert parser.parse_args(["precision", "--artifacts", "a", "--target", "cpu", "--precision", "int8", "--out", "o",
+                              "--gate-captions", "all"]).gate_captions is None
+    assert DEFAULT_PER_COUNT <= 10 and parser.parse_args(["eval"]).per_count is None and not parser.parse_args(["eval"]).full
+    result = run("eval", "--full", "--per-count", "2")
+    assert result.returncode == 2 and "not allowed with argument --full" in result.stderr
+
+
+def test_export_skips_unchanged_work_and_force_redoes_it(tmp_path):
+    out = tmp_path / "tiny"
+    first = json.loads(tandem("export", "--config", "tiny", "--out", str(out), "--json").stdout)
+    assert first["reused"] is False and first["passed"]
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    again = tandem("export", "--config", "tiny", "--out", str(out), "--json")
+    assert json.loads(again.stdout)["reused"] is True and "up to date" in again.stderr and "--force" in again.stderr
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # nothing rewritten
+    # a modified artifact is not reused: exported again
+    graph = next(out.glob("*.onnx"))
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    assert json.loads(tandem("export", "--config", "tiny", "--out", str(out), "--json").stdout)["reused"] is False
+    forced = json.loads(tandem("export", "--config", "tiny", "--out", str(out), "--force", "--json").stdout)
+    assert forced["reused"] is False
+
+
+def test_a_prompt_outside_the_grammar_gets_a_warning(tiny_artifacts, tmp_path):
+    result = tandem("generate", "a purple elephant", "--artifacts", str(tiny_artifacts), "--out", str(tmp_path / "p.png"), "--json")
+    data = json.loads(result.stdout)
+    assert "warning" in result.stderr and "not in the synthetic-scene grammar" in data["warnings"][0]
+    assert (tmp_path / "p.png").exists()  # still drawn
+    ok = tandem("generate", "a red circle above a blue square", "--artifacts", str(tiny_artifacts), "--out", str(tmp_path / "q.png"), "--json")
+    assert json.loads(ok.stdout)["warnings"] == [] and "warning" not in ok.stderr
+
+
+def test_readme_command_line_writes_only_under_build():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    for flag in ("--out", "--tokens-out"):
+        for value in [line.split(flag + " ", 1)[1].split()[0] for line in block.splitlines() if flag + " " in line]:
+            assert value.startswith("build/"), f"{flag} {value} writes outside build/"

@@ -78,7 +78,7 @@ class Budgets:
 class BenchOptions:
     config: str = "configs/models/small.yaml"
     artifacts: Path | None = None  # default build/<config name>; exported there when missing or stale
-    out: Path | None = None  # default benchmarks/results/<machine>-<date>[-<config>][-quick]
+    out: Path | None = None  # default benchmarks/results/<machine>-<date>[-<config>]; quick: build/bench-...-quick
     quick: bool = False
     skip_served: bool = False
     hardware_file: Path | None = None
@@ -199,13 +199,18 @@ def phase(total: int, desc: str, enabled: bool) -> Iterator[_Phase]:
         p.close()
 
 
+QUICK_ROOT = Path("build")  # a quick (smoke) run is never a committed result: build/bench-..., untracked
+
+
 def default_out(env: dict, config: ModelConfig, quick: bool) -> Path:
+    """A full run's report folder is benchmarks/results/<machine>-<date>[-<config>] (the committed
+    results); a --quick run's is build/bench-<machine>-<date>[-<config>]-quick (untracked), unless --out."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     name = f"{env['machine']}-{date}"
     if config.name != "small":
         name += f"-{config.name}"
     if quick:
-        name += "-quick"
+        return QUICK_ROOT / f"bench-{name}-quick"
     return RESULTS_ROOT / name
 
 

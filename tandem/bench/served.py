@@ -58,6 +58,15 @@ class ServedSettings:
     # The knee: the highest offered rate still served within this p99 budget (a multiple of the
     # in-process p50 latency), the same budget for both schedulers.
     slo_p99_factor: float = 3.0
+    # Public ports: None picks free ones; N pins HTTP N, gRPC N+1, metrics N+2 (one server at a time).
+    port_base: int | None = None
+
+
+def pinned_ports(base: int | None) -> dict[str, int]:
+    """TritonServer's public port arguments from a base port (HTTP, gRPC, metrics), or none (free ports)."""
+    if base is None:
+        return {}
+    return {"http_port": base, "grpc_port": base + 1, "metrics_port": base + 2}
 
 
 def serving_available() -> str | None:
@@ -346,7 +355,7 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
         with tempfile.TemporaryDirectory(prefix="tandem-bench-repo-") as tmp:
             repository = write_repository(artifacts, Path(tmp) / "repository", flavor="local", **options)
             entry: dict = {"queue_limits": _queue_limits(repository), "protocols": {}}
-            with TritonServer(repository, startup_timeout=settings.startup_timeout_s) as server:
+            with TritonServer(repository, startup_timeout=settings.startup_timeout_s, **pinned_ports(settings.port_base)) as server:
                 entry["protocols"] = _closed_loop(server, model, settings, scheduler, expected_tokens, progress_factory)
                 entry["open_loop"] = _open_loop(server, model, settings, scheduler, rates, expected_tokens, progress_factory)
             entry["open_loop_knee"] = open_loop_knee(entry["open_loop"], budget_ms)

@@ -41,6 +41,7 @@ class SplitSettings:
     warmup: int = 3  # per path, untimed
     startup_timeout_s: float = 300.0
     simulated_requests: int = 10_000  # per simulated layout and arrival pattern
+    port_base: int | None = None  # None: free ports; N: the 5 servers take N .. N+14 (HTTP, gRPC, metrics each)
 
 
 def _pki(folder: Path):
@@ -75,9 +76,24 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
         single_repo = write_repository(artifacts, tmp / "single")
         stage_repos = stage_repositories(artifacts, tmp / "stages")
         progress("starting 5 tritonservers")
-        single = stack.enter_context(TritonServer(single_repo, startup_timeout=settings.startup_timeout_s))
-        plain = stack.enter_context(split_servers(stage_repos, startup_timeout=settings.startup_timeout_s))
-        mtls = stack.enter_context(split_servers(stage_repos, tls=server_tls, startup_timeout=settings.startup_timeout_s))
+        if settings.port_base is None:
+            single = stack.enter_context(TritonServer(single_repo, startup_timeout=settings.startup_timeout_s))
+            plain = stack.enter_context(split_servers(stage_repos, startup_timeout=settings.startup_timeout_s))
+            mtls = stack.enter_context(split_servers(stage_repos, tls=server_tls, startup_timeout=settings.startup_timeout_s))
+        else:  # pinned: each of the 5 servers gets its own 3 consecutive ports
+            from tandem.bench.served import pinned_ports
+            from tandem.deploy.split import REASONING, REFINEMENT, SplitServers, stage_server
+
+            ports = iter([pinned_ports(settings.port_base + 3 * i) for i in range(5)])
+            single = stack.enter_context(TritonServer(single_repo, startup_timeout=settings.startup_timeout_s, **next(ports)))
+            pairs = []
+            for tls in (None, server_tls):
+                started = [
+                    stack.enter_context(stage_server(stage_repos[stage], stage, tls=tls, startup_timeout=settings.startup_timeout_s, **next(ports)))
+                    for stage in (REASONING, REFINEMENT)
+                ]
+                pairs.append(SplitServers(*started))
+            plain, mtls = pairs
         clients = {
             "single": stack.enter_context(TandemClient(single.grpc_url)),
             "split": stack.enter_context(SplitClient(plain.reasoning_url, plain.refinement_url)),

@@ -52,7 +52,22 @@ class Target:
         return f"{head}. {tail}" if tail else head
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "shortfall": self.shortfall, "line": self.line()}
+        """As results.json and `--json` carry it: a ``%`` target's value and threshold in percent, as
+        displayed (0.5 of the roofline is ``"value": 50.0, "unit": "%"``); ratios and counts as they are."""
+        data = {**asdict(self), "shortfall": self.shortfall, "line": self.line()}
+        if self.unit == "%":
+            data["value"] = None if self.value is None else round(self.value * 100, 4)
+            data["threshold"] = round(self.threshold * 100, 4)
+        return data
+
+    def not_judged(self, why: str) -> "Target":
+        """NOT RUN: measured, but not in a way this target can be judged on (its figure kept in the detail)."""
+        if self.value is not None:
+            scale = 100.0 if self.unit == "%" else 1.0
+            why += f" (measured {self.value * scale:.2f}{self.unit}, not judged)"
+        self.value, self.status = None, "NOT RUN"
+        self.detail = f"{why}; {self.detail}" if self.detail else why
+        return self
 
 
 def _p50(results: dict, runtime: str, graph: str, batch: int = 1) -> float | None:
@@ -62,7 +77,22 @@ def _p50(results: dict, runtime: str, graph: str, batch: int = 1) -> float | Non
         return None
 
 
+# What a --quick run can judge: correctness (token-identical served requests, the int8 gate's token
+# agreement). Every other target is a timing ratio, and a quick run's few iterations cannot judge one.
+QUICK_JUDGED = frozenset({"served_exact", "cpu_int8_token_agreement"})
+QUICK_NOT_JUDGED = "quick mode times too few iterations to judge a timing target; run `tandem bench` without --quick"
+
+
 def evaluate_targets(results: dict) -> list[Target]:
+    targets = _evaluate_targets(results)
+    if results.get("quick"):
+        for t in targets:
+            if t.id not in QUICK_JUDGED:
+                t.not_judged(QUICK_NOT_JUDGED)
+    return targets
+
+
+def _evaluate_targets(results: dict) -> list[Target]:
     targets = []
 
     for tid, graph, label, threshold in (

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tandem.cli.common import add_alias, add_config_argument, add_json_argument, default_build_dir, finish
+from tandem.cli.common import add_alias, add_config_argument, add_json_argument, default_build_dir, finish, positive_int
 from tandem.compiler.targets import TARGETS
 from tandem.errors import EXIT_CHECK_FAILED, EXIT_OK
 
@@ -16,11 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
         help="export -> optimise -> compile -> Triton model repository for one target, step by step",
-        description="Build deployable artifacts for one target. Each step reports ok / failed / skipped; a re-run "
+        description="Build deployable artifacts for one target. Each step prints OK, FAILED or SKIPPED (ok / failed / skipped in the JSON); a re-run "
         "skips steps whose inputs (content hashes) did not change. Targets:\n" + targets,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_argument(p, required=True)
+    add_config_argument(p)
     p.add_argument("--target", required=True, choices=list(TARGETS), help="what to build for")
     p.add_argument("--out", help="build folder, one per target (default build/<config>-<target>)")
     p.add_argument("--checkpoint", help="safetensors weights (default: the config's, else seeded init)")
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     trt.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace memory pool (default 4 GiB)")
     trt.add_argument("--timing-cache", help="timing cache file to read and update (default <out>/cache/tensorrt-<arch>.timing)")
     repo = p.add_argument_group("model repository")
-    repo.add_argument("--max-batch-size", type=int, default=8)
+    repo.add_argument("--max-batch-size", type=positive_int, default=8, help="largest batch each served model takes (default 8)")
     repo.add_argument("--instances", type=int, default=1, help="model instances per stage")
     repo.add_argument("--neuron-cores-per-instance", type=int, default=1, help="inf2: NeuronCores each instance is pinned to")
     add_json_argument(p)
@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--artifacts", required=True, metavar="DIR",
                    help="a validated fp32 export (a `tandem export` folder or a build folder holding one)")
-    p.add_argument("--target", required=True, choices=[t.name for t in TARGETS.values() if t.toolchain in ("onnxruntime", "tensorrt")])
+    p.add_argument("--target", required=True, choices=[t.name for t in TARGETS.values() if t.toolchain in ("onnxruntime", "tensorrt")],
+                   help="the target the graphs are for (cpu: ONNX Runtime; h100, a100: TensorRT)")
     p.add_argument("--precision", required=True, help="a precision the target offers (int8 for cpu; fp16 / bf16 / int8 / fp8 for TensorRT)")
     p.add_argument("--out", required=True, help="directory for the precision graphs (an export's layout)")
     p.add_argument("--checkpoint", help="the weights the export was made from (default: the config's)")
@@ -62,15 +63,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_precision)
 
 
+def gate_captions_value(text: str) -> int | None:
+    """``--gate-captions``: a positive count, or ``all`` (None) for the whole held-out pool."""
+    if text.strip().lower() == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+gate_captions_value.__name__ = "count (a positive integer) or 'all'"
+
+
 def add_gate_arguments(p: argparse.ArgumentParser) -> None:
+    from tandem.compiler.precision_gate import DEFAULT_GATE_CAPTIONS
+
     p.add_argument(
-        "--gate-captions", type=int, metavar="N",
-        help="held-out captions the accuracy gate generates from (default: every held-out caption)",
+        "--gate-captions", type=gate_captions_value, metavar="N|all", default=DEFAULT_GATE_CAPTIONS,
+        help=f"held-out captions the accuracy gate generates from, spread evenly over the pool (default "
+        f"{DEFAULT_GATE_CAPTIONS}, about a minute on 2 cores; 'all' for the whole pool: hours, the estimate is printed first)",
     )
     p.add_argument(
         "--accept-accuracy-loss", metavar="REASON",
         help="ship a precision the accuracy gate refuses; REASON is recorded in the manifests",
     )
+
+
+def announce_gate(export_or_config, captions: int | None) -> None:
+    """Say how many captions the gate generates from and, for the whole pool, how long it takes."""
+    from tandem.compiler.precision_gate import DEFAULT_GATE_CAPTIONS, GATE_SECONDS_PER_CAPTION, gate_captions
+    from tandem.config import ModelConfig
+
+    if isinstance(export_or_config, ModelConfig):
+        config = export_or_config
+    else:
+        from tandem.export.manifest import read_manifest
+
+        config = read_manifest(export_or_config).config
+    pool = len(gate_captions(config, None))
+    if captions is None:
+        low, high = (pool * seconds / 3600 for seconds in GATE_SECONDS_PER_CAPTION)
+        print(f"accuracy gate: the whole held-out pool, {pool:,} captions: about {low:.1f}-{high:.1f} h on 2 CPU cores "
+              f"(quiet to busy; the default --gate-captions samples {DEFAULT_GATE_CAPTIONS} in under a minute)",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"accuracy gate: {min(captions, pool)} of the {pool:,} held-out captions (--gate-captions all for every one)",
+              file=sys.stderr, flush=True)
 
 
 def cmd_precision(args: argparse.Namespace) -> int:
@@ -79,6 +118,7 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
     target = TARGETS[args.target]
     precision = target.check_precision(args.precision)
+    announce_gate(folders.export_dir(Path(args.artifacts)), args.gate_captions)
     report = make_precision_graphs(
         folders.export_dir(Path(args.artifacts)), args.out, target.toolchain, precision, checkpoint=args.checkpoint,
         captions=args.gate_captions, override=args.accept_accuracy_loss,
@@ -109,8 +149,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_build_dir(f"{config.name}-{args.target}")
     reuse = folders.export_dir(args.reuse_export) if args.reuse_export else None
     # Cheap checks first: a missing toolchain or too little memory is reported before exporting anything.
+    TARGETS[args.target].check_precision(args.precision)  # a precision the target lacks is a usage error (exit 2)
     if not args.no_preflight:
-        require_target(args.target)
+        require_target(args.target, args.precision)
     if reuse is None:
         require_memory(config, "build")
     repository = {"max_batch_size": args.max_batch_size, "instances": args.instances}
@@ -129,14 +170,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         repository=repository,
     )
     print(f"tandem build: {config.name} for {args.target} -> {out}", flush=True)
+    precision = TARGETS[args.target].check_precision(args.precision)
+    if precision != "fp32" and TARGETS[args.target].toolchain in ("onnxruntime", "tensorrt"):
+        announce_gate(config, args.gate_captions)
     result = run_build(config, args.target, out, options)
     print(f"\n{summary_table(result.records)}")
     print(f"build manifest: {out / BUILD_MANIFEST}")
-    code = EXIT_OK
+    code, error = EXIT_OK, None
     if not result.passed:
         failed = next(r for r in result.records if r.status == "failed")
-        print(f"tandem build: FAILED at step '{failed.name}': {failed.reason}", file=sys.stderr)
+        error = f"step '{failed.name}' failed: {failed.reason}"
+        print(f"tandem build: FAILED at {error}", file=sys.stderr)
         code = EXIT_CHECK_FAILED
     elif result.manifest.repository:
         print(f"model repository: {out / result.manifest.repository}\nserve it: tandem serve --repository {out}")
-    return finish(args, {"out": str(out.resolve()), "build_manifest": str((out / BUILD_MANIFEST).resolve()), "build": result.manifest.model_dump(mode="json")}, code)
+    return finish(args, {"out": str(out.resolve()), "build_manifest": str((out / BUILD_MANIFEST).resolve()), "build": result.manifest.model_dump(mode="json"),
+                           **({"error": error} if error else {})}, code)

@@ -47,8 +47,16 @@ def add_config_argument(p: argparse.ArgumentParser, required: bool = False, defa
         "--config",
         required=required,
         default=None if required else default,
-        help=help or f"model config: a bundled name (tiny, small, seed) or a YAML path{extra}",
+        help=help or f"model config: a bundled name ({bundled_names()}) or a YAML path{extra}",
     )
+
+
+def bundled_names() -> str:
+    """The bundled config names for help texts, read from configs/models (medium included)."""
+    from tandem.config import bundled_configs
+
+    order = {"tiny": 0, "small": 1, "medium": 2, "seed": 3}
+    return ", ".join(sorted(bundled_configs(), key=lambda n: (order.get(n, 9), n)))
 
 
 def add_json_argument(p: argparse.ArgumentParser) -> None:
@@ -80,8 +88,10 @@ class _ListAction(argparse.Action):
                 parser.error(f"{option_string}: {text!r} is not a valid {getattr(self.item_type, '__name__', 'value')}")
         if not items:
             parser.error(f"{option_string} needs at least one value (comma-separated)")
+        # Values given on the command line are a list and accumulate; a default (None or a tuple, shared
+        # by a hidden alias writing the same dest) is replaced.
         current = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, [*(current or []), *items] if current is not self.default else items)
+        setattr(namespace, self.dest, [*current, *items] if isinstance(current, list) else items)
 
 
 def positive_int(text: str) -> int:
@@ -101,7 +111,10 @@ def add_list_argument(
     legacy_spaces: bool = False,
     **kwargs: Any,
 ) -> None:
-    """A list flag: ``--x a,b`` (repeatable). ``legacy_spaces`` also accepts the old ``--x a b``."""
+    """A list flag: ``--x a,b`` (repeatable). ``legacy_spaces`` also accepts the old ``--x a b``.
+    A default must be None or a tuple (a list would be taken for values already given)."""
+    if isinstance(kwargs.get("default"), list):
+        kwargs["default"] = tuple(kwargs["default"])
     p.add_argument(*flags, action=_ListAction, item_type=item_type, nargs="+" if legacy_spaces else None, **kwargs)
 
 
@@ -136,6 +149,27 @@ def runtime_name(name: str) -> str:
         targets = ", ".join(sorted(RUNTIME_ALIASES))
         raise TandemError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIME_NAMES)} (or a target name: {targets})")
     return canonical
+
+
+# -- prompts -------------------------------------------------------------------------------------
+
+
+def prompt_warning(prompt: str) -> str | None:
+    """A warning for a prompt the bundled models were not trained to follow: the byte tokenizer
+    encodes any text, but the reference checkpoint learned only the synthetic-scene grammar, so a
+    prompt outside it ("a purple elephant") still gives an image, just not of what it says."""
+    from tandem.data.scenes import parse_caption
+
+    if not prompt.strip():
+        return None  # refused later with its own message
+    try:
+        parse_caption(prompt)
+    except TandemError as exc:
+        return (
+            f"{exc}. The prompt is still encoded and generated (the tokenizer takes any UTF-8 text), but the bundled "
+            "checkpoints were trained on that grammar alone, so the image will not follow it"
+        )
+    return None
 
 
 # -- output paths --------------------------------------------------------------------------------
@@ -190,7 +224,12 @@ def emit_json(data: dict[str, Any]) -> None:
 
 
 def finish(args: argparse.Namespace, payload: dict[str, Any], code: int = EXIT_OK) -> int:
-    """End a handler: with --json, print the command's result object; return the exit code."""
+    """End a handler: with --json, print the command's result object; return the exit code. A
+    failure's object always carries ``error`` (the payload's own, else what the exit code means)."""
+    if code != EXIT_OK and not payload.get("error"):
+        from tandem.errors import EXIT_CODES
+
+        payload = {**payload, "error": EXIT_CODES.get(code, f"exit {code}")}
     if wants_json(args):
         emit_json(envelope(args.command, code, payload))
     return code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ from tandem.cli.common import (
     DEFAULT_CONFIG,
     add_config_argument,
     add_json_argument,
+    bundled_names,
     check_output_path,
     default_build_dir,
     finish,
+    prompt_warning,
     runtime_name,
 )
 from tandem.errors import TandemError
@@ -24,7 +27,7 @@ RUNTIME_HELP = "in-process runtime: onnxruntime (default), torch, tensorrt, neur
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="print total and active parameters per stage (meta device, nothing allocated)")
     p.add_argument("legacy_config", nargs="?", metavar="CONFIG", help=argparse.SUPPRESS)  # `tandem params seed`
-    add_config_argument(p, default=None, help="config name (tiny, small, seed) or YAML path")
+    add_config_argument(p, default=None, help=f"config name ({bundled_names()}) or YAML path")
     add_json_argument(p)
     p.set_defaults(handler=cmd_params)
 
@@ -32,12 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_argument(p)
     p.add_argument("--out", help="export folder to write (default build/<config>)")
     p.add_argument("--checkpoint", help="safetensors weights (default: the config's, else seeded init)")
-    p.add_argument("--force", action="store_true", help="replace --out even if it holds files an export did not write")
+    p.add_argument("--force", action="store_true", help="export again even when --out holds an up-to-date export (same "
+                   "config, weights, code and tool versions, files intact), and replace --out even if it holds files an "
+                   "export did not write")
     add_json_argument(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("generate", help="prompt -> scene tokens -> PNG, in-process or through a Triton server")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square" (1 to 3 coloured shapes and their relations)')
     p.add_argument("--out", default="out.png", help="PNG to write (default out.png)")
     p.add_argument("--tokens-out", help="also save the scene tokens (.npy) for editing and `tandem render`")
     add_runtime_arguments(p)
@@ -66,7 +71,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; greedy decoding ignores it)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = all)")
 
@@ -102,7 +107,7 @@ def cmd_params(args: argparse.Namespace) -> int:
         raise TandemError(f"two configs given ({args.legacy_config!r} and --config {args.config!r}); pass one with --config")
     name = args.config or args.legacy_config
     if name is None:
-        raise TandemError("name a config: tandem params --config seed (bundled: tiny, small, seed, or a YAML path)")
+        raise TandemError(f"name a config: tandem params --config seed (bundled: {bundled_names()}, or a YAML path)")
     config = load_config(name)
     counts = count_parameters(config)
     if not args.json:
@@ -119,16 +124,24 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tandem.config import load_config
-    from tandem.export.onnx_export import export_model
+    from tandem.export.onnx_export import ExportResult, export_model, up_to_date
     from tandem.preflight import require_memory
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_build_dir(config.name)
     if out.is_file():
         raise TandemError(f"--out {out} is a file; name a folder for the export")
-    require_memory(config, "export")
-    result = export_model(config, out, checkpoint=args.checkpoint, force=args.force)
-    print(f"exported {config.name} to {result.out} (manifest: {result.out / 'manifest.json'})")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise TandemError(f"--checkpoint {args.checkpoint} does not exist; give a safetensors file (or drop --checkpoint)")
+    reused = None if args.force else up_to_date(out, config, args.checkpoint)
+    if reused is not None:
+        result = ExportResult(out=out, manifest=reused)
+        print(f"export of {config.name} in {out} is up to date (same config, weights, code and tool versions; files "
+              "intact): reused, nothing exported. --force exports again")
+    else:
+        require_memory(config, "export")
+        result = export_model(config, out, checkpoint=args.checkpoint, force=args.force)
+        print(f"exported {config.name} to {result.out} (manifest: {result.out / 'manifest.json'})")
     graphs = {}
     for entry in result.manifest.graphs.values():
         worst = max(err.max_abs for case in entry.validation for err in case.outputs.values())
@@ -161,6 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "out": str(result.out.resolve()),
         "manifest": str((result.out / "manifest.json").resolve()),
         "passed": result.manifest.passed,
+        "reused": reused is not None,
         "graphs": graphs,
         "generation_checks": checks,
     })
@@ -223,6 +237,9 @@ def numbered_paths(path: Path, count: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     check_output_path(args.out, (".png",), "--out")  # refused before generating, not after
     check_output_path(args.tokens_out, (".npy",), "--tokens-out")
+    warning = prompt_warning(args.prompt)
+    if warning:
+        print(f"tandem generate: warning: {warning}", file=sys.stderr, flush=True)
     if args.refinement_server:
         from tandem.deploy.split import SplitClient
 
@@ -254,6 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k,
+        "warnings": [warning] if warning else [],
     })
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from tandem.cli.common import (
     add_config_argument,
     add_json_argument,
     add_list_argument,
+    bundled_names,
     check_output_path,
     default_build_dir,
     finish,
@@ -22,6 +24,9 @@ from tandem.errors import EXIT_CHECK_FAILED, EXIT_OK, TandemError
 # Nothing tracked is written by default: checkpoints/ and benchmarks/results/ only when named with --out.
 DEFAULT_CHECKPOINT = "build/checkpoints/{config}.safetensors"
 DEFAULT_EVAL_OUT = "build/eval-{config}.json"
+# The default sample: this many held-out captions per object count (the same ones every run), a few
+# minutes on 2 CPU cores; --full evaluates the whole held-out pool (hours) and says so first.
+DEFAULT_PER_COUNT = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--reasoning-steps", type=int, default=d.reasoning_steps, help="reasoning phase 1: plans and whole rows"
     )
     p.add_argument("--canvas-steps", type=int, default=d.canvas_steps, help="reasoning phase 2: whole rows")
-    p.add_argument("--refinement-steps", type=int, default=d.refinement_steps)
+    p.add_argument("--refinement-steps", type=int, default=d.refinement_steps, help=f"refinement training steps (default {d.refinement_steps})")
     p.add_argument("--batch", type=int, help="captions per batch everywhere (default: the recipe's, see TrainSettings)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"training seed: data order and initial weights (default {d.seed})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument(
         "--dtype", default=d.stored_dtype, choices=["float16", "float32"], help="dtype stored in the checkpoint"
@@ -47,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("eval", help="held-out compositional accuracy per runtime; runtimes must agree token for token")
-    add_config_argument(p, help="config name or YAML path; its checkpoint is evaluated (default small)")
+    add_config_argument(p, help=f"config: a bundled name ({bundled_names()}) or a YAML path; its checkpoint is evaluated (default small)")
     add_list_argument(
         p,
         "--runtime",
@@ -58,9 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="weights for the torch runtime (default: the config's)")
     p.add_argument("--server", help="also evaluate the served ensemble at this Triton URL (http://... or grpc://...)")
     p.add_argument("--model", help="served model name (default: the ensemble)")
-    p.add_argument(
-        "--per-count", type=int, default=None,
-        help="only this many held-out captions per object count, for a quick look (default: every held-out caption)",
+    sample = p.add_mutually_exclusive_group()
+    sample.add_argument(
+        "--per-count", type=int, default=None, metavar="N",
+        help=f"held-out captions per object count, the same ones every run (default {DEFAULT_PER_COUNT}: minutes on 2 cores)",
+    )
+    sample.add_argument(
+        "--full", action="store_true",
+        help="every held-out caption (thousands: hours on 2 cores; the estimate is printed before starting)",
     )
     p.add_argument("--out", help=f"JSON report (default {DEFAULT_EVAL_OUT})")
     p.add_argument("--plot", help="PNG contact sheet of generated samples (default: beside --out)")
@@ -156,8 +166,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         require_memory(config, "inference")
     if args.server:
         require_server(args.server, args.model or ENSEMBLE)
-    captions = eval_captions(config, args.per_count)
-    runs = []
+    per_count = None if args.full else (args.per_count or DEFAULT_PER_COUNT)
+    captions = eval_captions(config, per_count)
+    pool = len(eval_captions(config, None))
+    sources = []  # (name, description, generate), built before anything is evaluated
     for name in runtimes:
         if name == "torch":
             runtime = make_runtime("torch", config=config, checkpoint=checkpoint)
@@ -165,11 +177,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runtime = make_runtime(name, artifacts=artifacts)
             if runtime.config.fingerprint() != config.fingerprint():
                 raise TandemError(f"{artifacts} was exported for another config; export {config.name} again")
-        runs.append(evaluate_runtime(name, runtime.describe(), pipeline_generator(Pipeline(runtime)), captions, vocab))
+        sources.append((name, runtime.describe(), pipeline_generator(Pipeline(runtime))))
     if args.server:
-        runs.append(evaluate_runtime("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model), captions, vocab))
+        sources.append(("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model)))
+    if per_count is None:
+        # The whole pool takes long: time one batch of 8 per runtime here, say how long, then start.
+        seconds = 0.0
+        for _name, _description, generate in sources:
+            t0 = time.monotonic()
+            generate(captions[:8])
+            seconds += (time.monotonic() - t0) / len(captions[:8])
+        minutes = seconds * pool / 60
+        print(f"tandem eval: the whole held-out pool, {pool:,} captions x {len(sources)} runtime(s): about "
+              f"{minutes / 60:.1f} h ({minutes:.0f} min) at this machine's pace just measured (drop --full for a sample "
+              f"of {DEFAULT_PER_COUNT} per object count)", file=sys.stderr, flush=True)
+    else:
+        print(f"tandem eval: {len(captions)} of the {pool:,} held-out captions ({per_count} per object count; "
+              "--per-count N for more, --full for every one)", file=sys.stderr, flush=True)
+    runs = [evaluate_runtime(name, description, generate, captions, vocab) for name, description, generate in sources]
     agreements = [agreement(runs[0], other) for other in runs[1:]]
-    report = write_report(out, config, checkpoint, runs, agreements, per_count=args.per_count)
+    report = write_report(out, config, checkpoint, runs, agreements, per_count=per_count)
     plot_samples(plot, runs[0])
     print(f"held-out compositional accuracy ({len(captions)} captions, greedy):")
     for run in runs:
@@ -214,4 +241,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "min_accuracy": args.min_accuracy,
         "checks": checks,
     }
+    if failed:
+        payload["error"] = "; ".join(f"check failed: {c['name']}: {c['detail']}" for c in failed)
     return finish(args, payload, EXIT_CHECK_FAILED if failed else EXIT_OK)

@@ -24,6 +24,7 @@ manifest's ``precision`` section holds everything above.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -126,6 +127,19 @@ class PrecisionReport(BaseModel):
 
 def max_caption_bytes(config: ModelConfig) -> int:
     return config.reasoning.max_prompt_len - 2  # BOS and BOI around the caption's bytes
+
+
+# The command line's default gate sample: held-out captions spread evenly over the pool, about a minute
+# on 2 CPU cores (`--gate-captions all` gates on the whole pool and says how long that takes first).
+DEFAULT_GATE_CAPTIONS = 24
+# Seconds per gate caption (fp32 + candidate generation + teacher forcing), small config, 2 cores:
+# 24 captions in 17 s on a quiet machine, 54 s on a busy one.
+GATE_SECONDS_PER_CAPTION = (0.7, 2.3)
+
+
+def progress(message: str) -> None:
+    """A step line on stderr, at once: the precision step runs for minutes and says what it is doing."""
+    print(f"  precision: {message}", file=sys.stderr, flush=True)
 
 
 def gate_captions(config: ModelConfig, limit: int | None) -> list[str]:
@@ -264,6 +278,7 @@ def check_graph(spec, reference, path: Path, feeds: list[dict[str, np.ndarray]],
     max |out - fp32| / max |fp32|."""
     runner = GraphRunner(path)
     cases, worst = [], 0.0
+    progress(f"checking {path.name} against PyTorch fp32 on {len(feeds)} feeds ({runner.name.split(' (')[0]})")
     for index, feed in enumerate(feeds):
         expected = reference.run(spec.name, feed)
         actual = dict(zip(spec.output_names, runner.run(spec.output_names, feed)))
@@ -373,8 +388,9 @@ def compare_generations(
     if vocab is not None:
         from tandem.eval.evaluate import evaluate_runtime, pipeline_generator
 
+        progress(f"generating {len(captions)} held-out captions with fp32 and the candidate graphs")
         runs = [
-            evaluate_runtime(name, rt.describe(), pipeline_generator(Pipeline(rt)), captions, vocab, batch=batch, progress=False)
+            evaluate_runtime(name, rt.describe(), pipeline_generator(Pipeline(rt)), captions, vocab, batch=batch, progress=True)
             for name, rt in (("fp32", fp32_runtime), ("candidate", candidate_runtime))
         ]
         reference = np.array([r.tokens for r in runs[0].results]).reshape(len(captions), -1)
@@ -391,6 +407,7 @@ def compare_generations(
         accuracy = None
         generate = lambda rt: np.concatenate([Pipeline(rt).generate_tokens(c).reshape(len(c), -1) for c in chunks])
         reference, free_running = generate(fp32_runtime), generate(candidate_runtime)
+    progress(f"teacher-forced token agreement over {len(captions)} captions")
     choices = np.concatenate(
         [teacher_forced_choices(candidate_runtime, c, reference[i * batch : i * batch + len(c)]) for i, c in enumerate(chunks)]
     )
@@ -471,7 +488,9 @@ def make_precision_graphs(
             "pass the checkpoint it was exported from"
         )
     calibration_info = None
+    progress(f"{precision} for {toolchain} from {export_dir}")
     if uses_calibration(toolchain, precision) and calibration is None:
+        progress(f"recording calibration feeds ({CALIBRATION_CAPTIONS} training captions, fp32 pipeline)")
         calibration = record_calibration(export_dir, config)
         calibration_info = {
             "captions": CALIBRATION_CAPTIONS,
@@ -482,6 +501,7 @@ def make_precision_graphs(
     elif calibration is not None:
         calibration_info = {"caption_set": "given by the caller", "feeds": {g: len(f) for g, f in calibration.items()}}
     reference = TorchRuntime(config, checkpoint=checkpoint)
+    progress("recording validation feeds (held-out captions, batch 1 and 3)")
     validation = record_validation(export_dir, config)
     with atomic_directory(out) as staging, tempfile.TemporaryDirectory(prefix="tandem-emulated-") as emulated_dir:
         emulated = Path(emulated_dir)
@@ -505,6 +525,7 @@ def make_precision_graphs(
                 kernel_graph = reads_onnxruntime_graph(toolchain, precision) and entry.optimized_file is not None
                 source_file = verify_graph_files(export_dir, entry, optimized=kernel_graph)[0]
                 model = onnx.load(str(export_dir / source_file))
+                progress(f"rewriting {name} to {precision}")
                 converted, rewrite_record = rewrite(model, (calibration or {}).get(name, []))
                 onnx.checker.check_model(converted)
                 file, graph_precision = f"{name}.{precision}.onnx", precision

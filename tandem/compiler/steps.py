@@ -229,5 +229,5 @@ def summary_table(records: Iterable[StepRecord]) -> str:
     lines = [f"{'step':<12}{'status':<9}{'time':>8}  detail"]
     for r in records:
         detail = r.reason.splitlines()[0] if r.reason else ""
-        lines.append(f"{r.name:<12}{r.status:<9}{r.seconds:>7.1f}s  {detail}")
+        lines.append(f"{r.name:<12}{r.status.upper():<9}{r.seconds:>7.1f}s  {detail}")  # as the step lines print it
     return "\n".join(lines)

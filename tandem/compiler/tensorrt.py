@@ -39,9 +39,16 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = (
     "TensorRT is not installed: pip install 'tensorrt>=11,<12' (TensorRT 11 needs an NVIDIA GPU and a recent CUDA "
     "driver; TensorRT 10.12 or newer also works, its strongly typed mode; NVIDIA's containers nvcr.io/nvidia/tensorrt "
-    "and nvcr.io/nvidia/tritonserver ship it). The {precision} graphs TensorRT would build from are ready in {graphs}; run "
-    "`tandem build --target {target} --precision {precision}` on a machine with an {arch} GPU"
+    "and nvcr.io/nvidia/tritonserver ship it). {graphs_note}Run `tandem build --target {target} --precision {precision}` "
+    "on a machine with an {arch} GPU"
 )
+# Before any step ran (pre-flight, `tandem doctor`) nothing is written yet: say how to write the graphs here.
+GRAPHS_NOT_WRITTEN = (
+    "No graphs were written for it yet. The {precision} graphs TensorRT builds from can be written and checked on this machine: "
+    "`tandem build --target {target} --precision {precision} --no-preflight` runs export, precision and optimise "
+    "and stops at the TensorRT call. "
+)
+GRAPHS_WRITTEN = "The {precision} graphs TensorRT would build from were written to {graphs}. "
 # Strongly typed networks: required from TensorRT 11 on, available as an opt-in from 10.12.
 MIN_VERSION = (10, 12)
 PROFILES_FILE = "profiles.json"
@@ -84,12 +91,15 @@ def supported_version(version: str) -> bool:
     return major == 11 or (major == 10 and (major, minor) >= MIN_VERSION)
 
 
-def require_tensorrt(target: Target, precision: str = "fp16", graphs: str = "<out>/precision"):
+def require_tensorrt(target: Target, precision: str = "fp16", graphs: str | None = None):
+    """TensorRT, or ToolchainMissingError naming what to install; ``graphs`` is the folder of precision
+    graphs already written (None before any step ran: the message then says how to write them here)."""
     try:
         import tensorrt as trt
     except ImportError as exc:
+        note = (GRAPHS_WRITTEN if graphs else GRAPHS_NOT_WRITTEN).format(target=target.name, precision=precision, graphs=graphs)
         raise ToolchainMissingError(
-            INSTALL_HINT.format(target=target.name, arch=describe_arch(target.arch or "?"), precision=precision, graphs=graphs)
+            INSTALL_HINT.format(target=target.name, arch=describe_arch(target.arch or "?"), precision=precision, graphs_note=note)
         ) from exc
     if not supported_version(trt.__version__):
         raise ToolchainMissingError(

@@ -82,6 +82,9 @@ class Manifest(BaseModel):
     # Set in a precision directory (tandem.compiler.precision_gate.PrecisionReport): the graphs'
     # precision, their checks against fp32 and the accuracy gate's figures. None in an fp32 export.
     precision: dict[str, Any] | None = None
+    # sha256 of what the export was made from (config, weights, code, tool versions): a `tandem export`
+    # with the same inputs and intact files is skipped (tandem.export.onnx_export.up_to_date).
+    inputs_sha256: str | None = None
     passed: bool = False
 
     def write(self, directory: Path) -> Path:

@@ -37,6 +37,7 @@ from tandem.export.manifest import (
     OutputError,
     TensorEntry,
     ValidationCase,
+    read_manifest,
 )
 from tandem.export.memory import require_export_memory
 from tandem.models import Stages, build_stages
@@ -298,6 +299,42 @@ def _weights_label(config: ModelConfig, checkpoint: str | Path | None) -> str:
     return f"checkpoint:{sha256_file(Path(checkpoint))}" if checkpoint else f"seed:{config.seed}"
 
 
+def export_inputs_sha256(config: ModelConfig, checkpoint: str | Path | None, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> str:
+    """One hash of everything an export depends on: the config, the weights' content, the code that
+    builds, exports and validates the graphs, and the tool versions (as `tandem build` hashes its step)."""
+    from tandem.compiler.steps import hash_json, source_hash
+
+    return hash_json({
+        "config": config.model_dump(mode="json"),
+        "weights": _weights_label(config, checkpoint),
+        "code": source_hash("tandem.models", "tandem.stages", "tandem.export", "tandem.tokenizer", "tandem.pipeline",
+                            "tandem.decoding", "tandem.runtimes"),
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        "external_threshold": external_threshold,
+    })
+
+
+def up_to_date(out: str | Path, config: ModelConfig, checkpoint: str | Path | None = None,
+               external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Manifest | None:
+    """The manifest of the export in ``out`` when it was made from exactly these inputs, passed
+    validation and every file it lists is intact; else None (export again)."""
+    from tandem.export.manifest import verify_graph_files
+
+    try:
+        manifest = read_manifest(out)
+        if not manifest.passed or manifest.precision is not None or manifest.inputs_sha256 is None:
+            return None
+        if manifest.inputs_sha256 != export_inputs_sha256(config, checkpoint, external_threshold):
+            return None
+        for entry in manifest.graphs.values():
+            verify_graph_files(out, entry, optimized=False)
+            if entry.optimized_file:
+                verify_graph_files(out, entry, optimized=True)
+    except TandemError:
+        return None
+    return manifest
+
+
 def export_files(directory: Path) -> set[str]:
     """What an export in ``directory`` wrote (its manifest and every file it lists); empty when it
     holds no readable manifest."""
@@ -370,6 +407,7 @@ def export_model(
             weights=_weights_label(config, checkpoint),
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             graphs=entries,
+            inputs_sha256=export_inputs_sha256(config, checkpoint, external_threshold),
         )
         # The generation check loads the staged artifacts exactly as a user would.
         manifest.passed = all(e.passed for e in entries.values())

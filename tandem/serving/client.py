@@ -109,8 +109,14 @@ def diagnose_endpoint(endpoint: Endpoint, timeout_s: float = 3.0) -> str | None:
             f"nothing accepts connections at {host}:{port} ({exc.strerror or exc}); is `tandem serve` running? "
             f"(it listens on HTTP {DEFAULT_PORTS['http']} and gRPC {DEFAULT_PORTS['grpc']} by default)"
         )
+    tls = speaks_tls(host, port, timeout_s)
     if endpoint.ssl:
-        return None  # a TLS port: a plain probe cannot tell the protocols apart
+        if tls is False:
+            return f"{host}:{port} does not speak TLS (a plaintext port?): use {endpoint.protocol}://{host}:{port}, or the server's TLS port"
+        return None  # a TLS port: the handshake failed on certificates, not on the protocol
+    if tls:
+        return (f"{host}:{port} speaks TLS: use {endpoint.protocol}s://{host}:{port} (with --tls-ca, and "
+                "--tls-client-cert/--tls-client-key for a server with mutual TLS)")
     speaks_http = False
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
@@ -125,6 +131,27 @@ def diagnose_endpoint(endpoint: Endpoint, timeout_s: float = 3.0) -> str | None:
     if endpoint.protocol == "http" and not speaks_http:
         return f"{host}:{port} does not answer HTTP (a gRPC port?): use grpc://{host}:{port} (or the server's HTTP port)"
     return None
+
+
+def speaks_tls(host: str, port: int, timeout_s: float = 3.0) -> bool | None:
+    """Whether the port answers a TLS handshake (certificates not checked): True when it completes or
+    the server answers with a TLS alert (e.g. it wants a client certificate), False when the port
+    speaks something else, None when that cannot be told."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+    except ssl.SSLError as exc:
+        return "ALERT" in str(exc.reason or exc).upper()
+    except (ConnectionResetError, BrokenPipeError, EOFError):
+        return False
+    except OSError:
+        return None
 
 
 def protocol_module(protocol: str) -> ModuleType:
@@ -249,6 +276,10 @@ class TandemClient:
         if isinstance(exc, InferenceServerException):
             message = exc.message() or str(exc)
             status = str(exc.status() or "")
+            if "Socket closed" in message or "handshake failed" in message.lower():
+                why = diagnose_endpoint(self.endpoint)  # grpc:// to a TLS port, grpcs:// to a plaintext one
+                if why is not None:
+                    return EnvironmentProblem(f"cannot reach Triton at {self.url}: {why} ({message})")
             if self.endpoint.ssl and ("Socket closed" in message or "handshake failed" in message.lower()):
                 return TandemError(
                     f"the TLS handshake with {self.url} failed ({message}); check the CA (--tls-ca) and, for a server "
