@@ -20,7 +20,7 @@ import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem.compiler import BuildOptions, get_target, run_build
-from tandem.compiler.manifest import (
+from tandem.formats.compiled_manifest import (
     Environment,
     check_compatible,
     check_profile,
@@ -29,7 +29,7 @@ from tandem.compiler.manifest import (
 from tandem.compiler.served import neuron_cores, placement
 from tandem.compiler.tensorrt import BuilderSettings, engine_artifact, engines_manifest, read_plans
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
-from tandem.export.manifest import read_manifest
+from tandem.formats.export_manifest import read_manifest
 from tandem.runtimes import make_runtime
 from tandem.serving.repository import parse_config, write_repository
 
@@ -149,7 +149,7 @@ def _aot_manifest(compiled: Path, **update) -> Path:
 
 
 def test_aot_packages_are_refused_for_another_torch_cpu_isa_or_missing_gpu(compiled: Path):
-    from tandem.compiler.torch_aot import supported_cpu_archs
+    from tandem.runtimes.torch_aot import supported_cpu_archs
 
     assert "cpu-scalar" in supported_cpu_archs()
     with pytest.raises(ArtifactError, match=r"built with torch 2\.0\.0 but this machine has torch .*links against the exact libtorch"):

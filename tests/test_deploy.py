@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tandem.cli import main
-from tandem.compiler.targets import get_target
+from tandem.formats.targets import get_target
 from tandem.deploy.manifests import build_objects
 from tandem.deploy.settings import load_settings, parse_settings
 from tandem.deploy.validate import ManifestError, validate_all, validate_object

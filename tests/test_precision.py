@@ -30,7 +30,7 @@ from tandem.compiler.precision_gate import (
 from tandem.compiler.steps import OK
 from tandem.config import ModelConfig
 from tandem.errors import TandemError
-from tandem.export.manifest import read_manifest
+from tandem.formats.export_manifest import read_manifest
 from tandem.runtimes.onnxruntime import OnnxRuntime
 
 GATE = 8  # held-out captions the gate generates from here (the build default is every one)

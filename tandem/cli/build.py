@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tandem.cli.common import add_alias, add_config_argument, add_json_argument, default_build_dir, finish
-from tandem.compiler.targets import TARGETS
+from tandem.formats.targets import TARGETS
 from tandem.errors import EXIT_CHECK_FAILED, EXIT_OK
 
 
@@ -74,7 +74,7 @@ def add_gate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_precision(args: argparse.Namespace) -> int:
-    from tandem import folders
+    from tandem.formats import folders
     from tandem.compiler.precision_gate import make_precision_graphs
 
     target = TARGETS[args.target]
@@ -99,8 +99,9 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tandem import folders
-    from tandem.compiler.core import BUILD_MANIFEST, BuildOptions, run_build
+    from tandem.formats import folders
+    from tandem.compiler.core import BuildOptions, run_build
+    from tandem.formats.build_manifest import BUILD_MANIFEST
     from tandem.compiler.steps import summary_table
     from tandem.config import load_config
     from tandem.preflight import require_memory, require_target

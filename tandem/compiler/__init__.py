@@ -3,6 +3,6 @@ Neuron for Inferentia2, AOTInductor for CUDA or CPU) through status-reporting st
 (:mod:`.steps`): export -> optimise -> compile -> Triton model repository."""
 
 from tandem.compiler.core import BuildOptions, BuildResult, run_build
-from tandem.compiler.targets import TARGETS, Target, get_target
+from tandem.formats.targets import TARGETS, Target, get_target
 
 __all__ = ["BuildOptions", "BuildResult", "TARGETS", "Target", "get_target", "run_build"]

@@ -21,7 +21,6 @@ Every directory is replaced atomically by the step that writes it.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 import shutil
 import sys
@@ -29,11 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic import BaseModel
-
 from tandem.compiler import neuron as neuron_build
 from tandem.compiler import tensorrt as trt_build
-from tandem.compiler.manifest import COMPILED_MANIFEST, read_compiled_manifest
+from tandem.formats.compiled_manifest import COMPILED_MANIFEST, read_compiled_manifest
 from tandem.compiler.steps import (
     FAILED,
     Step,
@@ -43,23 +40,31 @@ from tandem.compiler.steps import (
     source_hash,
     tree_hashes,
 )
-from tandem.compiler.targets import CPU, NEURON, TENSORRT, TORCH_AOT, Target, get_target
+from tandem.formats.targets import CPU, NEURON, TENSORRT, TORCH_AOT, Target, get_target
 from tandem.config import ModelConfig
+from tandem.formats.build_manifest import (
+    CACHE_DIR,
+    COMPILED_DIR,
+    EXPORT_DIR,
+    OPTIMISED_DIR,
+    PRECISION_DIR,
+    REPOSITORY_DIR,
+    BuildManifest,
+    read_build_manifest,
+)
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import MANIFEST_NAME, graph_files, read_manifest
-from tandem.util import atomic_directory, atomic_write_text, sha256_file
+from tandem.formats.export_manifest import MANIFEST_NAME, graph_files, read_manifest
+from tandem.util import atomic_directory, sha256_file
 
-BUILD_MANIFEST = "build_manifest.json"
-FORMAT_VERSION = 1
-EXPORT, PRECISION, OPTIMISED, COMPILED, REPOSITORY, CACHE = "export", "precision", "optimised", "compiled", "model_repository", "cache"
+EXPORT, PRECISION, OPTIMISED, COMPILED, CACHE = EXPORT_DIR, PRECISION_DIR, OPTIMISED_DIR, COMPILED_DIR, CACHE_DIR  # step names
 # Toolchains whose precision lives in the ONNX graph (the others compile from PyTorch).
 GRAPH_PRECISION_TOOLCHAINS = (CPU, TENSORRT)
 # The code each toolchain's optimise and compile steps run: a change re-runs them, an unrelated edit does not.
 TOOLCHAIN_CODE = {
-    CPU: ("tandem.compiler.targets",),
-    TENSORRT: ("tandem.compiler.tensorrt", "tandem.compiler.manifest", "tandem.compiler.targets", "tandem.serving.native"),
-    NEURON: ("tandem.compiler.neuron", "tandem.compiler.manifest", "tandem.compiler.targets"),
-    TORCH_AOT: ("tandem.compiler.torch_aot", "tandem.compiler.manifest", "tandem.compiler.targets"),
+    CPU: ("tandem.formats.targets",),
+    TENSORRT: ("tandem.compiler.tensorrt", "tandem.formats.compiled_manifest", "tandem.formats.targets", "tandem.serving.native"),
+    NEURON: ("tandem.compiler.neuron", "tandem.formats.compiled_manifest", "tandem.formats.targets"),
+    TORCH_AOT: ("tandem.compiler.torch_aot", "tandem.formats.compiled_manifest", "tandem.formats.targets"),
 }
 
 
@@ -75,31 +80,6 @@ class BuildOptions:
     gate_captions: int | None = None  # held-out captions the precision gate generates from (None: all)
     accept_accuracy_loss: str | None = None  # ship a precision the gate refused; the reason is recorded
     repository: dict[str, Any] = field(default_factory=dict)  # tandem.serving.repository options
-
-
-class BuildManifest(BaseModel):
-    format_version: int = FORMAT_VERSION
-    target: str
-    toolchain: str
-    arch: str | None
-    precision: str
-    config: str
-    config_fingerprint: str
-    machine: dict[str, str]
-    tool_versions: dict[str, str | None]
-    options: dict[str, Any]
-    shapes: dict[str, Any] = {}  # per graph: dynamic dims [min, opt, max] and the profile or buckets compiled
-    steps: list[dict[str, Any]]
-    artifacts: list[dict[str, Any]] = []  # file, sha256, graph, profile / bucket
-    precision_checks: dict[str, Any] | None = None  # the precision step's report (tandem.compiler.precision_gate)
-    compiled_manifest: str | None = None
-    repository: str | None = None
-    passed: bool = False
-
-    def write(self, out: Path) -> Path:
-        path = out / BUILD_MANIFEST
-        atomic_write_text(path, json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
-        return path
 
 
 @dataclass
@@ -125,16 +105,6 @@ def tool_versions() -> dict[str, str | None]:
     versions["tensorrt"] = trt_build.installed_version()
     versions.update({k: neuron_build.installed_versions().get(k) for k in ("torch-neuronx", "neuronx-cc")})
     return versions
-
-
-def read_build_manifest(out: Path) -> BuildManifest | None:
-    path = Path(out) / BUILD_MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return BuildManifest.model_validate(json.loads(path.read_text()))
-    except ValueError:
-        return None  # unreadable: every step runs again
 
 
 class Build:
@@ -242,7 +212,7 @@ class Build:
                     f"{source} was exported from config {manifest.config.name} ({manifest.config_fingerprint}), not "
                     f"{self.config.name} ({self.config.fingerprint()}); pass the matching --config or drop --export"
                 )
-            from tandem.export.manifest import verify_graph_files
+            from tandem.formats.export_manifest import verify_graph_files
             from tandem.export.onnx_export import _weights_label
 
             expected = _weights_label(self.config, self.options.checkpoint)
@@ -398,7 +368,7 @@ class Build:
             ) from exc
         from tandem.compiler.repository import registered_flavors
 
-        out = self.path(REPOSITORY)
+        out = self.path(REPOSITORY_DIR)
         options = dict(self.options.repository)
         if self.target.toolchain != CPU:
             options["compiled"] = self.path(COMPILED)
@@ -525,7 +495,7 @@ class Build:
             artifacts=artifacts,
             precision_checks=precision_checks,
             compiled_manifest=compiled_rel,
-            repository=REPOSITORY if repo_ok else None,
+            repository=REPOSITORY_DIR if repo_ok else None,
             passed=passed,
         )
 

@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tandem.compiler.targets import CPU, TENSORRT
+from tandem.formats.targets import CPU, TENSORRT
 from tandem.errors import TandemError
 from tandem.stages import GraphSpec
 

@@ -45,7 +45,7 @@ from tandem.compiler.precision import (
 from tandem.config import ModelConfig
 from tandem.errors import CheckFailed, TandemError
 from tandem.runtimes.base import Runtime
-from tandem.export.manifest import (
+from tandem.formats.export_manifest import (
     GraphEntry,
     Manifest,
     OutputError,

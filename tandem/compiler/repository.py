@@ -25,8 +25,8 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tandem.compiler.manifest import COMPILED_MANIFEST, CompiledManifest, read_compiled_manifest, verify_artifact
-from tandem.compiler.targets import sm_capability
+from tandem.formats.compiled_manifest import COMPILED_MANIFEST, CompiledManifest, read_compiled_manifest, verify_artifact
+from tandem.formats.targets import sm_capability
 from tandem.errors import ArtifactError, TandemError
 from tandem.serving.interface import REASONING, REFINEMENT
 from tandem.serving.repository import (

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tandem.compiler.targets import CPU, Target, get_target
+from tandem.formats.targets import CPU, Target, get_target
 from tandem.deploy.settings import DeploySettings
 from tandem.errors import ArtifactError, TandemError
 from tandem.serving.interface import REASONING, REFINEMENT
@@ -42,7 +42,7 @@ class Bundle:
 
 
 def _read_build(build: Path):
-    from tandem.compiler.core import BUILD_MANIFEST, read_build_manifest
+    from tandem.formats.build_manifest import BUILD_MANIFEST, read_build_manifest
 
     manifest = read_build_manifest(build)
     if manifest is None:

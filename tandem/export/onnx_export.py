@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tandem.config import ModelConfig
 from tandem.errors import CheckFailed, TandemError
 from tandem.export.rewrites import rewrites_for, target_rewrites
-from tandem.export.manifest import (
+from tandem.formats.export_manifest import (
     MANIFEST_NAME,
     GenerationCheck,
     GraphEntry,
@@ -38,7 +38,7 @@ from tandem.export.manifest import (
     TensorEntry,
     ValidationCase,
 )
-from tandem.export.memory import require_export_memory
+from tandem.memory import require_export_memory
 from tandem.models import Stages, build_stages
 from tandem.stages import MAX_BATCH, GraphSpec, graph_specs
 from tandem.util import atomic_directory, sha256_file

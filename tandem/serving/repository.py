@@ -41,7 +41,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
+from tandem.formats.export_manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
