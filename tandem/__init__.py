@@ -14,7 +14,7 @@ the longest name that matches a module decides its layer.
     pipeline scheduler
     export
     serving eval
-    compiler preflight
+    toolchains compiler preflight
     deploy bench train
     cli __main__
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from tandem.config import ModelConfig
 from tandem.errors import TandemError, ToolchainMissingError
 
-from tandem.memory import available_memory, gib, memory_estimate, memory_problem, require_memory  # noqa: F401  (every pre-flight here)
+from tandem.memory import available_memory, gib, memory_estimate, memory_problem, require_memory  # noqa: F401  (the memory pre-flight beside the others)
 
 
 @dataclass(frozen=True)
@@ -31,27 +31,12 @@ class Check:
 
 def target_problem(target_name: str) -> str | None:
     """Why ``tandem build --target`` cannot run here (toolchain, device, architecture), or None."""
-    from tandem.formats.targets import CPU, NEURON, TENSORRT, TORCH_AOT, get_target
+    from tandem.formats.targets import get_target
+    from tandem.toolchains import get_toolchain
 
     target = get_target(target_name)
     try:
-        if target.toolchain == CPU:
-            import onnxruntime  # noqa: F401
-        elif target.toolchain == TENSORRT:
-            from tandem.compiler import tensorrt as trt_build
-
-            trt_build.require_tensorrt(target)
-            trt_build.require_gpu_arch(target)
-        elif target.toolchain == NEURON:
-            from tandem.compiler import neuron as neuron_build
-
-            neuron_build.require_neuron()
-            if not any(Path("/dev").glob("neuron*")):
-                return f"target {target.name} compiles with neuronx-cc and loads on NeuronCores: no /dev/neuron* device here (run it on an inf2 instance)"
-        elif target.toolchain == TORCH_AOT:
-            from tandem.compiler import torch_aot
-
-            torch_aot.require_device(target)
+        get_toolchain(target.toolchain).probe(target)
     except ImportError as exc:
         return f"target {target.name}: {exc}"
     except TandemError as exc:

@@ -20,8 +20,9 @@ import onnx
 import pytest
 import torch
 
-from tandem.compiler import BuildOptions, get_target, run_build
-from tandem.compiler.core import BUILD_MANIFEST
+from tandem.compiler.core import BuildOptions, run_build
+from tandem.formats.targets import get_target
+from tandem.formats.build_manifest import BUILD_MANIFEST
 from tandem.compiler.steps import FAILED, OK, SKIPPED, Step, StepFailed, StepRunner
 from tandem.config import ModelConfig
 from tandem.errors import TandemError, ToolchainMissingError

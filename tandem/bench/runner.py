@@ -121,7 +121,7 @@ class BenchResult:
     results: dict
 
 
-def _weights_label(config: ModelConfig) -> str:
+def weights_label(config: ModelConfig) -> str:
     from tandem.util import sha256_file
 
     return f"checkpoint:{sha256_file(Path(config.checkpoint))}" if config.checkpoint else f"seed:{config.seed}"
@@ -141,7 +141,7 @@ def ensure_artifacts(config: ModelConfig, artifacts: Path | None, progress: bool
         manifest = read_manifest(directory)
         if manifest.config_fingerprint != config.fingerprint():
             reason = f"it was exported from another config (fingerprint {manifest.config_fingerprint})"
-        elif manifest.weights != _weights_label(config):
+        elif manifest.weights != weights_label(config):
             reason = f"it holds other weights ({manifest.weights})"
         elif not manifest.passed:
             reason = "its export failed validation"

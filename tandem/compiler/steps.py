@@ -10,6 +10,8 @@ skipped with the reason, and the build fails, so a CI log shows exactly which st
 
 from __future__ import annotations
 
+import ast
+
 import hashlib
 import json
 import logging
@@ -60,20 +62,62 @@ def tree_hashes(path: Path) -> dict[str, str]:
     }
 
 
-def source_hash(*modules: str) -> str:
-    """Hash of the Python source of modules or packages, so a code change re-runs the steps it feeds."""
+def _module_file(name: str) -> Path:
     import importlib.util
 
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise TandemError(f"cannot find module {name} to hash its source")
+    return Path(spec.origin)
+
+
+def imported_modules(name: str) -> set[str]:
+    """The tandem modules ``name``'s source imports, at the top or inside a function."""
+    path = _module_file(name)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for candidate in candidates:
+            if candidate == "tandem" or candidate.startswith("tandem."):
+                try:
+                    _module_file(candidate)
+                except (TandemError, ImportError):
+                    continue  # a name imported from a module, not a module
+                found.add(candidate)
+    return found
+
+
+def code_closure(*entry_modules: str) -> list[str]:
+    """``entry_modules`` and every tandem module they import, directly or not (sorted)."""
+    seen: set[str] = set()
+    todo = list(entry_modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parent = name.rpartition(".")[0]
+        todo.extend(imported_modules(name) | ({parent} if parent else set()))  # importing a module runs its package
+    return sorted(seen)
+
+
+def code_hash(*entry_modules: str) -> str:
+    """Hash of the source of the code a step runs: its entry modules and everything they import
+    (walked, never listed by hand), so an edit to any of it re-runs the step and nothing else does."""
     digest = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise TandemError(f"cannot find module {name} to hash its source")
-        origin = Path(spec.origin)
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for file in files:
-            digest.update(str(file.relative_to(origin.parent)).encode())
-            digest.update(file.read_bytes())
+    for name in code_closure(*entry_modules):
+        digest.update(name.encode() + b"\0")
+        digest.update(_module_file(name).read_bytes())
     return digest.hexdigest()
 
 
