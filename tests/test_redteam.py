@@ -575,7 +575,8 @@ def _load(url: str, stop, outcomes: list, prompts: int = 4) -> None:
                 return  # a refused client goes elsewhere (and closes its connection)
 
 
-def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repository: Path):
+@pytest.mark.parametrize("grace", ["60", "2"])  # defect 8: --grace 2 finished everything yet said "dropped"
+def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repository: Path, grace: str):
     import os
     import signal
     import threading
@@ -584,7 +585,7 @@ def test_sigterm_under_load_drains_and_the_same_ports_restart_at_once(tiny_repos
     from tandem.serving.server import SHM_DIR, free_port
 
     ports = [free_port() for _ in range(3)]
-    process, banner = _start_serve(tiny_repository, ports)
+    process, banner = _start_serve(tiny_repository, ports, "--grace", grace)
     try:
         assert "loopback only" in banner and "admin APIs need tandem-admin-key" in banner
         regions = list(SHM_DIR.glob(f"tandem-shm-{os.getuid()}-{process.pid}-*"))
@@ -811,6 +812,19 @@ def test_front_door_closes_half_open_connections_and_caps_them_cleanly(guarded_s
         time.sleep(0.2)
         answer = _exchange(guarded_server, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503") and b"limit" in answer
+    finally:
+        for sock in held:
+            sock.close()
+    # gRPC: connections over the cap are refused at once (the client fails fast instead of hanging)
+    held = [socket.create_connection(("127.0.0.1", guarded_server.grpc_port), timeout=10)
+            for _ in range(guarded_server.max_connections + 8)]
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        with TandemClient(guarded_server.grpc_url, timeout_s=20) as client:
+            with pytest.raises(TandemError):
+                client.generate(PROMPT_TEXT)
+        assert time.monotonic() - started < 10
     finally:
         for sock in held:
             sock.close()

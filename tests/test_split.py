@@ -237,16 +237,20 @@ def test_graph_sequence_through_the_hop_transformer(servers, reference):
     import sys
     import urllib.request
 
-    from tandem.serving.server import free_port
+    import socket
 
-    hop_port, hop_grpc = free_port(), free_port()
+    # The hop serves on a socket bound here (port 0: the kernel picks a free one) and inherited, so
+    # no other process can take its port between picking and binding (that race once exited 3).
+    listener = socket.create_server(("127.0.0.1", 0))
+    hop_port = listener.getsockname()[1]
     refinement_http = servers.refinement.http_url.removeprefix("http://")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tandem.deploy.hop", "--model_name", REFINEMENT, "--predictor_host", refinement_http,
-         "--predictor_protocol", "v2", "--http_port", str(hop_port), "--grpc_port", str(hop_grpc), "--enable_grpc", "false",
-         "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1],
-    )
+    with listener:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tandem.deploy.hop", "--model_name", REFINEMENT, "--predictor_host", refinement_http,
+             "--predictor_protocol", "v2", "--listen_fd", str(listener.fileno()), "--enable_grpc", "false", "--workers", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1],
+            pass_fds=(listener.fileno(),),
+        )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -104,6 +104,31 @@ def hop_model_class():
     return SceneTokenHop
 
 
+def serve_on_inherited_socket(fd: int) -> None:
+    """Make kserve's REST server accept on the listening socket ``fd`` (bound and listening already,
+    inherited from the process that started this one) instead of binding ``--http_port`` itself.
+
+    Picking a free port, closing it and letting the child bind it later is a race: any process can
+    take the port in between and the child's uvicorn exits 3 ("address already in use"). With the
+    socket bound by the parent and inherited, there is no window: the port is held from the moment
+    the kernel picked it, and connections made before the server is up wait in its backlog."""
+    import socket
+
+    from kserve import model_server
+
+    sock = socket.socket(fileno=fd)  # family and type read from the descriptor
+    if sock.type != socket.SOCK_STREAM:
+        raise SystemExit(f"--listen_fd {fd} is not a stream socket")
+    base = model_server.RESTServer
+
+    class InheritedSocketRESTServer(base):
+        async def start(self):
+            self.create_application()
+            await self._server.serve(sockets=[sock])
+
+    model_server.RESTServer = InheritedSocketRESTServer  # what ModelServer.start() builds in this process
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -111,7 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     from kserve import model_server
 
     parser = argparse.ArgumentParser(parents=[model_server.parser], description=__doc__.splitlines()[0])
+    parser.add_argument("--listen_fd", type=int, default=None,
+                        help="serve HTTP on this inherited, already listening socket instead of binding --http_port "
+                        "(socket activation: the starting process binds port 0 and keeps it, so no port race)")
     args, _ = parser.parse_known_args(argv)
+    if args.listen_fd is not None:
+        if args.workers != 1:
+            parser.error("--listen_fd serves one process; drop --workers or set --workers 1")
+        serve_on_inherited_socket(args.listen_fd)
     model = hop_model_class()(args.model_name or REFINEMENT)
     kserve.ModelServer().start([model])
 

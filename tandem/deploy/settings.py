@@ -1,4 +1,5 @@
-"""The deployment YAML (``configs/deploy/kserve.yaml``): pools, replicas, autoscaling, images, storage.
+"""The deployment YAML (``configs/deploy/kserve.yaml``): pools, replicas, autoscaling, images, storage,
+pod security, and who may call the graph.
 
 Validated with pydantic, unknown keys refused; :func:`load_settings` turns every validation
 problem into one line naming the field (``pools.refinement.replicas.max``), what is wrong and the
@@ -15,13 +16,25 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tandem.deploy.images import BUILD_COMMANDS, HOP_IMAGE, IMAGE_USER, PLACEHOLDER_REGISTRIES, TRITON_IMAGE
 from tandem.errors import TandemError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+STORAGE_URI = re.compile(r"^(s3|gs|pvc|https?|hdfs|webhdfs|oci|hf)://\S+$")
+# An Istio principal: <trust domain>/ns/<namespace>/sa/<service account> (the SPIFFE ID without spiffe://).
+PRINCIPAL = re.compile(r"^[a-z0-9.-]+/ns/[a-z0-9]([-a-z0-9]*[a-z0-9])?/sa/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
+INGRESS_GATEWAY = "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
 
 # KServe's scale metrics per deployment mode: Knative's autoscaler (Serverless) scales on in-flight
 # requests or request rate, an HPA (RawDeployment) on resource utilisation.
 SCALE_METRICS = {"Serverless": ("concurrency", "rps", "cpu", "memory"), "RawDeployment": ("cpu", "memory")}
+
+
+def quantity(value: str) -> str:
+    if not QUANTITY.match(str(value)):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity; write e.g. \"4\", \"500m\", \"16Gi\" (quoted)")
+    return str(value)
 
 
 class Strict(BaseModel):
@@ -67,16 +80,25 @@ class Pool(Strict):
     replicas: Replicas
     autoscaling: Autoscaling
     accelerators: int = Field(1, ge=1, le=16, description="GPUs / Neuron devices per replica (GPU/Neuron targets)")
-    cpu: str = "4"
-    memory: str = "16Gi"
-    storage_uri: str = Field(description="where this stage's model repository is uploaded (s3://, gs://, pvc://)")
+    cpu: str = Field("4", description="CPU request and limit per replica (Guaranteed QoS: requests = limits)")
+    memory: str = Field("16Gi", description="memory request and limit per replica")
+    shm: str = Field("2Gi", description="size of the memory-backed /dev/shm (Triton's python backend passes tensors through it)")
+    tmp: str = Field("1Gi", description="size of the writable /tmp (the root filesystem is read-only)")
 
-    @field_validator("storage_uri")
+    @model_validator(mode="before")
     @classmethod
-    def _uri(cls, value: str) -> str:
-        if not re.match(r"^(s3|gs|pvc|https?|hdfs|webhdfs|oci|hf)://\S+$", value):
-            raise ValueError(f"{value!r} is not a storage URI KServe's storage initializer reads; use e.g. s3://bucket/path")
-        return value
+    def _moved(cls, data: object) -> object:
+        if isinstance(data, dict) and "storage_uri" in data:
+            raise ValueError(
+                "storage_uri moved: set storage.uri to the bucket prefix (e.g. s3://tandem-models); each stage's "
+                "repository then goes to <storage.uri>/<the build's model config>/<stage>"
+            )
+        return data
+
+    @field_validator("cpu", "memory", "shm", "tmp")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        return quantity(value)
 
 
 class Pools(Strict):
@@ -85,8 +107,8 @@ class Pools(Strict):
 
 
 class Images(Strict):
-    triton: str = Field(description="Triton 2.51+ with tandem and onnxruntime installed (the python-backend models import them)")
-    hop: str = Field(description="tandem with the kserve extra: runs `python -m tandem.deploy.hop` in front of refinement")
+    triton: str = Field(TRITON_IMAGE, description="deploy/Dockerfile --target triton: Triton 2.51 with tandem in its python backend")
+    hop: str = Field(HOP_IMAGE, description="deploy/Dockerfile --target hop: runs `python -m tandem.deploy.hop` in front of refinement")
 
     @field_validator("triton", "hop")
     @classmethod
@@ -94,6 +116,11 @@ class Images(Strict):
         last = value.rsplit("/", 1)[-1]
         if "@sha256:" not in value and (":" not in last or last.endswith(":latest")):
             raise ValueError(f"image {value!r} needs a fixed tag or digest (not :latest), e.g. {value.split(':')[0]}:0.1.0")
+        if any(p in value for p in PLACEHOLDER_REGISTRIES):
+            raise ValueError(
+                f"image {value!r} is a placeholder nothing builds; build the images with `{BUILD_COMMANDS[0]}` (README, "
+                "'Deploying past one machine'), push them to your registry and name them here"
+            )
         return value
 
 
@@ -101,20 +128,147 @@ class Hop(Strict):
     replicas: Replicas = Replicas(min=1, max=4)
     cpu: str = "1"
     memory: str = "1Gi"
+    tmp: str = "256Mi"
+
+    @field_validator("cpu", "memory", "tmp")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        return quantity(value)
 
 
 class Graph(Strict):
     timeout_seconds: int = Field(120, ge=1, description="end-to-end request timeout of the InferenceGraph router")
+    cpu: str = Field("1", description="CPU request and limit of the router")
+    memory: str = Field("512Mi", description="memory request and limit of the router")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        return quantity(value)
+
+
+class S3(Strict):
+    """The storage annotations KServe's storage initializer reads from the credentials Secret."""
+
+    endpoint: str = "s3.amazonaws.com"
+    region: str = "us-east-1"
+    use_https: bool = True
+    verify_ssl: bool = True
+
+
+class Storage(Strict):
+    uri: str = Field(description="bucket prefix; each stage's repository goes to <uri>/<model config>/<stage>")
+    service_account: str = Field("tandem-storage", description="ServiceAccount the predictors run as (KServe reads its secrets)")
+    credentials_secret: str | None = Field(
+        "tandem-storage-credentials",
+        description="Secret holding the storage keys, created by you (tandem writes only its name); null: none needed",
+    )
+    s3: S3 | None = S3()
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not STORAGE_URI.match(value):
+            raise ValueError(f"{value!r} is not a storage URI KServe's storage initializer reads; use e.g. s3://bucket/path")
+        return value.rstrip("/")
+
+    @field_validator("service_account", "credentials_secret")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and (not DNS_LABEL.match(value) or len(value) > 63):
+            raise ValueError(f"{value!r} must be a DNS label (lower-case letters, digits, '-')")
+        return value
+
+    def stage_uri(self, config_name: str, stage: str) -> str:
+        return f"{self.uri}/{config_name}/{stage}"
+
+
+class Security(Strict):
+    """Every container runs as this numeric non-root user (the image's, see deploy/Dockerfile)."""
+
+    run_as_user: int = Field(IMAGE_USER, ge=1, description="numeric uid, not 0 (runAsNonRoot)")
+    run_as_group: int = Field(IMAGE_USER, ge=1, description="numeric gid, not 0")
+
+
+class Callers(Strict):
+    principals: list[str] = Field(
+        [INGRESS_GATEWAY], description="Istio principals (<trust domain>/ns/<namespace>/sa/<service account>)"
+    )
+    namespaces: list[str] = []
+
+    @field_validator("principals")
+    @classmethod
+    def _principals(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value.strip() in ("*", ""):
+                raise ValueError(
+                    f"{value!r} would let any caller in; name each caller as <trust domain>/ns/<namespace>/sa/<service account>, "
+                    f"e.g. {INGRESS_GATEWAY}"
+                )
+            if value.startswith("spiffe://"):
+                raise ValueError(f"{value!r}: Istio principals are written without spiffe://; use {value.removeprefix('spiffe://')!r}")
+            if not PRINCIPAL.match(value):
+                raise ValueError(
+                    f"{value!r} is not an Istio principal; write <trust domain>/ns/<namespace>/sa/<service account>, "
+                    f"e.g. {INGRESS_GATEWAY}"
+                )
+        if len(set(values)) != len(values):
+            raise ValueError("lists a principal twice; remove the duplicate")
+        return values
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value.strip() in ("*", ""):
+                raise ValueError(f"{value!r} would let every namespace in; name the namespaces, or list principals instead")
+            if not DNS_LABEL.match(value):
+                raise ValueError(f"{value!r} is not a namespace name (a DNS label)")
+        return values
+
+
+class Access(Strict):
+    """Who may call what (Istio AuthorizationPolicies; everything else in the namespace is denied)."""
+
+    trust_domain: str = Field("cluster.local", description="the mesh's trust domain (the principals' first part)")
+    graph_callers: Callers = Field(
+        Callers(), description="who may call the InferenceGraph, besides the graph's own service account"
+    )
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if not re.match(r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", value):
+            raise ValueError(f"{value!r} is not a trust domain (e.g. cluster.local)")
+        return value
+
+    @model_validator(mode="after")
+    def _same_domain(self) -> "Access":
+        for principal in self.graph_callers.principals:
+            domain = principal.split("/", 1)[0]
+            if domain != self.trust_domain:
+                raise ValueError(
+                    f"graph_callers.principals: {principal!r} is in trust domain {domain!r}, the mesh's is "
+                    f"{self.trust_domain!r} (access.trust_domain); write it as {self.trust_domain}/{principal.split('/', 1)[1]} "
+                    "or set access.trust_domain"
+                )
+        return self
+
+    def principal(self, namespace: str, service_account: str) -> str:
+        return f"{self.trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 class DeploySettings(Strict):
     namespace: str
     name: str = "tandem"
     deployment_mode: Literal["Serverless", "RawDeployment"] = "Serverless"
-    images: Images
+    images: Images = Images()
     pools: Pools
     hop: Hop = Hop()
     graph: Graph = Graph()
+    storage: Storage
+    security: Security = Security()
+    access: Access = Access()
     mtls: Literal["STRICT"] = Field(
         "STRICT", description="scene tokens never cross the network in clear: STRICT is the only mode offered"
     )
@@ -142,8 +296,26 @@ class DeploySettings(Strict):
                     raise ValueError(f"pools.{stage}.replicas.min must be >= 1 in RawDeployment mode (no scale to zero)")
         return self
 
+    @model_validator(mode="after")
+    def _accounts(self) -> "DeploySettings":
+        own = {self.graph_service_account: "the graph's", self.hop_service_account: "the hop's"}
+        if self.storage.service_account in own:
+            raise ValueError(
+                f"storage.service_account {self.storage.service_account!r} is {own[self.storage.service_account]} service account; "
+                "choose another name (the predictors alone get the storage credentials)"
+            )
+        return self
+
     def pool(self, stage: str) -> Pool:
         return getattr(self.pools, stage)
+
+    @property
+    def graph_service_account(self) -> str:
+        return f"{self.name}-graph"
+
+    @property
+    def hop_service_account(self) -> str:
+        return f"{self.name}-hop"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
