@@ -26,14 +26,25 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from tandem.errors import TandemError
-from tandem.stages import CacheLayout, cache_layout
+from tandem.config import ModelConfig
+from tandem.stages import CacheLayout, GraphSpec, cache_layout
 
 if TYPE_CHECKING:
     import torch
 
-    from tandem.runtimes.base import Runtime
-
 PREFILL, DECODE = "reasoning_prefill", "reasoning_decode"
+
+
+class GraphRunner(Protocol):
+    """What an engine needs of a runtime (:class:`tandem.runtimes.base.Runtime` is one): the stage
+    description it was built for and ``run(graph, feeds) -> outputs``."""
+
+    config: ModelConfig
+    specs: dict[str, GraphSpec]
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def decode_engine(self, capacity: int) -> DecodeEngine: ...
 
 
 class DecodeEngine(Protocol):
@@ -58,12 +69,12 @@ class DecodeEngine(Protocol):
         ...
 
 
-def make_decode_engine(runtime: Runtime, capacity: int) -> DecodeEngine:
+def make_decode_engine(runtime: GraphRunner, capacity: int) -> DecodeEngine:
     """The fastest engine ``runtime`` offers (see :meth:`tandem.runtimes.base.Runtime.decode_engine`)."""
     return runtime.decode_engine(capacity)
 
 
-def max_capacity(runtime: Runtime) -> int:
+def max_capacity(runtime: GraphRunner) -> int:
     """The largest batch the decode graph was exported, validated and compiled for."""
     return runtime.specs[DECODE].dims["batch"].max
 
@@ -72,7 +83,7 @@ class CacheDecodeEngine:
     """Numpy cache buffers, graphs run through ``Runtime.run`` (any runtime). Subclasses change how
     a step is run and how rows are written, never the cache's layout or the engine's contract."""
 
-    def __init__(self, runtime: Runtime, capacity: int):
+    def __init__(self, runtime: GraphRunner, capacity: int):
         limit = max_capacity(runtime)
         if not 1 <= capacity <= limit:
             raise TandemError(

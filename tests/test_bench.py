@@ -18,7 +18,7 @@ from PIL import Image
 
 from tandem.bench.hardware import load_hardware, modelled_call, per_image_seconds
 from tandem.bench.stagebench import decode_positions
-from tandem.bench.targets import Target
+from tandem.bench.present import Target
 from tandem.cli import main
 from tandem.errors import TandemError
 

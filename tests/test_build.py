@@ -20,8 +20,9 @@ import onnx
 import pytest
 import torch
 
-from tandem.compiler import BuildOptions, get_target, run_build
-from tandem.compiler.core import BUILD_MANIFEST
+from tandem.compiler.core import BuildOptions, run_build
+from tandem.formats.targets import get_target
+from tandem.formats.build_manifest import BUILD_MANIFEST
 from tandem.compiler.steps import FAILED, OK, SKIPPED, Step, StepFailed, StepRunner
 from tandem.config import ModelConfig
 from tandem.errors import TandemError, ToolchainMissingError
@@ -265,7 +266,7 @@ def test_cli_accelerator_build_checks_the_toolchain_before_any_step(tmp_path: Pa
 def test_tensorrt_engines_build_and_match_onnxruntime(tmp_path: Path, tiny_artifacts: Path, tiny_config: ModelConfig):
     import torch as _torch
 
-    from tandem.compiler.targets import TARGETS, sm_arch
+    from tandem.formats.targets import TARGETS, sm_arch
     from tandem.pipeline import Pipeline
     from tandem.runtimes import make_runtime
     from tandem.sampling import SamplingParams
@@ -308,7 +309,8 @@ def test_inf2_build_plans_buckets_and_stops_at_torch_neuronx(tmp_path: Path, tin
 def test_neuron_bucket_padding_gives_the_unpadded_result(tiny_config: ModelConfig):
     """The runtime's padding (batch rows, prompt positions) and trimming, run with eager PyTorch at the
     bucket shapes: a whole greedy generation must give exactly the unpadded tokens."""
-    from tandem.compiler.neuron import axis_buckets, select_bucket
+    from tandem.compiler.neuron import axis_buckets
+    from tandem.runtimes.neuron import select_bucket
     from tandem.pipeline import Pipeline
     from tandem.runtimes.neuron import NeuronRuntime, run_bucketed
     from tandem.runtimes.torch_eager import TorchRuntime

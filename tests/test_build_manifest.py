@@ -19,8 +19,9 @@ import pytest
 import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tandem.compiler import BuildOptions, get_target, run_build
-from tandem.compiler.manifest import (
+from tandem.compiler.core import BuildOptions, run_build
+from tandem.formats.targets import get_target
+from tandem.formats.compiled_manifest import (
     Environment,
     check_compatible,
     check_profile,
@@ -29,7 +30,7 @@ from tandem.compiler.manifest import (
 from tandem.compiler.served import neuron_cores, placement
 from tandem.compiler.tensorrt import BuilderSettings, engine_artifact, engines_manifest, read_plans
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
-from tandem.export.manifest import read_manifest
+from tandem.formats.export_manifest import read_manifest
 from tandem.runtimes import make_runtime
 from tandem.serving.repository import parse_config, write_repository
 
@@ -149,7 +150,7 @@ def _aot_manifest(compiled: Path, **update) -> Path:
 
 
 def test_aot_packages_are_refused_for_another_torch_cpu_isa_or_missing_gpu(compiled: Path):
-    from tandem.compiler.torch_aot import supported_cpu_archs
+    from tandem.runtimes.torch_aot import supported_cpu_archs
 
     assert "cpu-scalar" in supported_cpu_archs()
     with pytest.raises(ArtifactError, match=r"built with torch 2\.0\.0 but this machine has torch .*links against the exact libtorch"):
@@ -166,17 +167,17 @@ def test_aot_packages_are_refused_for_another_torch_cpu_isa_or_missing_gpu(compi
 
 @pytest.fixture
 def compiled_flavors():
-    from tandem.compiler.repository import registered_flavors
+    """Each toolchain's flavor object; the writer's registry is never touched."""
     from tandem.serving.repository import FLAVORS
+    from tandem.toolchains import TOOLCHAINS
 
     before = set(FLAVORS)
-    with registered_flavors():
-        yield
-    assert set(FLAVORS) == before  # the writer's registry is left as it was
+    yield {name: toolchain.flavor() for name, toolchain in TOOLCHAINS.items()}
+    assert set(FLAVORS) == before
 
 
 def test_tensorrt_repository_serves_refinement_as_a_tensorrt_plan(compiled: Path, tiny_artifacts: Path, tmp_path: Path, compiled_flavors):
-    repo = write_repository(tiny_artifacts, tmp_path / "repo", flavor="tensorrt", compiled=compiled)
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", flavor=compiled_flavors["tensorrt"], compiled=compiled)
     refinement = parse_config(repo / "refinement" / "config.pbtxt")
     served = read_compiled_manifest(compiled).for_graph("refinement", served=True)[0]
     assert refinement.platform == "tensorrt_plan" and refinement.default_model_filename == served.file
@@ -198,7 +199,7 @@ def test_tensorrt_repository_serves_refinement_as_a_tensorrt_plan(compiled: Path
     manifest.for_graph("refinement", served=True)[0].profile["max"]["scene_tokens"][0] = 4
     manifest.write(compiled)
     with pytest.raises(TandemError, match=r"exceeds the engine's profile \(batch <= 4\)"):
-        write_repository(tiny_artifacts, tmp_path / "repo2", flavor="tensorrt", compiled=compiled, max_batch_size=8)
+        write_repository(tiny_artifacts, tmp_path / "repo2", flavor=compiled_flavors["tensorrt"], compiled=compiled, max_batch_size=8)
 
 
 def test_neuron_and_aot_repositories_place_instances(compiled: Path, tiny_artifacts: Path, tmp_path: Path, compiled_flavors):
@@ -206,18 +207,18 @@ def test_neuron_and_aot_repositories_place_instances(compiled: Path, tiny_artifa
         update=dict(target="inf2", toolchain="neuron", arch="inf2", device="neuron", pinned=["torch-neuronx"])
     )
     neuron.write(compiled)
-    repo = write_repository(tiny_artifacts, tmp_path / "n", flavor="neuron", compiled=compiled, instances=2, neuron_cores_per_instance=2)
+    repo = write_repository(tiny_artifacts, tmp_path / "n", flavor=compiled_flavors["neuron"], compiled=compiled, instances=2, neuron_cores_per_instance=2)
     for stage in ("reasoning", "refinement"):
         config = parse_config(repo / stage / "config.pbtxt")
         assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_MODEL, 2)]
         assert config.parameters["neuron_cores_per_instance"].string_value == "2"
         assert config.parameters["runtime"].string_value == "neuron"
 
-    repo = write_repository(tiny_artifacts, tmp_path / "a", flavor="torch_aot", compiled=_aot_manifest(compiled))
+    repo = write_repository(tiny_artifacts, tmp_path / "a", flavor=compiled_flavors["torch_aot"], compiled=_aot_manifest(compiled))
     config = parse_config(repo / "reasoning" / "config.pbtxt")
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]  # cpu-aot packages
     with pytest.raises(TandemError, match="pass compiled="):
-        write_repository(tiny_artifacts, tmp_path / "x", flavor="torch_aot")
+        write_repository(tiny_artifacts, tmp_path / "x", flavor=compiled_flavors["torch_aot"])
 
 
 def test_instances_are_pinned_to_their_own_accelerator(monkeypatch: pytest.MonkeyPatch):

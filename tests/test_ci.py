@@ -165,7 +165,7 @@ def test_ctrl_c_inside_torch_export_exits_130_and_leaves_no_export(tmp_path: Pat
 
 def test_an_export_too_large_for_this_machine_is_refused_before_allocating(tmp_path: Path):
     from tandem.config import load_config
-    from tandem.preflight import available_memory, memory_estimate
+    from tandem.memory import available_memory, memory_estimate
 
     have = available_memory()
     if have is None or have > memory_estimate(load_config("seed"), "export"):
@@ -210,7 +210,7 @@ def test_doctor_lists_targets_and_runtimes_with_reasons():
 
 
 def test_a_build_folder_is_accepted_wherever_a_folder_is_asked_for(tiny_artifacts: Path, tmp_path: Path):
-    from tandem import folders
+    from tandem.formats import folders
 
     build = tmp_path / "tiny-cpu"
     result = tandem("build", "--config", "tiny", "--target", "cpu", "--out", str(build), "--artifacts", str(tiny_artifacts))

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from tandem.cli import main
-from tandem.compiler.targets import get_target
 from tandem.deploy.bundle import production_warning
 from tandem.deploy.images import BUILD_COMMANDS, HOP_IMAGE, IMAGE_USER, TRITON_IMAGE, TRITON_RELEASE
+from tandem.formats.targets import get_target
 from tandem.deploy.manifests import build_objects
 from tandem.deploy.settings import load_settings, parse_settings
 from tandem.deploy.validate import ManifestError, validate_all, validate_object

@@ -7,7 +7,7 @@ import torch
 
 from tandem.errors import ArtifactError
 from tandem.export import onnx_export
-from tandem.export.manifest import read_manifest
+from tandem.formats.export_manifest import read_manifest
 from tandem.models import build_stages
 from tandem.runtimes.onnxruntime import OnnxRuntime
 from tandem.runtimes.torch_eager import TorchRuntime

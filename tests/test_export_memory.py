@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tandem.config import load_config
-from tandem.export.memory import NotEnoughMemory, available_memory, export_memory_estimate, require_export_memory
+from tandem.memory import NotEnoughMemory, available_memory, export_memory_estimate, require_export_memory
 from tandem.models import build_stages, count_parameters, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_medium_weights_are_materialised_once(tmp_path):
     config = load_config("medium")
     weight_bytes = sum(c.total for c in count_parameters(config)) * 2
     estimate = export_memory_estimate(config, "bf16")
-    if available_memory() < 3 * weight_bytes:
+    if (available_memory() or 0) < 3 * weight_bytes:
         pytest.skip(f"needs {3 * weight_bytes / 2**30:.1f} GiB free to measure safely")
     script = textwrap.dedent(
         """
@@ -78,7 +78,7 @@ def test_preflight_refuses_with_the_figure_and_the_fix():
 
 def test_cli_export_refuses_before_allocating(tmp_path):
     seed = load_config("seed")
-    if export_memory_estimate(seed).peak_bytes <= available_memory():
+    if export_memory_estimate(seed).peak_bytes <= (available_memory() or 1 << 62):
         pytest.skip("this machine has the memory to export seed; the refusal cannot be shown here")
     out = tmp_path / "seed"
     result = subprocess.run(

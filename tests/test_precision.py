@@ -12,10 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tandem.compiler import BuildOptions, run_build
+from tandem.compiler.core import BuildOptions, run_build
 from tandem.compiler.precision import (
     quantize_cpu_int8,
-    rewrite_for,
     sensitive_nodes,
 )
 from tandem.compiler.precision_gate import (
@@ -28,9 +27,10 @@ from tandem.compiler.precision_gate import (
     read_precision_report,
 )
 from tandem.compiler.steps import OK
+from tandem.toolchains import get_toolchain
 from tandem.config import ModelConfig
 from tandem.errors import TandemError
-from tandem.export.manifest import read_manifest
+from tandem.formats.export_manifest import read_manifest
 from tandem.runtimes.onnxruntime import OnnxRuntime
 
 GATE = 8  # held-out captions the gate generates from here (the build default is every one)
@@ -117,10 +117,10 @@ def test_cpu_int8_quantizes_the_decode_step_only(tiny_artifacts: Path, tiny_conf
     from tandem.stages import graph_specs
 
     specs = graph_specs(tiny_config)
-    assert rewrite_for("onnxruntime", "int8", specs["reasoning_prefill"]) is None
-    assert rewrite_for("onnxruntime", "int8", specs["refinement"]) is None
+    assert get_toolchain("onnxruntime").precision_rewrite("int8", specs["reasoning_prefill"]) is None
+    assert get_toolchain("onnxruntime").precision_rewrite("int8", specs["refinement"]) is None
     with pytest.raises(TandemError, match="no fp16 graph rewrite for the onnxruntime toolchain"):
-        rewrite_for("onnxruntime", "fp16", specs["reasoning_decode"])
+        get_toolchain("onnxruntime").precision_rewrite("fp16", specs["reasoning_decode"])
     model = onnx.load(str(tiny_artifacts / "reasoning_decode.onnx"))
     quantized, record = quantize_cpu_int8(model)
     ops = {n.op_type for n in quantized.graph.node}

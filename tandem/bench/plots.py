@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tandem.util import atomic_write_path  # noqa: E402
+from tandem.bench.present import save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,6 @@ COLORS = {"torch": "#d62728", "onnxruntime": "#1f77b4", "onnxruntime_basic": "#1
 
 def _color(name: str, index: int) -> str:
     return COLORS.get(name, f"C{index + 2}")
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_write_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _title(results: dict) -> str:
@@ -61,7 +55,7 @@ def throughput_vs_batch(results: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"Throughput vs batch (measured) - {_title(results)}")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -99,7 +93,7 @@ def decode_cost_vs_position(results: dict, path: Path) -> bool:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(f"Per-token decode cost vs position (measured)\n{_title(results)}", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -126,7 +120,7 @@ def runtime_comparison(results: dict, path: Path) -> bool:
         ax.set_title(f"{graph}, batch 1")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Runtime comparison (measured) - {_title(results)}")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -174,7 +168,7 @@ def _finish_pair(fig, path: Path, xlabel: str, left_labels: tuple[str, str], rig
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def open_loop(results: dict, path: Path) -> bool:
@@ -243,7 +237,7 @@ def roofline(results: dict, path: Path) -> bool:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     ax.set_title(f"Roofline (marker size grows with batch)\n{_title(results)}", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -268,7 +262,7 @@ def cross_hardware(results: dict, path: Path) -> bool:
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3, which="both")
     ax.set_title(f"Cross-hardware: measured vs MODELLED\n{_title(results)}", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 

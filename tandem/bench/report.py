@@ -5,30 +5,13 @@ and the JSON cannot disagree."""
 
 from __future__ import annotations
 
+from tandem.bench.present import fmt, sig, table
+
 
 def split_report_section(results: dict) -> list[str]:
     from tandem.bench.split import report_section
 
     return report_section(results)
-
-
-def _f(value, digits: int = 2, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}{unit}"
-    return f"{value}{unit}"
-
-
-def _g(value, unit: str = "") -> str:
-    """Three significant figures, for quantities spanning many orders of magnitude."""
-    return "-" if value is None else f"{value:.3g}{unit}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 def render(results: dict) -> str:
@@ -40,7 +23,7 @@ def render(results: dict) -> str:
         f"# tandem benchmark: `{cfg['name']}` on {env['cpu_model']}",
         "",
         f"- Machine: **{env['machine']}** - {env['cpu_model']}, {env['cpu_cores_usable']} usable cores, "
-        f"{_f(env.get('memory_gib'), 1)} GiB RAM, GPUs: {', '.join(env['gpus']) or 'none'}",
+        f"{fmt(env.get('memory_gib'), 1)} GiB RAM, GPUs: {', '.join(env['gpus']) or 'none'}",
         f"- Run: {results['started_utc']} UTC, {results['duration_s']:.0f} s, mode {mode}"
         + (
             " (" + ", ".join(f"{k} {v:.0f} s" for k, v in results["phase_seconds"].items()) + ")"
@@ -100,9 +83,9 @@ def render(results: dict) -> str:
                 continue
             speedup = f"{base['p50_ms'] / s['p50_ms']:.2f}x" if base and "p50_ms" in base else "-"
             rows.append(
-                [graph, runtime, _f(s["p50_ms"], 3), _f(s["p90_ms"], 3), _f(s["p99_ms"], 3), s["n"], speedup]
+                [graph, runtime, fmt(s["p50_ms"], 3), fmt(s["p90_ms"], 3), fmt(s["p99_ms"], 3), s["n"], speedup]
             )
-    out += _table(["graph", "runtime", "p50 ms", "p90 ms", "p99 ms", "samples", "vs torch (p50)"], rows)
+    out += table(["graph", "runtime", "p50 ms", "p90 ms", "p99 ms", "samples", "vs torch (p50)"], rows)
     prefill_dims = stages.get("onnxruntime", stages.get("torch", {})).get("reasoning_prefill", {})
     if prefill_dims:
         dims = prefill_dims["batches"]["1"].get("dims")
@@ -122,17 +105,17 @@ def render(results: dict) -> str:
                     for b in batches
                 ]
             )
-    out += _table(["graph", "runtime"] + [f"batch {b}: items/s (p50)" for b in batches], rows)
+    out += table(["graph", "runtime"] + [f"batch {b}: items/s (p50)" for b in batches], rows)
 
     positions = results.get("decode_positions", {})
     if positions:
         out += ["## Decode cost per token vs position (batch 1)", ""]
         xs = sorted({int(p) for per in positions.values() for p in per})
-        rows = [[rt] + [_f(per.get(str(x), {}).get("p50_ms"), 3) for x in xs] for rt, per in positions.items()]
+        rows = [[rt] + [fmt(per.get(str(x), {}).get("p50_ms"), 3) for x in xs] for rt, per in positions.items()]
         recompute = results.get("recompute_positions", {})
         if recompute:
-            rows.append(["no cache, recompute prefix (torch)"] + [_f(recompute.get(str(x), {}).get("p50_ms"), 3) for x in xs])
-        out += _table(["p50 ms per token"] + [f"pos {x}" for x in xs], rows)
+            rows.append(["no cache, recompute prefix (torch)"] + [fmt(recompute.get(str(x), {}).get("p50_ms"), 3) for x in xs])
+        out += table(["p50 ms per token"] + [f"pos {x}" for x in xs], rows)
         out += [
             "The static KV cache is preallocated to max_len and every step attends over it with a mask, so a step costs "
             "the same at every position; the recompute row shows what a step would cost without a cache.",
@@ -149,8 +132,8 @@ def render(results: dict) -> str:
                     rows.append([runtime, batch, "error", "-", "-", s.get("error", "")[:80]])
                     continue
                 phases = ", ".join(f"{g} {ms:.0f} ms" for g, ms in s["phase_ms_per_generation"].items())
-                rows.append([runtime, batch, _f(s["p50_ms"], 1), _f(s["images_per_s"], 3), s["n"], phases])
-        out += _table(["runtime", "batch", "p50 ms / generation", "images/s", "samples", "time per generation by graph"], rows)
+                rows.append([runtime, batch, fmt(s["p50_ms"], 1), fmt(s["images_per_s"], 3), s["n"], phases])
+        out += table(["runtime", "batch", "p50 ms / generation", "images/s", "samples", "time per generation by graph"], rows)
 
     out += _served_section(results)
     out += _scheduler_section(results)
@@ -216,12 +199,12 @@ def _scheduler_section(results: dict) -> list[str]:
                 first = lv.get("first_step") or {}
                 rows.append(
                     [
-                        scheduler, protocol, conc, _f(lv["images_per_s"], 3), _f(lv["latency"].get("p50_ms"), 1),
-                        _f(lv["latency"].get("p99_ms"), 1), _f(first.get("p50_ms"), 1), _f(first.get("p99_ms"), 1),
+                        scheduler, protocol, conc, fmt(lv["images_per_s"], 3), fmt(lv["latency"].get("p50_ms"), 1),
+                        fmt(lv["latency"].get("p99_ms"), 1), fmt(first.get("p50_ms"), 1), fmt(first.get("p99_ms"), 1),
                         f"{lv['failed']}/{lv['requests']}", lv["tokens_mismatched"],
                     ]
                 )
-    out += _table(
+    out += table(
         ["scheduler", "protocol", "concurrency", "images/s", "p50 ms", "p99 ms", "first step p50 ms", "first step p99 ms",
          "failed", "tokens differing"],
         rows,
@@ -238,21 +221,21 @@ def _scheduler_section(results: dict) -> list[str]:
             first = lv.get("first_step") or {}
             rows.append(
                 [
-                    scheduler, _g(lv.get("offered_per_s")), _f(lv["images_per_s"], 3), _f(lv["latency"].get("p50_ms"), 1),
-                    _f(lv["latency"].get("p99_ms"), 1), _f(first.get("p50_ms"), 1), f"{lv['failed']}/{lv['requests']}",
+                    scheduler, sig(lv.get("offered_per_s")), fmt(lv["images_per_s"], 3), fmt(lv["latency"].get("p50_ms"), 1),
+                    fmt(lv["latency"].get("p99_ms"), 1), fmt(first.get("p50_ms"), 1), f"{lv['failed']}/{lv['requests']}",
                     lv["tokens_mismatched"],
                 ]
             )
-    out += _table(
+    out += table(
         ["scheduler", "offered req/s", "achieved images/s", "p50 ms", "p99 ms", "first step p50 ms", "failed", "tokens differing"],
         rows,
     )
     knees = [
-        f"{name}: {_g(entry.get('open_loop_knee', {}).get('rate_per_s'))} req/s"
+        f"{name}: {sig(entry.get('open_loop_knee', {}).get('rate_per_s'))} req/s"
         + ("" if entry.get("open_loop_knee", {}).get("reached") else " (no offered rate broke the budget: a lower bound)")
         for name, entry in runs.items()
     ]
-    out += [f"Knee (p99 budget {_f(next(iter(runs.values())).get('open_loop_knee', {}).get('budget_p99_ms'), 0)} ms): "
+    out += [f"Knee (p99 budget {fmt(next(iter(runs.values())).get('open_loop_knee', {}).get('budget_p99_ms'), 0)} ms): "
             + "; ".join(knees) + ".", ""]
     return out
 
@@ -281,18 +264,18 @@ def _served_section(results: dict) -> list[str]:
                 [
                     protocol,
                     conc,
-                    _f(lv["images_per_s"], 3),
-                    _f(lat.get("p50_ms"), 1),
-                    _f(lat.get("p95_ms"), 1),
-                    _f(lat.get("p99_ms"), 1),
+                    fmt(lv["images_per_s"], 3),
+                    fmt(lat.get("p50_ms"), 1),
+                    fmt(lat.get("p95_ms"), 1),
+                    fmt(lat.get("p99_ms"), 1),
                     f"{lv['failed']}/{lv['requests']}",
                     lv["tokens_mismatched"],
-                    _f(reasoning.get("queue_ms_per_request"), 1),
-                    _f(reasoning.get("compute_ms_per_request"), 1),
+                    fmt(reasoning.get("queue_ms_per_request"), 1),
+                    fmt(reasoning.get("compute_ms_per_request"), 1),
                     reasoning.get("batch_sizes_formed", {}),
                 ]
             )
-    out += _table(
+    out += table(
         [
             "protocol",
             "concurrency",
@@ -322,13 +305,13 @@ def _served_section(results: dict) -> list[str]:
                         model,
                         st["requests"],
                         st["executions"],
-                        _f(st.get("mean_batch_size"), 2),
-                        _f(st.get("queue_ms_per_request"), 2),
-                        _f(st.get("compute_ms_per_request"), 2),
+                        fmt(st.get("mean_batch_size"), 2),
+                        fmt(st.get("queue_ms_per_request"), 2),
+                        fmt(st.get("compute_ms_per_request"), 2),
                         st.get("batch_sizes_formed", {}),
                     ]
                 )
-    out += _table(
+    out += table(
         ["protocol", "concurrency", "model", "requests", "executions", "mean batch", "queue ms/req", "compute ms/req", "batch sizes formed"],
         rows,
     )
@@ -366,15 +349,15 @@ def _roofline_section(results: dict) -> list[str]:
                         batch,
                         f"{work['flops'] / 1e6:.1f}",
                         f"{p.get('bytes', work['bytes']) / 1e6:.2f}",
-                        _f(p["intensity_flop_per_byte"], 1),
+                        fmt(p["intensity_flop_per_byte"], 1),
                         p["bound"],
-                        _f(p["achieved_gflops"], 1),
+                        fmt(p["achieved_gflops"], 1),
                         f"{100 * p['fraction_of_matmul_peak']:.0f}%",
-                        _f(p["achieved_gb_s"], 1),
+                        fmt(p["achieved_gb_s"], 1),
                         f"{100 * p['fraction_of_roofline']:.0f}%",
                     ]
                 )
-    out += _table(
+    out += table(
         [
             "graph",
             "runtime",
@@ -418,13 +401,13 @@ def _cross_hardware_section(results: dict) -> list[str]:
                 row["name"],
                 row.get("precision", "fp32"),
                 row["batch"],
-                _g(row.get("decode_ms_per_token")),
-                _g(row["seconds_per_image"] * 1e3),
-                _g(row["images_per_s"]),
+                sig(row.get("decode_ms_per_token")),
+                sig(row["seconds_per_image"] * 1e3),
+                sig(row["images_per_s"]),
                 costs or "-",
             ]
         )
-    out += _table(
+    out += table(
         ["kind", "hardware", "precision", "batch", "decode ms/token", "ms/image", "images/s", "USD per 1,000 images"],
         rows,
     )

@@ -20,6 +20,7 @@ from tandem.bench.split import SplitSettings, run_split
 from tandem.bench.targets import evaluate_targets
 from tandem.bench.timing import Budget
 from tandem.config import ModelConfig, load_config
+from tandem.formats.build_manifest import BUILD_MANIFEST
 from tandem.errors import ArtifactError, TandemError
 from tandem.util import atomic_directory
 
@@ -120,7 +121,7 @@ class BenchResult:
     results: dict
 
 
-def _weights_label(config: ModelConfig) -> str:
+def weights_label(config: ModelConfig) -> str:
     from tandem.util import sha256_file
 
     return f"checkpoint:{sha256_file(Path(config.checkpoint))}" if config.checkpoint else f"seed:{config.seed}"
@@ -129,7 +130,7 @@ def _weights_label(config: ModelConfig) -> str:
 def ensure_artifacts(config: ModelConfig, artifacts: Path | None, progress: bool) -> Path:
     """An export of ``config`` that passed validation: the given directory, or build/<name>, exported
     (with progress) when the default directory is missing or was built from another config/weights."""
-    from tandem.export.manifest import read_manifest
+    from tandem.formats.export_manifest import read_manifest
 
     explicit = artifacts is not None
     directory = Path(artifacts) if explicit else Path("build") / config.name
@@ -140,7 +141,7 @@ def ensure_artifacts(config: ModelConfig, artifacts: Path | None, progress: bool
         manifest = read_manifest(directory)
         if manifest.config_fingerprint != config.fingerprint():
             reason = f"it was exported from another config (fingerprint {manifest.config_fingerprint})"
-        elif manifest.weights != _weights_label(config):
+        elif manifest.weights != weights_label(config):
             reason = f"it holds other weights ({manifest.weights})"
         elif not manifest.passed:
             reason = "its export failed validation"
@@ -161,7 +162,7 @@ def ensure_artifacts(config: ModelConfig, artifacts: Path | None, progress: bool
 def discover_compiled(config: ModelConfig, root: Path = Path("build")) -> list[Path]:
     """`tandem build` output directories under build/ built from this very config."""
     found = []
-    for manifest in sorted(root.glob("*/build_manifest.json")):
+    for manifest in sorted(root.glob(f"*/{BUILD_MANIFEST}")):
         try:
             data = json.loads(manifest.read_text())
         except (OSError, json.JSONDecodeError):
@@ -242,7 +243,7 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
             "copy_mib": budgets.copy_mib,
         },
     }
-    from tandem.export.manifest import read_manifest
+    from tandem.formats.export_manifest import read_manifest
 
     manifest = read_manifest(artifacts)
     config = manifest.config  # the exact config the graphs were built from (checkpoint path resolved)

@@ -329,7 +329,7 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
     from tandem.serving.repository import write_repository
     from tandem.serving.server import TritonServer
 
-    from tandem.export.manifest import read_manifest
+    from tandem.formats.export_manifest import read_manifest
 
     config = read_manifest(artifacts).config
     model = served_models(config)[ENSEMBLE]

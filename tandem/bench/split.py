@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem.bench.stagebench import PROMPTS
-from tandem.bench.targets import Target
+from tandem.bench.present import Target, fmt, save_figure, table
 from tandem.bench.timing import summarize
 from tandem.errors import TandemError
 
@@ -188,7 +188,6 @@ def split_targets(results: dict) -> list[Target]:
 
 
 def report_section(results: dict) -> list[str]:
-    from tandem.bench.report import _f, _table
 
     split = results.get("split", {})
     out = ["## Split path: reasoning and refinement on separate servers (issue 13)", ""]
@@ -199,12 +198,12 @@ def report_section(results: dict) -> list[str]:
         f"request i+1), greedy, seed i; answers differing from the single server's: {split['mismatched_answers']}.",
         "",
     ]
-    rows = [[p, v["description"], _f(v["latency"]["p50_ms"], 1), _f(v["latency"]["p90_ms"], 1), _f(v["latency"]["p99_ms"], 1)]
+    rows = [[p, v["description"], fmt(v["latency"]["p50_ms"], 1), fmt(v["latency"]["p90_ms"], 1), fmt(v["latency"]["p99_ms"], 1)]
             for p, v in split["paths"].items()]
-    out += _table(["path", "what", "p50 ms", "p90 ms", "p99 ms"], rows) + [""]
-    rows = [[p, h, _f(s["p50_ms"], 1), _f(s["p99_ms"], 1)] for p, hs in split["hops_ms"].items() for h, s in hs.items()]
+    out += table(["path", "what", "p50 ms", "p90 ms", "p99 ms"], rows) + [""]
+    rows = [[p, h, fmt(s["p50_ms"], 1), fmt(s["p99_ms"], 1)] for p, hs in split["hops_ms"].items() for h, s in hs.items()]
     out += ["Per hop (client-side, including its gRPC round trip):", ""]
-    out += _table(["path", "hop", "p50 ms", "p99 ms"], rows) + [""]
+    out += table(["path", "hop", "p50 ms", "p99 ms"], rows) + [""]
 
     cap = split["capacity"]
     st = cap["stage_times"]
@@ -221,20 +220,20 @@ def report_section(results: dict) -> list[str]:
     out += [f"- **{sc['name']}**: {sc['description']}. Basis: {sc['basis']}." for sc in cap["scenarios"]] + [""]
     rows = []
     for v in cap["verdicts"]:
-        rows.append([v["scenario"], v["arrivals"], f"{v['load']:.2f}", _f(v["monolithic_p99_s"] * 1000, 1),
-                     _f(v["split_p99_s"] * 1000, 1), v["split_pods"], f"{100 * v['p99_reduction']:.0f}%",
+        rows.append([v["scenario"], v["arrivals"], f"{v['load']:.2f}", fmt(v["monolithic_p99_s"] * 1000, 1),
+                     fmt(v["split_p99_s"] * 1000, 1), v["split_pods"], f"{100 * v['p99_reduction']:.0f}%",
                      "yes" if v["claim_holds"] else "no"])
-    out += _table(["scenario", "arrivals", "load", "mono p99 ms (sim)", "split p99 ms (sim)", "split pods",
+    out += table(["scenario", "arrivals", "load", "mono p99 ms (sim)", "split p99 ms (sim)", "split pods",
                    "p99 reduction (sim)", ">= 40%?"], rows) + [""]
     costs = {}
     for row in cap["rows"]:
         costs.setdefault((row["scenario"], row["layout"]), (row["usd_per_hour"], row["pods"]))
     out += ["Layouts (equal hourly cost; USD per 1,000 images at each load is the same for both layouts of a "
             "scenario because they cost the same and complete the same requests):", ""]
-    out += _table(["scenario", "layout", "pods", "USD/hour"], [[s, l, p, f"{c:.3f}"] for (s, l), (c, p) in costs.items()]) + [""]
-    rows = [[r["scenario"], r["arrivals"], f"{r['load']:.2f}", r["layout"], _f(r["p50_s"] * 1000, 1), _f(r["p99_s"] * 1000, 1),
+    out += table(["scenario", "layout", "pods", "USD/hour"], [[s, l, p, f"{c:.3f}"] for (s, l), (c, p) in costs.items()]) + [""]
+    rows = [[r["scenario"], r["arrivals"], f"{r['load']:.2f}", r["layout"], fmt(r["p50_s"] * 1000, 1), fmt(r["p99_s"] * 1000, 1),
              f"{r['usd_per_1000_images']:.4f}"] for r in cap["rows"]]
-    out += _table(["scenario", "arrivals", "load", "layout", "p50 ms (sim)", "p99 ms (sim)", "USD / 1k images (sim)"], rows) + [""]
+    out += table(["scenario", "arrivals", "load", "layout", "p50 ms (sim)", "p99 ms (sim)", "USD / 1k images (sim)"], rows) + [""]
     holds = [v for v in cap["verdicts"] if v["claim_holds"]]
     out += [
         "Where the \"40% lower p99 under bursty load\" claim holds in this model: "
@@ -256,7 +255,6 @@ def plot(results: dict, path: Path) -> bool:
         return False
     import matplotlib.pyplot as plt
 
-    from tandem.bench.plots import _save
 
     rows = split["capacity"]["rows"]
     scenarios = sorted({r["scenario"] for r in rows})
@@ -273,5 +271,5 @@ def plot(results: dict, path: Path) -> bool:
         ax.set_ylabel("p99 latency, ms (SIMULATED)")
         ax.set_title(f"{scenario} (simulated, equal hourly cost)")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True

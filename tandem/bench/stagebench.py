@@ -280,11 +280,12 @@ def precision_runtime(name: str, precision: str, config: ModelConfig, builds: li
     (gated on accuracy by its precision step), found among ``builds``."""
     import json
 
+    from tandem.formats.build_manifest import BUILD_MANIFEST
     from tandem.runtimes.onnxruntime import OnnxRuntime
 
     for build in builds:
         try:
-            data = json.loads((Path(build) / "build_manifest.json").read_text())
+            data = json.loads((Path(build) / BUILD_MANIFEST).read_text())
         except (OSError, ValueError):
             continue
         if (data.get("target"), data.get("precision"), data.get("passed")) != ("cpu", precision, True):

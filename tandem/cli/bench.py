@@ -161,7 +161,7 @@ def bench_runtime(name: str) -> str:
 
 def bench_folders(paths: list[Path] | None) -> tuple[Path | None, list[Path] | None]:
     """--artifacts folders -> (the export for torch/onnxruntime, the folders with compiled artifacts)."""
-    from tandem import folders
+    from tandem.formats import folders
 
     if not paths:
         return None, None

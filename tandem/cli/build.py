@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tandem.cli.common import add_alias, add_config_argument, add_json_argument, default_build_dir, finish, positive_int
-from tandem.compiler.targets import TARGETS
+from tandem.formats.targets import TARGETS
 from tandem.errors import EXIT_CHECK_FAILED, EXIT_OK
 
 
@@ -98,7 +98,7 @@ def announce_gate(export_or_config, captions: int | None) -> None:
     if isinstance(export_or_config, ModelConfig):
         config = export_or_config
     else:
-        from tandem.export.manifest import read_manifest
+        from tandem.formats.export_manifest import read_manifest
 
         config = read_manifest(export_or_config).config
     pool = len(gate_captions(config, None))
@@ -113,7 +113,7 @@ def announce_gate(export_or_config, captions: int | None) -> None:
 
 
 def cmd_precision(args: argparse.Namespace) -> int:
-    from tandem import folders
+    from tandem.formats import folders
     from tandem.compiler.precision_gate import make_precision_graphs
 
     target = TARGETS[args.target]
@@ -139,8 +139,9 @@ def cmd_precision(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tandem import folders
-    from tandem.compiler.core import BUILD_MANIFEST, BuildOptions, run_build
+    from tandem.formats import folders
+    from tandem.compiler.core import BuildOptions, run_build
+    from tandem.formats.build_manifest import BUILD_MANIFEST
     from tandem.compiler.steps import summary_table
     from tandem.config import load_config
     from tandem.preflight import require_memory, require_target

@@ -146,7 +146,7 @@ def repository_options(args: argparse.Namespace) -> dict:
 
 
 def _write(artifacts: str, out: str, args: argparse.Namespace) -> Path:
-    from tandem import folders
+    from tandem.formats import folders
     from tandem.serving.repository import CONFIG_NAME, existing_versions, parse_config, write_repository
 
     repo = write_repository(folders.export_dir(artifacts), out, flavor=args.flavor, max_batch_size=args.max_batch_size, **repository_options(args))
@@ -188,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.artifacts:
         print(f"writing {args.flavor} repository from {args.artifacts} to {args.repository}")
         _write(args.artifacts, args.repository, args)
-    from tandem import folders
+    from tandem.formats import folders
 
     args.repository = str(folders.repository_dir(args.repository))
     server = _server(args.repository, args, echo=not args.quiet)
@@ -245,7 +245,7 @@ class _Steps:
 
 def _export_if_needed(config_name: str, artifacts: str) -> object:
     from tandem.config import load_config
-    from tandem.export.manifest import read_manifest
+    from tandem.formats.export_manifest import read_manifest
     from tandem.export.onnx_export import export_model
 
     config = load_config(config_name)

@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tandem import folders
+    from tandem.formats import folders
     from tandem.config import load_config
     from tandem.data.scenes import SceneVocabulary
     from tandem.eval.evaluate import (

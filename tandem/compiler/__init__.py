@@ -1,8 +1,4 @@
 """``tandem build``: deployable artifacts for one target (CPU/ONNX Runtime, TensorRT for H100/A100,
 Neuron for Inferentia2, AOTInductor for CUDA or CPU) through status-reporting steps
-(:mod:`.steps`): export -> optimise -> compile -> Triton model repository."""
-
-from tandem.compiler.core import BuildOptions, BuildResult, run_build
-from tandem.compiler.targets import TARGETS, Target, get_target
-
-__all__ = ["BuildOptions", "BuildResult", "TARGETS", "Target", "get_target", "run_build"]
+(:mod:`.steps`): export -> optimise -> compile -> Triton model repository (:mod:`.core`), each step
+decided by the target's toolchain object (:mod:`tandem.toolchains`)."""

@@ -21,7 +21,6 @@ Every directory is replaced atomically by the step that writes it.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 import shutil
 import sys
@@ -29,39 +28,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic import BaseModel
-
-from tandem.compiler import neuron as neuron_build
-from tandem.compiler import tensorrt as trt_build
-from tandem.compiler.manifest import COMPILED_MANIFEST, read_compiled_manifest
+from tandem.compiler.tensorrt import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GIB
+from tandem.formats.compiled_manifest import COMPILED_MANIFEST, read_compiled_manifest
 from tandem.compiler.steps import (
     FAILED,
     Step,
     StepFailed,
     StepRecord,
     StepRunner,
-    source_hash,
+    code_hash,
     tree_hashes,
 )
-from tandem.compiler.targets import CPU, NEURON, TENSORRT, TORCH_AOT, Target, get_target
+from tandem.formats.targets import Target, get_target
 from tandem.config import ModelConfig
+from tandem.formats.build_manifest import (
+    CACHE_DIR,
+    COMPILED_DIR,
+    EXPORT_DIR,
+    OPTIMISED_DIR,
+    PRECISION_DIR,
+    REPOSITORY_DIR,
+    BuildManifest,
+    read_build_manifest,
+)
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import MANIFEST_NAME, graph_files, read_manifest
-from tandem.util import atomic_directory, atomic_write_text, sha256_file
+from tandem.formats.export_manifest import MANIFEST_NAME, graph_files, read_manifest
+from tandem.toolchains import TOOLCHAINS, Toolchain, get_toolchain
+from tandem.util import atomic_directory, sha256_file
 
-BUILD_MANIFEST = "build_manifest.json"
-FORMAT_VERSION = 1
-EXPORT, PRECISION, OPTIMISED, COMPILED, REPOSITORY, CACHE = "export", "precision", "optimised", "compiled", "model_repository", "cache"
-# Toolchains whose precision lives in the ONNX graph (the others compile from PyTorch).
-GRAPH_PRECISION_TOOLCHAINS = (CPU, TENSORRT)
-# The code each toolchain's optimise and compile steps run: a change re-runs them, an unrelated edit does not.
-TOOLCHAIN_CODE = {
-    CPU: ("tandem.compiler.targets",),
-    TENSORRT: ("tandem.compiler.tensorrt", "tandem.compiler.manifest", "tandem.compiler.targets", "tandem.serving.native"),
-    NEURON: ("tandem.compiler.neuron", "tandem.compiler.manifest", "tandem.compiler.targets"),
-    TORCH_AOT: ("tandem.compiler.torch_aot", "tandem.compiler.manifest", "tandem.compiler.targets"),
-}
-
+EXPORT, PRECISION, OPTIMISED, COMPILED, CACHE = EXPORT_DIR, PRECISION_DIR, OPTIMISED_DIR, COMPILED_DIR, CACHE_DIR  # step names
 
 @dataclass
 class BuildOptions:
@@ -69,37 +64,12 @@ class BuildOptions:
     checkpoint: str | None = None
     reuse_export: Path | None = None  # an existing, validated `tandem export` directory
     force: bool = False
-    opt_level: int = trt_build.DEFAULT_OPT_LEVEL
-    workspace_gib: float = trt_build.DEFAULT_WORKSPACE_GIB
+    opt_level: int = DEFAULT_OPT_LEVEL
+    workspace_gib: float = DEFAULT_WORKSPACE_GIB
     timing_cache: Path | None = None  # default <out>/cache/tensorrt-<arch>.timing
     gate_captions: int | None = None  # held-out captions the precision gate generates from (None: all)
     accept_accuracy_loss: str | None = None  # ship a precision the gate refused; the reason is recorded
     repository: dict[str, Any] = field(default_factory=dict)  # tandem.serving.repository options
-
-
-class BuildManifest(BaseModel):
-    format_version: int = FORMAT_VERSION
-    target: str
-    toolchain: str
-    arch: str | None
-    precision: str
-    config: str
-    config_fingerprint: str
-    machine: dict[str, str]
-    tool_versions: dict[str, str | None]
-    options: dict[str, Any]
-    shapes: dict[str, Any] = {}  # per graph: dynamic dims [min, opt, max] and the profile or buckets compiled
-    steps: list[dict[str, Any]]
-    artifacts: list[dict[str, Any]] = []  # file, sha256, graph, profile / bucket
-    precision_checks: dict[str, Any] | None = None  # the precision step's report (tandem.compiler.precision_gate)
-    compiled_manifest: str | None = None
-    repository: str | None = None
-    passed: bool = False
-
-    def write(self, out: Path) -> Path:
-        path = out / BUILD_MANIFEST
-        atomic_write_text(path, json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
-        return path
 
 
 @dataclass
@@ -122,19 +92,9 @@ def tool_versions() -> dict[str, str | None]:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
-    versions["tensorrt"] = trt_build.installed_version()
-    versions.update({k: neuron_build.installed_versions().get(k) for k in ("torch-neuronx", "neuronx-cc")})
+    for toolchain in TOOLCHAINS.values():
+        versions.update(toolchain.versions())
     return versions
-
-
-def read_build_manifest(out: Path) -> BuildManifest | None:
-    path = Path(out) / BUILD_MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return BuildManifest.model_validate(json.loads(path.read_text()))
-    except ValueError:
-        return None  # unreadable: every step runs again
 
 
 class Build:
@@ -146,6 +106,7 @@ class Build:
         self.out = Path(out)
         self.options = options
         self.precision = target.check_precision(options.precision)
+        self.toolchain: Toolchain = get_toolchain(target.toolchain)
         self.runner: StepRunner | None = None
 
     # -- helpers --------------------------------------------------------------------------
@@ -164,9 +125,20 @@ class Build:
         return read_manifest(self.path(EXPORT))
 
     @property
+    def toolchain_module(self) -> str:
+        """The module of this build's toolchain object: its code is part of every step it decides."""
+        return type(self.toolchain).__module__
+
+    def optimised_dir(self) -> Path:
+        return self.path(OPTIMISED)
+
+    def cache_dir(self) -> Path:
+        return self.path(CACHE)
+
+    @property
     def graph_precision(self) -> bool:
         """Whether this build writes precision graphs (a non-fp32 precision on a graph toolchain)."""
-        return self.target.toolchain in GRAPH_PRECISION_TOOLCHAINS and self.precision != "fp32"
+        return self.toolchain.graph_precision(self.precision)
 
     def graphs_dir(self) -> Path:
         """Where the graphs the later steps read live: the precision step's output, or the export."""
@@ -183,7 +155,7 @@ class Build:
             "precision": self.precision,
             "gate_captions": self.options.gate_captions,
             "accept_accuracy_loss": self.options.accept_accuracy_loss,
-            "code": source_hash("tandem.compiler.precision", "tandem.compiler.precision_gate", "tandem.eval", "tandem.data", "tandem.pipeline"),
+            "code": code_hash("tandem.compiler.precision_gate", self.toolchain_module),  # tests/test_step_keys.py
             "versions": {
                 **{k: tool_versions()[k] for k in ("onnx", "onnxruntime", "torch")},
                 "onnxconverter-common": importlib.metadata.version("onnxconverter-common"),
@@ -226,7 +198,7 @@ class Build:
             inputs["weights"] = sha256_file(Path(checkpoint))
         else:
             inputs["weights"] = f"seed:{self.config.seed}"
-        inputs["code"] = source_hash("tandem.models", "tandem.stages", "tandem.export", "tandem.tokenizer", "tandem.pipeline")
+        inputs["code"] = code_hash("tandem.export.onnx_export")
         inputs["versions"] = {k: tool_versions()[k] for k in ("torch", "onnx", "onnxscript", "onnxruntime")}
         return inputs
 
@@ -242,10 +214,10 @@ class Build:
                     f"{source} was exported from config {manifest.config.name} ({manifest.config_fingerprint}), not "
                     f"{self.config.name} ({self.config.fingerprint()}); pass the matching --config or drop --export"
                 )
-            from tandem.export.manifest import verify_graph_files
-            from tandem.export.onnx_export import _weights_label
+            from tandem.formats.export_manifest import verify_graph_files
+            from tandem.export.onnx_export import weights_label
 
-            expected = _weights_label(self.config, self.options.checkpoint)
+            expected = weights_label(self.config, self.options.checkpoint)
             if manifest.weights != expected:
                 raise StepFailed(
                     f"{source} was exported with weights {manifest.weights[:24]}..., this build asks for {expected[:24]}...; "
@@ -277,46 +249,16 @@ class Build:
             "precision_graphs": self.outputs_of(PRECISION),
             "target": self.target.name,
             "precision": self.precision,
-            "code": source_hash("tandem.stages", *TOOLCHAIN_CODE[self.target.toolchain]),
+            "code": code_hash(self.toolchain_module, *self.toolchain.entry_modules),
         }
 
     def run_optimise(self) -> tuple[list[Path], str]:
-        toolchain = self.target.toolchain
         out = self.path(OPTIMISED)
-        manifest = self.export_manifest()
         with atomic_directory(out) as staging:
-            if toolchain == TENSORRT:
-                plans = trt_build.prepare_onnx(self.graphs_dir(), read_manifest(self.graphs_dir()), staging, self.precision)
-                shapes = ", ".join(
-                    f"{p.graph} {p.profile['min'][p.inputs[0].name][0]}..{p.profile['max'][p.inputs[0].name][0]}" for p in plans
-                )
-                note = f"{len(plans)} graphs ready for TensorRT's ONNX parser; profiles (batch min..max): {shapes}"
-            elif toolchain == NEURON:
-                buckets = neuron_build.write_bucket_plan(manifest.config, staging, self.precision)
-                note = f"{len(buckets)} static-shape buckets planned for neuronx-cc ({neuron_build.BUCKETS_FILE})"
-            elif toolchain == TORCH_AOT:
-                from tandem.compiler import torch_aot
-
-                written = torch_aot.export_programs(manifest.config, self.options.checkpoint, staging)
-                note = f"{len(written)} graphs exported with torch.export and checked against eager PyTorch"
-            else:  # pragma: no cover - targets are a closed set
-                raise StepFailed(f"no optimise step for toolchain {toolchain}")
+            note = self.toolchain.optimise(self, staging)
         return [out], note
 
     # -- compile --------------------------------------------------------------------------
-
-    def timing_cache(self) -> Path:
-        if self.options.timing_cache is not None:
-            return Path(self.options.timing_cache)
-        return self.path(CACHE) / f"tensorrt-{self.target.arch}.timing"
-
-    def builder_settings(self) -> trt_build.BuilderSettings:
-        return trt_build.BuilderSettings(
-            precision=self.precision,
-            opt_level=self.options.opt_level,
-            workspace_gib=self.options.workspace_gib,
-            timing_cache=self.timing_cache(),
-        )
 
     def compile_inputs(self) -> dict[str, Any]:
         inputs: dict[str, Any] = {
@@ -324,19 +266,9 @@ class Build:
             "optimised": self.outputs_of(OPTIMISED),
             "target": self.target.name,
             "precision": self.precision,
-            "code": source_hash(*TOOLCHAIN_CODE[self.target.toolchain]),
+            "code": code_hash(self.toolchain_module, *self.toolchain.entry_modules),
         }
-        if self.target.toolchain == TENSORRT:
-            settings = self.builder_settings()
-            inputs["builder"] = {k: v for k, v in settings.describe().items() if k != "timing_cache"}
-            inputs["tensorrt"] = trt_build.installed_version()
-        elif self.target.toolchain == NEURON:
-            inputs["neuron"] = neuron_build.installed_versions()
-        elif self.target.toolchain == TORCH_AOT:
-            import torch
-
-            inputs["torch"] = torch.__version__
-            inputs["device"] = self.target.device
+        inputs.update(self.toolchain.compile_inputs(self))
         return inputs
 
     def artifact_inputs(self) -> dict[str, str]:
@@ -347,32 +279,10 @@ class Build:
         return hashes
 
     def run_compile(self) -> tuple[list[Path], str]:
-        toolchain = self.target.toolchain
         out = self.path(COMPILED)
-        manifest = self.export_manifest()
         inputs = self.artifact_inputs()
         with atomic_directory(out) as staging:
-            if toolchain == TENSORRT:
-                compiled = trt_build.compile_engines(
-                    self.target, self.path(OPTIMISED), staging, manifest, self.builder_settings(), inputs
-                )
-            elif toolchain == NEURON:
-                compiled = neuron_build.compile_buckets(
-                    self.target,
-                    self.path(OPTIMISED),
-                    staging,
-                    manifest,
-                    self.precision,
-                    self.options.checkpoint,
-                    inputs,
-                    workdir=self.path(CACHE) / "neuronx-cc",
-                )
-            elif toolchain == TORCH_AOT:
-                from tandem.compiler import torch_aot
-
-                compiled = torch_aot.compile_packages(self.target, self.path(OPTIMISED), staging, manifest, inputs)
-            else:  # pragma: no cover
-                raise StepFailed(f"no compile step for toolchain {toolchain}")
+            compiled = self.toolchain.compile(self, staging, inputs)
             compiled.write(staging)
         total = sum(a.size for a in compiled.artifacts)
         return [out], f"{len(compiled.artifacts)} artifacts for {compiled.arch} ({total / 1e6:.1f} MB), manifest {COMPILED}/{COMPILED_MANIFEST}"
@@ -386,7 +296,7 @@ class Build:
             "compiled": self.outputs_of(COMPILED),
             "flavor": self.target.flavor,
             "options": self.options.repository,
-            "code": source_hash("tandem.serving", "tandem.compiler.repository", "tandem.compiler.served"),
+            "code": code_hash("tandem.serving.repository", self.toolchain_module),
         }
 
     def run_repository(self) -> tuple[list[Path], str]:
@@ -396,34 +306,22 @@ class Build:
             raise StepFailed(
                 f"the Triton model repository writer (tandem.serving.repository) is not available: {exc}"
             ) from exc
-        from tandem.compiler.repository import registered_flavors
-
-        out = self.path(REPOSITORY)
+        out = self.path(REPOSITORY_DIR)
         options = dict(self.options.repository)
-        if self.target.toolchain != CPU:
+        flavor = self.toolchain.flavor() or self.target.flavor
+        if self.toolchain.compiles_ahead:
             options["compiled"] = self.path(COMPILED)
-        with registered_flavors():
-            write_repository(self.graphs_dir(), out, flavor=self.target.flavor, **options)
+        write_repository(self.graphs_dir(), out, flavor=flavor, **options)
         return [out], f"Triton repository ({self.target.flavor} flavor) in {out}"
 
     # -- the whole build ------------------------------------------------------------------
 
     def steps(self) -> list[Step]:
         t = self.target
-        compile_what = {
-            CPU: "nothing ahead of time for ONNX Runtime",
-            TENSORRT: f"TensorRT engines for {t.arch} ({self.precision})",
-            NEURON: f"torch-neuronx artifacts for inf2 ({self.precision} matmuls)",
-            TORCH_AOT: f"AOTInductor packages for {t.device}",
-        }[t.toolchain]
-        optimise_what = {
-            CPU: "ONNX Runtime graphs",
-            TENSORRT: "ONNX for TensorRT + optimization profiles",
-            NEURON: "static-shape bucket plan",
-            TORCH_AOT: "torch.export programs",
-        }[t.toolchain]
-        on_cpu = t.toolchain == CPU
-        if t.toolchain not in GRAPH_PRECISION_TOOLCHAINS:
+        compile_what = self.toolchain.compile_what(t, self.precision)
+        optimise_what = self.toolchain.optimise_what(t, self.precision)
+        on_cpu = not self.toolchain.compiles_ahead
+        if not self.toolchain.precision_rules:
             no_precision_graphs = f"{t.toolchain} compiles from PyTorch and applies {self.precision} itself"
         elif not self.graph_precision:
             no_precision_graphs = "fp32: the validated export is the graph"
@@ -466,14 +364,9 @@ class Build:
         shapes: dict[str, Any] = {}
         for name, spec in graph_specs(self.config).items():
             entry: dict[str, Any] = {"dims": {axis: [r.min, r.opt, r.max] for axis, r in spec.dims.items()}}
-            if self.target.toolchain == TENSORRT:
-                entry["profile"] = trt_build.graph_profile(spec)
-            elif self.target.toolchain == NEURON:
-                entry["buckets"] = {axis: neuron_build.axis_buckets(axis, r) for axis, r in spec.dims.items()}
+            entry.update(self.toolchain.graph_shapes(spec))
             shapes[name] = entry
-        if self.target.toolchain == TENSORRT:
-            served = trt_build.served_refinement_plan(self.config)
-            shapes[served.graph] = {"dims": shapes["refinement"]["dims"], "profile": served.profile}
+        shapes.update(self.toolchain.extra_shapes(self, shapes))
         return shapes
 
     def manifest(self, records: list[StepRecord], passed: bool = False) -> BuildManifest:
@@ -494,7 +387,7 @@ class Build:
                 }
                 for a in compiled.artifacts
             ]
-        elif self.target.toolchain == CPU and (self.graphs_dir() / MANIFEST_NAME).exists():
+        elif not self.toolchain.compiles_ahead and (self.graphs_dir() / MANIFEST_NAME).exists():
             graphs = read_manifest(self.graphs_dir())
             for entry in graphs.graphs.values():
                 variants = [graph_files(entry, optimized=False)] + ([graph_files(entry, optimized=True)] if entry.optimized_file else [])
@@ -519,13 +412,13 @@ class Build:
                 "checkpoint": self.options.checkpoint,
                 "reuse_export": str(self.options.reuse_export) if self.options.reuse_export else None,
                 "repository": self.options.repository,
-                **({"builder": self.builder_settings().describe()} if self.target.toolchain == TENSORRT else {}),
+                **self.toolchain.build_options(self),
             },
             steps=[r.to_json() for r in records],
             artifacts=artifacts,
             precision_checks=precision_checks,
             compiled_manifest=compiled_rel,
-            repository=REPOSITORY if repo_ok else None,
+            repository=REPOSITORY_DIR if repo_ok else None,
             passed=passed,
         )
 

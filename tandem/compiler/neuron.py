@@ -11,41 +11,25 @@ the artifacts needs an inf2/trn1 instance.
 
 from __future__ import annotations
 
-import importlib.metadata
 import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem.compiler.manifest import CompiledArtifact, CompiledManifest
+from tandem.formats.compiled_manifest import CompiledArtifact, CompiledManifest
 from tandem.compiler.steps import StepFailed
-from tandem.compiler.targets import Target
+from tandem.formats.targets import Target
 from tandem.config import ModelConfig
 from tandem.errors import ToolchainMissingError
-from tandem.export.manifest import Manifest, TensorEntry
+from tandem.formats.export_manifest import Manifest, TensorEntry
 from tandem.stages import DimRange, GraphSpec, graph_specs
+from tandem.runtimes.neuron import INSTALL_HINT, installed_versions
 from tandem.util import atomic_write_path, atomic_write_text, sha256_file
 
-INSTALL_HINT = (
-    "torch-neuronx is not installed: it comes with the AWS Neuron SDK, "
-    "pip install torch-neuronx neuronx-cc --extra-index-url https://pip.repos.neuron.amazonaws.com "
-    "(x86-64 Linux, matching torch release; preinstalled in the AWS Deep Learning AMI Neuron and the Neuron DLCs). "
-    "Compiling runs on any such host; the artifacts run on inf2 (or trn1) instances"
-)
 BUCKETS_FILE = "buckets.json"
 MIN_PROMPT_BUCKET = 16  # shorter prompts share the 16-token bucket: padding a few tokens is cheaper than a compile
 MODEL_TYPES = {"reasoning": "transformer", "refinement": "generic"}
-
-
-def installed_versions() -> dict[str, str]:
-    versions = {}
-    for dist in ("torch-neuronx", "neuronx-cc"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def require_neuron():
@@ -131,24 +115,6 @@ def read_bucket_plan(optimised: Path) -> dict[str, Any]:
     if not path.exists():
         raise StepFailed(f"{path} is missing: the optimise step did not finish; run the build again")
     return json.loads(path.read_text())
-
-
-def select_bucket(available: list[dict[str, int]], dims: dict[str, int]) -> dict[str, int] | None:
-    """The smallest bucket (fewest padded elements) at least as large as ``dims`` on every axis."""
-    fitting = [b for b in available if all(b[a] >= dims[a] for a in dims)]
-    if not fitting:
-        return None
-    return min(fitting, key=lambda b: (_volume(b), tuple(sorted(b.items()))))
-
-
-def _volume(dims: dict[str, int]) -> int:
-    volume = 1
-    for size in dims.values():
-        volume *= size
-    return volume
-
-
-# ----------------------------------------------------------------------------- compile (torch-neuronx)
 
 
 def compile_buckets(

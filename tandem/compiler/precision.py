@@ -1,11 +1,11 @@
-"""Precision in the graph: the one place that knows each target's casts and Q/DQ rewrites.
+"""Precision in the graph: the casts and Q/DQ rewrites a toolchain's precision rules choose from.
 
 TensorRT 11 builds strongly typed networks only: an engine runs each layer at the type its ONNX
 graph gives it, so the precision of a build is decided here, in ordinary ONNX that this machine
 can run and check, and never by builder flags. Every rewrite reads the graph it is given (op types,
 initializers, which tensors are graph outputs); none knows a stage's tensor names.
 
-Rewrites, per toolchain (:data:`REWRITES`):
+Rewrites (which toolchain applies which is its ``precision_rules``, tandem.toolchains):
 
 ``fp16`` / ``bf16`` (TensorRT)
     AutoCast-style mixed precision: onnxconverter-common's float16 converter with a block list
@@ -52,7 +52,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tandem.compiler.targets import CPU, TENSORRT
 from tandem.errors import TandemError
 from tandem.stages import GraphSpec
 
@@ -694,68 +693,29 @@ def quantize_weights_qdq(model: onnx.ModelProto, experts_only: bool = False) -> 
 Rewrite = Callable[[onnx.ModelProto, list[dict[str, np.ndarray]]], tuple[onnx.ModelProto, RewriteRecord]]
 
 
-def _cast(precision: str) -> Rewrite:
+def cast_to(precision: str) -> Rewrite:
     return lambda model, calibration: autocast(model, precision)
 
 
-def _qdq(precision: str) -> Rewrite:
+def qdq(precision: str) -> Rewrite:
     return lambda model, calibration: quantize_qdq(model, precision, calibration)
 
 
-def _weights_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, RewriteRecord]:
+def weights_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, RewriteRecord]:
     return quantize_weights_qdq(model, experts_only=True)  # the reasoning stage: see quantize_weights_qdq
 
 
-def _cpu_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, RewriteRecord]:
+def cpu_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, RewriteRecord]:
     return quantize_cpu_int8(model)
 
 
-def _is_decode(spec: GraphSpec) -> bool:
+def is_decode(spec: GraphSpec) -> bool:
     """The graph that runs once per generated token: a reasoning graph with no prompt axis."""
     return spec.stage == "reasoning" and "prompt_len" not in spec.dims
 
 
-# toolchain -> precision -> (graph description -> rewrite, or None to keep the graph fp32).
-# TensorRT int8: the reasoning stage's activations have outlier channels that per-tensor int8
-# activation scales cannot hold (static W8A8 Q/DQ: 40-50% of the logits' range off on small), so
-# its graphs get weight-only int8; the refinement UNet's convolutions take full W8A8 Q/DQ.
-REWRITES: dict[str, dict[str, Callable[[GraphSpec], Rewrite | None]]] = {
-    TENSORRT: {
-        "fp16": lambda spec: _cast("fp16"),
-        "bf16": lambda spec: _cast("bf16"),
-        "int8": lambda spec: _weights_int8 if spec.stage == "reasoning" else _qdq("int8"),
-        "fp8": lambda spec: _qdq("fp8"),
-    },
-    CPU: {
-        "int8": lambda spec: _cpu_int8 if _is_decode(spec) else None,
-    },
-}
-
-
-# Rewrites that start from ONNX Runtime's own graph (``<graph>.ort.onnx``, with the MoE kernel)
-# when the export has one, rather than the plain graph.
-READS_ONNXRUNTIME_GRAPH = {(CPU, "int8")}
-
-
-def reads_onnxruntime_graph(toolchain: str, precision: str) -> bool:
-    return (toolchain, precision) in READS_ONNXRUNTIME_GRAPH
-
-
-def rewrite_for(toolchain: str, precision: str, spec: GraphSpec) -> Rewrite | None:
-    """The rewrite that gives a graph its ``precision`` on ``toolchain``; None keeps it fp32."""
-    if precision == "fp32":
-        return None
-    table = REWRITES.get(toolchain, {})
-    if precision not in table:
-        raise TandemError(
-            f"no {precision} graph rewrite for the {toolchain} toolchain; it offers {', '.join(['fp32', *table])}"
-        )
-    return table[precision](spec)
-
-
-def uses_calibration(toolchain: str, precision: str) -> bool:
-    """Whether some graph's rewrite calibrates activation scales (static Q/DQ)."""
-    return toolchain == TENSORRT and get_precision(precision).kind == "qdq"
+# Which rewrite each toolchain applies for each precision is the toolchain's own
+# (``precision_rules`` on each object in tandem.toolchains).
 
 
 def iter_low_precision_types(model: onnx.ModelProto) -> Iterator[str]:

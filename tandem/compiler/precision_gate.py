@@ -3,7 +3,7 @@
 For one export and one (toolchain, precision) the step
 1. records calibration feeds (the fp32 pipeline's own prefill/decode/refinement inputs for
    training-split captions) when the rewrite quantizes activations;
-2. rewrites every graph with :func:`tandem.compiler.precision.rewrite_for` (graphs without a
+2. rewrites every graph with the toolchain's precision rules (``Toolchain.precision_rewrite``) (graphs without a
    rewrite stay fp32, recorded as such);
 3. checks each graph against PyTorch fp32 on the stage description's validation inputs, with ONNX
    Runtime's CPU provider where it has kernels for the graph's types and ONNX's reference
@@ -39,14 +39,11 @@ from pydantic import BaseModel
 from tandem.compiler.precision import (
     emulate_on_float32,
     get_precision,
-    reads_onnxruntime_graph,
-    rewrite_for,
-    uses_calibration,
 )
 from tandem.config import ModelConfig
 from tandem.errors import CheckFailed, TandemError
 from tandem.runtimes.base import Runtime
-from tandem.export.manifest import (
+from tandem.formats.export_manifest import (
     GraphEntry,
     Manifest,
     OutputError,
@@ -468,7 +465,9 @@ def make_precision_graphs(
     recorded calibration feeds (graph -> feeds)."""
     from tandem.runtimes.onnxruntime import OnnxRuntime
     from tandem.runtimes.torch_eager import TorchRuntime
+    from tandem.toolchains import get_toolchain
 
+    rules = get_toolchain(toolchain)  # its precision rules
     start = time.perf_counter()
     export_dir, out = Path(export_dir), Path(out)
     spec_of = get_precision(precision)
@@ -480,16 +479,16 @@ def make_precision_graphs(
     config = source.config
     if override is not None and not override.strip():
         raise TandemError("an accuracy-gate override needs a reason (it is recorded in the manifest)")
-    from tandem.export.onnx_export import _weights_label
+    from tandem.export.onnx_export import weights_label
 
-    if _weights_label(config, checkpoint) != source.weights:
+    if weights_label(config, checkpoint) != source.weights:
         raise TandemError(
-            f"{export_dir} was exported with weights {source.weights[:30]}..., not {_weights_label(config, checkpoint)[:30]}...; "
+            f"{export_dir} was exported with weights {source.weights[:30]}..., not {weights_label(config, checkpoint)[:30]}...; "
             "pass the checkpoint it was exported from"
         )
     calibration_info = None
     progress(f"{precision} for {toolchain} from {export_dir}")
-    if uses_calibration(toolchain, precision) and calibration is None:
+    if precision in rules.calibrated_precisions and calibration is None:
         progress(f"recording calibration feeds ({CALIBRATION_CAPTIONS} training captions, fp32 pipeline)")
         calibration = record_calibration(export_dir, config)
         calibration_info = {
@@ -509,7 +508,7 @@ def make_precision_graphs(
         for name, entry in source.graphs.items():
             verify_file(export_dir, entry.file, entry.sha256)
             spec = reference.specs[name]
-            rewrite = rewrite_for(toolchain, precision, spec)
+            rewrite = rules.precision_rewrite(precision, spec)
             if rewrite is None:
                 file, record, graph_precision = entry.file, None, "fp32"
                 shutil.copy2(export_dir / entry.file, staging / file)
@@ -522,7 +521,7 @@ def make_precision_graphs(
                 shutil.copy2(staging / file, emulated / file)
             else:
                 # The rewrite's source graph, hash-checked like every file loaded from the export.
-                kernel_graph = reads_onnxruntime_graph(toolchain, precision) and entry.optimized_file is not None
+                kernel_graph = precision in rules.reads_onnxruntime_graph and entry.optimized_file is not None
                 source_file = verify_graph_files(export_dir, entry, optimized=kernel_graph)[0]
                 model = onnx.load(str(export_dir / source_file))
                 progress(f"rewriting {name} to {precision}")

@@ -11,40 +11,33 @@
   ``cuda-torch``, KIND_CPU for ``cpu-aot``).
 
 Each version folder ships a manifest listing exactly the artifacts it holds, so the runtime's
-hash and architecture checks run inside Triton too. :func:`registered_flavors` makes the flavors
-available to :func:`~tandem.serving.repository.write_repository`, which then needs
-``compiled=<build>/compiled`` among its options.
+hash and architecture checks run inside Triton too. Each toolchain (tandem.toolchains) hands its
+flavor to :func:`~tandem.serving.repository.write_repository` as an object (nothing is registered:
+they need ``compiled=<build>/compiled`` and make no sense to ``tandem repo`` over a plain export).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tandem.compiler.manifest import COMPILED_MANIFEST, CompiledManifest, read_compiled_manifest, verify_artifact
-from tandem.compiler.targets import sm_capability
+from tandem.formats.compiled_manifest import COMPILED_MANIFEST, CompiledManifest, read_compiled_manifest, verify_artifact
+from tandem.formats.targets import sm_capability
 from tandem.errors import ArtifactError, TandemError
 from tandem.serving.interface import REASONING, REFINEMENT
 from tandem.serving.repository import (
     ARTIFACTS_DIR,
-    FLAVORS,
     BuildContext,
     Flavor,
     ModelTarget,
     PythonRuntimeTarget,
-    register_flavor,
+    set_parameter,
     write_model_py,
 )
 
 PARAM_NEURON_CORES = "neuron_cores_per_instance"
-
-
-def _set_parameter(config: mc.ModelConfig, key: str, value: str) -> None:
-    config.parameters[key].string_value = value
 
 
 def compiled_manifest(ctx: BuildContext) -> tuple[Path, CompiledManifest]:
@@ -82,9 +75,9 @@ class CompiledRuntimeTarget(PythonRuntimeTarget):
         if manifest.device == "cpu":  # a CPU-compiled package (cpu-aot) runs on CPU instances whatever the default
             for group in config.instance_group:
                 group.kind = mc.ModelInstanceGroup.KIND_CPU
-        _set_parameter(config, "tandem.target", manifest.target)
-        _set_parameter(config, "tandem.arch", manifest.arch)
-        _set_parameter(config, "tandem.precision", manifest.precision)
+        set_parameter(config, "tandem.target", manifest.target)
+        set_parameter(config, "tandem.arch", manifest.arch)
+        set_parameter(config, "tandem.precision", manifest.precision)
 
     def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
         directory, manifest = compiled_manifest(ctx)
@@ -115,7 +108,7 @@ class NeuronRuntimeTarget(CompiledRuntimeTarget):
         count = config.instance_group[0].count
         del config.instance_group[:]
         config.instance_group.add(count=count, kind=mc.ModelInstanceGroup.KIND_MODEL)
-        _set_parameter(config, PARAM_NEURON_CORES, str(cores))
+        set_parameter(config, PARAM_NEURON_CORES, str(cores))
 
 
 class TensorRTPlanTarget(ModelTarget):
@@ -148,9 +141,9 @@ class TensorRTPlanTarget(ModelTarget):
         for instance_group in config.instance_group:
             if instance_group.kind != mc.ModelInstanceGroup.KIND_GPU:
                 raise TandemError("a tensorrt_plan model runs on GPUs only: use instance kind gpu")
-        _set_parameter(config, "tandem.arch", manifest.arch)
-        _set_parameter(config, "tandem.precision", manifest.precision)
-        _set_parameter(config, "tandem.tensorrt_version", manifest.tool_versions.get("tensorrt", ""))
+        set_parameter(config, "tandem.arch", manifest.arch)
+        set_parameter(config, "tandem.precision", manifest.precision)
+        set_parameter(config, "tandem.tensorrt_version", manifest.tool_versions.get("tensorrt", ""))
 
     def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None:
         directory, _, engine = self._served(ctx)
@@ -160,44 +153,31 @@ class TensorRTPlanTarget(ModelTarget):
         return "Triton tensorrt_plan backend"
 
 
-def compiled_flavors() -> list[Flavor]:
-    return [
-        Flavor(
-            "tensorrt",
-            "refinement on Triton's tensorrt_plan backend, reasoning's decode loop in the python backend over TensorRT engines",
-            {REASONING: CompiledRuntimeTarget("tensorrt", "gpu", "tensorrt"), REFINEMENT: TensorRTPlanTarget()},
-        ),
-        Flavor(
-            "neuron",
-            "python-backend models over torch-neuronx artifacts, instances pinned to NeuronCores",
-            {REASONING: NeuronRuntimeTarget("neuron", "cpu", "neuron"), REFINEMENT: NeuronRuntimeTarget("neuron", "cpu", "neuron")},
-        ),
-        Flavor(
-            "torch_aot",
-            "python-backend models over AOTInductor packages (GPU for cuda-torch, CPU for cpu-aot)",
-            {
-                REASONING: CompiledRuntimeTarget("torch_aot", "gpu", "torch_aot"),
-                REFINEMENT: CompiledRuntimeTarget("torch_aot", "gpu", "torch_aot"),
-            },
-        ),
-    ]
+def tensorrt_flavor() -> Flavor:
+    return Flavor(
+        "tensorrt",
+        "refinement on Triton's tensorrt_plan backend, reasoning's decode loop in the python backend over TensorRT engines",
+        {REASONING: CompiledRuntimeTarget("tensorrt", "gpu", "tensorrt"), REFINEMENT: TensorRTPlanTarget()},
+    )
 
 
-@contextlib.contextmanager
-def registered_flavors() -> Iterator[None]:
-    """The compiled flavors, registered with the repository writer for the duration of a
-    ``tandem build`` repository step only: they need ``compiled=`` and make no sense to
-    ``tandem repo`` over a plain export, so the writer's global registry stays as it was."""
-    added = []
-    for flavor in compiled_flavors():
-        if flavor.name not in FLAVORS:
-            register_flavor(flavor)
-            added.append(flavor.name)
-    try:
-        yield
-    finally:
-        for name in added:
-            FLAVORS.pop(name, None)
+def neuron_flavor() -> Flavor:
+    return Flavor(
+        "neuron",
+        "python-backend models over torch-neuronx artifacts, instances pinned to NeuronCores",
+        {REASONING: NeuronRuntimeTarget("neuron", "cpu", "neuron"), REFINEMENT: NeuronRuntimeTarget("neuron", "cpu", "neuron")},
+    )
 
 
-__all__ = ["COMPILED_MANIFEST", "CompiledRuntimeTarget", "NeuronRuntimeTarget", "TensorRTPlanTarget", "registered_flavors"]
+def torch_aot_flavor() -> Flavor:
+    return Flavor(
+        "torch_aot",
+        "python-backend models over AOTInductor packages (GPU for cuda-torch, CPU for cpu-aot)",
+        {
+            REASONING: CompiledRuntimeTarget("torch_aot", "gpu", "torch_aot"),
+            REFINEMENT: CompiledRuntimeTarget("torch_aot", "gpu", "torch_aot"),
+        },
+    )
+
+
+__all__ = ["COMPILED_MANIFEST", "CompiledRuntimeTarget", "NeuronRuntimeTarget", "TensorRTPlanTarget", "neuron_flavor", "tensorrt_flavor", "torch_aot_flavor"]

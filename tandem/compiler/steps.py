@@ -10,8 +10,7 @@ skipped with the reason, and the build fails, so a CI log shows exactly which st
 
 from __future__ import annotations
 
-import hashlib
-import json
+
 import logging
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tandem.errors import TandemError
-from tandem.util import sha256_file
+from tandem.util import code_closure, code_hash, hash_json, imported_modules, sha256_file  # noqa: F401  (the step keys)
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,6 @@ class StepNotApplicable(Exception):
 # ----------------------------------------------------------------------------- content hashes
 
 
-def hash_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def tree_hashes(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (or of ``path`` itself), keyed by path relative to its
     parent; hidden staging leftovers are ignored."""
@@ -58,23 +53,6 @@ def tree_hashes(path: Path) -> dict[str, str]:
         for p in sorted(path.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts) and "__pycache__" not in p.parts
     }
-
-
-def source_hash(*modules: str) -> str:
-    """Hash of the Python source of modules or packages, so a code change re-runs the steps it feeds."""
-    import importlib.util
-
-    digest = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise TandemError(f"cannot find module {name} to hash its source")
-        origin = Path(spec.origin)
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for file in files:
-            digest.update(str(file.relative_to(origin.parent)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- steps and records

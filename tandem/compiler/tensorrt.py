@@ -16,7 +16,6 @@ on the compute capability, and in the TensorRT version, that built it.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 from dataclasses import dataclass
@@ -25,13 +24,14 @@ from typing import Any
 
 import onnx
 
-from tandem.compiler.manifest import CompiledArtifact, CompiledManifest
+from tandem.formats.compiled_manifest import CompiledArtifact, CompiledManifest
 from tandem.compiler.steps import StepFailed
-from tandem.compiler.targets import Target, describe_arch, sm_arch
+from tandem.formats.targets import Target, describe_arch, sm_arch
 from tandem.config import ModelConfig
 from tandem.errors import ToolchainMissingError
-from tandem.export.manifest import Manifest, TensorEntry
+from tandem.formats.export_manifest import Manifest, TensorEntry
 from tandem.stages import MAX_BATCH, GraphSpec, graph_specs
+from tandem.runtimes.tensorrt import installed_version, supported_version
 from tandem.util import atomic_write_path, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ GRAPHS_NOT_WRITTEN = (
     "and stops at the TensorRT call. "
 )
 GRAPHS_WRITTEN = "The {precision} graphs TensorRT would build from were written to {graphs}. "
-# Strongly typed networks: required from TensorRT 11 on, available as an opt-in from 10.12.
-MIN_VERSION = (10, 12)
 PROFILES_FILE = "profiles.json"
 SERVED_REFINEMENT = "refinement_served"  # the refinement graph in the served wire format (tensorrt_plan model)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -70,25 +68,6 @@ _NP_DTYPES = {
 def engine_name(graph: str, precision: str, arch: str) -> str:
     """Engines are named by stage graph, precision and compute capability: reasoning_decode.fp16.sm90.plan."""
     return f"{graph}.{precision}.{arch}.plan"
-
-
-def installed_version() -> str | None:
-    """The installed TensorRT's version without importing it (importing needs the CUDA libraries)."""
-    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt_cu12"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def supported_version(version: str) -> bool:
-    """TensorRT 11.x, or 10.12+ (the first 10.x with strongly typed networks tandem relies on)."""
-    try:
-        major, minor = (int(part) for part in version.split(".")[:2])
-    except ValueError:
-        return False
-    return major == 11 or (major == 10 and (major, minor) >= MIN_VERSION)
 
 
 def require_tensorrt(target: Target, precision: str = "fp16", graphs: str | None = None):

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandem.compiler.manifest import CompiledArtifact, CompiledManifest
+from tandem.formats.compiled_manifest import CompiledArtifact, CompiledManifest
 from tandem.compiler.steps import StepFailed
-from tandem.compiler.targets import Target, sm_arch
+from tandem.formats.targets import Target, sm_arch
 from tandem.config import ModelConfig
 from tandem.errors import ToolchainMissingError
-from tandem.export.manifest import Manifest, TensorEntry
+from tandem.formats.export_manifest import Manifest, TensorEntry
 from tandem.stages import graph_specs
 from tandem.util import sha256_file
 
@@ -40,12 +40,6 @@ def cpu_arch() -> str:
 
     isa = str(cpu_vec_isa.pick_vec_isa()) or "scalar"
     return f"cpu-{isa}"
-
-
-def supported_cpu_archs() -> tuple[str, ...]:
-    from torch._inductor import cpu_vec_isa
-
-    return tuple(f"cpu-{isa}" for isa in map(str, cpu_vec_isa.valid_vec_isa_list())) + ("cpu-scalar",)
 
 
 def require_device(target: Target) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from tandem.compiler.targets import CPU, Target, get_target
+from tandem.formats.targets import Target, get_target
 from tandem.deploy.settings import DeploySettings
 from tandem.errors import ArtifactError, TandemError
 from tandem.serving.interface import REASONING, REFINEMENT
@@ -84,7 +84,7 @@ def strip_bytecode(root: Path) -> int:
 
 
 def _read_build(build: Path):
-    from tandem.compiler.core import BUILD_MANIFEST, read_build_manifest
+    from tandem.formats.build_manifest import BUILD_MANIFEST, read_build_manifest
 
     manifest = read_build_manifest(build)
     if manifest is None:
@@ -101,15 +101,15 @@ def _check_out(out: Path) -> None:
 
 
 def write_stage_repository(build: Path, target: Target, options: dict, stage: str, out: Path) -> Path:
-    from tandem.compiler.core import COMPILED, EXPORT
-    from tandem.compiler.repository import registered_flavors
+    from tandem.formats.build_manifest import COMPILED_DIR, EXPORT_DIR
     from tandem.serving.repository import write_repository
+    from tandem.toolchains import get_toolchain
 
+    toolchain = get_toolchain(target.toolchain)
     options = dict(options)
-    if target.toolchain != CPU:
-        options["compiled"] = build / COMPILED
-    with registered_flavors():
-        return write_repository(build / EXPORT, out, flavor=target.flavor, stages=(stage,), **options)
+    if toolchain.compiles_ahead:
+        options["compiled"] = build / COMPILED_DIR
+    return write_repository(build / EXPORT_DIR, out, flavor=toolchain.flavor() or target.flavor, stages=(stage,), **options)
 
 
 def write_bundle(build: str | Path, settings: DeploySettings, out: str | Path) -> Bundle:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tandem.compiler.targets import Target
+from tandem.formats.targets import Target
 from tandem.deploy import istio
 from tandem.deploy.sdk import kserve_api_client, kserve_models, kubernetes_models
 from tandem.deploy.settings import DeploySettings, Pool

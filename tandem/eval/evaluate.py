@@ -160,7 +160,7 @@ def agreement(a: RuntimeEval, b: RuntimeEval) -> Agreement:
 
 def check_artifacts_match(artifacts: Path, checkpoint: str | None) -> None:
     """The export must hold the weights being evaluated, or the comparison means nothing."""
-    from tandem.export.manifest import read_manifest
+    from tandem.formats.export_manifest import read_manifest
 
     manifest = read_manifest(artifacts)
     expected = f"checkpoint:{sha256_file(Path(checkpoint))}" if checkpoint else None

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from tandem.config import ModelConfig
 from tandem.errors import CheckFailed, TandemError
-from tandem.export.rewrites import rewrites_for, target_rewrites
-from tandem.export.manifest import (
+from tandem.export.rewrites import graph_rewrites, rewrites_for
+from tandem.formats.export_manifest import ONNXRUNTIME_GRAPH_REWRITES
+from tandem.formats.export_manifest import (
     MANIFEST_NAME,
     GenerationCheck,
     GraphEntry,
@@ -39,7 +40,7 @@ from tandem.export.manifest import (
     ValidationCase,
     read_manifest,
 )
-from tandem.export.memory import require_export_memory
+from tandem.memory import require_export_memory
 from tandem.models import Stages, build_stages
 from tandem.stages import MAX_BATCH, GraphSpec, graph_specs
 from tandem.util import atomic_directory, sha256_file
@@ -99,16 +100,16 @@ def external_data_name(graph_file: str) -> str:
 
 
 def _export_onnx(
-    spec: GraphSpec, stages: Stages, path: Path, target: str | None = None, external_threshold: int = EXTERNAL_DATA_THRESHOLD
+    spec: GraphSpec, stages: Stages, path: Path, rewrites: tuple[str, ...] = (), external_threshold: int = EXTERNAL_DATA_THRESHOLD
 ) -> None:
-    """``spec``'s module traced to ``path``: standard ops, or ``target``'s rewrites applied. Weights
+    """``spec``'s module traced to ``path``: standard ops, or ``rewrites`` applied. Weights
     over ``external_threshold`` bytes in all go to ``external_data_name(path.name)`` beside it."""
     module = spec.make_module(stages).eval()
     example = spec.sample_inputs(spec.export_dims, seed=0)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    rewrites = target_rewrites(target, stages) if target else contextlib.nullcontext({})
-    with export_patches(), rewrites as translations:
+    applied = graph_rewrites(rewrites, stages) if rewrites else contextlib.nullcontext({})
+    with export_patches(), applied as translations:
         program = torch.onnx.export(
             module,
             args,
@@ -174,12 +175,12 @@ def optimize_for_onnxruntime(
     for the CPU it ran on, which would not travel to another machine. A graph whose weights went
     to external data keeps them external in its optimised copy too (ONNX Runtime writes them)."""
     optimized = f"{Path(entry.file).stem}.ort.onnx"
-    rewrites = rewrites_for("onnxruntime", spec)
+    rewrites = rewrites_for(ONNXRUNTIME_GRAPH_REWRITES, spec)
     with tempfile.TemporaryDirectory(prefix=".tandem-rewrite-", dir=directory.parent) as scratch:
         source = directory / entry.file
         if rewrites:
             source = Path(scratch) / entry.file
-            _export_onnx(spec, stages, source, target="onnxruntime", external_threshold=external_threshold)
+            _export_onnx(spec, stages, source, rewrites=rewrites, external_threshold=external_threshold)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(directory / optimized)
@@ -294,7 +295,7 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _weights_label(config: ModelConfig, checkpoint: str | Path | None) -> str:
+def weights_label(config: ModelConfig, checkpoint: str | Path | None) -> str:
     checkpoint = checkpoint if checkpoint is not None else config.checkpoint
     return f"checkpoint:{sha256_file(Path(checkpoint))}" if checkpoint else f"seed:{config.seed}"
 
@@ -302,13 +303,12 @@ def _weights_label(config: ModelConfig, checkpoint: str | Path | None) -> str:
 def export_inputs_sha256(config: ModelConfig, checkpoint: str | Path | None, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> str:
     """One hash of everything an export depends on: the config, the weights' content, the code that
     builds, exports and validates the graphs, and the tool versions (as `tandem build` hashes its step)."""
-    from tandem.compiler.steps import hash_json, source_hash
+    from tandem.util import code_hash, hash_json
 
     return hash_json({
         "config": config.model_dump(mode="json"),
-        "weights": _weights_label(config, checkpoint),
-        "code": source_hash("tandem.models", "tandem.stages", "tandem.export", "tandem.tokenizer", "tandem.pipeline",
-                            "tandem.decoding", "tandem.runtimes"),
+        "weights": weights_label(config, checkpoint),
+        "code": code_hash("tandem.export.onnx_export"),  # the exporter and everything it imports
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
         "external_threshold": external_threshold,
     })
@@ -318,7 +318,7 @@ def up_to_date(out: str | Path, config: ModelConfig, checkpoint: str | Path | No
                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Manifest | None:
     """The manifest of the export in ``out`` when it was made from exactly these inputs, passed
     validation and every file it lists is intact; else None (export again)."""
-    from tandem.export.manifest import verify_graph_files
+    from tandem.formats.export_manifest import verify_graph_files
 
     try:
         manifest = read_manifest(out)
@@ -404,7 +404,7 @@ def export_model(
         manifest = Manifest(
             config=config,
             config_fingerprint=config.fingerprint(),
-            weights=_weights_label(config, checkpoint),
+            weights=weights_label(config, checkpoint),
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             graphs=entries,
             inputs_sha256=export_inputs_sha256(config, checkpoint, external_threshold),

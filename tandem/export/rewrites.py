@@ -1,5 +1,7 @@
-"""Per-target graph rewrites: the one place that knows how a target's graphs differ from the
-standard-op graphs of :mod:`tandem.stages`.
+"""Graph rewrites at export: how a toolchain's graphs may differ from the standard-op graphs of
+:mod:`tandem.stages`. Which rewrites a toolchain's graphs get is its ``graph_rewrites``
+(tandem.toolchains); ONNX Runtime's are part of the export format
+(:data:`tandem.formats.export_manifest.ONNXRUNTIME_GRAPH_REWRITES`).
 
 The plain export (``<graph>.onnx``) uses standard ONNX ops only: TensorRT, Neuron and AOTInductor
 compile it. ONNX Runtime loads ``<graph>.ort.onnx``, exported from the same modules with the
@@ -27,18 +29,12 @@ from tandem.models import Stages
 from tandem.models.reasoning import MoEFeedForward
 from tandem.stages import GraphSpec
 
-TARGET_REWRITES: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("moe_kernel",),
-    "tensorrt": (),  # standard ops: TensorRT fuses and picks kernels itself
-    "neuron": (),
-    "torch_aot": (),
-}
+REWRITES = ("moe_kernel",)  # every rewrite this module knows
 
 
-def rewrites_for(target: str, spec: GraphSpec) -> tuple[str, ...]:
-    """The rewrites of ``target`` that change ``spec``'s graph (the MoE layers live in the
-    reasoning stage)."""
-    return tuple(r for r in TARGET_REWRITES[target] if r != "moe_kernel" or spec.stage == "reasoning")
+def rewrites_for(rewrites: tuple[str, ...], spec: GraphSpec) -> tuple[str, ...]:
+    """The ``rewrites`` that change ``spec``'s graph (the MoE layers live in the reasoning stage)."""
+    return tuple(r for r in rewrites if r != "moe_kernel" or spec.stage == "reasoning")
 
 
 def pack_moe_weights(moe: MoEFeedForward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,12 +133,12 @@ def _kernel_forward(moe: MoEFeedForward):
 
 
 @contextlib.contextmanager
-def target_rewrites(target: str, stages: Stages) -> Iterator[dict]:
-    """Within this block the stages' modules trace as ``target``'s graphs; yields the exporter's
+def graph_rewrites(rewrites: tuple[str, ...], stages: Stages) -> Iterator[dict]:
+    """Within this block the stages' modules trace with ``rewrites`` applied; yields the exporter's
     ``custom_translation_table`` for them. Outside it they are unchanged."""
-    if target not in TARGET_REWRITES:
-        raise ValueError(f"no rewrite table for target {target!r}; known: {sorted(TARGET_REWRITES)}")
-    rewrites = TARGET_REWRITES[target]
+    unknown = set(rewrites) - set(REWRITES)
+    if unknown:
+        raise ValueError(f"unknown graph rewrites {sorted(unknown)}; known: {list(REWRITES)}")
     table: dict = {}
     moes = [m for m in stages.reasoning.modules() if isinstance(m, MoEFeedForward)]
     try:

@@ -22,15 +22,15 @@ def make_runtime(
 ) -> Runtime:
     """``torch`` builds the stages from ``config`` (or the config recorded with ``artifacts``);
     ``onnxruntime`` loads the exported graphs in ``artifacts``. ``artifacts`` may be any tandem output
-    folder (an export, a build, its compiled/): the runtime finds what it loads inside (tandem.folders)."""
-    from tandem import folders
+    folder (an export, a build, its compiled/): the runtime finds what it loads inside (tandem.formats.folders)."""
+    from tandem.formats import folders
     if name == "torch":
         from tandem.runtimes.torch_eager import TorchRuntime
 
         if config is None:
             if artifacts is None:
                 raise TandemError("the torch runtime needs a config or an export directory")
-            from tandem.export.manifest import read_manifest
+            from tandem.formats.export_manifest import read_manifest
 
             config = read_manifest(folders.export_dir(artifacts)).config
         return TorchRuntime(config, **options)

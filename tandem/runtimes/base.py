@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from tandem.config import ModelConfig
+from tandem.decoding import CacheDecodeEngine
 from tandem.errors import TandemError
 from tandem.stages import GraphSpec, graph_specs
 
@@ -39,8 +40,6 @@ class Runtime(ABC):
     def decode_engine(self, capacity: int):
         """A :class:`tandem.decoding.DecodeEngine` of ``capacity`` slots over this runtime's graphs
         (host cache buffers passed to :meth:`run`); runtimes with a faster path override it."""
-        from tandem.decoding import CacheDecodeEngine
-
         return CacheDecodeEngine(self, capacity)
 
     def describe(self) -> str:

@@ -10,12 +10,13 @@ process uses is set by ``NEURON_RT_VISIBLE_CORES`` before the first artifact loa
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from tandem.compiler.manifest import (
+from tandem.formats.compiled_manifest import (
     CompiledArtifact,
     Environment,
     check_environment,
@@ -24,12 +25,46 @@ from tandem.compiler.manifest import (
     resolve_compiled_dir,
     verify_artifacts,
 )
-from tandem.compiler.neuron import INSTALL_HINT, installed_versions, select_bucket
-from tandem.compiler.targets import NEURON
+from tandem.formats.targets import NEURON
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
 from tandem.runtimes.base import Runtime
 from tandem.stages import GraphSpec
 from tandem.tokenizer import PAD
+
+INSTALL_HINT = (
+    "torch-neuronx is not installed: it comes with the AWS Neuron SDK, "
+    "pip install torch-neuronx neuronx-cc --extra-index-url https://pip.repos.neuron.amazonaws.com "
+    "(x86-64 Linux, matching torch release; preinstalled in the AWS Deep Learning AMI Neuron and the Neuron DLCs). "
+    "Compiling runs on any such host; the artifacts run on inf2 (or trn1) instances"
+)
+
+
+def installed_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("torch-neuronx", "neuronx-cc"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def select_bucket(available: list[dict[str, int]], dims: dict[str, int]) -> dict[str, int] | None:
+    """The smallest bucket (fewest padded elements) at least as large as ``dims`` on every axis."""
+    fitting = [b for b in available if all(b[a] >= dims[a] for a in dims)]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda b: (_volume(b), tuple(sorted(b.items()))))
+
+
+def _volume(dims: dict[str, int]) -> int:
+    volume = 1
+    for size in dims.values():
+        volume *= size
+    return volume
+
+
+# ----------------------------------------------------------------------------- compile (torch-neuronx)
 
 PAD_VALUES = {"prompt_len": PAD}  # what fills a padded position of each axis (batch rows repeat row 0)
 

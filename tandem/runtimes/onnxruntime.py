@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import Manifest, read_manifest, verify_graph_files
+from tandem.formats.export_manifest import Manifest, read_manifest, verify_graph_files
 from tandem.runtimes.base import Runtime
 
 

@@ -11,12 +11,13 @@ optimization profile are refused with the profile's range.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from tandem.compiler.manifest import (
+from tandem.formats.compiled_manifest import (
     CompiledArtifact,
     CompiledManifest,
     Environment,
@@ -27,11 +28,33 @@ from tandem.compiler.manifest import (
     resolve_compiled_dir,
     verify_artifacts,
 )
-from tandem.compiler.targets import TENSORRT, get_target, sm_arch
+from tandem.formats.targets import TENSORRT, get_target, sm_arch
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
 from tandem.runtimes.base import Runtime
 
 log = logging.getLogger(__name__)
+
+# Strongly typed networks: required from TensorRT 11 on, available as an opt-in from 10.12.
+MIN_VERSION = (10, 12)
+
+
+def installed_version() -> str | None:
+    """The installed TensorRT's version without importing it (importing needs the CUDA libraries)."""
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt_cu12"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def supported_version(version: str) -> bool:
+    """TensorRT 11.x, or 10.12+ (the first 10.x with strongly typed networks tandem relies on)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return major == 11 or (major == 10 and (major, minor) >= MIN_VERSION)
 
 
 def tensorrt_environment(trt, device_index: int) -> Environment:
@@ -54,8 +77,6 @@ def _load_tensorrt(manifest: CompiledManifest):
             f"pip install tensorrt=={manifest.tool_versions.get('tensorrt', '11.*')} on a machine with an "
             f"{target.arch} NVIDIA GPU (or use NVIDIA's Triton/TensorRT containers)"
         ) from exc
-    from tandem.compiler.tensorrt import supported_version
-
     if not supported_version(trt.__version__):
         raise ToolchainMissingError(
             f"TensorRT {trt.__version__} cannot run strongly typed engines built by TensorRT "

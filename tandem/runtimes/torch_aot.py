@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandem.compiler.manifest import (
+from tandem.formats.compiled_manifest import (
     CompiledArtifact,
     CompiledManifest,
     Environment,
@@ -25,13 +25,19 @@ from tandem.compiler.manifest import (
     resolve_compiled_dir,
     verify_artifacts,
 )
-from tandem.compiler.targets import TORCH_AOT, sm_arch
+from tandem.formats.targets import TORCH_AOT, sm_arch
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
 from tandem.runtimes.base import Runtime
 
 log = logging.getLogger(__name__)
 
 GRAPHED = ("reasoning_decode",)  # called once per scene token with the same shapes: worth a CUDA graph
+
+
+def supported_cpu_archs() -> tuple[str, ...]:
+    from torch._inductor import cpu_vec_isa
+
+    return tuple(f"cpu-{isa}" for isa in map(str, cpu_vec_isa.valid_vec_isa_list())) + ("cpu-scalar",)
 
 
 def torch_aot_environment(manifest: CompiledManifest, device_index: int | None = None) -> Environment:
@@ -43,8 +49,6 @@ def torch_aot_environment(manifest: CompiledManifest, device_index: int | None =
             )
         index = torch.cuda.current_device() if device_index is None else device_index
         return Environment((sm_arch(torch.cuda.get_device_capability(index)),), torch.cuda.get_device_name(index), versions)
-    from tandem.compiler.torch_aot import supported_cpu_archs
-
     return Environment(supported_cpu_archs(), "cpu", versions)
 
 

@@ -47,7 +47,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
+from tandem.formats.export_manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
@@ -254,10 +254,10 @@ class PythonRuntimeTarget(ModelTarget):
 
     def configure(self, ctx: BuildContext, stage: str, config: mc.ModelConfig) -> None:
         config.backend = "python"
-        _set_parameter(config, PARAM_RUNTIME, self.runtime)
-        _set_parameter(config, PARAM_ARTIFACTS, ARTIFACTS_DIR)
-        _set_parameter(config, PARAM_RUNTIME_OPTIONS, json.dumps(self.runtime_options(ctx, stage), sort_keys=True))
-        _set_parameter(config, "tandem.precision", (ctx.manifest.precision or {}).get("precision", "fp32"))
+        set_parameter(config, PARAM_RUNTIME, self.runtime)
+        set_parameter(config, PARAM_ARTIFACTS, ARTIFACTS_DIR)
+        set_parameter(config, PARAM_RUNTIME_OPTIONS, json.dumps(self.runtime_options(ctx, stage), sort_keys=True))
+        set_parameter(config, "tandem.precision", (ctx.manifest.precision or {}).get("precision", "fp32"))
 
     def collect_files(self, ctx: BuildContext, stage: str) -> list[tuple[Path, str]]:
         """(source, name inside artifacts/) of every file the runtime loads. A compiled-runtime
@@ -351,7 +351,7 @@ register_flavor(
 # ---------------------------------------------------------------------------------------------
 
 
-def _set_parameter(config: mc.ModelConfig, key: str, value: str) -> None:
+def set_parameter(config: mc.ModelConfig, key: str, value: str) -> None:
     config.parameters[key].string_value = value
 
 
@@ -365,12 +365,12 @@ def _add_tensors(config: mc.ModelConfig, model: ServedModel) -> None:
 
 def _common_parameters(ctx: BuildContext, config: mc.ModelConfig) -> None:
     scene = ctx.manifest.config.scene
-    _set_parameter(config, PARAM_GRID, f"{scene.grid_height}x{scene.grid_width}")
-    _set_parameter(config, PARAM_CODEBOOK, str(scene.codebook_size))
-    _set_parameter(config, PARAM_CONFIG, ctx.manifest.config.name)
-    _set_parameter(config, PARAM_FINGERPRINT, ctx.manifest.config_fingerprint)
-    _set_parameter(config, PARAM_FLAVOR, ctx.flavor)
-    _set_parameter(
+    set_parameter(config, PARAM_GRID, f"{scene.grid_height}x{scene.grid_width}")
+    set_parameter(config, PARAM_CODEBOOK, str(scene.codebook_size))
+    set_parameter(config, PARAM_CONFIG, ctx.manifest.config.name)
+    set_parameter(config, PARAM_FINGERPRINT, ctx.manifest.config_fingerprint)
+    set_parameter(config, PARAM_FLAVOR, ctx.flavor)
+    set_parameter(
         config, PARAM_MAX_REQUEST_BYTES, str(request_size_limit(ctx.manifest.config, ctx.options.max_batch_size))
     )
 
@@ -408,14 +408,14 @@ def stage_config(ctx: BuildContext, stage: str, target: ModelTarget, behind_reas
         # queue only holds a burst for as long as execute() takes to drain it; its limit is a
         # backstop, large enough that a burst reaches the scheduler's clear refusal first.
         policy.max_queue_size = max(INFLIGHT_BACKSTOP_QUEUE, 4 * queue_size * opts.max_batch_size)
-        _set_parameter(config, PARAM_MAX_WAITING, str(queue_size))
+        set_parameter(config, PARAM_MAX_WAITING, str(queue_size))
     kind = (opts.instance_kind or target.default_instance_kind).lower()
     config.instance_group.add(
         count=opts.instances, kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     )
     _common_parameters(ctx, config)
     if stage == REASONING:  # the in-flight scheduler's slots are max_batch_size; its waiting limit is max_queue_size
-        _set_parameter(config, PARAM_SCHEDULER, opts.scheduler)
+        set_parameter(config, PARAM_SCHEDULER, opts.scheduler)
     target.configure(ctx, stage, config)
     return config
 
@@ -661,7 +661,7 @@ def _parse_options(flavor: Flavor, options: dict[str, Any], max_batch_size: int)
 def write_repository(
     artifacts: str | Path,
     out: str | Path = DEFAULT_REPOSITORY,
-    flavor: str = "local",
+    flavor: str | Flavor = "local",
     max_batch_size: int = 8,
     stages: tuple[str, ...] = (REASONING, REFINEMENT),
     **options: Any,
@@ -676,7 +676,7 @@ def write_repository(
     unknown_stages = set(stages) - {REASONING, REFINEMENT}
     if not stages or unknown_stages:
         raise TandemError(f"stages must be a non-empty subset of ({REASONING!r}, {REFINEMENT!r}), got {list(stages)}")
-    chosen = get_flavor(flavor)
+    chosen = flavor if isinstance(flavor, Flavor) else get_flavor(flavor)  # a toolchain's own flavor, or a registered one
     opts, target_options = _parse_options(chosen, dict(options), max_batch_size)
     manifest = read_manifest(artifacts)
     if not manifest.passed:

@@ -2,7 +2,7 @@
 process, so its peak resident memory is its own), then a Triton repository of it served by a live
 tritonserver, with wall time, peak RSS and file sizes written as JSON + markdown.
 
-    python -m tandem.export.record --config medium --work /scratch/medium --results benchmarks/results/export-medium
+    python -m tandem.bench.export_record --config medium --work /scratch/medium --results benchmarks/results/export-medium
 
 The slow test (tests/test_external_data.py, TANDEM_SLOW_TESTS=1) runs the same function."""
 
@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 
 from tandem.config import load_config
-from tandem.export.memory import export_memory_estimate, gib
+from tandem.memory import export_memory_estimate, gib
 
 PROMPTS = ["a red circle above a blue square", "two green triangles"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def file_sizes(directory: Path) -> dict[str, int]:
 
 
 def record_export(config_name: str, work: Path, results: Path | None = None) -> dict:
-    from tandem.export.manifest import read_manifest
+    from tandem.formats.export_manifest import read_manifest
     from tandem.pipeline import Pipeline
     from tandem.runtimes.onnxruntime import OnnxRuntime
     from tandem.serving.client import generate_remote

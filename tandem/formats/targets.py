@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 from tandem.errors import TandemError
 
-CPU, TENSORRT, NEURON, TORCH_AOT = "onnxruntime", "tensorrt", "neuron", "torch_aot"
+# Toolchain names (tandem.toolchains); `cpu` is a target, ONNX Runtime its toolchain.
+ONNXRUNTIME, TENSORRT, NEURON, TORCH_AOT = "onnxruntime", "tensorrt", "neuron", "torch_aot"
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    toolchain: str  # CPU | TENSORRT | NEURON | TORCH_AOT
+    toolchain: str  # a name in tandem.toolchains.TOOLCHAINS
     arch: str | None  # fixed architecture, or None when it is the machine that builds (cuda-torch, cpu-aot)
     device: str  # "cpu" | "cuda" | "neuron"
     precisions: tuple[str, ...]  # the first is the default; cpu/TensorRT precisions live in the ONNX graph (tandem.compiler.precision)
@@ -43,7 +44,7 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("cpu", CPU, "cpu", "cpu", ("fp32", "int8"), "local", "ONNX Runtime on CPU (python-backend models; runs on the bundled tritonserver); int8 decode step"),
+        Target("cpu", ONNXRUNTIME, "cpu", "cpu", ("fp32", "int8"), "local", "ONNX Runtime on CPU (python-backend models; runs on the bundled tritonserver); int8 decode step"),
         Target("h100", TENSORRT, "sm90", "cuda", ("fp16", "bf16", "fp32", "fp8", "int8"), "tensorrt", "TensorRT 11 strongly typed engines for NVIDIA H100 (sm90)"),
         Target("a100", TENSORRT, "sm80", "cuda", ("fp16", "bf16", "fp32", "int8"), "tensorrt", "TensorRT 11 strongly typed engines for NVIDIA A100 (sm80)"),
         Target("inf2", NEURON, "inf2", "neuron", ("bf16", "fp32"), "neuron", "AWS Inferentia2 (torch-neuronx, static-shape buckets)"),

@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 from tandem.errors import ArtifactError
+from tandem.formats.build_manifest import BUILD_MANIFEST, COMPILED_DIR, EXPORT_DIR, REPOSITORY_DIR
+from tandem.formats.compiled_manifest import failed_build_step
 
 EXPORT, BUILD, COMPILED, REPOSITORY = "export", "build", "compiled", "repository"
-BUILD_MANIFEST = "build_manifest.json"  # tandem.compiler.core writes it
-MANIFEST = "manifest.json"  # an export's (tandem.export) and a compiled folder's (tandem.compiler.manifest)
-BUILD_SUBFOLDERS = {EXPORT: "export", COMPILED: "compiled", REPOSITORY: "model_repository"}
+MANIFEST = "manifest.json"  # an export's (tandem.export) and a compiled folder's (tandem.formats.compiled_manifest)
+BUILD_SUBFOLDERS = {EXPORT: EXPORT_DIR, COMPILED: COMPILED_DIR, REPOSITORY: REPOSITORY_DIR}
 MAKES = {
     EXPORT: "tandem export --config CONFIG --out {path}",
     BUILD: "tandem build --config CONFIG --target TARGET --out {path}",
@@ -74,8 +75,6 @@ def find(path: str | Path, want: str, flag: str = "--artifacts") -> Path:
         if folder_kind(inside) == want:
             return inside
         if want == COMPILED:
-            from tandem.compiler.manifest import failed_build_step
-
             failed = failed_build_step(build)
             if failed is not None:  # e.g. an h100 build on a machine without TensorRT
                 raise ArtifactError(f"{build} has no compiled artifacts: {failed}")

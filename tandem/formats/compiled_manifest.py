@@ -23,8 +23,9 @@ from pydantic import BaseModel, ValidationError
 
 from tandem.config import ModelConfig
 from tandem.errors import ArtifactError, TandemError
-from tandem.export.manifest import TensorEntry, artifact_path
-from tandem.compiler.targets import TARGETS, describe_arch
+from tandem.formats.export_manifest import TensorEntry, artifact_path
+from tandem.formats.targets import TARGETS, describe_arch
+from tandem.formats.build_manifest import BUILD_MANIFEST
 from tandem.util import atomic_write_text, sha256_file
 
 COMPILED_MANIFEST = "manifest.json"
@@ -112,7 +113,7 @@ def read_compiled_manifest(directory: str | Path) -> CompiledManifest:
 def failed_build_step(directory: Path) -> str | None:
     """``its build (target T) failed at step 'S': reason`` when ``directory`` is a build folder whose
     build manifest records a failed step; None otherwise."""
-    log = Path(directory) / "build_manifest.json"
+    log = Path(directory) / BUILD_MANIFEST
     try:
         build = json.loads(log.read_text())
         failed = next(s for s in build["steps"] if s["status"] == "failed")

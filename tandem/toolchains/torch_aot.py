@@ -1,0 +1,48 @@
+"""PyTorch AOTInductor (the ``cuda-torch`` and ``cpu-aot`` targets): torch.export programs compiled
+into packages for the machine that builds them; both stages served by python-backend models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tandem.formats.compiled_manifest import CompiledManifest
+from tandem.formats.targets import TORCH_AOT, Target
+from tandem.toolchains.base import Toolchain
+
+
+class TorchAOTToolchain(Toolchain):
+    name = runtime = TORCH_AOT
+    entry_modules = ("tandem.compiler.torch_aot", "tandem.compiler.repository")
+
+    def probe(self, target: Target, precision: str | None = None) -> None:
+        from tandem.compiler import torch_aot
+
+        torch_aot.require_device(target)
+
+    def optimise_what(self, target: Target, precision: str) -> str:
+        return "torch.export programs"
+
+    def compile_what(self, target: Target, precision: str) -> str:
+        return f"AOTInductor packages for {target.device}"
+
+    def optimise(self, build, staging: Path) -> str:
+        from tandem.compiler import torch_aot
+
+        written = torch_aot.export_programs(build.export_manifest().config, build.options.checkpoint, staging)
+        return f"{len(written)} graphs exported with torch.export and checked against eager PyTorch"
+
+    def compile_inputs(self, build) -> dict[str, Any]:
+        import torch
+
+        return {"torch": torch.__version__, "device": build.target.device}
+
+    def compile(self, build, staging: Path, inputs: dict[str, str]) -> CompiledManifest:
+        from tandem.compiler import torch_aot
+
+        return torch_aot.compile_packages(build.target, build.optimised_dir(), staging, build.export_manifest(), inputs)
+
+    def flavor(self):
+        from tandem.compiler.repository import torch_aot_flavor
+
+        return torch_aot_flavor()
