@@ -71,7 +71,11 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     g.add_argument("--queue-timeout-ms", type=int, default=60_000, help="reject requests queued longer (default 60000)")
     g.add_argument("--instances", type=int, default=1, help="model instances per model")
     g.add_argument("--instance-kind", choices=("cpu", "gpu"), help="default: the flavor's")
-    g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = all cores)")
+    g.add_argument("--thread-budget", type=int, metavar="CORES", help="cores the served stages share (default: the cores "
+                   "this process may use); split between reasoning and refinement so their ONNX Runtime threads never "
+                   "oversubscribe them, recorded as tandem.threads in each config.pbtxt")
+    g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads per session for every "
+                   "stage (default 0: from --thread-budget)")
     g.add_argument("--model-version", dest="version", type=int, help="version folder to write (default: next)")
     add_alias(g, "--version", dest="version", type=int)
     g.add_argument("--keep-versions", type=int, default=2, help="newest version folders to keep (default 2)")
@@ -138,6 +142,7 @@ def repository_options(args: argparse.Namespace) -> dict:
         "instances": args.instances,
         "instance_kind": args.instance_kind,
         "intra_op_threads": args.intra_op_threads,
+        "thread_budget": args.thread_budget,
         "version": args.version,
         "keep_versions": args.keep_versions,
         "link": args.link,
