@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="a model repository or a `tandem build` folder "
                    f"(default {DEFAULT_REPOSITORY})")
     add_repository_arguments(p, sorted(FLAVORS))
-    add_server_arguments(p, defaults=True)
+    add_listen_arguments(p, defaults=True)
     add_security_arguments(p)
     p.add_argument("--quiet", action="store_true", help="do not echo the server's log")
     p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS", help="on SIGTERM/Ctrl-C, refuse new "
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; greedy decoding ignores it)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = all)")
-    add_server_arguments(p, defaults=False)
+    add_listen_arguments(p, defaults=False)
     p.set_defaults(handler=cmd_demo)
 
 
@@ -83,7 +83,7 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
                    "repository then shares the export's files: editing one changes both)")
 
 
-def add_server_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
+def add_listen_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     g.add_argument("--http-port", type=int, default=8000 if defaults else None, help="default " + ("8000" if defaults else "free"))
