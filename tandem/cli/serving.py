@@ -203,13 +203,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"serving {server.repository}\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}"
         f"{' (mutual TLS)' if server.tls and server.tls.mutual else ' (TLS)' if server.tls else ''}\n"
         f"  metrics {server.metrics_url}\n  {_exposure(server)}\n"
-        f"try: tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url} --out out.png\n"
+        f"try: {try_command(server)}\n"
         "Ctrl-C (or SIGTERM) stops the server",
         flush=True,
     )
     report = server.serve_forever(grace_s=args.grace)
     print(report.describe(), flush=True)
     return 0 if report.ok else 1
+
+
+def try_command(server) -> str:
+    """A first command against this server, with the credentials it needs and a model it serves."""
+    from tandem.serving.interface import ENSEMBLE, REASONING, REFINEMENT
+
+    credentials = ""
+    if server.tls:
+        credentials += " --tls-ca CA.pem"
+        if server.tls.mutual:
+            credentials += " --tls-client-cert CLIENT.pem --tls-client-key CLIENT.key"
+    if server.restriction_headers("inference"):
+        credentials += " --api-key-file KEY_FILE"
+    models = set(server.ready_models)
+    if ENSEMBLE in models or not models:
+        return f"tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url}{credentials} --out build/out.png"
+    if models == {REASONING}:
+        return (f"tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url} --refinement-server REFINEMENT_URL"
+                f"{credentials} --out build/out.png  (this server runs reasoning only)")
+    if models == {REFINEMENT}:
+        return f"tandem render --tokens TOKENS.npy --server {server.grpc_url}{credentials} --out build/out.png  (refinement only)"
+    return f"tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url}{credentials} --out build/out.png"
 
 
 def _exposure(server) -> str:
