@@ -320,3 +320,65 @@ def test_own_cpu_counts_processes_started_by_our_children(tmp_path):
     counted = interference(start, end, cores)["other_processes_cpu_s"]
     uncounted = interference(start, {**end, "own_s": 0.0}, cores)["other_processes_cpu_s"]
     assert counted == pytest.approx(max(uncounted - own, 0.0))
+
+
+def test_a_verdict_needs_the_whole_spread_on_one_side():
+    from tandem.bench.present import judge
+
+    assert judge(1.2, 1.1, "<=") == "FAIL" and judge(1.0, 1.1, "<=") == "PASS"  # a single figure: as before
+    assert judge(1.0, 1.1, "<=", spread=(0.9, 1.05)) == "PASS"
+    assert judge(1.3, 1.1, "<=", spread=(1.15, 1.4)) == "FAIL"
+    assert judge(1.05, 1.1, "<=", spread=(0.95, 1.2)) == "UNSTABLE"  # median passes, spread straddles
+    assert judge(1.15, 1.1, "<=", spread=(0.95, 1.2)) == "UNSTABLE"  # median fails, spread straddles
+    assert judge(2.5, 2.0, ">=", spread=(2.0, 3.0)) == "PASS"  # on the threshold counts as passing
+    assert judge(1.9, 2.0, ">=", spread=(1.5, 2.1)) == "UNSTABLE"
+    assert judge(1.0, 1.0, ">", spread=(0.9, 1.1)) == "UNSTABLE"
+
+
+def test_a_target_judged_on_rounds_carries_median_spread_and_rounds():
+    from tandem.bench.rounds import Ratio
+
+    ratio = Ratio.of([1.00, 1.04, 1.08, 1.12, 1.16, 1.20, 0.98, 1.02], wall_s=12.34)
+    assert ratio.rounds == 8 and ratio.minimum == 0.98 and ratio.maximum == 1.2
+    assert ratio.low < ratio.median < ratio.high
+    t = Target("t", "served vs in-process", 1.10, "<=", "x").evaluate(ratio, "p50 1 vs 2 ms")
+    assert t.status == "UNSTABLE"
+    line = t.line()
+    assert line.startswith(f"**UNSTABLE** served vs in-process: {ratio.median:.2f}x median of 8 rounds (10-90%: ")
+    assert "12.3 s" in line and "re-run on a quieter machine" in line and "p50 1 vs 2 ms" in line
+    data = t.as_dict()
+    assert data["median"] == data["value"] == ratio.median and data["spread"] == [ratio.low, ratio.high]
+    assert data["rounds"] == 8 and data["round_seconds"] == 12.34
+    clear = Target("u", "speedup", 2.0, ">=", "x").evaluate(Ratio.of([1.5, 1.6, 1.7], 1.0), "")
+    assert clear.status == "FAIL" and "short of 2x" in clear.line()
+    pct = Target("r", "roofline", 0.5, ">=", "%").evaluate(Ratio.of([0.6, 0.7], 1.0), "").as_dict()
+    assert pct["status"] == "PASS" and pct["spread"] == [61.0, 69.0] and pct["median"] == 65.0
+    quick = Target("q", "speedup", 2.0, ">=", "x").evaluate(Ratio.of([1.5, 1.6], 1.0), "")
+    quick.not_judged("quick")
+    assert quick.status == "NOT RUN" and "1.55x median of 2 rounds" in quick.detail and quick.as_dict()["spread"] is None
+    assert Ratio.of([], 1.0) is None and Ratio.of([float("nan")], 1.0) is None
+
+
+def test_interleaved_rounds_measure_real_work_in_alternating_order():
+    """Two numpy matmuls, 64x apart in FLOPs: every round's ratio shows the big one slower."""
+    import numpy as np
+
+    from tandem.bench.rounds import RoundsBudget, block, run_rounds
+
+    rng = np.random.default_rng(0)
+    small, big = (rng.standard_normal((n, n), dtype=np.float32) for n in (48, 192))
+    arms = {"small": lambda: block(lambda: small @ small, 5), "big": lambda: block(lambda: big @ big, 5)}
+    rounds = run_rounds(arms, RoundsBudget(rounds=6, min_rounds=6, max_seconds=0.0))
+    assert rounds.count == 6 and all(len(v) == 6 for v in rounds.figures.values())
+    assert rounds.orders == [("small", "big"), ("big", "small")] * 3
+    ratio = rounds.ratio("big", "small")
+    assert ratio.rounds == 6 and ratio.wall_s > 0 and len(ratio.per_round) == 6
+    assert ratio.minimum > 1.0 and ratio.low <= ratio.median <= ratio.high
+    assert rounds.as_dict()["figures"]["big"][0] > 0
+
+    # Once min_rounds are done the wall-time limit stops it; the rounds never exceed `rounds`.
+    assert run_rounds(arms, RoundsBudget(rounds=50, min_rounds=3, max_seconds=0.0, warmup_rounds=0)).count == 3
+    # A per-round combination may leave rounds out (None): only the others count.
+    count = iter(range(100))
+    gappy = run_rounds({"a": lambda: float(next(count))}, RoundsBudget(rounds=4, min_rounds=4, max_seconds=0.0, warmup_rounds=0))
+    assert gappy.combine(lambda f: f["a"] if f["a"] % 2 else None).per_round == [1.0, 3.0]

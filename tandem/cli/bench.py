@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files tandem bench did not write")
     p.add_argument("--rerender", type=Path, metavar="DIR", help="only redraw report.md and plots/ of DIR from its results.json")
-    p.add_argument("--fail-on-target", action="store_true", help="exit 1 when a performance target line says FAIL")
+    p.add_argument("--fail-on-target", action="store_true", help="exit 1 when a performance target line says FAIL (UNSTABLE, no verdict, does not)")
     add_json_argument(p)
     p.set_defaults(handler=cmd_bench)
 
@@ -129,11 +129,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if warning:
         print(f"  WARNING: {warning}")
     for target in result.results["targets"]:
-        print(f"  {target['status']:<8}{target['description']}: " + (
-            f"{target['value']:.2f}{target['unit']}"  # a % target's value is already in percent
-            if target["value"] is not None
-            else target["detail"]
-        ))
+        unit = target["unit"]  # a % target's value is already in percent
+        if target["value"] is None:
+            figure = target["detail"]
+        elif target.get("spread"):
+            low, high = target["spread"]
+            figure = f"{target['value']:.2f}{unit} median of {target['rounds']} rounds (10-90%: {low:.2f}-{high:.2f}{unit})"
+        else:
+            figure = f"{target['value']:.2f}{unit}"
+        print(f"  {target['status']:<9}{target['description']}: {figure}")
+    # UNSTABLE is no verdict (the rounds straddle the threshold), so it never fails --fail-on-target
     missed = [t for t in result.results["targets"] if t["status"] == "FAIL"]
     code = EXIT_CHECK_FAILED if missed and args.fail_on_target else EXIT_OK
     if code:
