@@ -69,6 +69,7 @@ class Target:
     spread: tuple[float, float] | None = None  # 10-90% interval of the round ratios (rounds only)
     rounds: int | None = None  # how many interleaved rounds gave the ratio
     round_seconds: float | None = None  # the wall time those rounds took
+    unstable: str = ""  # why an UNSTABLE target gives no verdict (how many rounds passed)
 
     def evaluate(self, value, detail: str, missing: str = "") -> "Target":
         """``value``: a figure, a :class:`tandem.bench.rounds.Ratio` (judged on its spread) or None
@@ -87,11 +88,10 @@ class Target:
         self.status = judge(self.value, self.threshold, self.comparison, self.spread)
         if self.status == "UNSTABLE":
             passing = sum(COMPARE[self.comparison](v, self.threshold) for v in per_round)
-            self.detail = "; ".join(x for x in (
+            self.unstable = (
                 f"{passing} of {len(per_round)} rounds on the passing side: the spread straddles the threshold, so this run "
-                "gives no verdict; re-run on a quieter machine or with more rounds",
-                self.detail,
-            ) if x)
+                "gives no verdict; re-run on a quieter machine or with more rounds"
+            )
         return self
 
     def _scaled(self, v: float) -> str:
@@ -132,7 +132,7 @@ class Target:
         scale = 100.0 if self.unit == "%" else 1.0
         suffix = self.unit
         head = f"**{self.status}** {self.description}: {self.measured} (target {self.comparison} {self.threshold * scale:g}{suffix})"
-        tail = "; ".join(x for x in (self.shortfall, self.detail) if x)
+        tail = "; ".join(x for x in (self.shortfall, self.unstable if self.status == "UNSTABLE" else "", self.detail) if x)
         return f"{head}. {tail}" if tail else head
 
     def as_dict(self) -> dict:

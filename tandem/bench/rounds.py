@@ -37,9 +37,11 @@ class RoundsBudget:
     min_rounds: int
     max_seconds: float
     warmup_rounds: int = 1
+    pause_s: float = 0.0  # untimed pause before each arm: worker threads still spinning from the last arm settle
 
     def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "min_rounds": self.min_rounds, "max_seconds": self.max_seconds, "warmup_rounds": self.warmup_rounds}
+        return {"rounds": self.rounds, "min_rounds": self.min_rounds, "max_seconds": self.max_seconds,
+                "warmup_rounds": self.warmup_rounds, "pause_s": self.pause_s}
 
 
 @dataclass
@@ -146,6 +148,8 @@ def run_rounds(arms: Mapping[str, Arm], budget: RoundsBudget, on_round: Callable
     while len(orders) < budget.rounds:
         order = names if len(orders) % 2 == 0 else names[::-1]
         for name in order:
+            if budget.pause_s:
+                time.sleep(budget.pause_s)
             figures[name].append(arms[name]())
         orders.append(order)
         if on_round is not None:

@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tandem.bench import BenchOptions, run_benchmark
+    from tandem.bench.rounds import RoundsBudget
     from tandem.bench.served import PROTOCOLS, ServedSettings
     from tandem.bench.split import SplitSettings
 
@@ -104,6 +105,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         open_loop_loads=tuple(args.open_loop_loads) if args.open_loop_loads else ((1.0, 4.0) if args.quick else ServedSettings.open_loop_loads),
         open_loop_requests=args.requests or (4 if args.quick else 32),
         port_base=args.port_base,
+        **({"ratio_rounds": RoundsBudget(rounds=2, min_rounds=2, max_seconds=0.0, warmup_rounds=0), "ratio_c1_requests": 2,
+            "ratio_c8_requests": 8} if args.quick else {}),
     )
     options = BenchOptions(
         config=args.config,
@@ -117,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compiled=compiled,
         batches=tuple(args.batches),
         served=served,
-        split=SplitSettings(requests=4, warmup=1, simulated_requests=2_000, port_base=split_base) if args.quick
+        split=SplitSettings(requests=4, round_requests=2, warmup=1, simulated_requests=2_000, port_base=split_base) if args.quick
         else SplitSettings(port_base=split_base),
         progress=not args.no_progress,
     )
