@@ -45,8 +45,9 @@ class RatioBudgets:
 
     @classmethod
     def quick(cls) -> "RatioBudgets":
-        return cls(RoundsBudget(rounds=2, min_rounds=2, max_seconds=0.0, warmup_rounds=0),
-                   RoundsBudget(rounds=2, min_rounds=2, max_seconds=0.0, warmup_rounds=0), block_seconds=0.01, replay_b1=2, replay_b8=1)
+        return cls(RoundsBudget(rounds=2, min_rounds=2, max_seconds=0.0, warmup_rounds=0, pause_s=0.02),
+                   RoundsBudget(rounds=2, min_rounds=2, max_seconds=0.0, warmup_rounds=0, pause_s=0.02), block_seconds=0.01,
+                   replay_b1=2, replay_b8=1)
 
     def as_dict(self) -> dict:
         return {"decode": self.decode.as_dict(), "other": self.other.as_dict(), "block_seconds": self.block_seconds,
@@ -225,7 +226,7 @@ def _refinement_rounds(runtimes, specs, roofline: dict, budgets: RatioBudgets, t
         else:
             o = np.empty_like(a)
             gemm = lambda: np.matmul(a, b, out=o)  # noqa: E731
-        gcalls = calls_for(gemm, budgets.block_seconds, at_most=50)
+        gcalls = calls_for(gemm, budgets.block_seconds, at_most=50, at_least=2)
         arms["gemm"] = lambda: block(gemm, gcalls)
     if not arms:
         return

@@ -202,9 +202,13 @@ def served_scheduler_targets(results: dict) -> list[Target]:
         if ratio:
             p50, p99 = arms.get("p50_ms") or 0.0, arms.get("p99_ms") or 0.0
             detail = f"p99 {p99:.1f} ms vs p50 {p50:.1f} ms (medians over the rounds, each round's p99/p50 judged)"
-            if ratio.median > 1.5:
-                detail += (f"; {shared}" if primary == "inflight" and shared
-                           else "; a request waited behind others' generations: serve with --scheduler inflight and enough slots (--max-batch-size)")
+            if ratio.median > 1.5 and primary == "inflight":
+                detail += f"; {shared}" if shared else (
+                    "; with in-flight batching a new request should wait at most one decode step for a slot: the tail is "
+                    "requests held in Triton's queue before the reasoning model takes them, or a decode loop blocked on round "
+                    "trips to the Triton process; fix: a loop that never blocks and admits arrivals at the next step")
+            elif ratio.median > 1.5:
+                detail += "; a request waited behind others' generations: serve with --scheduler inflight and enough slots (--max-batch-size)"
         targets.append(t.evaluate(ratio, detail, missing or NO_ROUNDS))
 
     ratio, arms = _served_ratio(results, "served_first_step_grpc")

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "cost vs position), the Triton ensemble under a concurrency sweep (HTTP and gRPC), this machine's matmul "
             "peak and memory bandwidth, and models H100/A100/Inferentia2 from published peaks. Writes results.json, "
             "report.md and plots/ to benchmarks/results/<machine>-<date>/ (--quick: build/bench-...-quick/; or --out). A full run "
-            "takes about 7-9 minutes on 2 cores (the committed runs); --quick a few minutes and judges only what it can measure (correctness targets)."
+            "takes about 10-12 minutes on 2 cores; every ratio a target compares is measured in interleaved rounds (median, 10-90% spread; UNSTABLE when the spread straddles the threshold); --quick a few minutes and judges only what it can measure (correctness targets)."
         ),
     )
     add_config_argument(p)
