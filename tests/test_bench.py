@@ -417,3 +417,43 @@ def test_interleaved_rounds_measure_real_work_in_alternating_order():
     count = iter(range(100))
     gappy = run_rounds({"a": lambda: float(next(count))}, RoundsBudget(rounds=4, min_rounds=4, max_seconds=0.0, warmup_rounds=0))
     assert gappy.combine(lambda f: f["a"] if f["a"] % 2 else None).per_round == [1.0, 3.0]
+
+
+def test_replayed_decode_steps_follow_real_generations_and_their_routing(tiny_artifacts, tiny_config):
+    """Steps recorded from real greedy generations, replayed on the ONNX Runtime engine, give the
+    generation's own next tokens; the experts per step come from the PyTorch reference."""
+    import numpy as np
+
+    from tandem.bench import replay as rp
+    from tandem.bench.roofline import count_graph_work
+    from tandem.models import build_stages
+    from tandem.runtimes import make_runtime
+    from tandem.stages import graph_specs
+
+    runtime = make_runtime("onnxruntime", artifacts=tiny_artifacts)
+    captions = rp.replay_captions(tiny_config.reasoning.max_prompt_len - 2, 3)
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    one, = rp.record_generations(runtime, captions[:1], 1)
+    two, = rp.record_generations(runtime, captions[1:], 2)
+    steps = tiny_config.scene.num_tokens - 1
+    assert (one.batch, one.steps, two.batch, two.steps) == (1, steps, 2, steps)
+    assert (two.positions[1:] == two.positions[:-1] + 1).all() and (two.positions[0] == two.lengths).all()
+
+    argmax: list = []
+    seconds = rp.Replayer(runtime)(two, argmax)
+    assert seconds.shape == (steps,) and (seconds > 0).all()
+    # greedy: each replayed step's argmax is the token the generation fed to the next step
+    assert np.array_equal(np.stack(argmax)[:-1], two.token_ids[1:])
+
+    stages = build_stages(tiny_config)
+    top_k = tiny_config.reasoning.top_k
+    experts1, experts2 = rp.routed_experts(stages.reasoning, one), rp.routed_experts(stages.reasoning, two)
+    assert experts1.shape == (steps, tiny_config.reasoning.n_layers) and (experts1 == top_k).all()
+    assert ((experts2 >= top_k) & (experts2 <= 2 * top_k)).all()
+
+    work = count_graph_work(stages, graph_specs(tiny_config)["reasoning_decode"], 1)
+    fixed = np.array([work["routed_experts_per_layer"]])
+    position = np.array([[work["cache_read_bytes"] // work["cache_bytes_per_position"]]])
+    assert rp.step_bytes(work, fixed, position)[0] == pytest.approx(work["bytes"], rel=1e-6)
+    more = rp.step_bytes(work, fixed + 1, position + 1)[0] - work["bytes"]
+    assert more == pytest.approx(sum(work["expert_bytes_per_layer"]) + work["cache_bytes_per_position"], rel=1e-6)

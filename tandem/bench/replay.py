@@ -126,7 +126,9 @@ class Replayer:
         self.runtime = runtime
         self.engines: dict[int, object] = {}
 
-    def __call__(self, rec: Recorded) -> np.ndarray:
+    def __call__(self, rec: Recorded, argmax: list[np.ndarray] | None = None) -> np.ndarray:
+        """Seconds per step; ``argmax``, when given, receives each step's greedy next tokens (untimed
+        use: checking the replay follows the recorded generation)."""
         from tandem.decoding import make_decode_engine
 
         n = rec.batch
@@ -140,8 +142,10 @@ class Replayer:
         try:
             for i in range(rec.steps):
                 t0 = time.perf_counter_ns()
-                engine.step(n, rec.token_ids[i], rec.positions[i])
+                logits = engine.step(n, rec.token_ids[i], rec.positions[i])
                 seconds[i] = (time.perf_counter_ns() - t0) / 1e9
+                if argmax is not None:
+                    argmax.append(np.asarray(logits).argmax(axis=-1))
         finally:
             if was_enabled:
                 gc.enable()

@@ -219,11 +219,14 @@ def report_section(results: dict) -> list[str]:
     out = ["## Split path: reasoning and refinement on separate servers (issue 13)", ""]
     if split.get("status") != "ok":
         return out + [f"**{split.get('status', 'not run')}**" + (f" - {split['reason']}" if split.get("reason") else ""), ""]
+    how = (
+        f"in {split['rounds']['rounds']} interleaved rounds of {split.get('round_requests')} (each round runs the same "
+        "requests through every path, the order reversed every other round; a ratio is the median of the rounds' p50 ratios)"
+        if split.get("rounds") else "interleaved (request i through every path before request i+1)"  # runs before issue 27
+    )
     out += [
-        f"{split['requests']} requests per path at concurrency 1 in {split.get('rounds', {}).get('rounds', '?')} interleaved "
-        f"rounds of {split.get('round_requests', '?')} (each round runs the same requests through every path, the order "
-        f"reversed every other round; a ratio is the median of the rounds' p50 ratios), greedy, seed i; answers "
-        f"differing from the single server's: {split['mismatched_answers']}.",
+        f"{split['requests']} requests per path at concurrency 1, {how}, greedy, seed i; answers differing from the single "
+        f"server's: {split['mismatched_answers']}.",
         "",
     ]
     rows = [[p, v["description"], fmt(v["latency"]["p50_ms"], 1), fmt(v["latency"]["p90_ms"], 1), fmt(v["latency"]["p99_ms"], 1)]
