@@ -68,6 +68,7 @@ def render(results: dict) -> str:
     for t in results["targets"]:
         out.append(f"- {t['line']}")
     out.append("")
+    out += _rounds_section(results)
 
     out += ["## Per stage, per runtime (batch 1 latency)", ""]
     rows = []
@@ -121,6 +122,8 @@ def render(results: dict) -> str:
             "the same at every position; the recompute row shows what a step would cost without a cache.",
             "",
         ]
+
+    out += _replay_section(results)
 
     pipeline = results.get("pipeline", {})
     if pipeline:
@@ -415,4 +418,84 @@ def _cross_hardware_section(results: dict) -> list[str]:
     if prices:
         out += ["Prices used (on-demand, per accelerator share of the instance; edit the hardware file to change):", ""]
         out += [f"- {p}" for p in prices] + [""]
+    return out
+
+
+ROUND_GROUPS = {
+    "decode": "decode steps replayed from held-out generations (batch 1 per runtime, batch 8 on ONNX Runtime) and a memory copy",
+    "refinement": "refinement calls per runtime at batch 1, the best refinement cell and the peak GEMM",
+    "positions": "ONNX Runtime decode step at position 16 and 256",
+    "pipeline": "whole in-process generations at batch 1 and 8",
+}
+
+
+def _rounds_section(results: dict) -> list[str]:
+    """How the ratios behind the targets were measured: which arms shared rounds, how many, how long."""
+    groups = dict(results.get("rounds") or {})
+    served = results.get("served", {}).get("ratio_rounds") or {}
+    if served.get("rounds"):
+        groups["served"] = served["rounds"]
+    split = results.get("split", {})
+    if split.get("rounds"):
+        groups["split"] = split["rounds"]
+    figures = results.get("figures") or []
+    if not groups and not figures:
+        return []
+    out = []
+    if figures:
+        out += ["Reported, not judged:", ""] + [f"- {f['line']}" for f in figures] + [""]
+    out += [
+        "### How the ratios were measured",
+        "",
+        "Every ratio above is measured in interleaved rounds: each round runs every arm of its group once, in the "
+        "opposite order to the round before (A, B, then B, A), so drift of the machine's speed lands on both figures "
+        "of a ratio alike; each round gives one ratio, the line shows their median and the 10-90% interval of the "
+        "round ratios. PASS or FAIL only when that interval lies on one side of the threshold, otherwise UNSTABLE. "
+        "The open-loop knee is one sweep per scheduler.",
+        "",
+    ]
+    described = {
+        **ROUND_GROUPS,
+        "served": (f"in-process generations ({served.get('c1_requests', '?')} one at a time, 8 at batch 8), the same "
+                   f"requests served at concurrency 1 ({served.get('c1_requests', '?')}) and 8 ({served.get('c8_requests', '?')}) "
+                   "per protocol, and in-process prefill + 2 decode steps at batch 8"),
+        "split": f"{split.get('round_requests', '?')} requests per path and round, single server vs split vs split with mTLS",
+    }
+    rows = [[name, described.get(name, ""), ", ".join(g["arms"]), g["rounds"], f"{g['wall_s']:.1f}"] for name, g in groups.items()]
+    out += table(["group", "what each round runs", "arms", "rounds", "wall s"], rows)
+    return out
+
+
+def _replay_section(results: dict) -> list[str]:
+    replay = results.get("replay") or {}
+    if not replay:
+        return []
+    out = ["## Decode steps as generation runs them (replayed held-out generations)", ""]
+    if replay.get("error"):
+        return out + [f"**not run** - {replay['error']}", ""]
+    caps = replay.get("captions", {})
+    out += [
+        f"Greedy generations of {len(caps.get('batch1', []))} held-out captions one at a time and "
+        f"{len(caps.get('batch8', []))} batches of 8 were recorded (token ids and positions of every decode step), then "
+        "replayed step by step on each runtime's decode engine in the interleaved rounds, so the routing varies as in real "
+        "generation. The fixed-input column is the per-stage figure above (one step repeated with the same inputs: the "
+        "same experts every call). Routed experts: distinct experts per layer a step's rows were sent to, read from the "
+        "PyTorch reference on the same tokens.",
+        "",
+    ]
+    stages = results.get("stages", {})
+    rows = []
+    for name, st in (replay.get("runtimes") or {}).items():
+        fixed = stages.get(st["runtime"], {}).get("reasoning_decode", {}).get("batches", {}).get(str(st["batch"]), {}).get("p50_ms")
+        rows.append([st["runtime"], st["batch"], fmt(fixed, 3), fmt(st.get("p50_ms"), 3), fmt(st.get("p90_ms"), 3),
+                     fmt(st.get("p99_ms"), 3), st.get("n"), st.get("generations"), st.get("routed_experts_per_layer_mean")])
+    out += table(["runtime", "batch", "fixed-input p50 ms", "replayed p50 ms", "p90 ms", "p99 ms", "steps", "generations",
+                  "routed experts per layer (mean)"], rows)
+    roof = replay.get("roofline") or {}
+    if roof:
+        rows = [[b, f"{r['bytes_p50'] / 1e6:.3f}", f"{r['bytes_fixed_input'] / 1e6:.3f}", r["routed_experts_per_layer_mean"],
+                 r["routed_experts_per_layer_fixed_input"], fmt(r["bandwidth_gb_s_median"], 1), fmt(r["floor_ms_median"], 3)]
+                for b, r in roof.items()]
+        out += table(["batch", "MB per replayed step (p50)", "MB, fixed input", "experts per layer (replayed mean)",
+                      "experts per layer (fixed input)", "copy GB/s (rounds)", "roofline floor ms (p50)"], rows)
     return out

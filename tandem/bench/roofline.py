@@ -108,11 +108,15 @@ def count_graph_work(stages: Stages, spec: GraphSpec, batch: int, seed: int = 0)
     for emb, rows in lookups.items():
         special.add(id(emb.weight))
         weight_bytes += len(rows) * emb.embedding_dim * emb.weight.element_size()
+    routed_bytes = 0
+    expert_bytes: list[int] = []  # one expert's weights, per MoE layer
     for moe, experts in moe_experts.items():
         fraction = len(experts) / moe.n_experts  # what a kernel that reads only routed experts reads
+        expert_bytes.append(sum(w.numel() * w.element_size() for w in (moe.w_gate, moe.w_up, moe.w_down)) // moe.n_experts)
         for w in (moe.w_gate, moe.w_up, moe.w_down):
             special.add(id(w))
-            weight_bytes += int(fraction * w.numel() * w.element_size())
+            routed_bytes += int(fraction * w.numel() * w.element_size())
+    weight_bytes += routed_bytes
     weight_total = 0
     for p in module.parameters():
         weight_total += p.numel() * p.element_size()
@@ -148,6 +152,9 @@ def count_graph_work(stages: Stages, spec: GraphSpec, batch: int, seed: int = 0)
         "cache_read_bytes": int(cache_read),
         "cache_written_bytes": int(cache_written),
         "cache_bytes_bound": int(cache_bound),
+        "cache_bytes_per_position": int(layout.bytes_per_position) if past else 0,
+        "routed_expert_bytes": int(routed_bytes),
+        "expert_bytes_per_layer": expert_bytes,
         "bytes": int(total_bytes),
         "intensity_flop_per_byte": flops / total_bytes if total_bytes else 0.0,
         "routed_experts_per_layer": [len(e) for e in moe_experts.values()] or None,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tandem.bench import environment, hardware, notes, plots, report, roofline, stagebench
+from tandem.bench import environment, hardware, notes, plots, ratios, report, roofline, stagebench
 from tandem.bench.served import ServedSettings, run_served
 from tandem.bench.split import SplitSettings, run_split
-from tandem.bench.targets import evaluate_targets
+from tandem.bench.targets import evaluate_targets, reported_figures
 from tandem.bench.timing import Budget
 from tandem.config import ModelConfig, load_config
 from tandem.formats.build_manifest import BUILD_MANIFEST
@@ -309,14 +309,25 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
             results["pipeline"].setdefault(rt, {})[str(b)] = stats
 
     # 3. roofline
+    stages = reference_stages(runtimes)
     with timed("roofline"):
-        results["roofline"] = measure_roofline(results, runtimes, specs, batches, budgets, opts.progress)
+        results["roofline"] = measure_roofline(results, runtimes, specs, batches, budgets, opts.progress, stages)
+
+    # 3b. every in-process ratio a target is judged on, in interleaved rounds; decode steps replayed
+    # from real held-out generations
+    with timed("ratios"):
+        stagebench.settle()
+        ratio_budgets = ratios.RatioBudgets.quick() if opts.quick else ratios.RatioBudgets.full()
+        with phase(7, "ratio rounds", opts.progress) as p:
+            measured = ratios.measure(runtimes, specs, stages, results["roofline"], config, ratio_budgets, p.tick)
+        results["budgets"]["ratios"] = measured["budgets"]
+        results["rounds"], results["ratios"], results["replay"] = measured["rounds"], measured["ratios"], measured["replay"]
 
     # 4. cross-hardware (modelled; no measurement)
     results["cross_hardware"] = cross_hardware(results, hw, config, opts.hardware_file)
 
     # 2. served (last: the in-process runtimes are released first so the server has the cores)
-    del runtimes
+    del runtimes, stages
     with timed("served"):
         if opts.skip_served:
             results["served"] = {"status": "not run: --skip-served"}
@@ -342,6 +353,7 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
                 results["split"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
     results["targets"] = [t.as_dict() for t in evaluate_targets(results)]
+    results["figures"] = reported_figures(results)
     results["notes"] = notes.explain(results)
     results["eval"] = read_eval(config.name)
     results["load_average_end"] = environment.load_average()
@@ -402,13 +414,18 @@ def _json_default(value):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def measure_roofline(results: dict, runtimes: dict, specs: dict, batches: list[int], budgets: Budgets, progress: bool) -> dict:
-    torch_rt = runtimes.get("torch")
-    stages = getattr(torch_rt, "stages", None)
+def reference_stages(runtimes: dict):
+    """The PyTorch reference of the measured config (the torch runtime's, else built once)."""
+    stages = getattr(runtimes.get("torch"), "stages", None)
     if stages is None:
         from tandem.models import build_stages
 
         stages = build_stages(next(iter(runtimes.values())).config)
+    return stages
+
+
+def measure_roofline(results: dict, runtimes: dict, specs: dict, batches: list[int], budgets: Budgets, progress: bool, stages=None) -> dict:
+    stages = stages if stages is not None else reference_stages(runtimes)
     stagebench.settle()
     with phase(2 + len(specs) * len(batches), "roofline", progress) as p:
         p.tick("matmul peak")

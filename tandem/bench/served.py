@@ -14,6 +14,12 @@ observations made during a level, plus Triton's mean queue time of ``reasoning``
 Request ``i`` of every level is ``PROMPTS[i % len(PROMPTS)]`` with seed ``i`` (greedy), so every
 served answer has a known in-process counterpart: scene tokens that differ are counted.
 
+The sweeps describe the server; the serving targets are judged on *ratio rounds* instead
+(:func:`ratio_rounds`, with the first scheduler's server still up): every round runs, in alternating
+order, in-process generations one at a time and at batch 8, the same requests served at concurrency 1
+and 8 per protocol, and the in-process prefill + 2 decode steps at batch 8, so that each served
+figure is compared with an in-process figure of the same minute (see :mod:`tandem.bench.rounds`).
+
 Per level and protocol: images/s (successful requests / wall time of the level), latency
 percentiles over successful requests, failed requests with their first error messages, and the
 change in Triton's statistics over the level: per model, requests, executions, the batch sizes
@@ -33,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.bench.rounds import Ratio, RoundsBudget, block, run_rounds
 from tandem.bench.stagebench import PROMPTS
 from tandem.bench.timing import summarize
 
@@ -60,6 +67,11 @@ class ServedSettings:
     slo_p99_factor: float = 3.0
     # Public ports: None picks free ones; N pins HTTP N, gRPC N+1, metrics N+2 (one server at a time).
     port_base: int | None = None
+    # Ratio rounds (the serving targets): per round and protocol, ratio_c1_requests at concurrency 1
+    # and ratio_c8_requests at concurrency 8, next to the same in-process work.
+    ratio_rounds: RoundsBudget = RoundsBudget(rounds=8, min_rounds=5, max_seconds=60.0, warmup_rounds=0)
+    ratio_c1_requests: int = 4
+    ratio_c8_requests: int = 16
 
 
 def pinned_ports(base: int | None) -> dict[str, int]:
@@ -302,12 +314,8 @@ def _queue_limits(repository: Path) -> dict[str, int | None]:
     return limits
 
 
-def inprocess_reference(artifacts: Path, n: int, tick: Progress) -> dict:
+def inprocess_reference(pipeline, n: int, tick: Progress) -> dict:
     """The same requests, one after another, through the in-process ONNX Runtime pipeline."""
-    from tandem.pipeline import Pipeline
-    from tandem.runtimes import make_runtime
-
-    pipeline = Pipeline(make_runtime("onnxruntime", artifacts=artifacts))
     pipeline.generate(PROMPTS[0], seed=0)  # warm-up, not timed
     seconds, tokens = [], []
     for index in range(n):
@@ -331,11 +339,15 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
 
     from tandem.formats.export_manifest import read_manifest
 
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes import make_runtime
+
     config = read_manifest(artifacts).config
     model = served_models(config)[ENSEMBLE]
     n = max(settings.requests, settings.open_loop_requests)  # every served request has its in-process twin
     bar = progress_factory(total=n, desc="served: in-process reference", unit="req")
-    reference = inprocess_reference(artifacts, n, lambda _: bar.update())
+    pipeline = Pipeline(make_runtime("onnxruntime", artifacts=artifacts))
+    reference = inprocess_reference(pipeline, n, lambda _: bar.update())
     bar.close()
     expected_tokens = reference.pop("tokens")
 
@@ -358,9 +370,12 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
             with TritonServer(repository, startup_timeout=settings.startup_timeout_s, **pinned_ports(settings.port_base)) as server:
                 entry["protocols"] = _closed_loop(server, model, settings, scheduler, expected_tokens, progress_factory)
                 entry["open_loop"] = _open_loop(server, model, settings, scheduler, rates, expected_tokens, progress_factory)
+                if scheduler == settings.schedulers[0]:
+                    result["ratio_rounds"] = ratio_rounds(server, model, settings, scheduler, pipeline, expected_tokens, progress_factory)
             entry["open_loop_knee"] = open_loop_knee(entry["open_loop"], budget_ms)
         result["schedulers"][scheduler] = entry
     first = result["schedulers"][settings.schedulers[0]]
+    result["ratios"] = result["ratio_rounds"].pop("ratios")
     result["scheduler"] = settings.schedulers[0]
     result["protocols"] = first["protocols"]
     result["queue_limits"] = first["queue_limits"]
@@ -438,4 +453,176 @@ def _summarize_level(results: list[RequestResult], wall: float, expected: list[n
         "images_per_s": len(ok) / wall if wall > 0 else 0.0,
         "latency": latency,
         "triton": triton,
+    }
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e3 * seconds
+
+
+def _tree_cpu_seconds() -> float:
+    """CPU seconds of this process and every process it started (tritonserver and its stubs)."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeline, expected_tokens, progress_factory) -> dict:
+    """The serving targets' figures, in interleaved rounds. Arms (one figure each per round):
+
+    - ``inprocess_c1``: ``ratio_c1_requests`` generations one after another in-process (p50 s);
+    - ``{protocol}_c1``: the same number of requests served at concurrency 1 (p50 s);
+    - ``inprocess_b8``: one in-process generation of 8 prompts at batch 8 (images/s);
+    - ``{protocol}_c8``: ``ratio_c8_requests`` served at concurrency 8 (images/s; its p50, p99 and
+      time to first decode step are kept per round);
+    - ``inprocess_first_step``: in-process prefill + 2 decode steps at batch 8 (s).
+
+    Every served answer is checked against the in-process tokens (``check``)."""
+    import itertools
+
+    from tandem.decoding import make_decode_engine
+    from tandem.sampling import SamplingParams
+    from tandem.tokenizer import encode_batch
+
+    n_expected = len(expected_tokens)
+    counter = itertools.count()
+    http_address = server.http_url.split("://", 1)[-1]
+    check = {"requests": 0, "failed": 0, "tokens_mismatched": 0, "errors": []}
+    records: dict[str, list[dict]] = {}
+    c1, c8 = settings.ratio_c1_requests, settings.ratio_c8_requests
+    sent = [_answered(_statistics(http_address), model.name)]
+
+    def indices(k: int) -> list[int]:
+        return [next(counter) % n_expected for _ in range(k)]
+
+    def inprocess_c1() -> float:
+        seconds = []
+        for i in indices(c1):
+            t0 = time.perf_counter()
+            pipeline.generate(PROMPTS[i % len(PROMPTS)], seed=i)
+            seconds.append(time.perf_counter() - t0)
+        return float(np.median(seconds))
+
+    prompts8 = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+    params8 = [SamplingParams(seed=i) for i in range(8)]
+
+    def inprocess_b8() -> float:
+        t0 = time.perf_counter()
+        pipeline.render(pipeline.generate_tokens(prompts8, params8))
+        return 8 / (time.perf_counter() - t0)
+
+    engine = make_decode_engine(pipeline.runtime, 8)
+    ids, lengths = encode_batch(prompts8, pipeline.config.reasoning.max_prompt_len)
+    tokens = np.zeros(8, dtype=np.int64)
+
+    def first_steps() -> None:
+        engine.prefill(range(8), ids, lengths)
+        engine.step(8, tokens, lengths)
+        engine.step(8, tokens, lengths + 1)
+
+    def inprocess_first_step() -> float:
+        return block(first_steps, 5)
+
+    def served(protocol: str, concurrency: int, k: int):
+        proto = _Protocol(protocol, server.http_url if protocol == "http" else server.grpc_url)
+        name = f"{protocol}_c{concurrency}"
+        records[name] = []
+
+        def arm() -> float:
+            idx = indices(k)
+            if concurrency > 1:
+                before, metrics_before = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
+            cpu0 = _tree_cpu_seconds()
+            results, wall = asyncio.run(_run_level(proto, model, concurrency, idx, settings.request_timeout_s, lambda: None))
+            cpu = _tree_cpu_seconds() - cpu0
+            sent[0] += len(idx)
+            ok = [r for r in results if r.ok]
+            check["requests"] += len(results)
+            check["failed"] += len(results) - len(ok)
+            check["errors"] = sorted({*check["errors"], *(r.error for r in results if not r.ok and r.error)})[:5]
+            check["tokens_mismatched"] += sum(
+                1 for r in ok if r.tokens is None or not np.array_equal(np.asarray(r.tokens).reshape(-1), expected_tokens[r.index]))
+            latencies = np.array([r.seconds for r in ok])
+            rec = {
+                "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
+                "images_per_s": len(ok) / wall if wall > 0 else 0.0,
+                "p50_s": float(np.percentile(latencies, 50)) if ok else None,
+                "p99_s": float(np.percentile(latencies, 99)) if ok else None,
+                "cores_busy": cpu / wall if wall > 0 else None,
+            }
+            if concurrency > 1:
+                after = settled_statistics(http_address, model.name, sent[0])
+                rec["first_step_ms"] = first_step_summary(metrics_before, _scrape(server), statistics_delta(before, after), scheduler)["p50_ms"]
+            records[name].append(rec)
+            return rec["p50_s"] if concurrency == 1 else rec["images_per_s"]
+
+        return name, arm
+
+    arms = {"inprocess_c1": inprocess_c1}
+    for protocol in settings.protocols:
+        name, arm = served(protocol, 1, c1)
+        arms[name] = arm
+    arms["inprocess_b8"] = inprocess_b8
+    for protocol in settings.protocols:
+        name, arm = served(protocol, 8, c8)
+        arms[name] = arm
+    arms["inprocess_first_step"] = inprocess_first_step
+    budget = settings.ratio_rounds
+    bar = progress_factory(total=budget.rounds, desc=f"served {scheduler}: ratio rounds", unit="round")
+    rounds = run_rounds(arms, budget, on_round=lambda _: bar.update())
+    bar.close()
+    warm = budget.warmup_rounds
+    recs = {name: r[warm:] for name, r in records.items()}
+
+    def entry(values: list, **arms_: object) -> dict | None:
+        ratio = Ratio.of(values, rounds.wall_s)
+        return None if ratio is None else {**ratio.as_dict(), "arms": arms_}
+
+    ratios: dict = {}
+    inproc_c1, inproc_b8 = rounds.figures["inprocess_c1"], rounds.figures["inprocess_b8"]
+    first_inproc = rounds.figures["inprocess_first_step"]
+    def median(xs) -> float | None:
+        xs = [x for x in xs if x is not None and np.isfinite(x)]
+        return float(np.median(xs)) if xs else None
+
+    for protocol in settings.protocols:
+        one, eight = recs[f"{protocol}_c1"], recs[f"{protocol}_c8"]
+        ratios[f"served_overhead_{protocol}"] = entry(
+            [_div(r["p50_s"], t) for r, t in zip(one, inproc_c1)],
+            served_p50_ms=_ms(median([r["p50_s"] for r in one])), inprocess_p50_ms=_ms(median(inproc_c1)))
+        ratios[f"served_vs_inprocess_{protocol}"] = entry(
+            [_div(r["images_per_s"], g) for r, g in zip(eight, inproc_b8)],
+            served_images_per_s=median([r["images_per_s"] for r in eight]), inprocess_images_per_s=median(inproc_b8))
+        ratios[f"served_tail_{protocol}"] = entry(
+            [_div(r["p99_s"], r["p50_s"]) for r in eight],
+            p50_ms=_ms(median([r["p50_s"] for r in eight])), p99_ms=_ms(median([r["p99_s"] for r in eight])))
+        ratios[f"served_scaling_{protocol}"] = entry(
+            [_div(b["images_per_s"], a["images_per_s"]) for a, b in zip(one, eight)],
+            c1_images_per_s=median([r["images_per_s"] for r in one]), c8_images_per_s=median([r["images_per_s"] for r in eight]),
+            cores_busy_c1=median([r["cores_busy"] for r in one if r["cores_busy"] is not None]),
+            cores_busy_c8=median([r["cores_busy"] for r in eight if r["cores_busy"] is not None]))
+        ratios[f"served_first_step_{protocol}"] = entry(
+            [_div(r.get("first_step_ms"), _ms(t)) for r, t in zip(eight, first_inproc)],
+            first_step_ms=median([r.get("first_step_ms") for r in eight]),
+            inprocess_ms=_ms(median(first_inproc)))
+    return {
+        "budget": budget.as_dict(),
+        "c1_requests": c1,
+        "c8_requests": c8,
+        "rounds": rounds.as_dict(),
+        "records": recs,
+        "check": check,
+        "ratios": ratios,
     }

@@ -3,9 +3,11 @@
 Five real tritonservers over one export: the single-server ensemble (gRPC, plaintext), and the
 split path twice (a reasoning-only and a refinement-only server, chained by
 :class:`~tandem.deploy.split.SplitClient`), once over plaintext gRPC and once over gRPC with mutual
-TLS (certificates from trustme). Requests run at concurrency 1, *interleaved* (request i goes
-through every path before request i+1), so slow drift of the machine hits every path alike and
-the ratios compare like with like. Every path must return the same tokens and images.
+TLS (certificates from trustme). Requests run at concurrency 1 in interleaved rounds
+(:mod:`tandem.bench.rounds`): each round sends the same few requests through every path, in an
+order that reverses every other round, so slow drift of the machine hits every path alike; a ratio
+is the median of the rounds' p50 ratios, with its spread. Every path must return the same tokens
+and images.
 
 The split path's per-hop times (reasoning hop, refinement hop) are the service-time samples of
 the capacity model (:mod:`tandem.deploy.capacity`), whose every figure is *simulated*.
@@ -24,6 +26,7 @@ import numpy as np
 
 from tandem.bench.stagebench import PROMPTS
 from tandem.bench.present import Target, fmt, save_figure, table
+from tandem.bench.rounds import Ratio, RoundsBudget, run_rounds
 from tandem.bench.timing import summarize
 from tandem.errors import TandemError
 
@@ -38,6 +41,7 @@ DESCRIPTIONS = {
 @dataclass
 class SplitSettings:
     requests: int = 30  # per path, interleaved, concurrency 1
+    round_requests: int = 5  # per path and round: rounds = requests // round_requests
     warmup: int = 3  # per path, untimed
     startup_timeout_s: float = 300.0
     simulated_requests: int = 10_000  # per simulated layout and arrival pattern
@@ -108,21 +112,37 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
                 one(path, i)
         latencies = {p: [] for p in PATHS}
         hops = {p: {"reasoning": [], "refinement": []} for p in ("split", "split_mtls")}
+        answers: dict[tuple[str, int], object] = {}
+        k = max(1, settings.round_requests)
+        n_rounds = max(1, settings.requests // k)
+
+        def arm(path: str):
+            done = [0]
+
+            def run() -> float:  # a round: the next k requests through this path, their p50 latency
+                seconds = []
+                for i in range(done[0], done[0] + k):
+                    start = time.perf_counter()
+                    answers[path, i] = one(path, i)
+                    seconds.append(time.perf_counter() - start)
+                    if path in hops:
+                        hops[path]["reasoning"].append(clients[path].last_times.reasoning_s)
+                        hops[path]["refinement"].append(clients[path].last_times.refinement_s)
+                done[0] += k
+                latencies[path].extend(seconds)
+                return float(np.median(seconds))
+
+            return run
+
+        rounds = run_rounds({path: arm(path) for path in PATHS},
+                            RoundsBudget(rounds=n_rounds, min_rounds=n_rounds, max_seconds=0.0, warmup_rounds=0),
+                            on_round=lambda r: progress(f"round {r}/{n_rounds}"))
         mismatches = 0
-        for i in range(settings.requests):
-            progress(f"request {i + 1}/{settings.requests}")
-            answers = {}
-            order = PATHS[i % 3:] + PATHS[:i % 3]  # rotate which path goes first
-            for path in order:
-                start = time.perf_counter()
-                answers[path] = one(path, i)
-                latencies[path].append(time.perf_counter() - start)
-                if path in hops:
-                    hops[path]["reasoning"].append(clients[path].last_times.reasoning_s)
-                    hops[path]["refinement"].append(clients[path].last_times.refinement_s)
-            ref = answers["single"]
+        for i in range(n_rounds * k):
+            ref = answers["single", i]
             mismatches += sum(
-                not (np.array_equal(a.tokens, ref.tokens) and np.array_equal(a.images, ref.images)) for a in answers.values()
+                not (np.array_equal(answers[p, i].tokens, ref.tokens) and np.array_equal(answers[p, i].images, ref.images))
+                for p in PATHS
             )
 
     summary = {p: summarize(v) for p, v in latencies.items()}
@@ -130,20 +150,22 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
     hop_overhead = max(0.0, (p50["split"] - p50["single"]) / 1000.0)
     times = capacity.StageTimes(
         tuple(hops["split"]["reasoning"]), tuple(hops["split"]["refinement"]), hop_overhead,
-        source=f"split-path hop times, this run ({settings.requests} requests at concurrency 1)",
+        source=f"split-path hop times, this run ({n_rounds * k} requests at concurrency 1)",
     )
     price = hardware.measured_machine.usd_per_hour if hardware.measured_machine else 0.1
     progress("capacity model (simulated)")
     model = capacity.compare(times, capacity.default_scenarios(hardware, price), requests=settings.simulated_requests)
     return {
         "status": "ok",
-        "requests": settings.requests,
+        "requests": n_rounds * k,
+        "round_requests": k,
+        "rounds": rounds.as_dict(),
         "paths": {p: {"description": DESCRIPTIONS[p], "latency": summary[p]} for p in PATHS},
         "hops_ms": {p: {h: summarize(v) for h, v in hs.items()} for p, hs in hops.items()},
-        "ratios": {
-            "split_vs_single_p50": p50["split_mtls"] / p50["single"],
-            "split_plain_vs_single_p50": p50["split"] / p50["single"],
-            "mtls_vs_plain_p50": p50["split_mtls"] / p50["split"],
+        "ratios": {  # each from the rounds: a round's p50 over the same k requests on each path
+            "split_vs_single_p50": _as_dict(rounds.ratio("split_mtls", "single")),
+            "split_plain_vs_single_p50": _as_dict(rounds.ratio("split", "single")),
+            "mtls_vs_plain_p50": _as_dict(rounds.ratio("split_mtls", "split")),
         },
         "mismatched_answers": int(mismatches),
         "capacity": {
@@ -154,6 +176,10 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
             "verdicts": model.verdicts,
         },
     }
+
+
+def _as_dict(ratio: Ratio | None) -> dict | None:
+    return None if ratio is None else ratio.as_dict()
 
 
 def split_targets(results: dict) -> list[Target]:
@@ -173,14 +199,14 @@ def split_targets(results: dict) -> list[Target]:
         detail = f"p50 {p50('split_mtls'):.1f} ms split (mTLS) vs {p50('single'):.1f} ms single server"
         if split["mismatched_answers"]:
             detail += f"; {split['mismatched_answers']} answers differed from the ensemble's"
-    t.evaluate(split["ratios"]["split_vs_single_p50"] if ok else None, detail, why)
+    t.evaluate(Ratio.from_dict(split["ratios"]["split_vs_single_p50"]) if ok else None, detail, why)
     if t.status == "FAIL":
         t.detail += ("; the split path pays a second gRPC round trip, its serialisation and a second queue: batch "
                      "more rows per request or co-locate the hops (one node, unix socket) to cut it")
     targets.append(t)
     t = Target("mtls_vs_plain", "split path: mutual TLS vs plaintext gRPC, concurrency 1, p50 latency", 1.05, "<=", "x")
     detail = f"p50 {p50('split_mtls'):.1f} ms mTLS vs {p50('split'):.1f} ms plaintext" if ok else ""
-    t.evaluate(split["ratios"]["mtls_vs_plain_p50"] if ok else None, detail, why)
+    t.evaluate(Ratio.from_dict(split["ratios"]["mtls_vs_plain_p50"]) if ok else None, detail, why)
     if t.status == "FAIL":
         t.detail += "; TLS costs per request only after the handshake: check the client reuses its channel"
     targets.append(t)
@@ -193,9 +219,14 @@ def report_section(results: dict) -> list[str]:
     out = ["## Split path: reasoning and refinement on separate servers (issue 13)", ""]
     if split.get("status") != "ok":
         return out + [f"**{split.get('status', 'not run')}**" + (f" - {split['reason']}" if split.get("reason") else ""), ""]
+    how = (
+        f"in {split['rounds']['rounds']} interleaved rounds of {split.get('round_requests')} (each round runs the same "
+        "requests through every path, the order reversed every other round; a ratio is the median of the rounds' p50 ratios)"
+        if split.get("rounds") else "interleaved (request i through every path before request i+1)"  # runs before issue 27
+    )
     out += [
-        f"{split['requests']} requests per path at concurrency 1, interleaved (request i through every path before "
-        f"request i+1), greedy, seed i; answers differing from the single server's: {split['mismatched_answers']}.",
+        f"{split['requests']} requests per path at concurrency 1, {how}, greedy, seed i; answers differing from the single "
+        f"server's: {split['mismatched_answers']}.",
         "",
     ]
     rows = [[p, v["description"], fmt(v["latency"]["p50_ms"], 1), fmt(v["latency"]["p90_ms"], 1), fmt(v["latency"]["p99_ms"], 1)]
