@@ -108,11 +108,13 @@ class Attention(nn.Module):
         cache_scores = (torch.matmul(q, k_cache.transpose(-1, -2)) * scale).masked_fill(~past, lowest)  # [B, H, k, L]
         offsets = torch.arange(width, device=x.device)
         causal = offsets.unsqueeze(0) <= offsets.unsqueeze(1)  # [k, k]: key <= query
-        block_scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~causal, lowest)  # [B, H, k, k]
+        # Block scores and their weighted values elementwise (k is small), as forward_step treats its
+        # new key: the precision rewrites quantize MatMul inputs, and these stay out of them.
+        block_scores = ((q.unsqueeze(3) * k.unsqueeze(2)).sum(dim=-1) * scale).masked_fill(~causal, lowest)  # [B, H, k, k]
         peak = torch.maximum(cache_scores.amax(dim=-1, keepdim=True), block_scores.amax(dim=-1, keepdim=True))
         cache_weights, block_weights = torch.exp(cache_scores - peak), torch.exp(block_scores - peak)
         total = cache_weights.sum(dim=-1, keepdim=True) + block_weights.sum(dim=-1, keepdim=True)
-        y = (torch.matmul(cache_weights, v_cache) + torch.matmul(block_weights, v)) / total
+        y = (torch.matmul(cache_weights, v_cache) + (block_weights.unsqueeze(-1) * v.unsqueeze(2)).sum(dim=3)) / total
         return self._merge(y), k, v
 
 
