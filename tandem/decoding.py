@@ -20,24 +20,40 @@ it in place, any other runtime through ``run`` when it loaded the graph.
 
 Occupied slots are kept compacted at the front (``move`` fills a hole left by a finished row), so
 a step over ``n`` rows always reads slots ``[0, n)``.
+
+**The decode loop** (one, for :class:`tandem.pipeline.Pipeline`, the in-flight scheduler and the
+benchmarks that drive them), in the style of vLLM v1: a planner decides which rows leave and which
+join (:class:`StepPlan`; :class:`tandem.scheduler.InflightScheduler` is the planner, and
+``Pipeline.generate_tokens`` submits all its rows to one), and :class:`ModelRunner` executes the
+plan over an engine: frees the leaving rows' slots, pads and prefills the joining prompts into free
+slots (a failed batched prefill is retried row by row), samples, runs one decode step over every
+occupied row and reports the rows that are done (:class:`StepOutput`). Sampling, padding, the
+prefill-into-slots, cache writes and each row's bookkeeping (:class:`Row`) live only here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from tandem.errors import TandemError
 from tandem.config import ModelConfig
+from tandem.sampling import SamplingParams, select_next
 from tandem.stages import VERIFY_GRAPH, CacheLayout, GraphSpec, cache_layout
+from tandem.tokenizer import PAD
 
 if TYPE_CHECKING:
     import torch
 
 PREFILL, DECODE = "reasoning_prefill", "reasoning_decode"
 VERIFY = VERIFY_GRAPH  # k tokens per row in one step (tandem.parallel)
+
+log = logging.getLogger(__name__)
 
 
 class GraphRunner(Protocol):
@@ -372,10 +388,221 @@ class OrtDecodeEngine(CacheDecodeEngine):
         return self.outputs["logits"][:n].copy(), {name: self.outputs[name][:n] for name in self.new_names}
 
 
+# -- the decode loop: a plan per step, one runner executing it -----------------------------------
+
+
+@dataclass
+class Timing:
+    """Clock readings (``time.monotonic`` by default) of one row's life: ``arrival`` and ``finished``
+    are the planner's, ``prefill_start`` and ``first_step`` the runner's."""
+
+    arrival: float
+    prefill_start: float | None = None
+    first_step: float | None = None  # start of the first decode step the row took part in
+    finished: float | None = None
+
+    def seconds(self) -> np.ndarray:
+        """[queue, time to first decode step, total] in seconds since arrival (NaN: never reached)."""
+        marks = (self.prefill_start, self.first_step, self.finished)
+        return np.array([np.nan if m is None else m - self.arrival for m in marks], dtype=np.float64)
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt's generation: its prompt ids (unpadded), its sampling settings and seeded generator,
+    the tokens so far. Made by a planner, advanced only by :class:`ModelRunner`; ``owner`` is the
+    planner's (the scheduler's :class:`~tandem.scheduler.Job`).
+
+    The sequence is ``input_ids + tokens[:count]``; every token but the last sampled one is in the
+    cache, so the next step feeds :meth:`pending` at :attr:`position`. A step that advances a row by
+    k tokens (a multi-token graph) feeds more tokens from the same position and :meth:`accept`s
+    however many it keeps: nothing else here assumes one token per step."""
+
+    input_ids: Sequence[int]
+    params: SamplingParams
+    num_tokens: int
+    timing: Timing = field(default_factory=lambda: Timing(arrival=float("nan")))
+    owner: object = None
+    rng: np.random.Generator = field(init=False, repr=False)
+    tokens: np.ndarray = field(init=False, repr=False)  # [num_tokens] int64 scene codebook ids
+    count: int = field(init=False, default=0)  # tokens sampled so far
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1:
+            raise TandemError(f"num_tokens must be >= 1, got {self.num_tokens}")
+        self.rng = self.params.generator()
+        self.tokens = np.empty(self.num_tokens, dtype=np.int64)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def position(self) -> int:
+        """Where the next decode step writes this row's key/value (the last sampled token's place)."""
+        return self.prompt_len + self.count - 1
+
+    @property
+    def done(self) -> bool:
+        return self.count >= self.num_tokens
+
+    def pending(self) -> np.ndarray:
+        """The sampled tokens not yet in the cache: the next step's input for this row."""
+        return self.tokens[self.count - 1 : self.count]
+
+    def accept(self, tokens: np.ndarray) -> None:
+        """Append sampled tokens (any number; beyond ``num_tokens`` they are dropped)."""
+        take = min(len(tokens), self.num_tokens - self.count)
+        self.tokens[self.count : self.count + take] = tokens[:take]
+        self.count += take
+
+
+@dataclass
+class StepPlan:
+    """What one step does, decided by the planner: ``leave`` (occupied rows to drop first, e.g.
+    cancelled), then ``join`` (new rows, prefilled together into free slots, in order); every
+    occupied row then takes the decode step."""
+
+    leave: list[Row] = field(default_factory=list)
+    join: list[Row] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """What one :meth:`ModelRunner.execute` did."""
+
+    finished: list[Row] = field(default_factory=list)  # all their tokens; their slots are free again
+    refused: list[tuple[Row, BaseException]] = field(default_factory=list)  # joins whose prefill failed (no slot taken)
+    prefills: int = 0  # prefill calls that succeeded
+    stepped: int = 0  # rows in the decode step (0: none ran)
+    mixed: bool = False  # the step's rows were at different token counts (rows joined mid-generation)
+
+
+class ModelRunner:
+    """Executes :class:`StepPlan` objects over ``engine``: the one implementation of a generation step.
+    ``rows[i]`` occupies engine slot ``i`` (compacted: a leaving row's hole is filled by the last
+    row). ``on_sampled(rows)`` (optional) is called after each sampling with the rows that got
+    tokens. Only one thread may call :meth:`execute`."""
+
+    def __init__(
+        self,
+        engine: DecodeEngine,
+        clock: Callable[[], float] = time.monotonic,
+        on_sampled: Callable[[list[Row]], None] | None = None,
+    ):
+        self.engine = engine
+        self.capacity = engine.capacity
+        self.clock = clock
+        self.on_sampled = on_sampled
+        self.rows: list[Row] = []
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.rows)
+
+    def execute(self, plan: StepPlan, out: StepOutput | None = None) -> StepOutput:
+        """Leave, join (prefill + first tokens), one decode step, retire: see :class:`StepPlan`.
+        ``out`` (optional) is filled as the step goes, so a caller still sees what a step that
+        raised had done (rows refused or finished before the failure)."""
+        out = StepOutput() if out is None else out
+        for row in plan.leave:
+            self._release(row)
+        if len(plan.join) > self.free:
+            raise TandemError(f"{len(plan.join)} rows cannot join: {self.free} of {self.capacity} slots are free")
+        if plan.join:
+            self._admit(plan.join, out)
+            self._retire(out)
+        if self.rows:
+            self._decode(out)
+            self._retire(out)
+        return out
+
+    def abort(self) -> list[Row]:
+        """Forget every occupied row (their slots are free; the cache is simply overwritten later)."""
+        rows, self.rows = self.rows, []
+        return rows
+
+    # -- the parts of a step -------------------------------------------------------------------
+    def _release(self, row: Row) -> None:
+        """Free ``row``'s slot by moving the last row into it (slots stay compacted)."""
+        index = next((i for i, r in enumerate(self.rows) if r is row), None)
+        if index is None:
+            return  # not (or no longer) occupying a slot
+        last = len(self.rows) - 1
+        if index != last:
+            self.engine.move(last, index)
+            self.rows[index] = self.rows[last]
+        self.rows.pop()
+
+    def _admit(self, rows: list[Row], out: StepOutput) -> None:
+        try:
+            self._prefill(rows, out)
+            return
+        except Exception as exc:
+            if len(rows) == 1:
+                out.refused.append((rows[0], exc))
+                return
+            log.warning("a batched prefill of %d rows failed (%s); admitting them one at a time", len(rows), exc)
+        for row in rows:
+            try:
+                self._prefill([row], out)
+            except Exception as exc:
+                out.refused.append((row, exc))
+
+    def _prefill(self, rows: list[Row], out: StepOutput) -> None:
+        """Right-pad the prompts to the longest of them (positions past it are never read), prefill
+        them into the first free slots, sample each row's first token."""
+        start = self.clock()
+        lengths = np.array([row.prompt_len for row in rows], dtype=np.int64)
+        input_ids = np.full((len(rows), int(lengths.max())), PAD, dtype=np.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, : row.prompt_len] = row.input_ids
+        first = len(self.rows)
+        logits = self.engine.prefill(range(first, first + len(rows)), input_ids, lengths)
+        out.prefills += 1
+        for row in rows:
+            row.timing.prefill_start = start
+        self._sample(rows, logits)
+        self.rows.extend(rows)
+
+    def _decode(self, out: StepOutput) -> None:
+        rows, n = self.rows, len(self.rows)
+        token_ids = np.concatenate([row.pending() for row in rows]).astype(np.int64)
+        positions = np.array([row.position for row in rows], dtype=np.int64)
+        start = self.clock()
+        for row in rows:
+            if row.timing.first_step is None:
+                row.timing.first_step = start
+        logits = self.engine.step(n, token_ids, positions)
+        out.stepped, out.mixed = n, len({row.count for row in rows}) > 1
+        self._sample(rows, logits)
+
+    def _sample(self, rows: list[Row], logits: np.ndarray) -> None:
+        """logits [len(rows), V] -> one token per row, each row with its own settings and generator
+        (host-side numpy, so every runtime samples identically)."""
+        chosen = select_next(logits, [row.params for row in rows], [row.rng for row in rows])
+        for i, row in enumerate(rows):
+            row.accept(chosen[i : i + 1])
+        if self.on_sampled is not None:
+            self.on_sampled(list(rows))
+
+    def _retire(self, out: StepOutput) -> None:
+        for index in reversed(range(len(self.rows))):
+            row = self.rows[index]
+            if row.done:
+                self._release(row)
+                out.finished.append(row)
+
+
 __all__ = [
     "CacheDecodeEngine",
     "DecodeEngine",
+    "ModelRunner",
     "OrtDecodeEngine",
+    "Row",
+    "StepOutput",
+    "StepPlan",
+    "Timing",
     "TorchDecodeEngine",
     "make_decode_engine",
     "max_capacity",

@@ -1,8 +1,11 @@
 """Text -> scene tokens -> image over any runtime.
 
-The reasoning stage runs one prefill over the prompts and then one decode step per scene token
-over a decode engine (:mod:`tandem.decoding`): the KV cache stays in the engine's buffers and each
-step writes only its new rows (no recomputation of the prefix, no copy of the cache)."""
+The reasoning stage is the one decode loop (:mod:`tandem.decoding`, planned by
+:class:`tandem.scheduler.InflightScheduler`): ``generate_tokens`` submits every prompt to a
+scheduler over the runtime's decode engine and runs it to completion, so prompts are prefilled
+together into the engine's slots (more prompts than slots join as slots free up) and each decode
+step writes only its new rows into the engine's KV cache (no recomputation of the prefix, no copy of
+the cache). In-process and served generations are the same code, token for token."""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.decoding import make_decode_engine, max_capacity
+from tandem.decoding import max_capacity
 from tandem.errors import TandemError
 from tandem.runtimes.base import Runtime
-from tandem.sampling import SamplingParams, select_next
-from tandem.tokenizer import encode_batch
+from tandem.sampling import SamplingParams
+from tandem.scheduler import InflightScheduler, Job
 
 
 @dataclass
@@ -27,6 +30,10 @@ class Generation:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[B, 3, H, W] floats in [0, 1] -> [B, H, W, 3] uint8."""
     return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _keep(outcome) -> None:
+    """Pipeline's jobs keep their outcome on the job (``Job.outcome``); nothing else to do."""
 
 
 class Pipeline:
@@ -44,35 +51,29 @@ class Pipeline:
         params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
         on_step: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """Prompts -> scene tokens [B, h, w] int32."""
+        """Prompts -> scene tokens [B, h, w] int32. ``on_step(i)`` is called once the rows being
+        generated have their token ``i`` (0: sampled from the prefill, before the first decode step)."""
         params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise TandemError(f"{len(prompts)} prompts but {len(params)} sampling settings")
-        input_ids, lengths = encode_batch(list(prompts), self.config.reasoning.max_prompt_len)
-        rngs = [p.generator() for p in params]
-        tokens = np.empty((len(prompts), self.config.scene.num_tokens), dtype=np.int64)
-        chunk = max_capacity(self.runtime)  # rows are independent: larger requests run in chunks
-        for start in range(0, len(prompts), chunk):
-            rows = slice(start, start + chunk)
-            self._generate_rows(input_ids[rows], lengths[rows], params[rows], rngs[rows], tokens[rows], on_step)
+        if not prompts:
+            raise TandemError("no prompts given")
+        scheduler = self.scheduler(min(len(prompts), max_capacity(self.runtime)))
+        if on_step is not None:  # a step's rows all have the same count: more prompts than slots join in waves
+            scheduler.runner.on_sampled = lambda rows: on_step(rows[0].count - 1)
+        jobs = [Job(prompt, p, on_done=_keep) for prompt, p in zip(prompts, params)]
+        for job in jobs:  # every prompt is checked (encoded) before any is generated
+            scheduler.submit(job)
+        scheduler.run_until_idle()
+        for job in jobs:
+            if not job.outcome.ok:
+                raise job.outcome.exception or TandemError(job.outcome.error)
+        tokens = np.stack([job.outcome.tokens for job in jobs])
         return tokens.reshape(len(prompts), *self.grid).astype(np.int32)
 
-    def _generate_rows(self, input_ids, lengths, params, rngs, tokens: np.ndarray, on_step) -> None:
-        """Fill ``tokens`` [n, num_tokens] for up to one engine's capacity of prompts."""
-        n, n_tokens = len(lengths), tokens.shape[1]
-        engine = make_decode_engine(self.runtime, n)
-        # Trim the padding shared by every row: positions past the longest prompt are never read.
-        width = int(lengths.max())
-        logits = engine.prefill(range(n), input_ids[:, :width], lengths)
-        positions = lengths.astype(np.int64)
-        for step in range(n_tokens):
-            tokens[:, step] = select_next(logits, params, rngs)
-            if on_step is not None:
-                on_step(step)
-            if step == n_tokens - 1:
-                break  # the last token needs no logits after it
-            logits = engine.step(n, tokens[:, step], positions)
-            positions = positions + 1
+    def scheduler(self, capacity: int | None = None) -> InflightScheduler:
+        """A scheduler (no loop thread) over a new decode engine of ``capacity`` slots of this runtime."""
+        return InflightScheduler.for_runtime(self.runtime, capacity)
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """[h, w], [h*w], [B, h, w] or [B, h*w] codebook indices -> [B, h, w] int64 (tandem.scene_tokens)."""

@@ -113,6 +113,25 @@ def test_modified_missing_or_foreign_artifacts_are_refused(compiled: Path):
         read_compiled_manifest(compiled)
 
 
+def test_the_machine_is_described_only_for_artifacts_that_pass_their_hashes(compiled: Path):
+    """Runtimes hand check_compatible their machine description as a callable (it imports the
+    toolchain): a modified artifact is refused without calling it; intact ones call it once."""
+    manifest = read_compiled_manifest(compiled)
+    calls: list[int] = []
+
+    def describe() -> Environment:
+        calls.append(1)
+        return H100
+
+    check_compatible(manifest, compiled, "tensorrt", describe)
+    assert calls == [1]
+    victim = compiled / manifest.for_graph("reasoning_decode")[0].file
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match="corrupt or was modified"):
+        check_compatible(manifest, compiled, "tensorrt", describe)
+    assert calls == [1]
+
+
 def test_runtimes_refuse_before_touching_a_toolchain(compiled: Path, tiny_artifacts: Path, tmp_path: Path):
     # Intact engines, but no TensorRT here: the message names the package and the version to install.
     if importlib.util.find_spec("tensorrt") is None:

@@ -219,3 +219,23 @@ def test_readme_command_line_writes_only_under_build():
     for flag in ("--out", "--tokens-out"):
         for value in [line.split(flag + " ", 1)[1].split()[0] for line in block.splitlines() if flag + " " in line]:
             assert value.startswith("build/"), f"{flag} {value} writes outside build/"
+
+
+def test_serve_hint_names_the_credentials_and_a_model_the_server_has(tmp_path, tiny_repository):
+    """Issue 26: `tandem serve`'s "try:" line left out the TLS and API-key flags, and suggested
+    `generate` against a one-stage (split) server that has no tandem ensemble."""
+    from tandem.cli.serving import try_command
+    from tandem.serving.interface import REASONING, REFINEMENT
+    from tandem.serving.security import TLSOptions, admin_restriction, client_restriction
+    from tandem.serving.server import TritonServer
+
+    pem = tmp_path / "x.pem"
+    pem.write_text("-")
+    plain = TritonServer(tiny_repository, grpc_port=8001)
+    assert try_command(plain).startswith("tandem generate") and "--tls-ca" not in try_command(plain)
+    secured = TritonServer(tiny_repository, grpc_port=8001, tls=TLSOptions(pem, pem, client_ca=pem),
+                           restrictions=(admin_restriction(), client_restriction("k" * 20)))
+    hint = try_command(secured)
+    assert "grpcs://" in hint and "--tls-ca" in hint and "--tls-client-cert" in hint and "--api-key-file" in hint
+    assert "--refinement-server" in try_command(TritonServer(tiny_repository, grpc_port=8001, ready_models=(REASONING,)))
+    assert try_command(TritonServer(tiny_repository, grpc_port=8001, ready_models=(REFINEMENT,))).startswith("tandem render")

@@ -306,3 +306,46 @@ def test_pruning_deletes_only_what_tandem_wrote(tmp_path: Path, tiny_artifacts: 
     assert existing_versions(repo / REFINEMENT) == [1, 3] and existing_versions(repo / ENSEMBLE) == [3]
     assert f"kept {foreign}" in caplog.text
     verify_repository(repo)
+
+
+def _runtime_options(repo: Path, model: str) -> dict:
+    import json
+
+    from tandem.serving.repository import CONFIG_NAME, parse_config
+
+    config = parse_config(repo / model / CONFIG_NAME)
+    return json.loads(config.parameters["runtime_options"].string_value), config.parameters["tandem.threads"].string_value
+
+
+def test_stages_share_a_thread_budget_without_oversubscribing_it(tmp_path: Path, tiny_artifacts: Path):
+    """Issue 27: each python-backend stub's ONNX Runtime sessions defaulted to one intra-op thread per
+    core, spinning, in every stage: 4 spinning threads on 2 cores. The repository writer now splits
+    a thread budget between the stages (recorded in each config.pbtxt); explicit settings override."""
+    from tandem.serving.repository import available_cores
+
+    for budget in (1, 2, 3, 8):
+        repo = write_repository(tiny_artifacts, tmp_path / f"b{budget}", thread_budget=budget)
+        reasoning, said = _runtime_options(repo, REASONING)
+        refinement, _ = _runtime_options(repo, REFINEMENT)
+        assert reasoning["inter_op_threads"] == refinement["inter_op_threads"] == 1
+        total = reasoning["intra_op_threads"] + refinement["intra_op_threads"]
+        assert total == max(budget, 2) and reasoning["intra_op_threads"] >= refinement["intra_op_threads"] >= 1
+        assert reasoning["spinning"] == (total <= budget)  # threads that must share a core do not spin
+        assert f"of a {budget}-core budget" in said
+    repo = write_repository(tiny_artifacts, tmp_path / "default")
+    reasoning, _ = _runtime_options(repo, REASONING)
+    refinement, _ = _runtime_options(repo, REFINEMENT)
+    assert reasoning["intra_op_threads"] + refinement["intra_op_threads"] == max(available_cores(), 2)
+    # two instances share their stage's share; a one-stage repository gives its stage the budget
+    repo = write_repository(tiny_artifacts, tmp_path / "instances", thread_budget=8, instances=2)
+    assert _runtime_options(repo, REASONING)[0]["intra_op_threads"] == 2
+    repo = write_repository(tiny_artifacts, tmp_path / "one", thread_budget=4, stages=(REFINEMENT,))
+    assert _runtime_options(repo, REFINEMENT)[0]["intra_op_threads"] == 4
+    repo = write_repository(tiny_artifacts, tmp_path / "explicit", thread_budget=4, intra_op_threads=3)
+    assert _runtime_options(repo, REASONING)[0]["intra_op_threads"] == 3 and not _runtime_options(repo, REASONING)[0]["spinning"]
+    with pytest.raises(TandemError, match="thread_budget must be >= 1"):
+        write_repository(tiny_artifacts, tmp_path / "bad", thread_budget=0)
+    # the sessions really get them
+    runtime = make_runtime("onnxruntime", artifacts=repo / REASONING / "1" / "artifacts",
+                           **{k: v for k, v in _runtime_options(repo, REASONING)[0].items()})
+    assert runtime.sessions["reasoning_decode"].get_session_options().intra_op_num_threads == 3

@@ -181,7 +181,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not result.passed:
         failed = next(r for r in result.records if r.status == "failed")
         error = f"step '{failed.name}' failed: {failed.reason}"
-        print(f"tandem build: FAILED at {error}", file=sys.stderr)
+        print(f"tandem build: FAILED at step '{failed.name}': {failed.reason}", file=sys.stderr)
         code = EXIT_CHECK_FAILED
     elif result.manifest.repository:
         print(f"model repository: {out / result.manifest.repository}\nserve it: tandem serve --repository {out}")

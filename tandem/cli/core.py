@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_arguments(p)
     add_sampling_arguments(p)
     add_decoding_arguments(p)
-    add_server_arguments(p)
+    add_client_arguments(p)
     p.add_argument("--refinement-server", metavar="URL", help="split path: --server serves reasoning only and this "
                    "server refinement only (the two hops of `tandem deploy`'s InferenceGraph); credentials apply to both")
     add_json_argument(p)
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", required=True, help=".npy scene tokens: [h, w] or [h*w] for one image, [B, h, w] or [B, h*w] for B")
     p.add_argument("--out", default="render.png", help="PNG to write; a batch writes <stem>-<i>.png (default render.png)")
     add_runtime_arguments(p)
-    add_server_arguments(p)
+    add_client_arguments(p)
     add_json_argument(p)
     p.set_defaults(handler=cmd_render)
 
@@ -79,7 +79,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = all)")
 
 
-def add_server_arguments(p: argparse.ArgumentParser) -> None:
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="Triton URL (http://127.0.0.1:8000, grpc://127.0.0.1:8001 or grpcs:// for TLS); "
                    "default in-process")
     p.add_argument("--model", default=None, help="served model name (default: the ensemble / refinement)")
@@ -91,7 +91,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def client_options(args: argparse.Namespace) -> dict:
-    """TandemClient keyword options from the credential flags of add_server_arguments."""
+    """TandemClient keyword options from the credential flags of add_client_arguments."""
     from tandem.serving.security import ClientTLS, read_key_file
 
     options: dict = {}

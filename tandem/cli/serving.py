@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="a model repository or a `tandem build` folder "
                    f"(default {DEFAULT_REPOSITORY})")
     add_repository_arguments(p, sorted(FLAVORS))
-    add_server_arguments(p, defaults=True)
+    add_listen_arguments(p, defaults=True)
     add_security_arguments(p)
     p.add_argument("--quiet", action="store_true", help="do not echo the server's log")
     p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS", help="on SIGTERM/Ctrl-C, refuse new "
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; greedy decoding ignores it)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = all)")
-    add_server_arguments(p, defaults=False)
+    add_listen_arguments(p, defaults=False)
     p.set_defaults(handler=cmd_demo)
 
 
@@ -71,7 +71,11 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     g.add_argument("--queue-timeout-ms", type=int, default=60_000, help="reject requests queued longer (default 60000)")
     g.add_argument("--instances", type=int, default=1, help="model instances per model")
     g.add_argument("--instance-kind", choices=("cpu", "gpu"), help="default: the flavor's")
-    g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per session (0 = all cores)")
+    g.add_argument("--thread-budget", type=int, metavar="CORES", help="cores the served stages share (default: the cores "
+                   "this process may use); split between reasoning and refinement so their ONNX Runtime threads never "
+                   "oversubscribe them, recorded as tandem.threads in each config.pbtxt")
+    g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads per session for every "
+                   "stage (default 0: from --thread-budget)")
     g.add_argument("--model-version", dest="version", type=int, help="version folder to write (default: next)")
     add_alias(g, "--version", dest="version", type=int)
     g.add_argument("--keep-versions", type=int, default=2, help="newest version folders to keep (default 2)")
@@ -79,7 +83,7 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
                    "repository then shares the export's files: editing one changes both)")
 
 
-def add_server_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
+def add_listen_arguments(p: argparse.ArgumentParser, defaults: bool) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     g.add_argument("--http-port", type=int, default=8000 if defaults else None, help="default " + ("8000" if defaults else "free"))
@@ -138,6 +142,7 @@ def repository_options(args: argparse.Namespace) -> dict:
         "instances": args.instances,
         "instance_kind": args.instance_kind,
         "intra_op_threads": args.intra_op_threads,
+        "thread_budget": args.thread_budget,
         "version": args.version,
         "keep_versions": args.keep_versions,
         "link": args.link,
@@ -198,13 +203,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"serving {server.repository}\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}"
         f"{' (mutual TLS)' if server.tls and server.tls.mutual else ' (TLS)' if server.tls else ''}\n"
         f"  metrics {server.metrics_url}\n  {_exposure(server)}\n"
-        f"try: tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url} --out out.png\n"
+        f"try: {try_command(server)}\n"
         "Ctrl-C (or SIGTERM) stops the server",
         flush=True,
     )
     report = server.serve_forever(grace_s=args.grace)
     print(report.describe(), flush=True)
     return 0 if report.ok else 1
+
+
+def try_command(server) -> str:
+    """A first command against this server, with the credentials it needs and a model it serves."""
+    from tandem.serving.interface import ENSEMBLE, REASONING, REFINEMENT
+
+    credentials = ""
+    if server.tls:
+        credentials += " --tls-ca CA.pem"
+        if server.tls.mutual:
+            credentials += " --tls-client-cert CLIENT.pem --tls-client-key CLIENT.key"
+    if server.restriction_headers("inference"):
+        credentials += " --api-key-file KEY_FILE"
+    models = set(server.ready_models)
+    if ENSEMBLE in models or not models:
+        return f"tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url}{credentials} --out build/out.png"
+    if models == {REASONING}:
+        return (f"tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url} --refinement-server REFINEMENT_URL"
+                f"{credentials} --out build/out.png  (this server runs reasoning only)")
+    if models == {REFINEMENT}:
+        return f"tandem render --tokens TOKENS.npy --server {server.grpc_url}{credentials} --out build/out.png  (refinement only)"
+    return f"tandem generate \"{DEMO_PROMPT}\" --server {server.grpc_url}{credentials} --out build/out.png"
 
 
 def _exposure(server) -> str:

@@ -12,7 +12,7 @@ message that names the problem and the rebuild command, before any toolchain par
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,14 +78,6 @@ class CompiledManifest(BaseModel):
         path = Path(directory) / COMPILED_MANIFEST
         atomic_write_text(path, json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
         return path
-
-
-def resolve_compiled_dir(directory: str | Path) -> Path:
-    """Accept a build directory (``tandem build --out DIR``) for its ``compiled/`` folder."""
-    directory = Path(directory)
-    if not (directory / COMPILED_MANIFEST).exists() and (directory / "compiled" / COMPILED_MANIFEST).exists():
-        return directory / "compiled"
-    return directory
 
 
 def read_compiled_manifest(directory: str | Path) -> CompiledManifest:
@@ -176,13 +168,16 @@ def check_environment(manifest: CompiledManifest, directory: Path, env: Environm
             )
 
 
-def check_compatible(manifest: CompiledManifest, directory: Path, toolchain: str, env: Environment) -> None:
+def check_compatible(
+    manifest: CompiledManifest, directory: Path, toolchain: str, env: Environment | Callable[[], Environment]
+) -> None:
     """Refuse artifacts built for another toolchain, architecture or tool version, or modified since.
-    Runtimes call the parts in this order too, the file hashes before importing their toolchain."""
+    ``env`` may be a callable, called only after every file's hash is checked: a runtime imports its
+    toolchain there (to describe this machine), never for artifacts it would refuse anyway."""
     directory = Path(directory)
     check_toolchain(manifest, directory, toolchain)
     verify_artifacts(manifest, directory)
-    check_environment(manifest, directory, env)
+    check_environment(manifest, directory, env() if callable(env) else env)
 
 
 def verify_artifact(directory: Path, artifact: CompiledArtifact) -> Path:

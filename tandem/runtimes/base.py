@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 
 from tandem.config import ModelConfig
 from tandem.decoding import CacheDecodeEngine
 from tandem.errors import TandemError
+from tandem.formats import folders
+from tandem.formats.compiled_manifest import CompiledManifest, check_toolchain, read_compiled_manifest
 from tandem.stages import GraphSpec, graph_specs
 
 
@@ -44,3 +47,14 @@ class Runtime(ABC):
 
     def describe(self) -> str:
         return self.name
+
+
+def open_compiled(artifacts: str | Path, toolchain: str) -> tuple[Path, CompiledManifest]:
+    """The compiled folder in or around ``artifacts`` (a build folder or its ``compiled/``; found as
+    every command finds folders, :mod:`tandem.formats.folders`) and its manifest, refused when it was
+    built for another toolchain. A runtime then calls
+    :func:`~tandem.formats.compiled_manifest.check_compatible` on the artifacts it loads."""
+    directory = folders.compiled_dir(artifacts)
+    manifest = read_compiled_manifest(directory)
+    check_toolchain(manifest, directory, toolchain)
+    return directory, manifest

@@ -19,15 +19,11 @@ import numpy as np
 from tandem.formats.compiled_manifest import (
     CompiledArtifact,
     Environment,
-    check_environment,
-    check_toolchain,
-    read_compiled_manifest,
-    resolve_compiled_dir,
-    verify_artifacts,
+    check_compatible,
 )
 from tandem.formats.targets import NEURON
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
-from tandem.runtimes.base import Runtime
+from tandem.runtimes.base import Runtime, open_compiled
 from tandem.stages import GraphSpec
 from tandem.tokenizer import PAD
 
@@ -141,10 +137,8 @@ class NeuronRuntime(Runtime):
     name = "neuron"
 
     def __init__(self, artifacts: str | Path, graphs: list[str] | None = None):
-        self.artifacts = resolve_compiled_dir(artifacts)
-        self.manifest = read_compiled_manifest(self.artifacts)
+        self.artifacts, self.manifest = open_compiled(artifacts, NEURON)
         super().__init__(self.manifest.config)
-        check_toolchain(self.manifest, self.artifacts, NEURON)
         wanted = graphs or sorted({a.graph for a in self.manifest.artifacts})
         self.buckets: dict[str, list[CompiledArtifact]] = {}
         for graph in wanted:
@@ -153,13 +147,16 @@ class NeuronRuntime(Runtime):
                 raise ArtifactError(f"{self.artifacts} has no Neuron artifacts for {graph!r}; build again")
             self.buckets[graph] = found
         shipped = self.manifest.model_copy(update={"artifacts": [a for b in self.buckets.values() for a in b]})
-        verify_artifacts(shipped, self.artifacts)
-        try:
-            import torch
-            import torch_neuronx  # noqa: F401  (registers the Neuron ops torch.jit.load needs)
-        except ImportError as exc:
-            raise ToolchainMissingError(INSTALL_HINT) from exc
-        check_environment(shipped, self.artifacts, neuron_environment())
+
+        def environment() -> Environment:  # after the hashes: the toolchain is imported for artifacts that will load
+            try:
+                import torch_neuronx  # noqa: F401  (registers the Neuron ops torch.jit.load needs)
+            except ImportError as exc:
+                raise ToolchainMissingError(INSTALL_HINT) from exc
+            return neuron_environment()
+
+        check_compatible(shipped, self.artifacts, NEURON, environment)
+        import torch
         self.modules = {}
         for graph, entries in self.buckets.items():
             for entry in entries:

@@ -39,6 +39,8 @@ class OnnxRuntime(Runtime):
         optimized: bool = True,
         device: str = "auto",
         intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+        spinning: bool = True,
         graphs: list[str] | None = None,
         graph_optimization: str = "all",
     ):
@@ -60,6 +62,9 @@ class OnnxRuntime(Runtime):
             entry = self.manifest.graphs[name]
             options = ort.SessionOptions()
             options.intra_op_num_threads = intra_op_threads
+            options.inter_op_num_threads = inter_op_threads
+            if not spinning:  # idle threads sleep instead of spinning (a server's stages share the cores)
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
             # The offline (EXTENDED) optimisation is portable; ALL adds, at load, what depends on the
             # CPU at hand (blocked NCHWc convolution layouts) - the level export validated with.

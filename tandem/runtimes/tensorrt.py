@@ -7,12 +7,19 @@ Before anything is deserialized, the compiled manifest is checked: toolchain, th
 capability against the engines' (``sm90`` engines refuse to load on an ``sm80`` GPU), the TensorRT
 version against the one that built them, and every engine's sha256. Requests outside an engine's
 optimization profile are refused with the profile's range.
+
+One bind-and-execute path (:meth:`TensorRTRuntime.run_tensors`; :meth:`~TensorRTRuntime.run` moves
+numpy feeds to the device, calls it and copies the outputs back) over output buffers allocated once
+per engine output at load, at the stage description's largest shape (:class:`OutputBuffers`): a call
+binds views of their first elements, as TensorRT's ``demo/Diffusion`` ``Engine`` does.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +28,13 @@ from tandem.formats.compiled_manifest import (
     CompiledArtifact,
     CompiledManifest,
     Environment,
-    check_environment,
+    check_compatible,
     check_profile,
-    check_toolchain,
-    read_compiled_manifest,
-    resolve_compiled_dir,
-    verify_artifacts,
 )
 from tandem.formats.targets import TENSORRT, get_target, sm_arch
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
-from tandem.runtimes.base import Runtime
+from tandem.runtimes.base import Runtime, open_compiled
+from tandem.stages import GraphSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +95,42 @@ def _to_numpy(tensor, dtype: str) -> np.ndarray:
     return tensor.numpy().astype(dtype, copy=False)
 
 
+class OutputBuffers:
+    """Device memory for every output of every graph, allocated once (``allocate(numel, dtype)``, a
+    flat tensor) at the largest shape the stage description allows; :meth:`view` hands out a
+    contiguous view of a buffer's first elements in the shape a call produces. The views are
+    overwritten by the graph's next call: callers copy (``run``) or consume them (a decode engine's
+    row writes are ordered before the next call on the runtime's stream) before then."""
+
+    def __init__(self, allocate: Callable[[int, object], object]):
+        self.allocate = allocate
+        self.buffers: dict[tuple[str, str], object] = {}
+        self.allocations = 0
+
+    def add(self, spec: GraphSpec, dtypes: dict[str, object]) -> None:
+        """Allocate ``spec``'s outputs (``dtypes``: each output's dtype in the engine) at their max shape."""
+        largest = {name: r.max for name, r in spec.dims.items()}
+        for tensor in spec.outputs:
+            self.buffers[(spec.name, tensor.name)] = self.allocate(math.prod(tensor.concrete_shape(largest)), dtypes[tensor.name])
+            self.allocations += 1
+
+    def view(self, graph: str, name: str, shape: tuple[int, ...]):
+        buffer = self.buffers[(graph, name)]
+        numel = math.prod(shape)
+        if numel > buffer.numel():
+            raise TandemError(
+                f"{graph}: output {name} of shape {list(shape)} is larger than the stage description allows; "
+                "the engine and the description disagree: build again"
+            )
+        return buffer[:numel].view(shape)
+
+
 class TensorRTRuntime(Runtime):
     name = "tensorrt"
 
     def __init__(self, artifacts: str | Path, graphs: list[str] | None = None, device: int | None = None):
-        self.artifacts = resolve_compiled_dir(artifacts)
-        self.manifest = read_compiled_manifest(self.artifacts)
+        self.artifacts, self.manifest = open_compiled(artifacts, TENSORRT)
         super().__init__(self.manifest.config)
-        check_toolchain(self.manifest, self.artifacts, TENSORRT)
         wanted = graphs or sorted({a.graph for a in self.manifest.artifacts if not a.served})
         self.entries: dict[str, CompiledArtifact] = {}
         for graph in wanted:
@@ -107,14 +139,17 @@ class TensorRTRuntime(Runtime):
                 raise ArtifactError(f"{self.artifacts} has no TensorRT engine for {graph!r}; build again")
             self.entries[graph] = found[0]
         shipped = self.manifest.model_copy(update={"artifacts": list(self.entries.values())})
-        verify_artifacts(shipped, self.artifacts)
-        trt = _load_tensorrt(self.manifest)
         import torch
 
-        if not torch.cuda.is_available():
-            raise ToolchainMissingError("the tensorrt runtime needs an NVIDIA GPU and a CUDA build of torch for its buffers")
-        self.device = torch.device("cuda", device if device is not None else torch.cuda.current_device())
-        check_environment(shipped, self.artifacts, tensorrt_environment(trt, self.device.index))
+        def environment() -> Environment:  # after the hashes: TensorRT is imported for engines that will load
+            self._trt = _load_tensorrt(self.manifest)
+            if not torch.cuda.is_available():
+                raise ToolchainMissingError("the tensorrt runtime needs an NVIDIA GPU and a CUDA build of torch for its buffers")
+            self.device = torch.device("cuda", device if device is not None else torch.cuda.current_device())
+            return tensorrt_environment(self._trt, self.device.index)
+
+        check_compatible(shipped, self.artifacts, TENSORRT, environment)
+        trt = self._trt
         dt = trt.DataType
         self._dtypes = {
             dt.FLOAT: torch.float32,
@@ -129,6 +164,7 @@ class TensorRTRuntime(Runtime):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engines, self.contexts = {}, {}
+        self.outputs = OutputBuffers(lambda numel, dtype: torch.empty(numel, dtype=dtype, device=self.device))
         with torch.cuda.device(self.device):
             for graph, entry in self.entries.items():
                 path = self.artifacts / entry.file  # verified above
@@ -137,6 +173,8 @@ class TensorRTRuntime(Runtime):
                     raise ArtifactError(f"TensorRT could not deserialize {path} (see the TensorRT log); build again")
                 self.engines[graph] = engine
                 self.contexts[graph] = engine.create_execution_context()
+                spec = self.specs[graph]
+                self.outputs.add(spec, {name: self._dtypes[engine.get_tensor_dtype(name)] for name in spec.output_names})
             self.stream = torch.cuda.Stream(self.device)
 
     def decode_engine(self, capacity: int):
@@ -147,19 +185,20 @@ class TensorRTRuntime(Runtime):
         return TorchDecodeEngine(self, capacity, device=self.device)
 
     def run_tensors(self, graph: str, tensors: list) -> tuple:
-        """Run ``graph`` on CUDA tensors (in the spec's input order) by address; outputs stay on the
-        device in the engine's own dtypes."""
+        """Run ``graph`` on CUDA tensors (in the spec's input order) by address: the one
+        bind-and-execute path. Outputs are views of this runtime's buffers (see
+        :class:`OutputBuffers`), on the device, in the engine's own dtypes."""
         import torch
 
-        spec = self.specs[graph]
-        if graph not in self.engines:
+        spec = self.specs.get(graph)
+        if spec is None or graph not in self.engines:
             raise TandemError(f"graph {graph!r} was not loaded by this runtime")
         check_profile(self.entries[graph], dict(zip(spec.input_names, tensors)))
         engine, context = self.engines[graph], self.contexts[graph]
-        # The engine wrote its buffers (index_copy_) on the default stream: order them before this run.
+        # The caller wrote the inputs (e.g. a decode engine's index_copy_) on its stream: order them before this run.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        keep = []  # converted inputs must outlive the asynchronous execution
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            keep = []
             for name, tensor in zip(spec.input_names, tensors):
                 dtype = self._dtypes[engine.get_tensor_dtype(name)]
                 if tensor.dtype != dtype or not tensor.is_contiguous():  # e.g. an fp16 engine's cache
@@ -170,7 +209,7 @@ class TensorRTRuntime(Runtime):
                 context.set_tensor_address(name, tensor.data_ptr())
             outputs = []
             for name in spec.output_names:
-                buffer = torch.empty(tuple(context.get_tensor_shape(name)), dtype=self._dtypes[engine.get_tensor_dtype(name)], device=self.device)
+                buffer = self.outputs.view(graph, name, tuple(context.get_tensor_shape(name)))
                 context.set_tensor_address(name, buffer.data_ptr())
                 outputs.append(buffer)
             if not context.execute_async_v3(self.stream.cuda_stream):
@@ -182,31 +221,11 @@ class TensorRTRuntime(Runtime):
         import torch
 
         spec = self.check_feeds(graph, feeds)
-        if graph not in self.engines:
-            raise TandemError(f"graph {graph!r} was not loaded by this runtime")
-        check_profile(self.entries[graph], feeds)
-        engine, context = self.engines[graph], self.contexts[graph]
-        keep = []  # device buffers must outlive the asynchronous execution
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            for name in spec.input_names:
-                dtype = self._dtypes[engine.get_tensor_dtype(name)]
-                tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, dtype=dtype, non_blocking=True)
-                if not context.set_input_shape(name, tuple(tensor.shape)):
-                    raise TandemError(f"{graph}: TensorRT refused shape {list(tensor.shape)} for input {name}")
-                context.set_tensor_address(name, tensor.data_ptr())
-                keep.append(tensor)
-            outputs = {}
-            for name in spec.output_names:
-                shape = tuple(context.get_tensor_shape(name))
-                buffer = torch.empty(shape, dtype=self._dtypes[engine.get_tensor_dtype(name)], device=self.device)
-                context.set_tensor_address(name, buffer.data_ptr())
-                outputs[name] = buffer
-            if not context.execute_async_v3(self.stream.cuda_stream):
-                raise TandemError(f"TensorRT failed to run {graph} (see the TensorRT log)")
-            host = {name: out.to("cpu", non_blocking=False) for name, out in outputs.items()}
-        self.stream.synchronize()
+        with torch.cuda.device(self.device):
+            tensors = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device) for name in spec.input_names]
+        outputs = self.run_tensors(graph, tensors)
         # Engines built with reduced precision may return fp16/bf16; callers get the spec's dtypes.
-        return {t.name: _to_numpy(host[t.name], t.dtype) for t in spec.outputs}
+        return {t.name: _to_numpy(out.cpu(), t.dtype) for t, out in zip(spec.outputs, outputs)}
 
     def describe(self) -> str:
         m = self.manifest

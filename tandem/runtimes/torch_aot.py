@@ -18,16 +18,12 @@ from tandem.formats.compiled_manifest import (
     CompiledArtifact,
     CompiledManifest,
     Environment,
-    check_environment,
+    check_compatible,
     check_profile,
-    check_toolchain,
-    read_compiled_manifest,
-    resolve_compiled_dir,
-    verify_artifacts,
 )
 from tandem.formats.targets import TORCH_AOT, sm_arch
 from tandem.errors import ArtifactError, TandemError, ToolchainMissingError
-from tandem.runtimes.base import Runtime
+from tandem.runtimes.base import Runtime, open_compiled
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +100,8 @@ class TorchAOTRuntime(Runtime):
     def __init__(
         self, artifacts: str | Path, graphs: list[str] | None = None, device: int | None = None, cuda_graphs: bool = True
     ):
-        self.artifacts = resolve_compiled_dir(artifacts)
-        self.manifest = read_compiled_manifest(self.artifacts)
+        self.artifacts, self.manifest = open_compiled(artifacts, TORCH_AOT)
         super().__init__(self.manifest.config)
-        check_toolchain(self.manifest, self.artifacts, TORCH_AOT)
         wanted = graphs or sorted({a.graph for a in self.manifest.artifacts})
         self.entries: dict[str, CompiledArtifact] = {}
         for graph in wanted:
@@ -117,8 +111,7 @@ class TorchAOTRuntime(Runtime):
             self.entries[graph] = found[0]
         self.on_gpu = self.manifest.device.startswith("cuda")
         shipped = self.manifest.model_copy(update={"artifacts": list(self.entries.values())})
-        verify_artifacts(shipped, self.artifacts)
-        check_environment(shipped, self.artifacts, torch_aot_environment(self.manifest, device))
+        check_compatible(shipped, self.artifacts, TORCH_AOT, lambda: torch_aot_environment(self.manifest, device))
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device) if self.on_gpu else torch.device("cpu")
         self.models = {}
         for graph, entry in self.entries.items():

@@ -107,7 +107,11 @@ class RepositoryOptions:
     queue_timeout_ms: int = 60_000  # a request queued this long is rejected (clients may ask for less)
     instances: int = 1  # model instances (python backend: stub processes) per model
     instance_kind: str | None = None  # "cpu" | "gpu"; default: the flavor's
-    intra_op_threads: int = 0  # ONNX Runtime threads per session in python-backend models (0 = all cores)
+    intra_op_threads: int = 0  # ONNX Runtime threads per session, every stage (0 = from the thread budget)
+    # Cores the served stages share (default: the cores this process may run on). Split between the
+    # stages (see thread_plan) so their ONNX Runtime thread pools never oversubscribe the machine.
+    thread_budget: int | None = None
+    stage_threads: tuple[tuple[str, int], ...] | None = None  # explicit (stage, intra-op threads) pairs
     optimized: bool = True  # ship ONNX Runtime's offline-optimised graphs (python backend), as in-process does
     version: int | None = None  # version folder to write; default: one above the newest present
     keep_versions: int = 2  # older version folders are deleted (the newest N stay, for rollback)
@@ -138,6 +142,13 @@ class RepositoryOptions:
             raise TandemError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.keep_versions < 1:
             raise TandemError(f"keep_versions must be >= 1, got {self.keep_versions}")
+        if self.thread_budget is not None and self.thread_budget < 1:
+            raise TandemError(f"thread_budget must be >= 1 core, got {self.thread_budget}")
+        if self.intra_op_threads < 0:
+            raise TandemError(f"intra_op_threads must be >= 0 (0: from the thread budget), got {self.intra_op_threads}")
+        for stage, threads in self.stage_threads or ():
+            if stage not in (REASONING, REFINEMENT) or threads < 1:
+                raise TandemError(f"stage threads must name reasoning or refinement with >= 1 thread, got {stage}={threads}")
 
     def batch_sizes(self) -> list[int]:
         if self.preferred_batch_sizes is not None:
@@ -159,6 +170,7 @@ class BuildContext:
     options: RepositoryOptions
     flavor: str
     target_options: dict[str, Any] = field(default_factory=dict)  # options a flavor's targets declared
+    stages: tuple[str, ...] = (REASONING, REFINEMENT)  # the composing models this repository serves
 
     def graph_files(self, graph: str, optimized: bool) -> list[str]:
         """Files of one exported graph, checked against the manifest's hashes before they are shipped."""
@@ -234,6 +246,50 @@ def write_model_py(version_dir: Path, module: str) -> Path:
     return path
 
 
+PARAM_THREADS = "tandem.threads"  # the stage's share of the thread budget, as written (a person reads it)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class StageThreads:
+    intra_op: int  # ONNX Runtime intra-op threads per session of one instance
+    inter_op: int  # inter-op threads (1: the graphs run their nodes in order)
+    spinning: bool  # idle intra-op threads spin (only when the stages' threads fit the budget)
+
+    def describe(self) -> str:
+        return f"{self.intra_op} intra-op + {self.inter_op} inter-op threads{'' if self.spinning else ', no spinning'}"
+
+
+def thread_plan(options: RepositoryOptions, stages: tuple[str, ...]) -> dict[str, StageThreads]:
+    """Each stage's ONNX Runtime threads from the thread budget, so the stages' pools never
+    oversubscribe the cores (ONNX Runtime defaults to one intra-op thread per core in EVERY session,
+    and idle threads spin: two stages on 2 cores used to run 4 spinning threads). Reasoning (a
+    generation is hundreds of sequential decode steps) gets the larger share; a one-stage repository
+    gives its stage the whole budget; instances divide their stage's share. An explicit
+    ``intra_op_threads`` (every stage) or ``stage_threads`` overrides the split."""
+    budget = options.thread_budget or available_cores()
+    if options.intra_op_threads:
+        per = {stage: options.intra_op_threads for stage in stages}
+    elif options.stage_threads:
+        given = dict(options.stage_threads)
+        per = {stage: given.get(stage, 1) for stage in stages}
+    elif len(stages) == 1:
+        per = {stages[0]: budget}
+    else:
+        refinement = max(1, budget // 2)
+        per = {REASONING: max(1, budget - refinement), REFINEMENT: refinement}
+    per = {stage: max(1, threads // options.instances) for stage, threads in per.items()}
+    fits = sum(per.values()) * options.instances <= budget
+    return {stage: StageThreads(per[stage], 1, fits) for stage in stages}
+
+
 class PythonRuntimeTarget(ModelTarget):
     """A python-backend model running a tandem runtime in-process over the graphs shipped in its
     version folder: the reasoning loop (prefill + decode over the static KV cache) or refinement."""
@@ -246,10 +302,13 @@ class PythonRuntimeTarget(ModelTarget):
         self.default_instance_kind = default_instance_kind
 
     def runtime_options(self, ctx: BuildContext, stage: str) -> dict[str, Any]:
+        threads = thread_plan(ctx.options, ctx.stages)[stage]
         return {
             "graphs": list(self.GRAPHS[stage]),
             "optimized": ctx.options.optimized,
-            "intra_op_threads": ctx.options.intra_op_threads,
+            "intra_op_threads": threads.intra_op,
+            "inter_op_threads": threads.inter_op,
+            "spinning": threads.spinning,
         }
 
     def configure(self, ctx: BuildContext, stage: str, config: mc.ModelConfig) -> None:
@@ -257,6 +316,9 @@ class PythonRuntimeTarget(ModelTarget):
         set_parameter(config, PARAM_RUNTIME, self.runtime)
         set_parameter(config, PARAM_ARTIFACTS, ARTIFACTS_DIR)
         set_parameter(config, PARAM_RUNTIME_OPTIONS, json.dumps(self.runtime_options(ctx, stage), sort_keys=True))
+        budget = ctx.options.thread_budget or available_cores()
+        threads = thread_plan(ctx.options, ctx.stages)[stage]
+        set_parameter(config, PARAM_THREADS, f"{threads.describe()} per instance, of a {budget}-core budget")
         set_parameter(config, "tandem.precision", (ctx.manifest.precision or {}).get("precision", "fp32"))
 
     def collect_files(self, ctx: BuildContext, stage: str) -> list[tuple[Path, str]]:
@@ -689,7 +751,8 @@ def write_repository(
         )
     if out.exists() and not out.is_dir():
         raise TandemError(f"repository path {out} exists and is not a directory; choose another --out")
-    ctx = BuildContext(artifacts, manifest, served_models(manifest.config), opts, chosen.name, target_options)
+    ctx = BuildContext(artifacts, manifest, served_models(manifest.config), opts, chosen.name, target_options,
+                       tuple(s for s in (REASONING, REFINEMENT) if s in stages))
 
     version = opts.version or max([0, *(v for m in (REASONING, REFINEMENT, ENSEMBLE) for v in existing_versions(out / m))]) + 1
     repo_manifest = read_repository_manifest(out) or {"models": {}}

@@ -12,14 +12,16 @@ Two schedulers, chosen by the config parameter ``scheduler`` (``tandem repo --sc
   make the ensemble decoupled, which both refuse). A request whose client cancels it
   (``request.is_cancelled()``, e.g. a gRPC deadline on a direct call) or whose timeout passes
   (``request.timeout()``, the client's ``timeout`` parameter, which the ensemble forwards) frees its
-  slot at the next step (cancellation is polled every ``CANCEL_POLL_S``: each poll is a round trip
-  to the Triton process that holds up new arrivals). Every other client is covered by the front
+  slot at the next step (:class:`CancelPoller` asks Triton every ``CANCEL_POLL_S`` on its own
+  thread: each ask is a round trip to the Triton process). Every other client is covered by the front
   door: it tags each request with the parameter ``tandem_request_id`` and, when the client goes
   away, creates a marker file of that name in ``$TANDEM_CANCEL_DIR``; the row's check stats it at
   every step (:class:`~tandem.serving.models.common.CancelMarkers`) and the slot is free at the next.
   Requests wait in the scheduler's queue, not Triton's (``execute`` returns at once), so the
   repository's ``max_queue_size`` becomes the scheduler's waiting limit (parameter ``max_waiting``,
-  in prompts), which refuses the excess at once with the reason.
+  in prompts), which refuses the excess at once with the reason. The scheduler's loop thread makes
+  no round trip to the Triton process: responses and metric updates go through an :class:`Outbox`
+  thread, so a step (and a new arrival's first step) never waits for one.
 - ``request``: all requests Triton's dynamic batcher hands to one ``execute`` call become ONE
   batched generation run to its end (:meth:`tandem.pipeline.Pipeline.generate_tokens`).
 
@@ -32,10 +34,13 @@ are ``tandem_reasoning_scheduler_total{event=...}``. Imported only inside Triton
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -155,14 +160,103 @@ class SchedulerCounters:
             self.published = current
 
 
+class Outbox:
+    """Round trips to the Triton process (response sends, metric updates) run on this thread, never
+    on the scheduler's loop thread: a decode step, and so a new arrival's first step, never waits for
+    one (each is an IPC message the stub waits on). FIFO, so a request's metrics precede nothing."""
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def post(self, action: Callable[[], None]) -> None:
+        self._queue.put(action)
+
+    def _run(self) -> None:
+        while (action := self._queue.get()) is not None:
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - one failed send must not stop the others
+                pb_utils.Logger.log_error(f"reasoning: {failure_message('sending a response', exc)}")
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+class Watched:
+    """One live request as the poller sees it. Once its response is sent Triton releases the
+    request, and asking about it then reads freed memory in the Triton process (it crashed with
+    SIGSEGV under load): :meth:`answered` and the poll's ask hold the same lock."""
+
+    def __init__(self, request):
+        self.request = request
+        self.cancelled = False
+        self.done = False
+        self.lock = threading.Lock()
+
+    def poll(self) -> None:
+        with self.lock:
+            if not self.done and self.request.is_cancelled():
+                self.cancelled = True
+
+    @contextlib.contextmanager
+    def answered(self):
+        """Hold while sending the response: no poll runs during or after it."""
+        with self.lock:
+            self.done = True
+            yield
+
+
+class CancelPoller:
+    """Asks Triton whether each live request was cancelled (``request.is_cancelled()``, a round trip)
+    every CANCEL_POLL_S on its own thread; the scheduler's check reads the answer (a flag)."""
+
+    def __init__(self, name: str, interval_s: float = CANCEL_POLL_S):
+        self.interval_s = interval_s
+        self._live: dict[int, Watched] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def watch(self, key: int, request) -> Watched:
+        watched = Watched(request)
+        with self._lock:
+            self._live[key] = watched
+        return watched
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self._live.pop(key, None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                live = list(self._live.values())
+            for watched in live:
+                try:
+                    watched.poll()
+                except Exception:  # noqa: BLE001 - asking failed: the next poll asks again
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 class _Answer:
     """Collects the outcomes of one request's prompts and sends its one response (final flag) when
     all are in, or an error as soon as one fails; later outcomes of a failed request are dropped
     and its other rows leave the engine at the next step (:attr:`failed` is their cancellation)."""
 
     def __init__(
-        self, rows: int, sender, metrics: TimingMetrics, counters: SchedulerCounters, activity: Activity, on_sent=None
+        self, rows: int, sender, metrics: TimingMetrics, counters: SchedulerCounters, activity: Activity, outbox: Outbox,
+        on_sent=None, watched: Watched | None = None,
     ):
+        self.watched = watched  # the poller's view of the request: no poll once the response is sent
+        self.outbox = outbox  # sends and metric updates happen there, off the scheduler's loop thread
         self.on_sent = on_sent  # called once the response is sent (e.g. to remove the request's cancel marker)
         self.activity = activity  # entered by submit; left when the one response is sent (drain waits for it)
         self.tokens: list[np.ndarray | None] = [None] * rows
@@ -181,11 +275,11 @@ class _Answer:
             if self.failed or self.remaining == 0:
                 return
             self.failed = True
-        self._send(error_response(message, code))
+        self.outbox.post(lambda: self._send(error_response(message, code)))
 
     def done(self, index: int, outcome: Outcome) -> None:
         queue_s, first_step_s, _ = outcome.timing.seconds()
-        self.metrics.observe(queue_s, first_step_s)
+        self.outbox.post(lambda: self.metrics.observe(queue_s, first_step_s))
         try:
             if not outcome.ok:
                 code = pb_utils.TritonError.CANCELLED if outcome.cancelled else pb_utils.TritonError.INTERNAL
@@ -199,13 +293,14 @@ class _Answer:
                 if self.remaining:
                     return
             rows = np.ascontiguousarray(np.stack(self.tokens), dtype=np.int32)
-            self._send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCENE_TOKENS, rows)]))
+            self.outbox.post(lambda: self._send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCENE_TOKENS, rows)])))
         finally:
-            self.counters.publish()
+            self.outbox.post(self.counters.publish)
 
     def _send(self, response) -> None:
         try:
-            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            with self.watched.answered() if self.watched is not None else contextlib.nullcontext():
+                self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
             self.activity.leave()
             if self.on_sent is not None:
@@ -229,7 +324,10 @@ class TritonPythonModel:
                 self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters)
             )
             self.counters = SchedulerCounters(self.scheduler, self.scheduler_kind)
-            self.scheduler.start(name=f"{args.get('model_instance_name', 'reasoning')}-scheduler")
+            instance = args.get("model_instance_name", "reasoning")
+            self.outbox = Outbox(f"{instance}-outbox")
+            self.cancel_poller = CancelPoller(f"{instance}-cancel-poll")
+            self.scheduler.start(name=f"{instance}-scheduler")
         pb_utils.Logger.log_info(
             f"reasoning: {self.pipeline.config.name} on {self.pipeline.runtime.describe()}, "
             f"{self.pipeline.config.scene.num_tokens} scene tokens per prompt, {self.scheduler_kind} batching"
@@ -269,25 +367,26 @@ class TritonPythonModel:
         self.activity.enter()
         rid = request_id(request.parameters())  # the front door's id (None: not sent, or not a valid id)
         marker = self.cancel_markers.watcher(rid)
+        key = id(request)
+
+        def sent() -> None:
+            self.cancel_markers.forget(rid)
+            self.cancel_poller.forget(key)
+
+        # request.is_cancelled() is a round trip to the Triton process (15-20 ms under load when it
+        # was asked from here): the poller asks every CANCEL_POLL_S on its own thread.
+        watched = self.cancel_poller.watch(key, request)
         answer = _Answer(
-            len(prompts), sender, self.metrics, self.counters, self.activity, on_sent=lambda: self.cancel_markers.forget(rid)
+            len(prompts), sender, self.metrics, self.counters, self.activity, self.outbox, on_sent=sent, watched=watched
         )
         timeout_us = int(request.timeout() or 0)  # the client's timeout parameter (0: none)
-        polled = [time.monotonic()]
 
         def cancelled() -> bool:
             if answer.failed:
                 return True
             if marker is not None and marker():  # the front door's marker: one os.stat, every step
                 return True
-            # request.is_cancelled() is a round trip to the Triton process; asked at every step for
-            # every row it stalled execute() (new arrivals) by 15-20 ms per call, so ask at most
-            # every CANCEL_POLL_S: a cancelled row leaves at the first step after that.
-            now = time.monotonic()
-            if now - polled[0] < CANCEL_POLL_S:
-                return False
-            polled[0] = now
-            return request.is_cancelled()
+            return watched.cancelled
 
         for index, (prompt, row_params) in enumerate(zip(prompts, params)):
             job = Job(prompt, row_params, answer.row(index), is_cancelled=cancelled, timeout_s=timeout_us / 1e6 or None)
@@ -295,7 +394,7 @@ class TritonPythonModel:
                 self.scheduler.submit(job)
             except TandemError as exc:  # QueueFullError, or the model is shutting down
                 answer.fail(str(exc), pb_utils.TritonError.UNAVAILABLE)
-                self.counters.publish()
+                self.outbox.post(self.counters.publish)
                 return
 
     # -- request-level batching ---------------------------------------------------------------------------
@@ -339,5 +438,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.stop()
+            self.scheduler.stop()  # answers what is left (through the outbox), then the outbox drains
+            self.cancel_poller.close()
+            self.outbox.close()
         self.pipeline = None
