@@ -11,7 +11,7 @@ the longest name that matches a module decides its layer.
     formats
     decoding
     runtimes
-    pipeline scheduler
+    pipeline scheduler parallel
     export
     serving eval
     toolchains compiler preflight

@@ -14,6 +14,10 @@ a contiguous prefix, so no slot compaction ever needs a copy on the way in).
 - Any other runtime (TensorRT, Neuron, AOTInductor): :class:`CacheDecodeEngine` passes the buffers
   to ``Runtime.run``; a runtime with device memory may override ``Runtime.decode_engine``.
 
+``verify`` runs k tokens per row in one step (the ``reasoning_verify`` graph, parallel decoding in
+:mod:`tandem.parallel`) and writes k rows per slot; eager PyTorch and ONNX Runtime (IO binding) run
+it in place, any other runtime through ``run`` when it loaded the graph.
+
 Occupied slots are kept compacted at the front (``move`` fills a hole left by a finished row), so
 a step over ``n`` rows always reads slots ``[0, n)``.
 
@@ -40,13 +44,14 @@ import numpy as np
 from tandem.errors import TandemError
 from tandem.config import ModelConfig
 from tandem.sampling import SamplingParams, select_next
-from tandem.stages import CacheLayout, GraphSpec, cache_layout
+from tandem.stages import VERIFY_GRAPH, CacheLayout, GraphSpec, cache_layout
 from tandem.tokenizer import PAD
 
 if TYPE_CHECKING:
     import torch
 
 PREFILL, DECODE = "reasoning_prefill", "reasoning_decode"
+VERIFY = VERIFY_GRAPH  # k tokens per row in one step (tandem.parallel)
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +165,48 @@ class CacheDecodeEngine:
             for buffer in self.cache.values():
                 buffer[dst] = buffer[src]
 
+    def verify(self, n: int, token_ids: np.ndarray, start_positions: np.ndarray) -> np.ndarray:
+        """k tokens per row over slots [0, n) in one step (the verify graph): token_ids [n, k] int64
+        at positions start_positions[i] + [0, k). Writes each row's k new keys/values at those
+        positions into its slot and returns logits [n, k, V] float32 (logits[i, j]: the next token
+        after token j). Rows the caller does not keep need no rollback: every step reads a row's
+        cache only below its own start, so rows at and past it are overwritten before being read.
+        k = 1 runs the decode graph (:meth:`step`)."""
+        token_ids, start_positions = np.asarray(token_ids, np.int64), np.asarray(start_positions, np.int64)
+        if not 1 <= n <= self.capacity:
+            raise TandemError(f"a step covers 1 to {self.capacity} rows (this engine's capacity), not {n}")
+        if token_ids.ndim != 2 or token_ids.shape[0] != n or start_positions.shape != (n,):
+            raise TandemError(
+                f"verify({n}) takes token_ids [{n}, k] and start_positions [{n}], got {token_ids.shape} and {start_positions.shape}"
+            )
+        k = token_ids.shape[1]
+        if k == 1:
+            return self.step(n, token_ids[:, 0], start_positions)[:, None, :]
+        limit = self.runtime.specs[VERIFY].dims["block"]
+        if not limit.min <= k <= limit.max:
+            raise TandemError(f"a verify step takes 1 or {limit.min} to {limit.max} tokens per row (the verify graph's block range), not {k}")
+        if start_positions.min() < 1 or start_positions.max() + k > self.layout.max_len:
+            raise TandemError(
+                f"verify positions must lie in [1, {self.layout.max_len}): start_positions + {k} tokens, got starts {start_positions.tolist()}"
+            )
+        logits, new_rows = self._run_verify(n, token_ids, start_positions)
+        for past, new in zip(self.past_names, self.new_names):
+            self._write_block(past, n, start_positions, new_rows[new])
+        return logits
+
     # -- what subclasses change ---------------------------------------------------------------
+    def _run_verify(self, n: int, token_ids: np.ndarray, start_positions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feeds = {"token_ids": token_ids, "start_positions": start_positions}
+        feeds.update({name: buffer[:n] for name, buffer in self.cache.items()})  # views: no copy
+        out = self.runtime.run(VERIFY, feeds)
+        return np.asarray(out["logits"], dtype=np.float32), {name: out[name] for name in self.new_names}
+
+    def _write_block(self, past: str, n: int, start_positions: np.ndarray, rows: np.ndarray) -> None:
+        """rows [n, H, k, Dh] -> cache[i, :, start_positions[i] + [0, k), :] for i < n."""
+        k = rows.shape[2]
+        for i, start in enumerate(start_positions.tolist()):
+            self.cache[past][i, :, start : start + k, :] = rows[i]
+
     def _run_step(self, n: int, token_ids: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = {"token_ids": token_ids, "positions": positions}
         feeds.update({name: buffer[:n] for name, buffer in self.cache.items()})  # views: no copy
@@ -235,6 +281,25 @@ class TorchDecodeEngine(CacheDecodeEngine):
         with torch.inference_mode():
             flat.index_copy_(0, index, rows.reshape(-1, self.layout.head_dim).to(flat.dtype))
 
+    def _run_verify(self, n, token_ids, start_positions):
+        torch = self.torch
+        tokens = torch.from_numpy(np.ascontiguousarray(token_ids)).to(self.device)
+        self._positions[:n].copy_(torch.from_numpy(start_positions))
+        inputs = [tokens, self._positions[:n], *(self.tensors[name][:n] for name in self.past_names)]
+        outputs = self.runtime.run_tensors(VERIFY, inputs)
+        return outputs[0].float().cpu().numpy(), dict(zip(self.new_names, outputs[1:]))
+
+    def _write_block(self, past, n, start_positions, rows):
+        torch = self.torch
+        k = rows.shape[2]
+        starts = self._positions[:n].view(n, 1, 1)  # set by _run_verify, already on the device
+        offsets = torch.arange(k, device=self.device).view(1, 1, k)
+        slots = torch.arange(n, device=self.device).view(n, 1, 1) * self._slot_stride
+        index = (slots + self._head_offsets.view(1, -1, 1) + starts + offsets).view(-1)  # [n, H, k] flat rows
+        flat = self.tensors[past].view(-1, self.layout.head_dim)
+        with torch.inference_mode():
+            flat.index_copy_(0, index, rows.reshape(-1, self.layout.head_dim).to(flat.dtype))
+
     def _write_prefix(self, past, slots, present, length):
         slots_t = self.torch.from_numpy(slots).to(self.device)
         target = self.tensors[past][:, :, :length]
@@ -272,6 +337,49 @@ class OrtDecodeEngine(CacheDecodeEngine):
                 binding.bind_output(name, "cpu", 0, buffer.dtype, [n, *buffer.shape[1:]], buffer.ctypes.data)
             self.bindings[n] = binding
         return self.bindings[n]
+
+    def _verify_binding(self, n: int, k: int):
+        """The verify graph bound like the decode graph: the same cache buffers, and its own
+        inputs and outputs over flat buffers sized for the largest block (rows [0, n * k) of each
+        are a contiguous [n, k, ...] prefix), once per (n, k)."""
+        if VERIFY not in self.runtime.sessions:
+            raise TandemError(
+                f"{self.runtime.artifacts} has no {VERIFY} graph (exported before parallel decoding existed, or not "
+                "loaded); export again to decode several tokens per step"
+            )
+        if not hasattr(self, "verify_bindings"):
+            spec = self.runtime.specs[VERIFY]
+            dims = {"batch": self.capacity, "block": spec.dims["block"].max}
+            self.verify_session = self.runtime.sessions[VERIFY]
+            self.verify_inputs = {
+                "token_ids": np.zeros(self.capacity * dims["block"], np.int64),
+                "start_positions": np.ones(self.capacity, np.int64),
+            }
+            self.verify_outputs = {t.name: np.zeros(int(np.prod(t.concrete_shape(dims))), t.dtype) for t in spec.outputs}
+            self.verify_shapes = {t.name: t.shape for t in (*spec.inputs, *spec.outputs)}
+            self.verify_bindings: dict[tuple[int, int], object] = {}
+        if (n, k) not in self.verify_bindings:
+            binding = self.verify_session.io_binding()
+            dims = {"batch": n, "block": k}
+            for name, buffer in (*self.verify_inputs.items(), *self.cache.items()):
+                shape = [dims[d] if isinstance(d, str) else d for d in self.verify_shapes[name]]
+                binding.bind_input(name, "cpu", 0, buffer.dtype, shape, buffer.ctypes.data)
+            for name, buffer in self.verify_outputs.items():
+                shape = [dims[d] if isinstance(d, str) else d for d in self.verify_shapes[name]]
+                binding.bind_output(name, "cpu", 0, buffer.dtype, shape, buffer.ctypes.data)
+            self.verify_bindings[(n, k)] = binding
+        return self.verify_bindings[(n, k)]
+
+    def _run_verify(self, n, token_ids, start_positions):
+        k = token_ids.shape[1]
+        binding = self._verify_binding(n, k)
+        self.verify_inputs["token_ids"][: n * k] = token_ids.reshape(-1)
+        self.verify_inputs["start_positions"][:n] = start_positions
+        self.verify_session.run_with_iobinding(binding)
+        vocab, heads, dim = self.vocab, self.layout.n_heads, self.layout.head_dim
+        logits = self.verify_outputs["logits"][: n * k * vocab].reshape(n, k, vocab).copy()
+        rows = {name: self.verify_outputs[name][: n * heads * k * dim].reshape(n, heads, k, dim) for name in self.new_names}
+        return logits, rows
 
     def _run_step(self, n, token_ids, positions):
         self.inputs["token_ids"][:n] = token_ids

@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # torch is imported only where modules are built (export, tor
     from tandem.models import Stages
 
 MAX_BATCH = 8  # largest batch any exported graph is validated and profiled for
+MAX_BLOCK = 32  # most tokens per row one verify step takes (capped at the grid's token count)
+VERIFY_GRAPH = "reasoning_verify"
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,9 @@ class CacheLayout:
     def shape(self, batch: int | str, length: int | str | None = None) -> tuple[int | str, ...]:
         return (batch, self.n_heads, self.max_len if length is None else length, self.head_dim)
 
-    def specs(self, role: str) -> tuple[TensorSpec, ...]:
-        length = {"past": None, "new": 1, "present": "prompt_len"}[role]
+    def specs(self, role: str, length: int | str | None = None) -> tuple[TensorSpec, ...]:
+        """``length`` overrides the role's position axis (the verify graph's new rows: "block")."""
+        length = length if length is not None else {"past": None, "new": 1, "present": "prompt_len"}[role]
         return tuple(TensorSpec(n, self.dtype, self.shape("batch", length)) for n in self.names(role))
 
     @property
@@ -175,6 +178,18 @@ def _module_classes() -> dict[str, type]:
             logits, keys, values = self.model.decode_step(token_ids, positions, cache[0::2], cache[1::2])
             return logits, *interleave(keys, values)
 
+    class Verify(nn.Module):
+        """forward(token_ids [B, k], start_positions [B], past_key_0, past_value_0, ...) ->
+        (logits [B, k, V], new_key_0, new_value_0, ...) with new rows [B, H, k, Dh]."""
+
+        def __init__(self, stages: Stages):
+            super().__init__()
+            self.model = stages.reasoning
+
+        def forward(self, token_ids: torch.Tensor, start_positions: torch.Tensor, *cache: torch.Tensor):
+            logits, keys, values = self.model.verify_step(token_ids, start_positions, cache[0::2], cache[1::2])
+            return logits, *interleave(keys, values)
+
     class Refine(nn.Module):
         def __init__(self, stages: Stages):
             super().__init__()
@@ -183,7 +198,7 @@ def _module_classes() -> dict[str, type]:
         def forward(self, scene_tokens: torch.Tensor):
             return self.model(scene_tokens)
 
-    return {"prefill": Prefill, "decode": Decode, "refine": Refine}
+    return {"prefill": Prefill, "decode": Decode, "verify": Verify, "refine": Refine}
 
 
 def _Prefill(stages: Stages) -> nn.Module:
@@ -192,6 +207,10 @@ def _Prefill(stages: Stages) -> nn.Module:
 
 def _Decode(stages: Stages) -> nn.Module:
     return _module_classes()["decode"](stages)
+
+
+def _Verify(stages: Stages) -> nn.Module:
+    return _module_classes()["verify"](stages)
 
 
 def _Refine(stages: Stages) -> nn.Module:
@@ -203,6 +222,7 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
     cache = cache_layout(config)
     batch = DimRange(1, 1, MAX_BATCH)
     prompt = DimRange(3, min(32, r.max_prompt_len), r.max_prompt_len)
+    max_block = min(MAX_BLOCK, s.num_tokens)
 
     def prefill_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         b, p = dims["batch"], dims["prompt_len"]
@@ -221,6 +241,16 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
             "positions": rng.integers(3, config.max_len, size=b).astype(np.int64),
         }
         for name in cache.names("past"):  # random beyond each row's position too: it must be ignored
+            feeds[name] = rng.standard_normal(cache.shape(b)).astype(np.float32)
+        return feeds
+
+    def verify_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        b, k = dims["batch"], dims["block"]
+        feeds = {
+            "token_ids": rng.integers(0, s.codebook_size, size=(b, k)).astype(np.int64),
+            "start_positions": rng.integers(3, config.max_len - k + 1, size=b).astype(np.int64),
+        }
+        for name in cache.names("past"):  # random at and beyond each row's start too: it must be ignored
             feeds[name] = rng.standard_normal(cache.shape(b)).astype(np.float32)
         return feeds
 
@@ -267,6 +297,27 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
                 atol=1e-4,
                 rtol=1e-3,
                 export_dims={"batch": 2},
+            ),
+            GraphSpec(
+                # k tokens per row in one step (parallel decoding, draft verification): token i
+                # sits at start + i and sees the cache's [0, start) and the block's tokens [0, i].
+                name=VERIFY_GRAPH,
+                stage="reasoning",
+                inputs=(
+                    TensorSpec("token_ids", "int64", ("batch", "block")),
+                    TensorSpec("start_positions", "int64", ("batch",)),
+                    *cache.specs("past"),
+                ),
+                outputs=(
+                    TensorSpec("logits", "float32", ("batch", "block", s.codebook_size)),
+                    *cache.specs("new", length="block"),
+                ),
+                dims={"batch": batch, "block": DimRange(2, min(8, max_block), max_block)},
+                make_module=_Verify,
+                make_inputs=verify_inputs,
+                atol=1e-4,
+                rtol=1e-3,
+                export_dims={"batch": 2, "block": min(4, max_block)},
             ),
         ),
     )

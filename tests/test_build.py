@@ -129,7 +129,7 @@ def test_cpu_build_from_scratch_is_servable_and_a_rerun_skips_every_step(tmp_pat
     assert manifest["tool_versions"]["onnxruntime"] and manifest["tool_versions"]["tensorrt"] is None
     assert [s["status"] for s in manifest["steps"]] == ["ok", "skipped", "skipped", "skipped", "ok"]
     assert all(len(s["inputs_sha256"]) == 64 for s in manifest["steps"] if s["status"] == "ok")
-    assert {a["graph"] for a in manifest["artifacts"]} == {"reasoning_prefill", "reasoning_decode", "refinement"}
+    assert {a["graph"] for a in manifest["artifacts"]} == {"reasoning_prefill", "reasoning_decode", "reasoning_verify", "refinement"}
     for artifact in manifest["artifacts"]:  # output hashes in the manifest are the files' hashes
         assert sha256_file(out / artifact["file"]) == artifact["sha256"]
         assert artifact["dims"]["batch"] == [1, 1, 8]
@@ -297,7 +297,8 @@ def test_inf2_build_plans_buckets_and_stops_at_torch_neuronx(tmp_path: Path, tin
     plan = json.loads((tmp_path / "b" / "optimised" / "buckets.json").read_text())
     assert plan["axes"]["reasoning_prefill"] == {"batch": [1, 2, 4, 8], "prompt_len": [16, 32, 48]}
     assert plan["axes"]["reasoning_decode"] == {"batch": [1, 2, 4, 8]}
-    assert len(plan["buckets"]) == 4 * 3 + 4 + 4
+    assert plan["axes"]["reasoning_verify"] == {"batch": [1, 2, 4, 8], "block": [2, 4, 8, 16]}
+    assert len(plan["buckets"]) == 4 * 3 + 4 + 4 * 4 + 4
     args = plan["compiler_args"]["reasoning"]
     assert args[args.index("--auto-cast") + 1] == "matmult" and args[args.index("--auto-cast-type") + 1] == "bf16"
     assert args[args.index("--target") + 1] == "inf2"

@@ -18,7 +18,8 @@ from tandem.util import atomic_directory
 def test_manifest_shows_every_graph_within_tolerance(tiny_export):
     manifest = read_manifest(tiny_export.out)
     assert manifest.passed
-    assert set(manifest.graphs) == {"reasoning_prefill", "reasoning_decode", "refinement"}
+    assert set(manifest.graphs) == {"reasoning_prefill", "reasoning_decode", "reasoning_verify", "refinement"}
+    assert manifest.graphs["reasoning_verify"].optimized_rewrites == ["moe_kernel"]
     for entry in manifest.graphs.values():
         assert entry.passed and entry.opset >= 17
         for cases in (entry.validation, entry.optimized_validation):  # both shipped variants

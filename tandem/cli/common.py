@@ -275,3 +275,34 @@ class StdoutToStderr:
         if _json_stream is not None:
             _json_stream.close()
         _json_stream = None
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    from tandem.parallel import DEFAULT_BLOCK, DEFAULT_PROPOSER, DECODINGS, SOURCES
+
+    g = p.add_argument_group("decoding (in-process only)")
+    g.add_argument("--decoding", choices=DECODINGS, default="sequential",
+                   help="sequential: one scene token per step (default); jacobi: greedy parallel decoding, several "
+                   "tokens per step, the same tokens (needs an export with the reasoning_verify graph; sampled "
+                   "requests stay sequential)")
+    g.add_argument("--block", type=int, default=DEFAULT_BLOCK,
+                   help=f"jacobi: tokens per row per step, guesses included (default {DEFAULT_BLOCK})")
+    g.add_argument("--proposer", default=DEFAULT_PROPOSER,
+                   help=f"jacobi: proposal sources in order, comma-separated among {', '.join(SOURCES)} "
+                   f"(default {DEFAULT_PROPOSER})")
+
+
+def decoding_summary(pipeline) -> dict | None:
+    """Sequential steps of a jacobi pipeline's generations so far (None for sequential decoding)."""
+    stats = getattr(pipeline, "stats", None)
+    if stats is None or not stats.steps:
+        return None
+    return {
+        "decoding": "jacobi",
+        "block": pipeline.block,
+        "proposer": ",".join(pipeline.sources),
+        "images": len(stats.steps),
+        "mean_steps_per_image": stats.mean_steps,
+        "max_steps_per_image": max(stats.steps),
+        "sequential_steps_per_image": pipeline.config.scene.num_tokens,
+    }

@@ -11,9 +11,11 @@ import numpy as np
 from tandem.cli.common import (
     DEFAULT_CONFIG,
     add_config_argument,
+    add_decoding_arguments,
     add_json_argument,
     bundled_names,
     check_output_path,
+    decoding_summary,
     default_build_dir,
     finish,
     prompt_warning,
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-out", help="also save the scene tokens (.npy) for editing and `tandem render`")
     add_runtime_arguments(p)
     add_sampling_arguments(p)
+    add_decoding_arguments(p)
     add_client_arguments(p)
     p.add_argument("--refinement-server", metavar="URL", help="split path: --server serves reasoning only and this "
                    "server refinement only (the two hops of `tandem deploy`'s InferenceGraph); credentials apply to both")
@@ -182,17 +185,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace):
     from tandem.config import load_config
-    from tandem.pipeline import Pipeline
+    from tandem.parallel import make_pipeline
     from tandem.preflight import require_memory
     from tandem.runtimes import make_runtime
 
     runtime = runtime_name(args.runtime)
     config = load_config(args.config) if args.config else None
+    decoding = {"decoding": getattr(args, "decoding", "sequential"), "block": getattr(args, "block", None),
+                "proposer": getattr(args, "proposer", None)}
+    decoding = {k: v for k, v in decoding.items() if v is not None}
     if runtime == "torch" and config is not None:
         require_memory(config, "inference")
-        return Pipeline(make_runtime(runtime, config=config))
+        return make_pipeline(make_runtime(runtime, config=config), **decoding)
     artifacts = args.artifacts or default_build_dir(config.name if config else DEFAULT_CONFIG)
-    return Pipeline(make_runtime(runtime, artifacts=artifacts))
+    return make_pipeline(make_runtime(runtime, artifacts=artifacts), **decoding)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
@@ -240,6 +246,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     warning = prompt_warning(args.prompt)
     if warning:
         print(f"tandem generate: warning: {warning}", file=sys.stderr, flush=True)
+    if (args.server or args.refinement_server) and args.decoding != "sequential":
+        raise TandemError("--decoding jacobi runs in-process only; drop --server (the server decodes sequentially)")
+    decoding = None
     if args.refinement_server:
         from tandem.deploy.split import SplitClient
 
@@ -255,8 +264,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.server, args.prompt, args.seed, args.temperature, args.top_k, model=args.model, **client_options(args)
         )
     else:
-        result = _pipeline(args).generate(args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k)
+        pipeline = _pipeline(args)
+        result = pipeline.generate(args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k)
         tokens, image = result.tokens, result.image
+        decoding = decoding_summary(pipeline)
+        if decoding:
+            print(f"jacobi decoding: {decoding['mean_steps_per_image']:.0f} sequential steps "
+                  f"(sequential decoding takes {decoding['sequential_steps_per_image']})")
     path = save_png(image, args.out)
     if args.tokens_out:
         save_tokens(tokens, args.tokens_out)
@@ -271,6 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "temperature": args.temperature,
         "top_k": args.top_k,
+        "decoding": decoding or {"decoding": args.decoding},
         "warnings": [warning] if warning else [],
     })
 

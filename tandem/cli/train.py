@@ -11,10 +11,12 @@ from pathlib import Path
 
 from tandem.cli.common import (
     add_config_argument,
+    add_decoding_arguments,
     add_json_argument,
     add_list_argument,
     bundled_names,
     check_output_path,
+    decoding_summary,
     default_build_dir,
     finish,
     runtime_name,
@@ -74,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help=f"JSON report (default {DEFAULT_EVAL_OUT})")
     p.add_argument("--plot", help="PNG contact sheet of generated samples (default: beside --out)")
+    add_decoding_arguments(p)
     p.add_argument("--min-accuracy", type=float, metavar="FRACTION",
                    help="exit 1 when any runtime's held-out image accuracy is below this (0..1, e.g. 0.9)")
     add_json_argument(p)
@@ -135,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         server_generator,
         write_report,
     )
-    from tandem.pipeline import Pipeline
+    from tandem.parallel import make_pipeline
     from tandem.preflight import require_memory, require_server
     from tandem.runtimes import make_runtime
     from tandem.serving.interface import ENSEMBLE
@@ -170,6 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     captions = eval_captions(config, per_count)
     pool = len(eval_captions(config, None))
     sources = []  # (name, description, generate), built before anything is evaluated
+    pipelines = {}
     for name in runtimes:
         if name == "torch":
             runtime = make_runtime("torch", config=config, checkpoint=checkpoint)
@@ -177,7 +181,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runtime = make_runtime(name, artifacts=artifacts)
             if runtime.config.fingerprint() != config.fingerprint():
                 raise TandemError(f"{artifacts} was exported for another config; export {config.name} again")
-        sources.append((name, runtime.describe(), pipeline_generator(Pipeline(runtime))))
+        pipeline = make_pipeline(runtime, args.decoding, args.block, args.proposer)
+        pipelines[name] = pipeline
+        sources.append((name, runtime.describe(), pipeline_generator(pipeline)))
     if args.server:
         sources.append(("triton", f"Triton ensemble at {args.server}", server_generator(args.server, args.model)))
     if per_count is None:
@@ -207,6 +213,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {run.runtime:<12} image {run.accuracy:7.2%}   tokens {run.token_accuracy:7.2%}   ({run.wall_s:.0f} s)   {counts}")
     for a in agreements:
         print(f"  {a.runtimes[0]} vs {a.runtimes[1]}: identical tokens for {a.identical_tokens}/{a.captions} captions")
+    decoding = {name: decoding_summary(p) for name, p in pipelines.items() if decoding_summary(p)}
+    for name, d in decoding.items():
+        print(f"  {name:<12} jacobi decoding: {d['mean_steps_per_image']:.1f} sequential steps per image on average "
+              f"(at most {d['max_steps_per_image']}; sequential decoding takes {d['sequential_steps_per_image']})")
     print(f"report: {out}  samples: {plot}")
     if args.verbose:
         print(json.dumps(report, indent=2))
@@ -238,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "runtimes": {run.runtime: {"accuracy": run.accuracy, "token_accuracy": run.token_accuracy, "wall_s": run.wall_s}
                      for run in runs},
         "all_agree": report["all_agree"],
+        "decoding": decoding or {"decoding": args.decoding},
         "min_accuracy": args.min_accuracy,
         "checks": checks,
     }

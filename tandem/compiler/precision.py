@@ -710,8 +710,10 @@ def cpu_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]) -
 
 
 def is_decode(spec: GraphSpec) -> bool:
-    """The graph that runs once per generated token: a reasoning graph with no prompt axis."""
-    return spec.stage == "reasoning" and "prompt_len" not in spec.dims
+    """The graph that runs once per generated token: a reasoning graph with no prompt axis (and no
+    block axis: the verify graph of parallel decoding stays fp32 until its int8 error is gated on
+    its own feeds)."""
+    return spec.stage == "reasoning" and "prompt_len" not in spec.dims and "block" not in spec.dims
 
 
 # Which rewrite each toolchain applies for each precision is the toolchain's own

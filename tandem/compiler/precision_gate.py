@@ -170,6 +170,8 @@ def record_feeds(
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """The feeds every graph gets when the fp32 pipeline generates from ``prompts`` in batches of
     the given sizes, ``per_graph`` of them per graph and batch size (decode steps spread evenly)."""
+    from tandem.decoding import VERIFY
+    from tandem.parallel import JacobiPipeline
     from tandem.pipeline import Pipeline
     from tandem.runtimes.onnxruntime import OnnxRuntime
 
@@ -182,7 +184,12 @@ def record_feeds(
         chunk = list(prompts[start : start + size])
         start += size
         pipeline.render(pipeline.generate_tokens(chunk))
-        for graph, feeds in recorder.feeds.items():
+        recorded = dict(recorder.feeds)
+        if VERIFY in runtime.sessions:  # the verify graph runs only in parallel decoding: record its steps there
+            parallel = _Recorder(runtime)
+            JacobiPipeline(parallel).generate_tokens(chunk)  # type: ignore[arg-type]
+            recorded[VERIFY] = parallel.feeds.get(VERIFY, [])
+        for graph, feeds in recorded.items():
             picks = np.linspace(0, len(feeds) - 1, min(per_graph, len(feeds))).round().astype(int)
             kept.setdefault(graph, []).extend(feeds[i] for i in sorted(set(picks.tolist())))
     return kept

@@ -202,8 +202,11 @@ def optimize_for_onnxruntime(
 
 
 def validation_cases(spec: GraphSpec) -> list[dict[str, int]]:
-    """Batch 1, an odd batch, the largest batch; for prompts, short, typical and longest."""
+    """Batch 1, an odd batch, the largest batch; for prompts (and verify blocks), short, typical and longest."""
     cases = [{"batch": 1}, {"batch": 3}, {"batch": MAX_BATCH}]
+    if "block" in spec.dims:  # the verify graph: the shortest, typical and longest block
+        r = spec.dims["block"]
+        cases = [{"batch": 1, "block": r.max}, {"batch": 3, "block": r.min}, {"batch": MAX_BATCH, "block": r.opt}]
     if "prompt_len" in spec.dims:
         r = spec.dims["prompt_len"]
         cases = [{"batch": 1, "prompt_len": r.min}, {"batch": 3, "prompt_len": r.opt}, {"batch": 2, "prompt_len": r.max}]

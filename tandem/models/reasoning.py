@@ -89,6 +89,34 @@ class Attention(nn.Module):
         y = (torch.matmul(cache_weights, v_cache) + new_weight * v) / total
         return self._merge(y), k, v
 
+    def forward_block(
+        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k new tokens per row at positions ``start_positions[b] + [0, k)`` (x: [B, k, d]): each
+        query attends to the cache's positions [0, start) and to the block's keys up to its own
+        (causal inside the block). Cache slots at or past ``start`` are never read, whatever they
+        hold (rows a previous block wrote and the caller rolled back). Returns output, and the new
+        keys and values [B, H, k, Dh] for the caller to write at those positions.
+
+        Two-part softmax over a shared maximum, as :meth:`forward_step`: nothing is concatenated."""
+        q, k, v = self._split(x)  # [B, H, k, Dh]
+        batch, width = q.shape[0], q.shape[2]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        lowest = torch.finfo(q.dtype).min
+        slots = torch.arange(k_cache.shape[2], device=x.device)
+        past = (slots.unsqueeze(0) < start_positions.unsqueeze(1)).view(batch, 1, 1, -1)
+        cache_scores = (torch.matmul(q, k_cache.transpose(-1, -2)) * scale).masked_fill(~past, lowest)  # [B, H, k, L]
+        offsets = torch.arange(width, device=x.device)
+        causal = offsets.unsqueeze(0) <= offsets.unsqueeze(1)  # [k, k]: key <= query
+        # Block scores and their weighted values elementwise (k is small), as forward_step treats its
+        # new key: the precision rewrites quantize MatMul inputs, and these stay out of them.
+        block_scores = ((q.unsqueeze(3) * k.unsqueeze(2)).sum(dim=-1) * scale).masked_fill(~causal, lowest)  # [B, H, k, k]
+        peak = torch.maximum(cache_scores.amax(dim=-1, keepdim=True), block_scores.amax(dim=-1, keepdim=True))
+        cache_weights, block_weights = torch.exp(cache_scores - peak), torch.exp(block_scores - peak)
+        total = cache_weights.sum(dim=-1, keepdim=True) + block_weights.sum(dim=-1, keepdim=True)
+        y = (torch.matmul(cache_weights, v_cache) + (block_weights.unsqueeze(-1) * v.unsqueeze(2)).sum(dim=3)) / total
+        return self._merge(y), k, v
+
 
 class MoEFeedForward(nn.Module):
     """Top-k of E SwiGLU experts with renormalised gate weights.
@@ -239,4 +267,29 @@ class ReasoningTransformer(nn.Module):
             new_keys.append(k)
             new_values.append(v)
         logits = self.lm_head(self.final_norm(h.squeeze(1)))
+        return logits, new_keys, new_values
+
+    def verify_step(
+        self,
+        token_ids: torch.Tensor,
+        start_positions: torch.Tensor,
+        past_keys: Sequence[torch.Tensor],
+        past_values: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """k scene tokens per row [B, k] at positions ``start_positions[b] + [0, k)``, with each
+        layer's cache [B, H, max_len, Dh] valid at [0, start) -> next-token logits after each of
+        them [B, k, V] and their keys and values per layer [B, H, k, Dh] (the caller writes them
+        at those positions). Row i of the block sees the cache and block rows [0, i]: its logits
+        are what :meth:`decode_step` gives after feeding the block's tokens one at a time."""
+        width = token_ids.shape[1]
+        positions = start_positions.unsqueeze(1) + torch.arange(width, device=token_ids.device).unsqueeze(0)  # [B, k]
+        h = self.token_embedding(token_ids + SCENE_OFFSET) + self.position_embedding(positions)  # [B, k, d]
+        new_keys, new_values = [], []
+        for block, k_cache, v_cache in zip(self.blocks, past_keys, past_values):
+            attn_out, k, v = block.attn.forward_block(block.attn_norm(h), k_cache, v_cache, start_positions)
+            h = h + attn_out
+            h = h + block.moe(block.ffn_norm(h), sparse=False)
+            new_keys.append(k)
+            new_values.append(v)
+        logits = self.lm_head(self.final_norm(h))
         return logits, new_keys, new_values

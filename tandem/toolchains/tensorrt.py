@@ -23,7 +23,9 @@ class TensorRTToolchain(Toolchain):
     precision_rules = {
         "fp16": lambda spec: cast_to("fp16"),
         "bf16": lambda spec: cast_to("bf16"),
-        "int8": lambda spec: weights_int8 if spec.stage == "reasoning" else qdq("int8"),
+        # The verify graph (parallel decoding) stays fp32 at int8: over k tokens per row a routing
+        # flip somewhere is likely, and its max logit error (0.1-0.2 on tiny) exceeds the gate's.
+        "int8": lambda spec: None if "block" in spec.dims else weights_int8 if spec.stage == "reasoning" else qdq("int8"),
         "fp8": lambda spec: qdq("fp8"),
     }
     calibrated_precisions = frozenset({"int8", "fp8"})
