@@ -382,7 +382,7 @@ def test_bundle_from_a_build(tiny_build: Path, tmp_path: Path, capsys):
     assert "warning: this is a 'tiny' build" in captured.err
     for stage, other in (("reasoning", "refinement"), ("refinement", "reasoning")):
         repo = out / "repositories" / stage
-        assert sorted(p.name for p in repo.iterdir()) == [stage]  # this stage only: no other stage, no ensemble
+        assert sorted(p.name for p in repo.iterdir()) == [stage, "tandem-repository.json"]  # this stage only: no other stage, no ensemble
         assert parse_config(repo / stage / CONFIG_NAME).name == stage
     assert not [p for p in out.rglob("*") if p.name == "__pycache__" or p.suffix in (".pyc", ".pyo")]  # no bytecode
     applied = [o for o in yaml.safe_load_all((out / "manifests" / "kserve.yaml").read_text()) if o]
