@@ -209,11 +209,14 @@ def test_a_client_that_leaves_through_the_front_door_frees_its_slot(server: Trit
             before = events(server)
             futures = backlog(server, requests=WAITING // 2)
             futures[0].result(timeout=120)  # the backlog is running: what follows waits behind the other 15
+            gave_up = True
             if leave == "grpc deadline":
                 stock = grpcclient.InferenceServerClient(server.grpc_url.split("://", 1)[1])
                 try:
-                    with pytest.raises(Exception, match="Deadline"):
-                        stock.infer(ENSEMBLE, infer_inputs(grpcclient, generation_arrays(PROMPTS[1])), client_timeout=0.02)
+                    stock.infer(ENSEMBLE, infer_inputs(grpcclient, generation_arrays(PROMPTS[1])), client_timeout=0.02)
+                    gave_up = False  # answered within its deadline (it did not wait behind the backlog)
+                except Exception as exc:
+                    assert "Deadline" in str(exc), exc
                 finally:
                     stock.close()
             else:
@@ -225,6 +228,8 @@ def test_a_client_that_leaves_through_the_front_door_frees_its_slot(server: Trit
                 tokens = future.result(timeout=120)
                 assert not isinstance(tokens, str), tokens
                 assert np.array_equal(tokens, expected_backlog(pipeline, i))
+            if not gave_up:
+                continue  # this round proves nothing: try again
             if wait_for(lambda: events(server)["cancelled"] > before["cancelled"], timeout_s=5):
                 time.sleep(0.3)
                 after = events(server)
