@@ -247,8 +247,10 @@ def remove_stale_workdirs() -> list[str]:
     return removed
 
 
-def unix_http_get(socket_path: str | Path, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET ``path`` from an HTTP server on a Unix socket (tritonserver behind the front door)."""
+def http_get(path: str, timeout: float = 5.0, socket_path: str | Path | None = None, host: str = "localhost",
+             port: int | None = None) -> tuple[int, bytes]:
+    """GET ``path`` from an HTTP server on a Unix socket (tritonserver behind the front door) or,
+    without ``socket_path``, on ``host:port``."""
     import http.client
 
     class Connection(http.client.HTTPConnection):
@@ -257,7 +259,8 @@ def unix_http_get(socket_path: str | Path, path: str, timeout: float = 5.0) -> t
             self.sock.settimeout(timeout)
             self.sock.connect(str(socket_path))
 
-    connection = Connection("localhost", timeout=timeout)
+    connection = (Connection("localhost", timeout=timeout) if socket_path is not None
+                  else http.client.HTTPConnection(host, port, timeout=timeout))
     try:
         connection.request("GET", path)
         response = connection.getresponse()
@@ -712,16 +715,8 @@ class TritonServer:
     def _upstream_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         """GET from tritonserver itself (its Unix socket behind the front door, else its HTTP port)."""
         if self.front_door:
-            return unix_http_get(self._socket("http"), path, timeout)
-        import http.client
-
-        connection = http.client.HTTPConnection(self._http_host, self.http_port, timeout=timeout)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
+            return http_get(path, timeout, socket_path=self._socket("http"))
+        return http_get(path, timeout, host=self._http_host, port=self.http_port)
 
     def _ready(self) -> bool:
         try:
@@ -855,7 +850,7 @@ class TritonServer:
     # -- drain --------------------------------------------------------------------------------------
     def _metrics_text(self) -> str:
         if self.front_door:
-            status, body = unix_http_get(self._socket("metrics"), "/metrics", 5.0)
+            status, body = http_get("/metrics", 5.0, socket_path=self._socket("metrics"))
             if status != 200:
                 raise OSError(f"tritonserver's metrics answered {status}")
             return body.decode()
