@@ -37,7 +37,7 @@ import numpy as np
 
 from tandem.decoding import VERIFY, make_decode_engine, max_capacity
 from tandem.errors import TandemError
-from tandem.pipeline import Pipeline
+from tandem.pipeline import Pipeline, per_prompt
 from tandem.runtimes.base import Runtime
 from tandem.sampling import SamplingParams
 from tandem.tokenizer import encode_batch
@@ -177,9 +177,7 @@ class JacobiPipeline(Pipeline):
         params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
         on_step: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise TandemError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+        params = per_prompt(prompts, params)
         if any(p.temperature != 0.0 for p in params):
             self.last_stats = ParallelStats(steps=[self.config.scene.num_tokens] * len(prompts))
             return super().generate_tokens(prompts, params, on_step)

@@ -36,6 +36,14 @@ def _keep(outcome) -> None:
     """Pipeline's jobs keep their outcome on the job (``Job.outcome``); nothing else to do."""
 
 
+def per_prompt(prompts: Sequence[str], params: Sequence[SamplingParams] | SamplingParams) -> list[SamplingParams]:
+    """One sampling setting per prompt (one setting given: the same for every prompt)."""
+    params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise TandemError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+    return params
+
+
 class Pipeline:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
@@ -53,9 +61,7 @@ class Pipeline:
     ) -> np.ndarray:
         """Prompts -> scene tokens [B, h, w] int32. ``on_step(i)`` is called once the rows being
         generated have their token ``i`` (0: sampled from the prefill, before the first decode step)."""
-        params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise TandemError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+        params = per_prompt(prompts, params)
         if not prompts:
             raise TandemError("no prompts given")
         scheduler = self.scheduler(min(len(prompts), max_capacity(self.runtime)))
