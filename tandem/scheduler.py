@@ -108,6 +108,7 @@ class InflightScheduler:
         max_prompt_len: int,
         max_waiting: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_wait_s: float | None = None,
     ):
         if num_tokens < 1:
             raise TandemError(f"num_tokens must be >= 1, got {num_tokens}")
@@ -119,6 +120,7 @@ class InflightScheduler:
         self.num_tokens = num_tokens
         self.max_prompt_len = max_prompt_len
         self.max_waiting = max_waiting
+        self.max_wait_s = max_wait_s  # a request still waiting for a slot this long is refused (None: no limit)
         self.clock = clock
         self.waiting: collections.deque[Job] = collections.deque()
         self.stats = SchedulerStats()
@@ -254,6 +256,13 @@ class InflightScheduler:
             return f"the request timed out after {job.timeout_s:.3f} s (its timeout); retry with a longer timeout"
         return None
 
+    def _waited_too_long(self, job: Job, now: float) -> str | None:
+        if self.max_wait_s is None or now - job.timing.arrival < self.max_wait_s:
+            return None
+        self.stats.timed_out += 1
+        return (f"the request waited {now - job.timing.arrival:.1f} s for a slot (the server's queue timeout is "
+                f"{self.max_wait_s:g} s); retry later, or serve with more slots or servers")
+
     def _evict_abandoned(self) -> list[Row]:
         """The occupied rows to drop this step, answered now (their slots are freed by the runner)."""
         now = self.clock()
@@ -272,8 +281,10 @@ class InflightScheduler:
         with self._lock:
             while self.waiting and len(taken) < free:
                 job = self.waiting.popleft()
-                reason = self._abandoned(job, now)
+                reason = self._abandoned(job, now) or self._waited_too_long(job, now)
                 (dropped.append((job, reason)) if reason else taken.append(job))
+            while self.waiting and (reason := self._waited_too_long(self.waiting[0], now)):  # no slot, and waited too long
+                dropped.append((self.waiting.popleft(), reason))
         for job, reason in dropped:
             self._answer(job, None, f"{reason} (before it started)", cancelled=True)
         return [Row(job.input_ids, job.params, self.num_tokens, timing=job.timing, owner=job) for job in taken]

@@ -307,7 +307,18 @@ def test_work_reasoning_admitted_is_never_refused_at_refinement(tmp_path_factory
             stats = client.get_inference_statistics(REFINEMENT, as_json=True)["model_stats"][0]["inference_stats"]
             return int(stats["success"].get("count", 0)), int(stats["fail"].get("count", 0))
 
-        before = refinement_stats()
+        def settled() -> tuple[int, int]:
+            # The render thread answers through the response sender; Triton counts the request just
+            # after: read until two reads 0.2 s apart agree (the warm-up's count may still be coming).
+            previous = refinement_stats()
+            while True:
+                time.sleep(0.2)
+                current = refinement_stats()
+                if current == previous:
+                    return current
+                previous = current
+
+        before = settled()
         futures: list[Future] = []
         renders: list[Future] = []
         scene = tokens_array(np.zeros((8, 4, 4), dtype=np.int32))  # eight 4x4 grids
@@ -325,10 +336,11 @@ def test_work_reasoning_admitted_is_never_refused_at_refinement(tmp_path_factory
                 into.append(future)
         results = [future.result(timeout=180) for future in futures]
         rendered = [future.result(timeout=180) for future in renders]
-        after = refinement_stats()
-        client.close()
         refused = [r for r in results if isinstance(r, str)]
         images = [r for r in results if not isinstance(r, str)]
+        wait_for(lambda: refinement_stats()[0] - before[0] >= len(images) + len(renders), timeout_s=10.0)
+        after = settled()
+        client.close()
         assert images, refused[:3]
         # Refinement refused nothing: every generation that reached it came back as an image.
         assert all(not isinstance(r, str) for r in rendered), [r for r in rendered if isinstance(r, str)][:3]

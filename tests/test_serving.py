@@ -58,6 +58,33 @@ def test_edited_tokens_render_through_refinement(url: str, pipeline: Pipeline):
     assert np.array_equal(render_remote(url, edited)[0], pipeline.render(edited)[0])
 
 
+def test_concurrent_renders_each_get_their_own_images(url: str, pipeline: Pipeline):
+    """Refinement forms its own batches (a render thread, no Triton batcher): requests of 1 to 3
+    rows sent at once, one of them with tokens outside the codebook, are rendered together where
+    they meet, and every request gets exactly its own images (bitwise) or its own error."""
+    rng = np.random.default_rng(5)
+    size = pipeline.config.scene.codebook_size
+    jobs = [rng.integers(0, size, size=(1 + i % 3, *pipeline.grid)) for i in range(9)]
+    jobs[4] = np.full((2, *pipeline.grid), size + 7)  # outside the codebook: refused alone
+
+    def render(tokens: np.ndarray):
+        wire = np.ascontiguousarray(tokens.reshape(len(tokens), -1), dtype=np.int32)  # the server checks them
+        with TandemClient(url) as client:
+            try:
+                return client.infer(REFINEMENT, {SCENE_TOKENS: wire}, [IMAGE])[IMAGE]
+            except TandemError as exc:
+                return exc
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(render, jobs))
+    for index, (tokens, answer) in enumerate(zip(jobs, answers)):
+        if index == 4:
+            assert isinstance(answer, TandemError) and "outside the codebook" in str(answer)
+        else:
+            assert not isinstance(answer, Exception), answer
+            assert np.array_equal(answer, pipeline.render(tokens))
+
+
 def test_multi_prompt_request_samples_each_row_with_its_own_settings(url: str, pipeline: Pipeline):
     seeds, temps, top_ks = [1, 2, 3, 4], [0.0, 0.7, 1.0, 0.9], [0, 4, 0, 16]
     with TandemClient(url) as client:

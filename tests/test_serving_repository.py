@@ -41,24 +41,29 @@ def test_every_config_parses_with_tritons_schema(tmp_path: Path, tiny_artifacts:
     for name in (REASONING, REFINEMENT):
         c = configs[name]
         assert c.name == name and c.max_batch_size == 4
-        assert list(c.dynamic_batching.preferred_batch_size) == [2, 4]
-        policy = c.dynamic_batching.default_queue_policy
-        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
         assert len(c.instance_group) == 1 and c.instance_group[0].count == 1
         assert c.parameters["tandem.grid"].string_value == "4x4"
-    # Refinement behind reasoning only gets work reasoning admitted and finished: no queue limit and
-    # no default timeout there, so admitted work is never thrown away (a client's timeout still applies).
-    refinement = configs[REFINEMENT].dynamic_batching
-    assert refinement.max_queue_delay_microseconds > 0
-    assert refinement.default_queue_policy.max_queue_size == 0 and refinement.default_queue_policy.default_timeout_microseconds == 0
-    assert configs[REASONING].dynamic_batching.default_queue_policy.default_timeout_microseconds == 60_000_000
-    # In-flight batching (the default): reasoning takes requests at every decode step, so it never
-    # waits to fill a batch; its scheduler holds the 16 waiting prompts, Triton's queue is a backstop.
+    # The python models form their own batches, so Triton's dynamic batcher is left out (its batcher
+    # thread can sit out a 500 ms wait on Triton 2.51, see stage_config): in-flight reasoning takes a
+    # request at every decode step and holds the 16 waiting prompts itself, with the queue timeout.
     reasoning = configs[REASONING]
+    assert not reasoning.HasField("dynamic_batching")
     assert reasoning.parameters["scheduler"].string_value == "inflight"
     assert reasoning.parameters["max_waiting"].string_value == "16"
-    assert reasoning.dynamic_batching.max_queue_delay_microseconds == 0
-    assert reasoning.dynamic_batching.default_queue_policy.max_queue_size >= 16
+    assert reasoning.parameters["queue_timeout_ms"].string_value == "60000"
+    # Refinement behind reasoning only gets work reasoning admitted and finished: no waiting limit and
+    # no queue timeout there, so admitted work is never thrown away (a client's timeout still applies).
+    refinement = configs[REFINEMENT]
+    if flavor == "native":  # Triton's onnxruntime backend: Triton batches it
+        assert list(refinement.dynamic_batching.preferred_batch_size) == [2, 4]
+        policy = refinement.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
+        assert refinement.dynamic_batching.max_queue_delay_microseconds > 0
+        assert policy.max_queue_size == 0 and policy.default_timeout_microseconds == 0
+    else:  # the render thread batches it, after a gather window
+        assert not refinement.HasField("dynamic_batching")
+        assert int(refinement.parameters["max_queue_delay_us"].string_value) > 0
+        assert "max_waiting" not in refinement.parameters and "queue_timeout_ms" not in refinement.parameters
     assert configs[REASONING].backend == "python"
     assert [i.name for i in configs[REASONING].input] == [PROMPT, "seed", "temperature", "top_k"]
     assert configs[REASONING].input[0].data_type == mc.TYPE_STRING
@@ -209,7 +214,7 @@ def test_later_targets_plug_into_the_writer(tmp_path: Path, tiny_artifacts: Path
         config = parse(repo / REFINEMENT / "config.pbtxt")
         assert config.parameters["label"].string_value == "x1"
         assert config.parameters["tandem.flavor"].string_value == "test-plain"
-        assert config.dynamic_batching.default_queue_policy.max_queue_size == 0  # behind reasoning: never refuses its work
+        assert "max_waiting" not in config.parameters  # behind reasoning: never refuses its work
         assert parse(repo / REASONING / "config.pbtxt").parameters["max_waiting"].string_value == "32"
         assert sorted(p.name for p in (repo / REFINEMENT / "1" / "artifacts").iterdir()) == ["manifest.json", "refinement.onnx"]
         with pytest.raises(TandemError, match="unknown repository option"):
@@ -233,10 +238,10 @@ def test_request_level_batching_stays_selectable(tmp_path: Path, tiny_artifacts:
 
 def test_refinement_alone_keeps_its_queue_limit(tmp_path: Path, tiny_artifacts: Path):
     """A one-stage refinement repository (a split deployment's pool) faces clients itself: its
-    queue stays bounded and timed out; only behind reasoning is it unbounded."""
+    waiting rows stay bounded and timed out; only behind reasoning is it unbounded."""
     repo = write_repository(tiny_artifacts, tmp_path / "repo", max_batch_size=4, max_queue_size=3, stages=(REFINEMENT,))
-    policy = parse(repo / REFINEMENT / "config.pbtxt").dynamic_batching.default_queue_policy
-    assert policy.max_queue_size == 3 and policy.default_timeout_microseconds == 60_000_000
+    config = parse(repo / REFINEMENT / "config.pbtxt")
+    assert config.parameters["max_waiting"].string_value == "3" and config.parameters["queue_timeout_ms"].string_value == "60000"
 
 
 def test_every_served_file_is_checked_against_what_tandem_wrote(tmp_path: Path, tiny_artifacts: Path):
@@ -317,10 +322,11 @@ def _runtime_options(repo: Path, model: str) -> dict:
     return json.loads(config.parameters["runtime_options"].string_value), config.parameters["tandem.threads"].string_value
 
 
-def test_stages_share_a_thread_budget_without_oversubscribing_it(tmp_path: Path, tiny_artifacts: Path):
+def test_stages_share_a_thread_budget_in_time(tmp_path: Path, tiny_artifacts: Path):
     """Issue 27: each python-backend stub's ONNX Runtime sessions defaulted to one intra-op thread per
-    core, spinning, in every stage: 4 spinning threads on 2 cores. The repository writer now splits
-    a thread budget between the stages (recorded in each config.pbtxt); explicit settings override."""
+    core with ONNX Runtime's spinning (idle threads keep spinning after a run), in every stage. Each
+    stage now has the thread budget, its threads spinning only inside a run (recorded in each
+    config.pbtxt); instances divide it; explicit settings override."""
     from tandem.serving.repository import available_cores
 
     for budget in (1, 2, 3, 8):
@@ -328,24 +334,22 @@ def test_stages_share_a_thread_budget_without_oversubscribing_it(tmp_path: Path,
         reasoning, said = _runtime_options(repo, REASONING)
         refinement, _ = _runtime_options(repo, REFINEMENT)
         assert reasoning["inter_op_threads"] == refinement["inter_op_threads"] == 1
-        total = reasoning["intra_op_threads"] + refinement["intra_op_threads"]
-        assert total == max(budget, 2) and reasoning["intra_op_threads"] >= refinement["intra_op_threads"] >= 1
-        assert reasoning["spinning"] == (total <= budget)  # threads that must share a core do not spin
-        assert f"of a {budget}-core budget" in said
+        assert reasoning["intra_op_threads"] == refinement["intra_op_threads"] == budget
+        assert reasoning["spinning"] == refinement["spinning"] == "run"
+        assert f"of a {budget}-core budget" in said and "spinning run" in said
     repo = write_repository(tiny_artifacts, tmp_path / "default")
-    reasoning, _ = _runtime_options(repo, REASONING)
-    refinement, _ = _runtime_options(repo, REFINEMENT)
-    assert reasoning["intra_op_threads"] + refinement["intra_op_threads"] == max(available_cores(), 2)
-    # two instances share their stage's share; a one-stage repository gives its stage the budget
+    assert _runtime_options(repo, REASONING)[0]["intra_op_threads"] == available_cores()
     repo = write_repository(tiny_artifacts, tmp_path / "instances", thread_budget=8, instances=2)
-    assert _runtime_options(repo, REASONING)[0]["intra_op_threads"] == 2
-    repo = write_repository(tiny_artifacts, tmp_path / "one", thread_budget=4, stages=(REFINEMENT,))
-    assert _runtime_options(repo, REFINEMENT)[0]["intra_op_threads"] == 4
-    repo = write_repository(tiny_artifacts, tmp_path / "explicit", thread_budget=4, intra_op_threads=3)
-    assert _runtime_options(repo, REASONING)[0]["intra_op_threads"] == 3 and not _runtime_options(repo, REASONING)[0]["spinning"]
+    assert _runtime_options(repo, REASONING)[0]["intra_op_threads"] == 4
+    repo = write_repository(tiny_artifacts, tmp_path / "explicit", thread_budget=4, intra_op_threads=3, spinning="never")
+    assert _runtime_options(repo, REASONING)[0]["intra_op_threads"] == 3 and _runtime_options(repo, REASONING)[0]["spinning"] == "never"
+    with pytest.raises(TandemError, match="spinning must be one of"):
+        write_repository(tiny_artifacts, tmp_path / "bad-spin", spinning="sometimes")
     with pytest.raises(TandemError, match="thread_budget must be >= 1"):
         write_repository(tiny_artifacts, tmp_path / "bad", thread_budget=0)
     # the sessions really get them
     runtime = make_runtime("onnxruntime", artifacts=repo / REASONING / "1" / "artifacts",
                            **{k: v for k, v in _runtime_options(repo, REASONING)[0].items()})
-    assert runtime.sessions["reasoning_decode"].get_session_options().intra_op_num_threads == 3
+    options = runtime.sessions["reasoning_decode"].get_session_options()
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

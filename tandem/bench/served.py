@@ -307,8 +307,11 @@ def _queue_limits(repository: Path) -> dict[str, int | None]:
 
         for config_path in sorted(repository.glob("*/config.pbtxt")):
             config = parse_config(config_path)
-            if config.HasField("dynamic_batching"):
+            if config.HasField("dynamic_batching"):  # Triton's queue
                 limits[config.name] = int(config.dynamic_batching.default_queue_policy.max_queue_size) or None
+            elif config.name in ("reasoning", "refinement"):  # a model that batches itself: its waiting limit
+                value = config.parameters["max_waiting"].string_value if "max_waiting" in config.parameters else ""
+                limits[config.name] = int(value) if value.isdigit() and int(value) else None
     except Exception:  # the limits are context for the report, never a reason to fail it
         pass
     return limits

@@ -66,14 +66,18 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     add_list_argument(g, "--preferred-batch-sizes", item_type=positive_int, legacy_spaces=True,
                       help="dynamic batching preferred sizes, comma-separated (e.g. 2,4,8)")
     g.add_argument("--max-queue-delay-us", type=int,
-                   help="dynamic batching delay (default 1000 refinement; reasoning 0 in-flight, 5000 request-level)")
-    g.add_argument("--max-queue-size", type=int, help="queued requests per model before rejecting (default 4 x batch)")
-    g.add_argument("--queue-timeout-ms", type=int, default=60_000, help="reject requests queued longer (default 60000)")
+                   help="how long a batch waits to fill: refinement's render thread (default 2000), Triton's dynamic "
+                   "batcher for request-level reasoning (default 5000); in-flight reasoning never waits")
+    g.add_argument("--max-queue-size", type=int, help="waiting prompts (rows) per model before refusing more (default 4 x batch)")
+    g.add_argument("--queue-timeout-ms", type=int, default=60_000, help="refuse requests still waiting to start after this "
+                   "long (default 60000)")
     g.add_argument("--instances", type=int, default=1, help="model instances per model")
     g.add_argument("--instance-kind", choices=("cpu", "gpu"), help="default: the flavor's")
-    g.add_argument("--thread-budget", type=int, metavar="CORES", help="cores the served stages share (default: the cores "
-                   "this process may use); split between reasoning and refinement so their ONNX Runtime threads never "
-                   "oversubscribe them, recorded as tandem.threads in each config.pbtxt")
+    g.add_argument("--thread-budget", type=int, metavar="CORES", help="cores the served stages share in time (default: "
+                   "the cores this process may use): each stage's ONNX Runtime pool gets them, instances divide them; "
+                   "recorded as tandem.threads in each config.pbtxt")
+    g.add_argument("--spinning", choices=("always", "run", "never"), default="run", help="how idle ONNX Runtime threads "
+                   "wait: spin only inside a run (default), always (ONNX Runtime's default), or never")
     g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads per session for every "
                    "stage (default 0: from --thread-budget)")
     g.add_argument("--model-version", dest="version", type=int, help="version folder to write (default: next)")
@@ -143,6 +147,7 @@ def repository_options(args: argparse.Namespace) -> dict:
         "instance_kind": args.instance_kind,
         "intra_op_threads": args.intra_op_threads,
         "thread_budget": args.thread_budget,
+        "spinning": args.spinning,
         "version": args.version,
         "keep_versions": args.keep_versions,
         "link": args.link,

@@ -30,6 +30,22 @@ def available_providers(device: str = "auto") -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in present]
 
 
+SPINNING = ("always", "run", "never")
+
+
+def spinning_mode(value: bool | str) -> str:
+    """How idle intra-op threads wait: ``always`` (ONNX Runtime's default: they spin between runs
+    too, the fastest when nothing else wants the cores), ``run`` (they spin within a run and stop
+    when it returns: a step's many small nodes still hand over quickly, and the cores are free
+    between steps for whatever shares them) or ``never`` (they sleep at once). True/False mean
+    always/never."""
+    if value is True or value is False:
+        return "always" if value else "never"
+    if value not in SPINNING:
+        raise TandemError(f"spinning must be one of {SPINNING} (or true/false), not {value!r}")
+    return value
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
@@ -40,7 +56,7 @@ class OnnxRuntime(Runtime):
         device: str = "auto",
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
-        spinning: bool = True,
+        spinning: bool | str = "run",
         graphs: list[str] | None = None,
         graph_optimization: str = "all",
     ):
@@ -55,6 +71,7 @@ class OnnxRuntime(Runtime):
         if graph_optimization not in GRAPH_OPTIMIZATION:
             raise TandemError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, not {graph_optimization!r}")
         self.graph_optimization = graph_optimization
+        self.spinning = spinning_mode(spinning)
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name in graphs or list(self.manifest.graphs):
             if name not in self.manifest.graphs:
@@ -63,8 +80,10 @@ class OnnxRuntime(Runtime):
             options = ort.SessionOptions()
             options.intra_op_num_threads = intra_op_threads
             options.inter_op_num_threads = inter_op_threads
-            if not spinning:  # idle threads sleep instead of spinning (a server's stages share the cores)
+            if self.spinning == "never":  # idle threads sleep instead of spinning
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            elif self.spinning == "run":  # they spin between a run's nodes, and stop when the run returns
+                options.add_session_config_entry("session.force_spinning_stop", "1")
             options.log_severity_level = 3
             # The offline (EXTENDED) optimisation is portable; ALL adds, at load, what depends on the
             # CPU at hand (blocked NCHWc convolution layouts) - the level export validated with.

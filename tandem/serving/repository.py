@@ -72,6 +72,8 @@ from tandem.serving.interface import (
 from tandem.serving.models.common import (
     PARAM_ARTIFACTS,
     PARAM_MAX_WAITING,
+    PARAM_QUEUE_DELAY,
+    PARAM_QUEUE_TIMEOUT,
     PARAM_RUNTIME,
     PARAM_RUNTIME_OPTIONS,
     PARAM_SCHEDULER,
@@ -88,12 +90,11 @@ REPOSITORY_MANIFEST = "tandem-repository.json"  # at the repository's root: what
 ARTIFACTS_DIR = "artifacts"  # inside a python-backend version folder
 ENSEMBLE_INTERNAL_TOKENS = "reasoning_scene_tokens"  # reasoning -> refinement inside the ensemble
 
-# Why these defaults: a reasoning batch runs hundreds of decode steps, so waiting a few ms to fill
-# it is cheap; refinement is one short graph run, so it waits less. With in-flight batching the
-# reasoning model takes requests at every decode step and must not wait at all.
-DEFAULT_QUEUE_DELAY_US = {REASONING: 5_000, REFINEMENT: 1_000}
-INFLIGHT_QUEUE_DELAY_US = 0
-INFLIGHT_BACKSTOP_QUEUE = 256  # requests in Triton's queue in front of the in-flight scheduler (see stage_config)
+# Why these defaults: a reasoning batch (request-level scheduler) runs hundreds of decode steps, so
+# waiting a few ms to fill it is cheap; refinement is one short graph run, so it waits less (Triton's
+# batcher for native backends, the render thread's gather window for the python model). The
+# in-flight scheduler never waits: a request joins at the next decode step.
+DEFAULT_QUEUE_DELAY_US = {REASONING: 5_000, REFINEMENT: 2_000}
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class RepositoryOptions:
     preferred_batch_sizes: tuple[int, ...] | None = None  # default: powers of two in [2, max_batch_size]
     max_queue_delay_us: int | None = None  # default: DEFAULT_QUEUE_DELAY_US per model
     max_queue_size: int | None = None  # requests waiting per model before new ones are rejected; default 4x batch
-    queue_timeout_ms: int = 60_000  # a request queued this long is rejected (clients may ask for less)
+    queue_timeout_ms: int = 60_000  # a request waiting this long before it starts is rejected (clients may ask for less)
     instances: int = 1  # model instances (python backend: stub processes) per model
     instance_kind: str | None = None  # "cpu" | "gpu"; default: the flavor's
     intra_op_threads: int = 0  # ONNX Runtime threads per session, every stage (0 = from the thread budget)
@@ -112,6 +113,10 @@ class RepositoryOptions:
     # stages (see thread_plan) so their ONNX Runtime thread pools never oversubscribe the machine.
     thread_budget: int | None = None
     stage_threads: tuple[tuple[str, int], ...] | None = None  # explicit (stage, intra-op threads) pairs
+    spinning: str = "run"  # how idle ONNX Runtime threads wait: always | run | never (see thread_plan)
+    # Put Triton's dynamic batcher in front of models that batch themselves too (only to measure what
+    # leaving it out saves: benchmarks/batcher_stall.py; see stage_config).
+    triton_batcher: bool = False
     optimized: bool = True  # ship ONNX Runtime's offline-optimised graphs (python backend), as in-process does
     version: int | None = None  # version folder to write; default: one above the newest present
     keep_versions: int = 2  # older version folders are deleted (the newest N stay, for rollback)
@@ -142,6 +147,10 @@ class RepositoryOptions:
             raise TandemError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.keep_versions < 1:
             raise TandemError(f"keep_versions must be >= 1, got {self.keep_versions}")
+        from tandem.runtimes.onnxruntime import SPINNING
+
+        if self.spinning not in SPINNING:
+            raise TandemError(f"spinning must be one of {SPINNING}, got {self.spinning!r}")
         if self.thread_budget is not None and self.thread_budget < 1:
             raise TandemError(f"thread_budget must be >= 1 core, got {self.thread_budget}")
         if self.intra_op_threads < 0:
@@ -211,6 +220,10 @@ class ModelTarget(ABC):
     @abstractmethod
     def populate(self, ctx: BuildContext, stage: str, version_dir: Path) -> None: ...
 
+    def batches_itself(self, stage: str, options: "RepositoryOptions") -> bool:
+        """Whether the served model forms its own batches (then Triton's dynamic batcher is left out)."""
+        return False
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -261,33 +274,38 @@ def available_cores() -> int:
 class StageThreads:
     intra_op: int  # ONNX Runtime intra-op threads per session of one instance
     inter_op: int  # inter-op threads (1: the graphs run their nodes in order)
-    spinning: bool  # idle intra-op threads spin (only when the stages' threads fit the budget)
+    spinning: str  # how idle intra-op threads wait (tandem.runtimes.onnxruntime.SPINNING)
 
     def describe(self) -> str:
-        return f"{self.intra_op} intra-op + {self.inter_op} inter-op threads{'' if self.spinning else ', no spinning'}"
+        return f"{self.intra_op} intra-op + {self.inter_op} inter-op threads, spinning {self.spinning}"
 
 
 def thread_plan(options: RepositoryOptions, stages: tuple[str, ...]) -> dict[str, StageThreads]:
-    """Each stage's ONNX Runtime threads from the thread budget, so the stages' pools never
-    oversubscribe the cores (ONNX Runtime defaults to one intra-op thread per core in EVERY session,
-    and idle threads spin: two stages on 2 cores used to run 4 spinning threads). Reasoning (a
-    generation is hundreds of sequential decode steps) gets the larger share; a one-stage repository
-    gives its stage the whole budget; instances divide their stage's share. An explicit
-    ``intra_op_threads`` (every stage) or ``stage_threads`` overrides the split."""
+    """Each stage's ONNX Runtime threads from the thread budget (default: the cores this process may
+    use). The stages share the budget in time, not in space: each stage's pool has the whole budget
+    (divided among its instances) and spins only inside a run, sleeping as soon as the run returns
+    (``spinning: run``), so a stage that is not running costs the other nothing. Reasoning runs
+    almost all the time (hundreds of decode steps per image); refinement renders a batch of finished
+    rows in a few milliseconds, mostly while reasoning waits for the next requests.
+
+    Why (measured on 2 cores, served c=8 vs in-process batch 8 in interleaved rounds; the figures are
+    in ``benchmarks/results/thread-plans-*``): one thread per stage (a split in space) left a core idle
+    most of the time; ONNX Runtime's default spinning (idle threads keep spinning after a run) starved
+    the stub's ``execute`` and every other session's pool, so new arrivals waited longer for their
+    first step; without spinning at all a batch-1 step is slower (waking the threads costs more than
+    the step's small nodes). Spinning only inside a run keeps both.
+
+    An explicit ``intra_op_threads`` (every stage) or ``stage_threads`` overrides the split."""
     budget = options.thread_budget or available_cores()
     if options.intra_op_threads:
         per = {stage: options.intra_op_threads for stage in stages}
     elif options.stage_threads:
         given = dict(options.stage_threads)
         per = {stage: given.get(stage, 1) for stage in stages}
-    elif len(stages) == 1:
-        per = {stages[0]: budget}
     else:
-        refinement = max(1, budget // 2)
-        per = {REASONING: max(1, budget - refinement), REFINEMENT: refinement}
+        per = {stage: budget for stage in stages}
     per = {stage: max(1, threads // options.instances) for stage, threads in per.items()}
-    fits = sum(per.values()) * options.instances <= budget
-    return {stage: StageThreads(per[stage], 1, fits) for stage in stages}
+    return {stage: StageThreads(per[stage], 1, options.spinning) for stage in stages}
 
 
 class PythonRuntimeTarget(ModelTarget):
@@ -300,6 +318,11 @@ class PythonRuntimeTarget(ModelTarget):
     def __init__(self, runtime: str = "onnxruntime", default_instance_kind: str = "cpu"):
         self.runtime = runtime
         self.default_instance_kind = default_instance_kind
+
+    def batches_itself(self, stage: str, options: "RepositoryOptions") -> bool:
+        """Refinement's render thread always; reasoning under the in-flight scheduler (request-level
+        reasoning is defined by the batches Triton's dynamic batcher forms)."""
+        return stage == REFINEMENT or options.scheduler == SCHEDULER_INFLIGHT
 
     def runtime_options(self, ctx: BuildContext, stage: str) -> dict[str, Any]:
         threads = thread_plan(ctx.options, ctx.stages)[stage]
@@ -318,7 +341,7 @@ class PythonRuntimeTarget(ModelTarget):
         set_parameter(config, PARAM_RUNTIME_OPTIONS, json.dumps(self.runtime_options(ctx, stage), sort_keys=True))
         budget = ctx.options.thread_budget or available_cores()
         threads = thread_plan(ctx.options, ctx.stages)[stage]
-        set_parameter(config, PARAM_THREADS, f"{threads.describe()} per instance, of a {budget}-core budget")
+        set_parameter(config, PARAM_THREADS, f"{threads.describe()} per instance, of a {budget}-core budget shared in time")
         set_parameter(config, "tandem.precision", (ctx.manifest.precision or {}).get("precision", "fp32"))
 
     def collect_files(self, ctx: BuildContext, stage: str) -> list[tuple[Path, str]]:
@@ -438,39 +461,47 @@ def _common_parameters(ctx: BuildContext, config: mc.ModelConfig) -> None:
 
 
 def stage_config(ctx: BuildContext, stage: str, target: ModelTarget, behind_reasoning: bool = False) -> mc.ModelConfig:
-    """config.pbtxt of a composing model: I/O, dynamic batching with a bounded, timed-out queue, instances.
+    """config.pbtxt of a composing model: I/O, batching with a bounded queue, instances.
+
+    A model that forms its own batches (:meth:`ModelTarget.batches_itself`: the in-flight reasoning
+    scheduler, the python refinement model's render thread) gets no ``dynamic_batching``: every
+    request goes straight to its instance, whose ``execute`` only hands it over, and its waiting
+    limit is the parameter ``max_waiting`` (``max_queue_size``, in prompts or rows), refused at once
+    with the reason. Triton's dynamic batcher would add nothing there and costs up to 500 ms: on
+    Triton 2.51 its batcher thread can miss the notification that the instance is free and then
+    waits out its 500 ms default (see :mod:`tandem.serving.models.refinement`). Every other model
+    (Triton's native backends, request-level reasoning) is batched by Triton with a bounded,
+    timed-out queue.
 
     ``behind_reasoning``: refinement inside the ensemble, which only ever gets requests reasoning
     already admitted and finished. Its queue is then unbounded and has no default timeout: a
     bound there could only throw away a finished generation (``--max-queue-size 2`` once refused 3
     at refinement), and reasoning's own limits (slots + waiting prompts, its timeout) already bound
-    what enters the ensemble. A client's own timeout still applies (allow_timeout_override)."""
+    what enters the ensemble. A client's own timeout still applies."""
     opts = ctx.options
     config = mc.ModelConfig(name=stage, max_batch_size=opts.max_batch_size)
     config.version_policy.latest.num_versions = 1
     _add_tensors(config, ctx.served[stage])
-    batching = config.dynamic_batching
-    batching.preferred_batch_size.extend(opts.batch_sizes())
-    inflight = stage == REASONING and opts.scheduler == SCHEDULER_INFLIGHT
-    default_delay = INFLIGHT_QUEUE_DELAY_US if inflight else DEFAULT_QUEUE_DELAY_US[stage]
-    delay = opts.max_queue_delay_us if opts.max_queue_delay_us is not None else default_delay
-    batching.max_queue_delay_microseconds = delay
-    policy = batching.default_queue_policy
-    policy.timeout_action = mc.ModelQueuePolicy.REJECT
-    policy.default_timeout_microseconds = opts.queue_timeout_ms * 1000
-    policy.allow_timeout_override = True
     queue_size = opts.max_queue_size or 4 * opts.max_batch_size
-    policy.max_queue_size = queue_size
-    if behind_reasoning:  # admission happened at reasoning: never refuse its finished work here (see above)
-        policy.max_queue_size = 0  # Triton: no limit
-        policy.default_timeout_microseconds = 0  # Triton: no timeout unless the client sets one
-    if inflight:
-        # execute() hands requests to the scheduler at once, so they wait in the scheduler's queue,
-        # which refuses beyond max_queue_size prompts with the reason and the fix. Triton's own
-        # queue only holds a burst for as long as execute() takes to drain it; its limit is a
-        # backstop, large enough that a burst reaches the scheduler's clear refusal first.
-        policy.max_queue_size = max(INFLIGHT_BACKSTOP_QUEUE, 4 * queue_size * opts.max_batch_size)
-        set_parameter(config, PARAM_MAX_WAITING, str(queue_size))
+    delay = opts.max_queue_delay_us if opts.max_queue_delay_us is not None else DEFAULT_QUEUE_DELAY_US[stage]
+    if target.batches_itself(stage, opts) and not opts.triton_batcher:
+        if stage == REFINEMENT:  # its render thread's gather window (the in-flight scheduler never waits)
+            set_parameter(config, PARAM_QUEUE_DELAY, str(delay))
+        if not behind_reasoning:  # (behind reasoning: unbounded, no timeout; see above)
+            set_parameter(config, PARAM_MAX_WAITING, str(queue_size))
+            set_parameter(config, PARAM_QUEUE_TIMEOUT, str(opts.queue_timeout_ms))
+    else:
+        batching = config.dynamic_batching
+        batching.preferred_batch_size.extend(opts.batch_sizes())
+        batching.max_queue_delay_microseconds = delay
+        policy = batching.default_queue_policy
+        policy.timeout_action = mc.ModelQueuePolicy.REJECT
+        policy.default_timeout_microseconds = opts.queue_timeout_ms * 1000
+        policy.allow_timeout_override = True
+        policy.max_queue_size = queue_size
+        if behind_reasoning:  # admission happened at reasoning: never refuse its finished work here (see above)
+            policy.max_queue_size = 0  # Triton: no limit
+            policy.default_timeout_microseconds = 0  # Triton: no timeout unless the client sets one
     kind = (opts.instance_kind or target.default_instance_kind).lower()
     config.instance_group.add(
         count=opts.instances, kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU

@@ -34,10 +34,10 @@ are ``tandem_reasoning_scheduler_total{event=...}``. Imported only inside Triton
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +58,7 @@ from tandem.serving.models.common import (
     load_pipeline,
     model_parameters,
     parse_prompts,
+    queue_timeout_s,
     parse_sampling,
     request_id,
     scheduler_kind,
@@ -71,6 +72,10 @@ FIRST_STEP_METRIC = "tandem_reasoning_first_step_seconds"
 QUEUE_METRIC = "tandem_reasoning_queue_seconds"
 SCHEDULER_METRIC = "tandem_reasoning_scheduler_total"
 CANCEL_POLL_S = 0.05  # how often each row asks Triton whether its request was cancelled (see submit)
+# Under `tandem serve` every client comes through the front door, whose markers cover cancellation;
+# Triton is then asked only as a backstop: each ask is a round trip to the Triton process, 8 rows
+# every 50 ms kept the poller asking a fifth of the time, and the scheduler thread waited for it.
+CANCEL_BACKSTOP_POLL_S = 0.5
 # Geometric buckets, 1.15x apart from 0.5 ms to ~2 min: a percentile read from them is within 15%.
 TIMING_BUCKETS = [float(f"{0.0005 * 1.15**i:.6g}") for i in range(90)]
 
@@ -163,25 +168,44 @@ class SchedulerCounters:
 class Outbox:
     """Round trips to the Triton process (response sends, metric updates) run on this thread, never
     on the scheduler's loop thread: a decode step, and so a new arrival's first step, never waits for
-    one (each is an IPC message the stub waits on). FIFO, so a request's metrics precede nothing."""
+    one (each is an IPC message the stub waits on). Responses go first: when a batch's rows finish
+    in the same step, every response leaves before any of their metric updates (in posting order
+    within each kind)."""
 
     def __init__(self, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses: collections.deque = collections.deque()
+        self._updates: collections.deque = collections.deque()
+        self._ready = threading.Condition()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def post(self, action: Callable[[], None]) -> None:
-        self._queue.put(action)
+    def post(self, action: Callable[[], None], response: bool = False) -> None:
+        with self._ready:
+            (self._responses if response else self._updates).append(action)
+            self._ready.notify()
+
+    def _next(self) -> Callable[[], None] | None:
+        with self._ready:
+            while not (self._responses or self._updates or self._closing):
+                self._ready.wait()
+            if self._responses:
+                return self._responses.popleft()
+            if self._updates:
+                return self._updates.popleft()
+            return None  # closing, and nothing left to do
 
     def _run(self) -> None:
-        while (action := self._queue.get()) is not None:
+        while (action := self._next()) is not None:
             try:
                 action()
             except Exception as exc:  # noqa: BLE001 - one failed send must not stop the others
                 pb_utils.Logger.log_error(f"reasoning: {failure_message('sending a response', exc)}")
 
     def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
         self._thread.join(timeout)
 
 
@@ -275,7 +299,7 @@ class _Answer:
             if self.failed or self.remaining == 0:
                 return
             self.failed = True
-        self.outbox.post(lambda: self._send(error_response(message, code)))
+        self.outbox.post(lambda: self._send(error_response(message, code)), response=True)
 
     def done(self, index: int, outcome: Outcome) -> None:
         queue_s, first_step_s, _ = outcome.timing.seconds()
@@ -293,7 +317,8 @@ class _Answer:
                 if self.remaining:
                     return
             rows = np.ascontiguousarray(np.stack(self.tokens), dtype=np.int32)
-            self.outbox.post(lambda: self._send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCENE_TOKENS, rows)])))
+            self.outbox.post(lambda: self._send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCENE_TOKENS, rows)])),
+                             response=True)
         finally:
             self.outbox.post(self.counters.publish)
 
@@ -321,12 +346,14 @@ class TritonPythonModel:
         self.scheduler: InflightScheduler | None = None
         if self.scheduler_kind == SCHEDULER_INFLIGHT:
             self.scheduler = InflightScheduler.for_runtime(
-                self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters)
+                self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters),
+                max_wait_s=queue_timeout_s(parameters),
             )
             self.counters = SchedulerCounters(self.scheduler, self.scheduler_kind)
             instance = args.get("model_instance_name", "reasoning")
             self.outbox = Outbox(f"{instance}-outbox")
-            self.cancel_poller = CancelPoller(f"{instance}-cancel-poll")
+            poll_s = CANCEL_BACKSTOP_POLL_S if self.cancel_markers.active else CANCEL_POLL_S
+            self.cancel_poller = CancelPoller(f"{instance}-cancel-poll", interval_s=poll_s)
             self.scheduler.start(name=f"{instance}-scheduler")
         pb_utils.Logger.log_info(
             f"reasoning: {self.pipeline.config.name} on {self.pipeline.runtime.describe()}, "
@@ -351,9 +378,9 @@ class TritonPythonModel:
                 parsed.append(self.parse(request))
             except TandemError as exc:
                 parsed.append(exc)
-        forget_inputs(requests)  # every request of the batch is read: clear them from shared memory
         for request, result in zip(requests, parsed):
-            self.submit(request, result)
+            self.submit(request, result)  # the loop thread may start its prefill while the inputs are cleared
+        forget_inputs(requests)  # every request of the batch is read: clear them from shared memory
         return None
 
     # -- in-flight batching ---------------------------------------------------------------------------
