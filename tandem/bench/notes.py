@@ -19,23 +19,17 @@ def _point(results: dict, runtime: str, graph: str, batch: str) -> dict | None:
 
 
 def _serving_share(results: dict, protocol: str) -> str:
-    """What serving adds at concurrency 8 beyond the in-process generation, from Triton's statistics."""
+    """What serving adds at concurrency 8 beyond the in-process generation, from this run's figures."""
+    from tandem.bench.targets import serving_gap
+
     g1 = _get(results, "ratios", "pipeline_scaling", "arms", "batch1")
     g8 = _get(results, "ratios", "pipeline_scaling", "arms", "batch8")
-    levels = _get(results, "served", "protocols", protocol, default={})
-    r1 = _get(levels, "1", "triton", "refinement", "compute_ms_per_request")
-    r8 = _get(levels, "8", "triton", "refinement", "compute_ms_per_request")
-    q8 = _get(levels, "8", "triton", "refinement", "queue_ms_per_request")
     said = ""
     if g1 and g8:
         said += f" In-process, a batch of 8 generations gives {g8 / g1:.2f}x the images/s of batch 1 (pipeline_scaling)."
-    if r1 and r8:
-        said += (
-            f" Served, refinement's compute per request grows from {r1:.1f} ms at concurrency 1 to {r8:.1f} ms at 8 "
-            f"(plus {q8 or 0:.1f} ms queued): both stages' ONNX Runtime threads and the python-backend stubs share this "
-            "machine's cores, so refinement runs slower beside the decode loop. Fix: separate pools per stage "
-            "(`tandem deploy`, the split path) or more cores per server."
-        )
+    gap = serving_gap(_get(results, "served", default={}) or {}, protocol)
+    if gap:
+        said += f" Served: {gap}."
     return said
 
 
@@ -46,6 +40,9 @@ def explain(results: dict) -> list[str]:
 
     def failed(tid: str) -> bool:
         return by_id.get(tid, {}).get("status") == "FAIL"
+
+    def unstable(tid: str) -> bool:
+        return by_id.get(tid, {}).get("status") == "UNSTABLE"
 
     if failed("ort_decode_speedup"):
         eager, ort = _point(results, "torch", "reasoning_decode", "1"), _point(results, "onnxruntime", "reasoning_decode", "1")
@@ -100,18 +97,17 @@ def explain(results: dict) -> list[str]:
                 "tensor copies) and the ensemble hop. Fixes: a smaller max_queue_delay_microseconds for latency-first "
                 "deployments, and the native onnxruntime backend for refinement where it exists."
             )
-        if failed(f"served_vs_inprocess_{protocol}"):
+        if failed(f"served_vs_inprocess_{protocol}") or unstable(f"served_vs_inprocess_{protocol}"):
             arms = _get(results, "served", "ratios", f"served_vs_inprocess_{protocol}", "arms", default={})
-            level8 = _get(results, "served", "protocols", protocol, "8", "triton", default={})
-            reasoning, refinement = level8.get("reasoning", {}) or {}, level8.get("refinement", {}) or {}
+            reasoning = _get(results, "served", "protocols", protocol, "8", "triton", "reasoning", default={}) or {}
             notes.append(
                 f"Served vs in-process at batch 8 ({protocol}): {arms.get('served_images_per_s') or 0:.2f} images/s served at "
                 f"concurrency 8 vs {arms.get('inprocess_images_per_s') or 0:.2f} in-process (the same rounds). In the sweep's "
-                f"concurrency-8 level Triton reports reasoning queue {reasoning.get('queue_ms_per_request') or 0:.1f} ms per "
-                f"request and refinement compute {refinement.get('compute_ms_per_request') or 0:.1f} ms per request."
+                f"concurrency-8 level requests waited {reasoning.get('queue_ms_per_request') or 0:.1f} ms in Triton's queue "
+                "before reasoning's execute took them."
                 + _serving_share(results, protocol)
-                + " Fixes: thread budgets per stage so the two stages never oversubscribe the cores, and a decode loop "
-                "that never blocks on a round trip to the Triton process."
+                + " What would close it: prefills of one wave's arrivals batched together (a short admission window "
+                "while rows are running) and fewer hops per request (the front door and the ensemble each add one)."
             )
     if failed("pipeline_scaling"):
         runs = _get(results, "pipeline", "onnxruntime", default={})

@@ -210,6 +210,20 @@ def first_step_summary(before, after, triton: dict, scheduler: str) -> dict:
     return out
 
 
+def scheduler_summary(before, after, scheduler: str) -> dict | None:
+    """The in-flight decode loop over a level, from its counters on Triton's metrics endpoint:
+    decode steps, rows stepped (mean rows per step) and batched prefills; None without both scrapes."""
+    from tandem.serving.metrics import SCHEDULER_EVENTS
+
+    if before is None or after is None:
+        return None
+    delta = {event: after.value(SCHEDULER_EVENTS, scheduler=scheduler, event=event) - before.value(SCHEDULER_EVENTS, scheduler=scheduler, event=event)
+             for event in ("steps", "rows_stepped", "prefills", "completed")}
+    if not delta["steps"]:
+        return None
+    return {**{k: int(v) for k, v in delta.items()}, "mean_rows_per_step": delta["rows_stepped"] / delta["steps"]}
+
+
 def _scrape(server):
     from tandem.serving.metrics import scrape
 
@@ -411,7 +425,9 @@ def _closed_loop(server, model, settings: ServedSettings, scheduler: str, expect
             sent += n
             after = settled_statistics(http_address, model.name, sent)
             level = _summarize_level(results, wall, expected_tokens, statistics_delta(before, after))
-            level["first_step"] = first_step_summary(metrics_before, _scrape(server), level["triton"], scheduler)
+            metrics_after = _scrape(server)
+            level["first_step"] = first_step_summary(metrics_before, metrics_after, level["triton"], scheduler)
+            level["decode_loop"] = scheduler_summary(metrics_before, metrics_after, scheduler)
             levels[str(concurrency)] = level
         bar.close()
         protocols[protocol] = levels
@@ -566,8 +582,9 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
                 "cores_busy": cpu / wall if wall > 0 else None,
             }
             if concurrency > 1:
-                after = settled_statistics(http_address, model.name, sent[0])
-                rec["first_step_ms"] = first_step_summary(metrics_before, _scrape(server), statistics_delta(before, after), scheduler)["p50_ms"]
+                after, metrics_after = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
+                rec["first_step_ms"] = first_step_summary(metrics_before, metrics_after, statistics_delta(before, after), scheduler)["p50_ms"]
+                rec["decode_loop"] = scheduler_summary(metrics_before, metrics_after, scheduler)
             records[name].append(rec)
             return rec["p50_s"] if concurrency == 1 else rec["images_per_s"]
 

@@ -72,10 +72,10 @@ class Pending:
 
 
 class Renderer:
-    """The render thread: once a request is waiting it waits up to ``gather_s`` for more (the rows of
-    a reasoning batch finish within a step or two of each other, and answering them together keeps
-    the next wave of a closed-loop client together too: measured at concurrency 8, 514 decode steps
-    for 16 requests with a 1-3 ms window against 535-575 without), then takes what is waiting,
+    """The render thread: once a request is waiting, and the last render had more than one row (the
+    server is under load), it waits up to ``gather_s`` for more (the rows of a reasoning batch finish
+    within a step or two of each other, and answering them together keeps the next wave of a
+    closed-loop client together too: the decode loop then steps full batches), then takes what is waiting,
     oldest first, up to ``max_rows`` rows (always at least one request), renders it in one call and
     answers each request. Sends happen on this thread: nothing else waits for it."""
 
@@ -88,6 +88,7 @@ class Renderer:
         self.waiting: collections.deque[Pending] = collections.deque()
         self.waiting_rows = 0
         self.batches: collections.Counter[int] = collections.Counter()  # rows per render call (for tests and logs)
+        self._last_rows = 0  # rows of the last render call
         self._lock = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -114,7 +115,9 @@ class Renderer:
                 self._lock.wait()
             if self._stopping:
                 return None
-            if self.gather_s and self.waiting_rows < self.max_rows:  # let the rest of a wave of finished rows in
+            # Let the rest of a wave of finished rows in, when the last render had company (under load);
+            # a lone request on a quiet server is rendered at once.
+            if self.gather_s and self._last_rows > 1 and self.waiting_rows < self.max_rows:
                 end = time.monotonic() + self.gather_s
                 while not self._stopping and self.waiting_rows < self.max_rows and (left := end - time.monotonic()) > 0:
                     self._lock.wait(left)
@@ -155,6 +158,7 @@ class Renderer:
                 self._send(item, error_response(message, pb_utils.TritonError.INTERNAL))
             return
         self.batches[len(grids)] += 1
+        self._last_rows = len(grids)
         start = 0
         for item in live:
             rows = slice(start, start + item.rows)
