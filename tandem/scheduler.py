@@ -109,6 +109,7 @@ class InflightScheduler:
         max_waiting: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_wait_s: float | None = None,
+        before_plan: Callable[[], None] | None = None,
     ):
         if num_tokens < 1:
             raise TandemError(f"num_tokens must be >= 1, got {num_tokens}")
@@ -121,6 +122,7 @@ class InflightScheduler:
         self.max_prompt_len = max_prompt_len
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s  # a request still waiting for a slot this long is refused (None: no limit)
+        self.before_plan = before_plan  # called at the start of every step, before any cancellation check
         self.clock = clock
         self.waiting: collections.deque[Job] = collections.deque()
         self.stats = SchedulerStats()
@@ -173,6 +175,11 @@ class InflightScheduler:
     def step(self) -> bool:
         """Plan (evict, admit), execute, answer (see the module docstring). Returns whether work
         remains. Only one thread may call it (the loop thread, or the caller when no loop runs)."""
+        if self.before_plan is not None:
+            try:
+                self.before_plan()
+            except Exception:  # e.g. the cancel folder went away: the checks decide with what they have
+                log.exception("the scheduler's before_plan hook failed")
         plan = StepPlan(leave=self._evict_abandoned())
         plan.join = self._take_arrivals(self.runner.free + len(plan.leave))
         if plan.leave or plan.join or self.runner.rows:

@@ -66,7 +66,7 @@ def quick_run(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.mark.server
-def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run):
+def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_config):
     out, results, report = quick_run
     env = results["environment"]
     assert results["schema"] == "tandem-bench/1" and results["quick"] is True
@@ -197,6 +197,16 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run):
     assert {r["kind"] for r in rows} == {"measured", "modelled"}
     assert {r["hardware"] for r in rows if r["kind"] == "modelled"} == {"h100-sxm", "a100-sxm-80gb", "inferentia2"}
     assert report.count("*modelled*") >= sum(r["kind"] == "modelled" for r in rows)
+    # As shipped, the standard-op graphs read every expert: never faster than the routed floor, and
+    # the batch-1 decode step reads the unrouted experts too (issue 28's dense factor); the host's
+    # measured time per step is in both.
+    for row in (r for r in rows if r["kind"] == "modelled"):
+        assert row["seconds_per_image"] >= row["routed_seconds_per_image"] > 0 and row["host_ms_per_step"] >= 0
+        decode = results["roofline"]["work"]["reasoning_decode"][str(row["batch"])]
+        unrouted = sum((tiny_config.reasoning.n_experts - r) * b for r, b in zip(decode["routed_experts_per_layer"], decode["expert_bytes_per_layer"]))
+        assert row["graphs"]["reasoning_decode"]["bytes"] >= row["routed_graphs"]["reasoning_decode"]["bytes"]
+        assert (row["dense_factor"] > 1) == (unrouted > 0)
+    assert "ms/image (routed)" in report and "dense factor" in report
 
     # Every plot is drawn (served ran), is a real PNG and is linked from the report.
     assert set(results["plots"].values()) == {"drawn"}

@@ -170,7 +170,7 @@ def test_a_front_door_marker_frees_the_slot_at_the_next_step(runtime, pipeline, 
     for bad in ("../../etc/passwd", rid.upper(), rid[:-1], rid + "0", 7, None):
         assert request_id({REQUEST_ID_PARAMETER: bad}) is None and markers.watcher(request_id({REQUEST_ID_PARAMETER: bad})) is None
     assert request_id("not json") is None and request_id("{}") is None
-    scheduler = InflightScheduler.for_runtime(runtime, capacity=2)
+    scheduler = InflightScheduler.for_runtime(runtime, capacity=2, before_plan=markers.refresh)  # as the served model wires it
     outcomes: dict[str, Outcome] = {}
     scheduler.submit(Job(PROMPTS[0], SETTINGS[1], collect(outcomes, "gone"), is_cancelled=markers.watcher(rid)))
     scheduler.submit(Job(PROMPTS[1], SETTINGS[2], collect(outcomes, "stays")))

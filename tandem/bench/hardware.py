@@ -1,8 +1,13 @@
 """Cross-hardware rows: published peaks (configs/hardware.yaml) x counted work = *modelled* times.
 
 A modelled time is a roofline lower bound, ``max(FLOPs / peak, bytes / bandwidth)`` per graph
-call; it ignores kernel launches, host round trips and imperfect kernels, so real engines are
-slower, most of all for small graphs at batch 1. Rows built here are always labelled
+call, plus what this run measured of the host's work per decode step (sampling and the step's
+bookkeeping in Python, which every target does on the host today). It ignores kernel launches,
+synchronisation and imperfect kernels, so real engines are slower, most of all for small graphs at
+batch 1. Each row is modelled twice for the reasoning graphs: *as shipped* (the standard-op graph
+TensorRT and Neuron compile evaluates every expert, with zero gates for the unchosen ones: every
+expert's weights are read at every step) and *routed* (only the experts the step routed to: the
+floor once a routed MoE kernel ships for that target). Rows built here are always labelled
 ``"kind": "modelled"``; rows from measurements carry ``"kind": "measured"``."""
 
 from __future__ import annotations
@@ -104,6 +109,21 @@ def modelled_call(work: dict, acc: Accelerator, precision: str) -> dict:
     }
 
 
+def dense_work(work: dict, n_experts: int) -> dict:
+    """``work`` (counted with only the routed experts read) as a standard-op graph runs it: every
+    expert of every MoE layer read. FLOPs stay the routed ones (the decode step is memory-bound;
+    a lower bound either way)."""
+    routed = work.get("routed_experts_per_layer") or []
+    per_expert = work.get("expert_bytes_per_layer") or []
+    extra = sum((n_experts - r) * b for r, b in zip(routed, per_expert))
+    if not extra:
+        return work
+    weights = work["weight_bytes_touched"] + extra
+    total = work["bytes"] + extra
+    return {**work, "weight_bytes_touched": int(weights), "bytes": int(total),
+            "intensity_flop_per_byte": work["flops"] / total if total else 0.0}
+
+
 def per_image_seconds(call_seconds: dict[str, float], batch: int, decode_steps: int) -> float:
     """One generation of ``batch`` images: a prefill, ``decode_steps`` decode steps, a refinement."""
     total = call_seconds["reasoning_prefill"] + decode_steps * call_seconds["reasoning_decode"]
@@ -114,17 +134,31 @@ def cost_per_1000_images(seconds_per_image: float, usd_per_hour: float) -> float
     return seconds_per_image * 1000 * usd_per_hour / 3600
 
 
-def modelled_rows(hw: HardwareConfig, work: dict[str, dict[str, dict]], decode_steps: int) -> list[dict]:
-    """work[graph][str(batch)] -> one row per accelerator and modelled batch."""
+def modelled_rows(
+    hw: HardwareConfig, work: dict[str, dict[str, dict]], decode_steps: int, n_experts: int | None = None,
+    host_seconds_per_step: dict[int, float] | None = None,
+) -> list[dict]:
+    """work[graph][str(batch)] -> one row per accelerator and modelled batch: ``seconds_per_image``
+    as shipped (every expert read when ``n_experts`` is given, plus ``host_seconds_per_step`` per
+    decode step) and ``routed_seconds_per_image`` (routed experts only, the same host time)."""
     rows = []
     precision = hw.model.precision
+    host = host_seconds_per_step or {}
     for key, acc in hw.accelerators.items():
         for batch in hw.model.batches:
             if any(str(batch) not in work[g] for g in ("reasoning_prefill", "reasoning_decode", "refinement")):
                 continue
             calls = {g: modelled_call(work[g][str(batch)], acc, precision) for g in work}
-            seconds = {g: c["seconds"] for g, c in calls.items()}
-            per_image = per_image_seconds(seconds, batch, decode_steps)
+            routed = {g: c["seconds"] for g, c in calls.items()}
+            shipped_calls = dict(calls)
+            if n_experts:
+                for g in ("reasoning_prefill", "reasoning_decode"):
+                    shipped_calls[g] = modelled_call(dense_work(work[g][str(batch)], n_experts), acc, precision)
+            shipped = {g: c["seconds"] for g, c in shipped_calls.items()}
+            host_s = host.get(batch, 0.0)
+            host_per_image = host_s * decode_steps / batch
+            per_image = per_image_seconds(shipped, batch, decode_steps) + host_per_image
+            routed_per_image = per_image_seconds(routed, batch, decode_steps) + host_per_image
             costs = [
                 {
                     "instance": name,
@@ -143,9 +177,14 @@ def modelled_rows(hw: HardwareConfig, work: dict[str, dict[str, dict]], decode_s
                     "name": acc.name,
                     "precision": precision,
                     "batch": batch,
-                    "graphs": calls,
-                    "decode_ms_per_token": 1e3 * seconds["reasoning_decode"] / batch,
+                    "graphs": shipped_calls,
+                    "routed_graphs": calls,
+                    "decode_ms_per_token": 1e3 * (shipped["reasoning_decode"] + host_s) / batch,
+                    "routed_decode_ms_per_token": 1e3 * (routed["reasoning_decode"] + host_s) / batch,
+                    "dense_factor": shipped_calls["reasoning_decode"]["bytes"] / calls["reasoning_decode"]["bytes"],
+                    "host_ms_per_step": 1e3 * host_s,
                     "seconds_per_image": per_image,
+                    "routed_seconds_per_image": routed_per_image,
                     "images_per_s": 1.0 / per_image,
                     "costs": costs,
                     "source": acc.source,

@@ -470,6 +470,19 @@ def measure_roofline(results: dict, runtimes: dict, specs: dict, batches: list[i
     }
 
 
+def host_seconds_per_step(results: dict) -> dict[int, float]:
+    """This run's host time per decode step of an in-process ONNX Runtime generation, per batch:
+    (wall time - time inside runtime calls) / decode calls. Sampling and the step's bookkeeping
+    run on the host for every target today, so the modelled rows add it to every decode step."""
+    out = {}
+    for b, stats in (results.get("pipeline", {}).get("onnxruntime") or {}).items():
+        phases, calls = stats.get("phase_ms_per_generation") or {}, stats.get("graph_calls_per_generation") or {}
+        steps = calls.get("reasoning_decode")
+        if stats.get("p50_ms") and phases and steps:
+            out[int(b)] = max(0.0, (stats["p50_ms"] - sum(phases.values())) / steps / 1e3)
+    return out
+
+
 def cross_hardware(results: dict, hw: hardware.HardwareConfig, config: ModelConfig, hardware_file: Path | None) -> dict:
     decode_steps = config.scene.num_tokens - 1  # the last scene token needs no decode step after it
     rows = []
@@ -493,7 +506,7 @@ def cross_hardware(results: dict, hw: hardware.HardwareConfig, config: ModelConf
                     "costs": _machine_cost(per_image, machine_price),
                 }
             )
-    rows += hardware.modelled_rows(hw, results["roofline"]["work"], decode_steps)
+    rows += hardware.modelled_rows(hw, results["roofline"]["work"], decode_steps, config.reasoning.n_experts, host_seconds_per_step(results))
     prices = [
         f"{name}: ${inst.usd_per_hour:.4g}/h for {inst.accelerators} x {inst.accelerator} = "
         f"${inst.usd_per_accelerator_hour:.4g} per accelerator-hour (as of {inst.as_of}; {inst.source})"

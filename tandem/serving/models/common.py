@@ -238,8 +238,9 @@ class CancelMarkers:
 
     The scheduler asks about every row at every decode step; one ``os.stat`` per row and step (a
     failed stat raises in Python) cost 2.4% of a batch-8 generation in-process. The folder is
-    listed instead, at most once per ``refresh_s`` (a decode step takes longer), and each row's
-    check is a set lookup."""
+    listed instead, once per step (:meth:`refresh`, the scheduler's ``before_plan``) or, for a
+    check made outside a scheduler step, when the last listing is older than ``refresh_s``; each
+    row's check is a set lookup."""
 
     def __init__(self, folder: str | Path | None = None, refresh_s: float = 0.001):
         folder = folder if folder is not None else os.environ.get(CANCEL_DIR_ENV)
@@ -258,18 +259,24 @@ class CancelMarkers:
             return None
         return self.folder / rid
 
+    def refresh(self) -> None:
+        """List the folder now (the in-flight scheduler calls this once before each step's checks)."""
+        import time
+
+        if self.folder is None:
+            return
+        try:
+            present = frozenset(os.listdir(self.folder))
+        except OSError:
+            present = frozenset()
+        with self._lock:
+            self._present, self._listed_at = present, time.monotonic()
+
     def _present_now(self) -> frozenset[str]:
         import time
 
-        now = time.monotonic()
-        if now - self._listed_at >= self.refresh_s:
-            with self._lock:
-                if now - self._listed_at >= self.refresh_s:
-                    try:
-                        self._present = frozenset(os.listdir(self.folder))
-                    except OSError:
-                        self._present = frozenset()
-                    self._listed_at = now
+        if time.monotonic() - self._listed_at >= self.refresh_s:
+            self.refresh()
         return self._present
 
     def watcher(self, rid: str | None):

@@ -347,7 +347,7 @@ class TritonPythonModel:
         if self.scheduler_kind == SCHEDULER_INFLIGHT:
             self.scheduler = InflightScheduler.for_runtime(
                 self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters),
-                max_wait_s=queue_timeout_s(parameters),
+                max_wait_s=queue_timeout_s(parameters), before_plan=self.cancel_markers.refresh,
             )
             self.counters = SchedulerCounters(self.scheduler, self.scheduler_kind)
             instance = args.get("model_instance_name", "reasoning")
