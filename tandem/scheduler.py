@@ -58,6 +58,7 @@ class Outcome:
     error: str | None
     timing: Timing
     cancelled: bool = False  # the owner gave up (or its deadline passed); error says which
+    retryable: bool = False  # refused before it started for want of capacity (waited past the queue timeout)
     exception: BaseException | None = field(default=None, repr=False)  # what failed, when something raised
 
     @property
@@ -232,7 +233,8 @@ class InflightScheduler:
 
     # -- internals ----------------------------------------------------------------------------------
     def _answer(
-        self, job: Job, tokens: np.ndarray | None, error: str | None, cancelled: bool = False, exception: BaseException | None = None
+        self, job: Job, tokens: np.ndarray | None, error: str | None, cancelled: bool = False, exception: BaseException | None = None,
+        retryable: bool = False,
     ) -> None:
         if job.outcome is not None:
             return  # answered already (e.g. evicted, then the step failed before its slot was freed)
@@ -241,7 +243,7 @@ class InflightScheduler:
             self.stats.completed += 1
         elif not cancelled:
             self.stats.failed += 1
-        job.outcome = Outcome(tokens, error, job.timing, cancelled, exception)
+        job.outcome = Outcome(tokens, error, job.timing, cancelled=cancelled, exception=exception, retryable=retryable)
         try:
             job.on_done(job.outcome)
         except Exception:  # the owner's problem (e.g. its client went away); never the other rows'
@@ -284,16 +286,20 @@ class InflightScheduler:
     def _take_arrivals(self, free: int) -> list[Row]:
         """Up to ``free`` waiting requests as new rows; those that gave up while waiting are answered."""
         now = self.clock()
-        taken, dropped = [], []
+        taken, dropped = [], []  # dropped: (job, reason, retryable)
         with self._lock:
             while self.waiting and len(taken) < free:
                 job = self.waiting.popleft()
-                reason = self._abandoned(job, now) or self._waited_too_long(job, now)
-                (dropped.append((job, reason)) if reason else taken.append(job))
+                if reason := self._abandoned(job, now):
+                    dropped.append((job, reason, False))
+                elif reason := self._waited_too_long(job, now):
+                    dropped.append((job, reason, True))
+                else:
+                    taken.append(job)
             while self.waiting and (reason := self._waited_too_long(self.waiting[0], now)):  # no slot, and waited too long
-                dropped.append((self.waiting.popleft(), reason))
-        for job, reason in dropped:
-            self._answer(job, None, f"{reason} (before it started)", cancelled=True)
+                dropped.append((self.waiting.popleft(), reason, True))
+        for job, reason, retryable in dropped:
+            self._answer(job, None, f"{reason} (before it started)", cancelled=True, retryable=retryable)
         return [Row(job.input_ids, job.params, self.num_tokens, timing=job.timing, owner=job) for job in taken]
 
     def _settle(self, out: StepOutput) -> None:

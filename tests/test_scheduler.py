@@ -103,6 +103,29 @@ def test_cancelled_and_timed_out_rows_free_their_slot_at_the_next_step(runtime, 
     assert scheduler.stats.cancelled == 1 and scheduler.stats.timed_out == 1
 
 
+def test_a_request_waiting_past_the_queue_timeout_is_refused_as_retryable(runtime, pipeline):
+    """The queue timeout (`--queue-timeout-ms`, Triton's queue policy before the models batched
+    themselves): a request still waiting for a slot that long is refused at the next step, even
+    with no slot free, as retryable (the served model answers UNAVAILABLE, not CANCELLED); the
+    running row is untouched."""
+    clock = [0.0]
+    scheduler = InflightScheduler.for_runtime(runtime, capacity=1, clock=lambda: clock[0], max_wait_s=2.0)
+    outcomes: dict[str, Outcome] = {}
+    scheduler.submit(Job(PROMPTS[0], SETTINGS[0], collect(outcomes, "running")))
+    scheduler.step()
+    scheduler.submit(Job(PROMPTS[1], SETTINGS[1], collect(outcomes, "waiting")))
+    scheduler.step()
+    assert not outcomes and len(scheduler.waiting) == 1
+    clock[0] = 2.5
+    scheduler.step()
+    refused = outcomes["waiting"]
+    assert refused.retryable and refused.cancelled and "waited 2.5 s for a slot" in refused.error and "retry later" in refused.error
+    assert scheduler.occupied == 1 and not scheduler.waiting and scheduler.stats.timed_out == 1
+    scheduler.run_until_idle()
+    assert not outcomes["running"].retryable
+    np.testing.assert_array_equal(outcomes["running"].tokens, alone(pipeline, PROMPTS[0], SETTINGS[0]))
+
+
 def test_full_queue_refuses_with_a_clear_error_and_bad_prompts_never_take_a_slot(runtime):
     scheduler = InflightScheduler.for_runtime(runtime, capacity=1, max_waiting=2)
     answered: list[Outcome] = []

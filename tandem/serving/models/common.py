@@ -385,9 +385,9 @@ class _Regions:
     """This process's shared-memory regions, mapped once and kept: reading /proc/self/maps and
     mapping a region cost about 1 ms a request in a stub with ONNX Runtime loaded, which every
     request used to pay inside ``execute`` (the next request waits for it). The list is read again
-    when a row is not found in the regions known (a region the backend added or grew since), and a
-    region is mapped again if its file became shorter than the mapping (touching a mapping past the
-    end of its file would kill the process with SIGBUS)."""
+    when a row is not found in the regions known (a region the backend added since), and every region
+    is mapped again when a file's size changed (shorter: touching a mapping past the end of its file
+    would kill the process with SIGBUS; longer: the new tail would go unscrubbed)."""
 
     def __init__(self):
         self._maps: dict[str, tuple[int, "mmap.mmap"]] = {}  # path -> (open fd, mapping of the whole file)
@@ -408,7 +408,7 @@ class _Regions:
 
         with self._lock:
             for fd, region in self._maps.values():
-                if os.fstat(fd).st_size < len(region):
+                if os.fstat(fd).st_size != len(region):  # shrank (touching past the end: SIGBUS) or grew (a tail unseen)
                     self._close()
                     break
             if not self._maps:

@@ -306,7 +306,8 @@ class _Answer:
         self.outbox.post(lambda: self.metrics.observe(queue_s, first_step_s))
         try:
             if not outcome.ok:
-                code = pb_utils.TritonError.CANCELLED if outcome.cancelled else pb_utils.TritonError.INTERNAL
+                code = (pb_utils.TritonError.UNAVAILABLE if outcome.retryable  # waited past the queue timeout: retry
+                        else pb_utils.TritonError.CANCELLED if outcome.cancelled else pb_utils.TritonError.INTERNAL)
                 self.fail(outcome.error, code)
                 return
             with self._lock:
@@ -378,9 +379,11 @@ class TritonPythonModel:
                 parsed.append(self.parse(request))
             except TandemError as exc:
                 parsed.append(exc)
+        # Every request of the batch is read: clear them from shared memory now, before any of them can
+        # be answered (a request Triton has released must not be touched: see Watched).
+        forget_inputs(requests)
         for request, result in zip(requests, parsed):
-            self.submit(request, result)  # the loop thread may start its prefill while the inputs are cleared
-        forget_inputs(requests)  # every request of the batch is read: clear them from shared memory
+            self.submit(request, result)
         return None
 
     # -- in-flight batching ---------------------------------------------------------------------------

@@ -131,20 +131,25 @@ class Renderer:
 
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
+            answered: set[int] = set()
             try:
-                self._render(taken)
-            except Exception as exc:  # noqa: BLE001 - answered below; the thread keeps serving
-                pb_utils.Logger.log_error(f"refinement: {failure_message('rendering', exc)}")
+                self._render(taken, answered)
+            except Exception as exc:  # noqa: BLE001 - whoever is not answered yet gets the error; the thread keeps serving
+                message = failure_message("rendering", exc)
+                pb_utils.Logger.log_error(f"refinement: {message}")
+                for item in taken:
+                    if id(item) not in answered:
+                        self._send(item, error_response(message, pb_utils.TritonError.INTERNAL), answered)
 
-    def _render(self, taken: list[Pending]) -> None:
+    def _render(self, taken: list[Pending], answered: set[int]) -> None:
         now = time.monotonic()
         live = []
         for item in taken:
             if item.deadline is not None and now >= item.deadline:
                 self._send(item, error_response("the request timed out before it was rendered; retry with a longer timeout",
-                                                pb_utils.TritonError.UNAVAILABLE))
+                                                pb_utils.TritonError.UNAVAILABLE), answered)
             elif item.cancelled is not None and item.cancelled():
-                self._send(item, error_response("the request was cancelled by its client", pb_utils.TritonError.CANCELLED))
+                self._send(item, error_response("the request was cancelled by its client", pb_utils.TritonError.CANCELLED), answered)
             else:
                 live.append(item)
         if not live:
@@ -155,7 +160,7 @@ class Renderer:
         except Exception as exc:  # one failure answers this batch; the model keeps serving
             message = failure_message("rendering", exc)
             for item in live:
-                self._send(item, error_response(message, pb_utils.TritonError.INTERNAL))
+                self._send(item, error_response(message, pb_utils.TritonError.INTERNAL), answered)
             return
         self.batches[len(grids)] += 1
         self._last_rows = len(grids)
@@ -165,9 +170,12 @@ class Renderer:
             start += item.rows
             tokens = np.ascontiguousarray(grids[rows].reshape(item.rows, -1), dtype=np.int32)
             outputs = [pb_utils.Tensor(IMAGE, np.ascontiguousarray(images[rows])), pb_utils.Tensor(RENDERED_TOKENS, tokens)]
-            self._send(item, pb_utils.InferenceResponse(output_tensors=outputs))
+            self._send(item, pb_utils.InferenceResponse(output_tensors=outputs), answered)
 
-    def _send(self, item: Pending, response) -> None:
+    def _send(self, item: Pending, response, answered: set[int] | None = None) -> None:
+        """Answer ``item`` (once: its id joins ``answered``) and leave its Activity."""
+        if answered is not None:
+            answered.add(id(item))
         try:
             item.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as exc:  # noqa: BLE001 - its client's problem, never the others'
