@@ -87,7 +87,6 @@ class Renderer:
         self.activity = activity
         self.waiting: collections.deque[Pending] = collections.deque()
         self.waiting_rows = 0
-        self.batches: collections.Counter[int] = collections.Counter()  # rows per render call (for tests and logs)
         self._last_rows = 0  # rows of the last render call
         self._lock = threading.Condition()
         self._stopping = False
@@ -162,7 +161,6 @@ class Renderer:
             for item in live:
                 self._send(item, error_response(message, pb_utils.TritonError.INTERNAL), answered)
             return
-        self.batches[len(grids)] += 1
         self._last_rows = len(grids)
         start = 0
         for item in live:
