@@ -58,6 +58,7 @@ from tandem.serving.models.common import (
     load_pipeline,
     model_parameters,
     parse_prompts,
+    queue_delay_s,
     queue_timeout_s,
     parse_sampling,
     request_id,
@@ -349,6 +350,7 @@ class TritonPythonModel:
             self.scheduler = InflightScheduler.for_runtime(
                 self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters),
                 max_wait_s=queue_timeout_s(parameters), before_plan=self.cancel_markers.refresh,
+                admission_window_s=queue_delay_s(parameters),
             )
             self.counters = SchedulerCounters(self.scheduler, self.scheduler_kind)
             instance = args.get("model_instance_name", "reasoning")
