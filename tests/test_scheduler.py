@@ -210,6 +210,21 @@ def test_an_idle_loop_lets_the_next_wave_share_one_prefill(runtime, pipeline):
     assert {o.tokens.astype(np.int64).tobytes() for o in outcomes} == expected
 
 
+@pytest.mark.parametrize("interval_s", [0.0, 3600.0])
+def test_running_rows_are_checked_at_most_every_check_interval(runtime, interval_s):
+    """With a check interval the loop looks at running rows' cancellation only that often (the served
+    loop: every 5 ms, not every half-millisecond step); with none, at every step."""
+    scheduler = InflightScheduler.for_runtime(runtime, capacity=2, check_interval_s=interval_s)
+    asked = []
+    outcomes: dict[str, Outcome] = {}
+    scheduler.submit(Job(PROMPTS[0], SETTINGS[0], collect(outcomes, "a"), is_cancelled=lambda: bool(asked.append(1)) or len(asked) > 2))
+    scheduler.run_until_idle()
+    if interval_s:  # checked when the first step took it, then not within the hour
+        assert outcomes["a"].ok and len(asked) == 1
+    else:
+        assert outcomes["a"].cancelled and len(asked) == 3
+
+
 def test_stop_answers_everything_still_pending(runtime):
     scheduler = InflightScheduler.for_runtime(runtime, capacity=1)
     answered: list[Outcome] = []
