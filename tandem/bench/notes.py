@@ -107,8 +107,7 @@ def explain(results: dict) -> list[str]:
                 "before reasoning's execute took them."
                 + _serving_share(results, protocol)
                 + " What would close it: fewer hops per request (the front door and the ensemble each add one, and the "
-                "python stubs take a wave's requests one execute call at a time, about 0.5 ms each), and per-row "
-                "cancellation checks every few milliseconds instead of every decode step."
+                "python stubs take a wave's requests one execute call at a time, about 0.5 ms each)."
             )
     if failed("pipeline_scaling"):
         runs = _get(results, "pipeline", "onnxruntime", default={})
