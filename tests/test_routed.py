@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,37 +125,39 @@ def test_aot_decode_program_runs_with_unrouted_experts_poisoned(aot_programs: di
 # ----------------------------------------------------------------------------- TensorRT (h100/a100): the plugin graph
 
 
-@pytest.fixture
-def triton_interpreter(monkeypatch: pytest.MonkeyPatch):
-    """The plugin kernels defined for Triton's CPU interpreter (TRITON_INTERPRET is read when
-    ``triton.jit`` wraps them: the first call of ``kernels()``)."""
-    if not HAS_TRITON:
-        pytest.skip(NO_TRITON)
-    from tandem.compiler.tensorrt_moe import kernels
+def _in_child(check: str, *args: str, interpret: bool) -> None:
+    """Run ``check`` (a function of this module) in a fresh Python. Triton decides between compiled
+    and interpreted kernels (TRITON_INTERPRET) when it is first imported, and in a test session
+    torch may have imported it already."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('routed_checks', {__file__!r}); "
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        f"module.{check}(*sys.argv[1:])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels.cache_clear()
-    yield
-    kernels.cache_clear()
+
+def _check_ptx() -> None:
+    from triton.backends.compiler import GPUTarget
+
+    from tandem.compiler.tensorrt_moe import DOWN, UP, compile_kernel
+
+    for op, element, capability in ((UP, "fp32", 90), (UP, "bf16", 90), (DOWN, "fp16", 80), (DOWN, "bf16", 90)):
+        compiled = compile_kernel(op, element, GPUTarget("cuda", capability, 32))
+        ptx = compiled.asm["ptx"]
+        assert f".entry {compiled.metadata.name}(" in ptx and f".target sm_{capability}" in ptx, (op, element, capability)
+        assert compiled.metadata.num_warps > 0
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
-def test_plugin_kernels_compile_to_ptx_for_hopper_and_ampere(monkeypatch: pytest.MonkeyPatch):
+def test_plugin_kernels_compile_to_ptx_for_hopper_and_ampere():
     """What TensorRT's AOT plugin step gets from Triton (PTX needs no GPU; TensorRT itself is not here)."""
-    from triton.backends.compiler import GPUTarget
-
-    from tandem.compiler.tensorrt_moe import DOWN, UP, compile_kernel, kernels
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    kernels.cache_clear()
-    try:
-        for op, element, capability in ((UP, "fp32", 90), (UP, "bf16", 90), (DOWN, "fp16", 80), (DOWN, "bf16", 90)):
-            compiled = compile_kernel(op, element, GPUTarget("cuda", capability, 32))
-            ptx = compiled.asm["ptx"]
-            assert f".entry {compiled.metadata.name}(" in ptx and f".target sm_{capability}" in ptx
-            assert compiled.metadata.num_warps * 32 > 0
-    finally:
-        kernels.cache_clear()
+    _in_child("_check_ptx", interpret=False)
 
 
 def _reference(x, experts, gates, w_gate, w_up, w_down):
@@ -167,10 +171,10 @@ def _reference(x, experts, gates, w_gate, w_up, w_down):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_plugin_kernels_match_pytorch_in_the_triton_interpreter(triton_interpreter, rows: int):
+def _check_kernels(rows: str) -> None:
     from tandem.compiler.tensorrt_moe import routed_moe
 
+    rows = int(rows)
     torch.manual_seed(rows)
     experts_n, d, f = 8, 72, 136  # not multiples of the 64-wide tiles: the masks are exercised
     w_gate, w_up = torch.randn(experts_n, d, f) / d**0.5, torch.randn(experts_n, d, f) / d**0.5
@@ -179,10 +183,18 @@ def test_plugin_kernels_match_pytorch_in_the_triton_interpreter(triton_interpret
     gates, experts = torch.topk(torch.softmax(torch.randn(rows, experts_n), -1), 2)
     gates = gates / gates.sum(-1, keepdim=True)
     expected = _reference(x, experts, gates, w_gate, w_up, w_down)
-    for e in set(range(experts_n)) - set(experts.unique().tolist()):  # never read: NaN cannot leak
+    unrouted = set(range(experts_n)) - set(experts.unique().tolist())
+    assert unrouted
+    for e in unrouted:  # never read: NaN cannot leak
         w_gate[e] = w_up[e] = w_down[e] = float("nan")
     actual = routed_moe(x, experts, gates, w_gate, w_up, w_down)
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_plugin_kernels_match_pytorch_in_the_triton_interpreter(rows: int):
+    _in_child("_check_kernels", str(rows), interpret=True)
 
 
 @pytest.mark.parametrize("graph", REASONING_GRAPHS)
@@ -204,14 +216,13 @@ def test_tensorrt_graphs_read_expert_weights_only_through_the_routed_plugins(tin
     onnx.checker.check_model(routed)
 
 
-def test_tensorrt_decode_graph_with_plugin_kernels_matches_onnxruntime(triton_interpreter, tiny_artifacts: Path, tiny_config: ModelConfig):
-    """The rewritten decode graph evaluated by ONNX's reference evaluator, the plugin nodes running
-    the Triton kernels (interpreter), against ONNX Runtime on the export's graph."""
+def _check_graph(artifacts: str) -> None:
     import onnxruntime as ort
     from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
 
-    from tandem.compiler.tensorrt_moe import DOWN, PLUGIN_NAMESPACE, UP, kernels, route_moe_layers
+    from tandem.compiler.tensorrt_moe import BLOCK_OUT, DOWN, PLUGIN_NAMESPACE, UP, kernels, route_moe_layers
+    from tandem.config import load_config
 
     up_kernel, down_kernel = kernels()
 
@@ -222,9 +233,9 @@ def test_tensorrt_decode_graph_with_plugin_kernels_matches_onnxruntime(triton_in
             n, k = experts.shape
             _, d, f = w_gate.shape
             hidden = torch.empty(n, k, f)
-            up_kernel[(w_gate.shape[0], -(-f // 64))](
+            up_kernel[(w_gate.shape[0], -(-f // BLOCK_OUT))](
                 torch.from_numpy(x.copy()), torch.from_numpy(experts.copy()), torch.from_numpy(w_gate.copy()),
-                torch.from_numpy(w_up.copy()), n * k, k, d, f, hidden, BLOCK_OUT=64, BLOCK_IN=64,
+                torch.from_numpy(w_up.copy()), n * k, k, d, f, hidden, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=64,
             )
             return (hidden.numpy(),)
 
@@ -235,19 +246,26 @@ def test_tensorrt_decode_graph_with_plugin_kernels_matches_onnxruntime(triton_in
             n, k, f = hidden.shape
             d = w_down.shape[2]
             y = torch.empty(n, k, d)
-            down_kernel[(w_down.shape[0], -(-d // 64))](
+            down_kernel[(w_down.shape[0], -(-d // BLOCK_OUT))](
                 torch.from_numpy(hidden.copy()), torch.from_numpy(experts.copy()), torch.from_numpy(gates.copy()),
-                torch.from_numpy(w_down.copy()), n * k, f, d, y, BLOCK_OUT=64, BLOCK_IN=64,
+                torch.from_numpy(w_down.copy()), n * k, f, d, y, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=64,
             )
             return (y.numpy(),)
 
     RoutedUp.__name__, RoutedDown.__name__ = UP, DOWN  # the evaluator matches ops by class name
-    path = tiny_artifacts / "reasoning_decode.onnx"
+    path = Path(artifacts) / "reasoning_decode.onnx"
     routed, _ = route_moe_layers(onnx.load(str(path)))
-    spec = graph_specs(tiny_config)["reasoning_decode"]
+    spec = graph_specs(load_config("tiny"))["reasoning_decode"]
     feeds = spec.sample_inputs({"batch": 3}, seed=5)
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     actual = ReferenceEvaluator(routed, new_ops=[RoutedUp, RoutedDown]).run(None, feeds)
     for name, a, e in zip(spec.output_names, actual, expected):
         np.testing.assert_allclose(a, e, atol=2e-4, rtol=1e-4, err_msg=name)
     np.testing.assert_array_equal(actual[0].argmax(-1), expected[0].argmax(-1))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+def test_tensorrt_decode_graph_with_plugin_kernels_matches_onnxruntime(tiny_artifacts: Path):
+    """The rewritten decode graph evaluated by ONNX's reference evaluator, the plugin nodes running
+    the Triton kernels (interpreter), against ONNX Runtime on the export's graph."""
+    _in_child("_check_graph", str(tiny_artifacts), interpret=True)
