@@ -3,9 +3,12 @@
 (tandem.toolchains); ONNX Runtime's are part of the export format
 (:data:`tandem.formats.export_manifest.ONNXRUNTIME_GRAPH_REWRITES`).
 
-The plain export (``<graph>.onnx``) uses standard ONNX ops only: TensorRT, Neuron and AOTInductor
-compile it. ONNX Runtime loads ``<graph>.ort.onnx``, exported from the same modules with the
-rewrites below and then optimised offline; both are validated against PyTorch.
+The plain export (``<graph>.onnx``) uses standard ONNX ops only (its MoE layers dense: every
+expert over every row); TensorRT builds from it, its optimise step replacing each MoE layer with
+the routed plugin pair of :mod:`tandem.compiler.tensorrt_moe`. ONNX Runtime loads
+``<graph>.ort.onnx``, exported from the same modules with the rewrites below and then optimised
+offline; both are validated against PyTorch. AOTInductor's optimise step traces the modules with
+torch.export and its toolchain's rewrites; Neuron traces the modules as they are.
 
 - ``moe_kernel`` (ONNX Runtime): each Mixture-of-Experts layer becomes one ``com.microsoft`` ``MoE``
   node. Its CPU kernel routes in place (softmax, top-k, renormalised weights: our routing) and runs
