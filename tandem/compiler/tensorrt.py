@@ -26,6 +26,7 @@ import onnx
 
 from tandem.formats.compiled_manifest import CompiledArtifact, CompiledManifest
 from tandem.compiler.steps import StepFailed
+from tandem.compiler.tensorrt_moe import ROUTED_PRECISIONS, register_plugins, route_moe_layers
 from tandem.formats.targets import Target, describe_arch, sm_arch
 from tandem.config import ModelConfig
 from tandem.errors import ToolchainMissingError
@@ -239,6 +240,17 @@ def prepare_onnx(graphs_dir: Path, manifest: Manifest, out: Path, precision: str
                 f"{source.name} uses operator domains {foreign} that TensorRT's ONNX parser does not know; "
                 "build from the portable export (<graph>.onnx), not ONNX Runtime's optimised copy"
             )
+        if plan.stage == "reasoning" and precision in ROUTED_PRECISIONS:
+            # TensorRT's own MoE layer is Blackwell-only: on Hopper and Ampere each MoE layer becomes
+            # the routed plugin pair (tandem.compiler.tensorrt_moe), reading only the routed experts.
+            try:
+                model, routed = route_moe_layers(model)
+            except ValueError as exc:
+                raise StepFailed(f"{source.name}: its MoE layers cannot be routed for TensorRT: {exc}") from exc
+            if routed != manifest.config.reasoning.n_layers:
+                raise StepFailed(
+                    f"{source.name}: {routed} of {manifest.config.reasoning.n_layers} MoE layers found to route for TensorRT"
+                )
         try:
             large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
         except ValueError:  # protobuf refuses to size messages over 2 GiB
@@ -313,6 +325,8 @@ def build_engine(trt, onnx_path: Path, plan: EnginePlan, settings: BuilderSettin
     """One engine with TensorRT 11's builder: a strongly typed network parsed from the precision
     graph, one optimization profile, timing cache (read, extended, written back), builder
     optimisation level. No precision flags: the graph's types are the engine's."""
+    if plan.stage == "reasoning":
+        register_plugins()  # the routed MoE plugins the reasoning graphs use (AOT Triton kernels)
     builder = trt.Builder(logger)
     # The only mode in TensorRT 11 (the flag is accepted there); required to opt in on 10.12+.
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

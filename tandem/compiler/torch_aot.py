@@ -64,9 +64,18 @@ def package_name(graph: str, arch: str) -> str:
     return f"{graph}.{arch}.pt2"
 
 
-def export_programs(config: ModelConfig, checkpoint: str | Path | None, out: Path, graphs: list[str] | None = None) -> list[Path]:
-    """The optimise step: torch.export every graph and check the exported program against eager."""
+def export_programs(
+    config: ModelConfig,
+    checkpoint: str | Path | None,
+    out: Path,
+    graphs: list[str] | None = None,
+    rewrites: tuple[str, ...] = (),
+) -> list[Path]:
+    """The optimise step: torch.export every graph with ``rewrites`` (:mod:`tandem.export.rewrites`;
+    the toolchain's ``graph_rewrites``) and check the exported program against eager PyTorch's
+    standard graph."""
     from tandem.export.onnx_export import compare, dynamic_shapes, export_patches
+    from tandem.export.rewrites import graph_rewrites, rewrites_for
     from tandem.models import build_stages
 
     stages = build_stages(config, checkpoint)
@@ -78,8 +87,8 @@ def export_programs(config: ModelConfig, checkpoint: str | Path | None, out: Pat
         example = spec.sample_inputs(spec.export_dims, seed=0)
         args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
         with export_patches():
-            # the same named dims (torch.export.Dim) the ONNX export uses
-            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec, module))
+            with graph_rewrites(rewrites_for(rewrites, spec), stages):
+                program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec, module))
             exported = program.module()
             for seed, which in enumerate(("min", "max"), start=1):
                 dims = {name: getattr(r, which) for name, r in spec.dims.items()}

@@ -3,9 +3,12 @@
 (tandem.toolchains); ONNX Runtime's are part of the export format
 (:data:`tandem.formats.export_manifest.ONNXRUNTIME_GRAPH_REWRITES`).
 
-The plain export (``<graph>.onnx``) uses standard ONNX ops only: TensorRT, Neuron and AOTInductor
-compile it. ONNX Runtime loads ``<graph>.ort.onnx``, exported from the same modules with the
-rewrites below and then optimised offline; both are validated against PyTorch.
+The plain export (``<graph>.onnx``) uses standard ONNX ops only (its MoE layers dense: every
+expert over every row); TensorRT builds from it, its optimise step replacing each MoE layer with
+the routed plugin pair of :mod:`tandem.compiler.tensorrt_moe`. ONNX Runtime loads
+``<graph>.ort.onnx``, exported from the same modules with the rewrites below and then optimised
+offline; both are validated against PyTorch. AOTInductor's optimise step traces the modules with
+torch.export and its toolchain's rewrites; Neuron traces the modules as they are.
 
 - ``moe_kernel`` (ONNX Runtime): each Mixture-of-Experts layer becomes one ``com.microsoft`` ``MoE``
   node. Its CPU kernel routes in place (softmax, top-k, renormalised weights: our routing) and runs
@@ -14,6 +17,13 @@ rewrites below and then optimised offline; both are validated against PyTorch.
   onnxruntime 1.32 CPU: ``activation_type="swiglu"`` with ``swiglu_fusion=1`` computes
   ``silu(gate) * up`` from fc1 rows interleaved as [gate_0, up_0, gate_1, up_1, ...]
   ([E, 2 * d_ff, d_model]); fc2 is [E, d_model, d_ff].
+- ``routed_experts`` (AOTInductor: ``cpu-aot``, ``cuda-torch``): each MoE layer evaluates each
+  expert over only the rows routed to it (:meth:`MoEFeedForward.forward_routed`: ``nonzero`` over
+  the routing, ``index_select`` of the rows, matmuls against a view of the expert's weights,
+  ``index_add`` back), so the exported program reads only the experts some row picked. PyTorch's
+  grouped GEMM (``torch.nn.functional.grouped_mm``) would be the maintained kernel for this, but in
+  torch 2.13 its shape function (the one torch.export traces with) accepts only bf16 and fp8
+  inputs, and these graphs are fp32.
 """
 
 from __future__ import annotations
@@ -29,12 +39,13 @@ from tandem.models import Stages
 from tandem.models.reasoning import MoEFeedForward
 from tandem.stages import GraphSpec
 
-REWRITES = ("moe_kernel",)  # every rewrite this module knows
+REWRITES = ("moe_kernel", "routed_experts")  # every rewrite this module knows
+MOE_REWRITES = frozenset(REWRITES)  # the rewrites that replace the MoE layers (the reasoning stage's)
 
 
 def rewrites_for(rewrites: tuple[str, ...], spec: GraphSpec) -> tuple[str, ...]:
     """The ``rewrites`` that change ``spec``'s graph (the MoE layers live in the reasoning stage)."""
-    return tuple(r for r in rewrites if r != "moe_kernel" or spec.stage == "reasoning")
+    return tuple(r for r in rewrites if r not in MOE_REWRITES or spec.stage == "reasoning")
 
 
 def pack_moe_weights(moe: MoEFeedForward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +151,13 @@ def graph_rewrites(rewrites: tuple[str, ...], stages: Stages) -> Iterator[dict]:
     if unknown:
         raise ValueError(f"unknown graph rewrites {sorted(unknown)}; known: {list(REWRITES)}")
     table: dict = {}
+    if len(MOE_REWRITES.intersection(rewrites)) > 1:
+        raise ValueError(f"graph rewrites {sorted(MOE_REWRITES.intersection(rewrites))} each replace the MoE layers; pick one")
     moes = [m for m in stages.reasoning.modules() if isinstance(m, MoEFeedForward)]
     try:
+        if "routed_experts" in rewrites:
+            for moe in moes:
+                moe.evaluate = moe.forward_routed
         if "moe_kernel" in rewrites:
             for moe in moes:
                 moe.evaluate = _kernel_forward(moe)

@@ -122,14 +122,17 @@ class MoEFeedForward(nn.Module):
     """Top-k of E SwiGLU experts with renormalised gate weights.
 
     Routing is computed in the graph (softmax -> TopK -> scatter), never in Python control
-    flow, so an exported graph follows whatever experts each token picks at run time. Two
+    flow, so an exported graph follows whatever experts each token picks at run time. Three
     equivalent evaluation strategies:
     - ``sparse``: gathers only the k chosen experts' weights per token. The gather copies
       k * 3 weight matrices per token, so it is kept for eager inspection and comparison only;
     - ``dense``: runs every expert once over all rows and zero-weights the unchosen ones: the
-      weights are read where they are, never copied, in standard ops every compiler takes. ONNX
-      Runtime replaces it with its own MoE kernel (:mod:`tandem.export.rewrites`), which reads
-      only the routed experts.
+      weights are read where they are, never copied, in standard ops every compiler takes;
+    - :meth:`forward_routed`: each expert over only the rows routed to it (rows found in the graph
+      with ``nonzero``, so its shapes are data-dependent): an expert no row picked does a matmul
+      over zero rows and its weights are never read. torch.export and AOTInductor take it
+      (:mod:`tandem.export.rewrites`, ``routed_experts``).
+    Targets swap in their routed form while their graphs are traced (:mod:`tandem.export.rewrites`).
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int):
@@ -153,6 +156,22 @@ class MoEFeedForward(nn.Module):
         probs = torch.softmax(self.router(x), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), experts
+
+    def forward_routed(self, x: torch.Tensor) -> torch.Tensor:
+        """Each expert over only its rows: rows and top-k slots from ``nonzero(experts == e)``, the
+        expert's weights read in place (a view of the stack), its output scaled by the row's gate
+        weight and added into the row. Same routing and per-row sum order as the dense form."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, d]
+        weights, experts = self.route(x)
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            rows, slots = torch.nonzero(experts == e, as_tuple=True)  # [M_e] each, M_e data-dependent
+            xs = x.index_select(0, rows)  # [M_e, d]
+            hidden = F.silu(torch.mm(xs, self.w_gate[e])) * torch.mm(xs, self.w_up[e])  # [M_e, f]
+            y = torch.mm(hidden, self.w_down[e]) * weights[rows, slots].unsqueeze(-1)  # [M_e, d]
+            out = out.index_add(0, rows, y)
+        return out.reshape(shape)
 
     def forward(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         if self.evaluate is not None:

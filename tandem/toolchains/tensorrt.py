@@ -8,6 +8,7 @@ from typing import Any
 
 from tandem.compiler import tensorrt as trt_build
 from tandem.compiler.precision import cast_to, qdq, weights_int8
+from tandem.compiler.tensorrt_moe import require_triton
 from tandem.formats.compiled_manifest import CompiledManifest
 from tandem.formats.targets import TENSORRT, Target
 from tandem.formats.export_manifest import read_manifest
@@ -34,6 +35,7 @@ class TensorRTToolchain(Toolchain):
     def probe(self, target: Target, precision: str | None = None) -> None:
         trt_build.require_tensorrt(target, precision or target.default_precision)
         trt_build.require_gpu_arch(target)
+        require_triton()
 
     def versions(self) -> dict[str, str | None]:
         return {"tensorrt": trt_build.installed_version()}

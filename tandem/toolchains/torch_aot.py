@@ -13,6 +13,8 @@ from tandem.toolchains.base import Toolchain
 
 class TorchAOTToolchain(Toolchain):
     name = runtime = TORCH_AOT
+    # Each expert over only its rows (data-dependent shapes, which torch.export and Inductor take).
+    graph_rewrites = ("routed_experts",)
     entry_modules = ("tandem.compiler.torch_aot", "tandem.compiler.repository")
 
     def probe(self, target: Target, precision: str | None = None) -> None:
@@ -29,7 +31,9 @@ class TorchAOTToolchain(Toolchain):
     def optimise(self, build, staging: Path) -> str:
         from tandem.compiler import torch_aot
 
-        written = torch_aot.export_programs(build.export_manifest().config, build.options.checkpoint, staging)
+        written = torch_aot.export_programs(
+            build.export_manifest().config, build.options.checkpoint, staging, rewrites=self.graph_rewrites
+        )
         return f"{len(written)} graphs exported with torch.export and checked against eager PyTorch"
 
     def compile_inputs(self, build) -> dict[str, Any]:

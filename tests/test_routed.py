@@ -1,0 +1,271 @@
+"""Routed experts on every shipped GPU/accelerator graph: the expert weight stacks are read only by
+routed computation (tandem.export.expert_reads), checked on the graphs the toolchains really
+build from, with the dense standard-op graph as the counterfactual that must fail; and the routed
+forms compute what the dense form computes (Triton kernels in Triton's CPU interpreter)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tandem.config import ModelConfig
+from tandem.export.expert_reads import unrouted_onnx_reads, unrouted_program_reads
+from tandem.models.reasoning import MoEFeedForward
+from tandem.stages import graph_specs
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+NO_TRITON = "triton is not installed (pip install triton; CUDA builds of torch bring it): its CPU interpreter checks the plugin kernels"
+REASONING_GRAPHS = ("reasoning_prefill", "reasoning_decode", "reasoning_verify")
+
+
+def _moe(seed: int = 0, d: int = 24, f: int = 40, experts: int = 8, top_k: int = 2) -> MoEFeedForward:
+    torch.manual_seed(seed)
+    moe = MoEFeedForward(d, f, experts, top_k)
+    moe.reset_parameters()
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    return moe.eval()
+
+
+def _poison_unrouted(moe: MoEFeedForward, x: torch.Tensor) -> set[int]:
+    """NaN into every expert no row of ``x`` routes to; returns the routed experts."""
+    with torch.no_grad():
+        routed = set(moe.route(x.reshape(-1, x.shape[-1]))[1].unique().tolist())
+        for e in set(range(moe.n_experts)) - routed:
+            for w in (moe.w_gate, moe.w_up, moe.w_down):
+                w[e] = float("nan")
+    return routed
+
+
+# ----------------------------------------------------------------------------- the routed form (AOTInductor)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_routed_form_matches_the_dense_form(rows: int):
+    moe = _moe()
+    x = torch.randn(rows, 24)
+    with torch.no_grad():
+        dense, routed = moe(x, sparse=False), moe.forward_routed(x)
+    torch.testing.assert_close(routed, dense, atol=1e-6, rtol=1e-6)
+
+
+def test_routed_form_never_reads_an_unrouted_expert():
+    moe = _moe(seed=1)
+    x = torch.randn(1, 24)
+    routed = _poison_unrouted(moe, x)
+    assert len(routed) == 2
+    with torch.no_grad():
+        assert torch.isfinite(moe.forward_routed(x)).all()
+        assert torch.isnan(moe(x, sparse=False)).any()  # the dense form reads every expert (counterfactual)
+
+
+@pytest.fixture(scope="module")
+def aot_programs(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConfig) -> dict[str, Path]:
+    """The cpu-aot/cuda-torch optimise step's programs (torch.export with the toolchain's rewrites),
+    and the dense ones it made before the rewrite (the counterfactual)."""
+    from tandem.compiler.torch_aot import export_programs
+    from tandem.toolchains import get_toolchain
+
+    out = {}
+    for form, rewrites in (("routed", get_toolchain("torch_aot").graph_rewrites), ("dense", ())):
+        folder = tmp_path_factory.mktemp(form)
+        export_programs(tiny_config, None, folder, graphs=list(REASONING_GRAPHS), rewrites=rewrites)
+        out[form] = folder
+    return out
+
+
+@pytest.mark.parametrize("graph", REASONING_GRAPHS)
+def test_aot_programs_read_expert_weights_only_when_routed(aot_programs: dict[str, Path], graph: str):
+    routed = torch.export.load(str(aot_programs["routed"] / f"{graph}.pt2"))
+    assert unrouted_program_reads(routed) == []
+    dense = torch.export.load(str(aot_programs["dense"] / f"{graph}.pt2"))
+    problems = unrouted_program_reads(dense)
+    assert problems and all("reads every expert" in p for p in problems)
+
+
+def test_aot_decode_program_runs_with_unrouted_experts_poisoned(aot_programs: dict[str, Path], tiny_config: ModelConfig):
+    """Behaviour, not only structure: NaN in every expert that no row picks (per layer, from the
+    eager model's routing on the same feeds) leaves the routed program's outputs finite, and not
+    the dense program's."""
+    from tandem.models import build_stages
+
+    spec = graph_specs(tiny_config)["reasoning_decode"]
+    feeds = spec.sample_inputs({"batch": 1}, seed=3)
+    args = [torch.from_numpy(feeds[n]) for n in spec.input_names]
+    model = build_stages(tiny_config).reasoning
+    with torch.no_grad():
+        model.decode_step(args[0], args[1], args[2::2], args[3::2])
+    unpicked = {
+        i: set(range(tiny_config.reasoning.n_experts)) - set(block.moe.last_routing.unique().tolist())
+        for i, block in enumerate(model.blocks)
+    }
+    assert all(unpicked.values())
+    logits = {}
+    for form in ("routed", "dense"):
+        module = torch.export.load(str(aot_programs[form] / "reasoning_decode.pt2")).module()
+        state = module.state_dict()  # the module's own parameters: poisoned in place
+        with torch.no_grad():
+            for i, experts in unpicked.items():
+                for name in ("w_gate", "w_up", "w_down"):
+                    state[f"model.blocks.{i}.moe.{name}"][sorted(experts)] = float("nan")
+            logits[form] = module(*args)[0]
+    assert torch.isfinite(logits["routed"]).all()
+    assert torch.isnan(logits["dense"]).any()
+
+
+# ----------------------------------------------------------------------------- TensorRT (h100/a100): the plugin graph
+
+
+def _in_child(check: str, *args: str, interpret: bool) -> None:
+    """Run ``check`` (a function of this module) in a fresh Python. Triton decides between compiled
+    and interpreted kernels (TRITON_INTERPRET) when it is first imported, and in a test session
+    torch may have imported it already."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('routed_checks', {__file__!r}); "
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        f"module.{check}(*sys.argv[1:])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def _check_ptx() -> None:
+    from triton.backends.compiler import GPUTarget
+
+    from tandem.compiler.tensorrt_moe import DOWN, UP, compile_kernel
+
+    for op, element, capability in ((UP, "fp32", 90), (UP, "bf16", 90), (DOWN, "fp16", 80), (DOWN, "bf16", 90)):
+        compiled = compile_kernel(op, element, GPUTarget("cuda", capability, 32))
+        ptx = compiled.asm["ptx"]
+        assert f".entry {compiled.metadata.name}(" in ptx and f".target sm_{capability}" in ptx, (op, element, capability)
+        assert compiled.metadata.num_warps > 0
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+def test_plugin_kernels_compile_to_ptx_for_hopper_and_ampere():
+    """What TensorRT's AOT plugin step gets from Triton (PTX needs no GPU; TensorRT itself is not here)."""
+    _in_child("_check_ptx", interpret=False)
+
+
+def _reference(x, experts, gates, w_gate, w_up, w_down):
+    out = []
+    for n in range(x.shape[0]):
+        rows = []
+        for j in range(experts.shape[1]):
+            e = int(experts[n, j])
+            rows.append(gates[n, j] * ((F.silu(x[n] @ w_gate[e]) * (x[n] @ w_up[e])) @ w_down[e]))
+        out.append(torch.stack(rows))
+    return torch.stack(out)
+
+
+def _check_kernels(rows: str) -> None:
+    from tandem.compiler.tensorrt_moe import routed_moe
+
+    rows = int(rows)
+    torch.manual_seed(rows)
+    experts_n, d, f = 8, 72, 136  # not multiples of the 64-wide tiles: the masks are exercised
+    w_gate, w_up = torch.randn(experts_n, d, f) / d**0.5, torch.randn(experts_n, d, f) / d**0.5
+    w_down = torch.randn(experts_n, f, d) / f**0.5
+    x = torch.randn(rows, d)
+    gates, experts = torch.topk(torch.softmax(torch.randn(rows, experts_n), -1), 2)
+    gates = gates / gates.sum(-1, keepdim=True)
+    expected = _reference(x, experts, gates, w_gate, w_up, w_down)
+    unrouted = set(range(experts_n)) - set(experts.unique().tolist())
+    assert unrouted
+    for e in unrouted:  # never read: NaN cannot leak
+        w_gate[e] = w_up[e] = w_down[e] = float("nan")
+    actual = routed_moe(x, experts, gates, w_gate, w_up, w_down)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_plugin_kernels_match_pytorch_in_the_triton_interpreter(rows: int):
+    _in_child("_check_kernels", str(rows), interpret=True)
+
+
+@pytest.mark.parametrize("graph", REASONING_GRAPHS)
+def test_tensorrt_graphs_read_expert_weights_only_through_the_routed_plugins(tiny_artifacts: Path, graph: str):
+    from tandem.compiler.tensorrt_moe import PLUGIN_NAMESPACE, route_moe_layers
+
+    dense = onnx.load(str(tiny_artifacts / f"{graph}.onnx"))
+    problems = unrouted_onnx_reads(dense)
+    assert problems and all("reads every expert" in p for p in problems)  # the counterfactual
+    routed, layers = route_moe_layers(copy.deepcopy(dense))
+    assert layers == len([n for n in dense.graph.initializer if n.name.endswith("moe.w_gate")]) > 0
+    assert unrouted_onnx_reads(routed) == []
+    plugins = [n for n in routed.graph.node if n.domain == PLUGIN_NAMESPACE]
+    assert len(plugins) == 2 * layers
+    for node in plugins:  # what TensorRT's ONNX parser needs to pick the plugin's AOT kernel
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes == {"plugin_namespace": PLUGIN_NAMESPACE.encode(), "aot": 1}
+    assert not any(n.op_type == "ScatterElements" for n in routed.graph.node)  # the dense gates are gone
+    onnx.checker.check_model(routed)
+
+
+def _check_graph(artifacts: str) -> None:
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    from tandem.compiler.tensorrt_moe import BLOCK_OUT, DOWN, PLUGIN_NAMESPACE, UP, kernels, route_moe_layers
+    from tandem.config import load_config
+
+    up_kernel, down_kernel = kernels()
+
+    class RoutedUp(OpRun):
+        op_domain = PLUGIN_NAMESPACE
+
+        def _run(self, x, experts, w_gate, w_up, plugin_namespace=None, aot=None):
+            n, k = experts.shape
+            _, d, f = w_gate.shape
+            hidden = torch.empty(n, k, f)
+            up_kernel[(w_gate.shape[0], -(-f // BLOCK_OUT))](
+                torch.from_numpy(x.copy()), torch.from_numpy(experts.copy()), torch.from_numpy(w_gate.copy()),
+                torch.from_numpy(w_up.copy()), n * k, k, d, f, hidden, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=64,
+            )
+            return (hidden.numpy(),)
+
+    class RoutedDown(OpRun):
+        op_domain = PLUGIN_NAMESPACE
+
+        def _run(self, hidden, experts, gates, w_down, plugin_namespace=None, aot=None):
+            n, k, f = hidden.shape
+            d = w_down.shape[2]
+            y = torch.empty(n, k, d)
+            down_kernel[(w_down.shape[0], -(-d // BLOCK_OUT))](
+                torch.from_numpy(hidden.copy()), torch.from_numpy(experts.copy()), torch.from_numpy(gates.copy()),
+                torch.from_numpy(w_down.copy()), n * k, f, d, y, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=64,
+            )
+            return (y.numpy(),)
+
+    RoutedUp.__name__, RoutedDown.__name__ = UP, DOWN  # the evaluator matches ops by class name
+    path = Path(artifacts) / "reasoning_decode.onnx"
+    routed, _ = route_moe_layers(onnx.load(str(path)))
+    spec = graph_specs(load_config("tiny"))["reasoning_decode"]
+    feeds = spec.sample_inputs({"batch": 3}, seed=5)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    actual = ReferenceEvaluator(routed, new_ops=[RoutedUp, RoutedDown]).run(None, feeds)
+    for name, a, e in zip(spec.output_names, actual, expected):
+        np.testing.assert_allclose(a, e, atol=2e-4, rtol=1e-4, err_msg=name)
+    np.testing.assert_array_equal(actual[0].argmax(-1), expected[0].argmax(-1))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+def test_tensorrt_decode_graph_with_plugin_kernels_matches_onnxruntime(tiny_artifacts: Path):
+    """The rewritten decode graph evaluated by ONNX's reference evaluator, the plugin nodes running
+    the Triton kernels (interpreter), against ONNX Runtime on the export's graph."""
+    _in_child("_check_graph", str(tiny_artifacts), interpret=True)
