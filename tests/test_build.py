@@ -222,7 +222,7 @@ def test_tensorrt_profiles_come_from_the_stage_description(h100_build, tiny_conf
     assert served["served"] and served["profile"]["max"] == {"scene_tokens": [8, tiny_config.scene.num_tokens]}
     assert [t["dtype"] for t in served["inputs"]] == ["int32"]
     from tandem.compiler.tensorrt_moe import PLUGIN_NAMESPACE
-    from tandem.export.expert_reads import unrouted_onnx_reads
+    from tandem.compiler.expert_reads import unrouted_onnx_reads
 
     for entry in profiles.values():  # what TensorRT's parser will read: standard ops, checked interfaces
         model = onnx.load(str(optimised / entry["onnx"]))

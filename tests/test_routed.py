@@ -1,5 +1,5 @@
 """Routed experts on every shipped GPU/accelerator graph: the expert weight stacks are read only by
-routed computation (tandem.export.expert_reads), checked on the graphs the toolchains really
+routed computation (tandem.compiler.expert_reads), checked on the graphs the toolchains really
 build from, with the dense standard-op graph as the counterfactual that must fail; and the routed
 forms compute what the dense form computes (Triton kernels in Triton's CPU interpreter)."""
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.config import ModelConfig
-from tandem.export.expert_reads import unrouted_onnx_reads, unrouted_program_reads
+from tandem.compiler.expert_reads import unrouted_onnx_reads, unrouted_program_reads
 from tandem.models.reasoning import MoEFeedForward
 from tandem.stages import graph_specs
 
