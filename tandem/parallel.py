@@ -194,9 +194,9 @@ class JacobiPipeline(Pipeline):
         n, total = len(lengths), tokens.shape[1]
         width, max_len = self.config.scene.grid_width, self.config.max_len
         engine = make_decode_engine(self.runtime, n)
-        logits = engine.prefill(range(n), input_ids[:, : int(lengths.max())], lengths)
+        first = engine.prefill(range(n), input_ids[:, : int(lengths.max())], lengths)  # greedy, in the graph
         work = np.zeros((n, total), dtype=np.int64)  # confirmed tokens, then this step's guesses
-        work[:, 0] = np.argmax(logits, axis=-1)
+        work[:, 0] = first
         count = np.ones(n, dtype=np.int64)  # confirmed tokens per row
         steps = np.ones(n, dtype=np.int64)  # model passes per row (the prefill)
         codebook = self.config.scene.codebook_size
