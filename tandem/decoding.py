@@ -190,8 +190,7 @@ class CacheDecodeEngine:
         if positions.min() < 1 or positions.max() >= self.layout.max_len:
             raise TandemError(f"decode positions must lie in [1, {self.layout.max_len}), got {positions.tolist()}")
         tokens, new_rows = self._run_step(n, token_ids, positions, self._sampling_feeds(n, sampling), logits)
-        for past, new in zip(self.past_names, self.new_names):
-            self._write_rows(past, n, positions, new_rows[new])
+        self._write_step(n, positions, new_rows)
         return tokens
 
     def move(self, src: int, dst: int) -> None:
@@ -256,9 +255,24 @@ class CacheDecodeEngine:
             logits[...] = out["logits"]
         return np.asarray(out[NEXT_TOKENS], dtype=np.int64), {name: out[name] for name in self.new_names}
 
-    def _write_rows(self, past: str, n: int, positions: np.ndarray, rows: np.ndarray) -> None:
-        """rows [n, H, 1, Dh] -> cache[i, :, positions[i], :] for i < n."""
-        self.cache[past][np.arange(n), :, positions, :] = rows[:, :, 0, :]
+    def _write_step(self, n: int, positions: np.ndarray, new_rows: dict[str, np.ndarray]) -> None:
+        """Each cache tensor's new rows [n, H, 1, Dh] -> cache[i, :, positions[i], :] for i < n: the
+        flat row index of every (slot, head, position) is computed once per step, into a buffer,
+        and each tensor takes one indexed write of its [n * H, Dh] rows (one row: a plain slice,
+        cheaper still)."""
+        if n == 1:
+            position = int(positions[0])
+            for past, new in zip(self.past_names, self.new_names):
+                self.cache[past][0, :, position, :] = new_rows[new][0, :, 0, :]
+            return
+        if not hasattr(self, "_slot_heads"):
+            heads, max_len, dim = self.layout.n_heads, self.layout.max_len, self.layout.head_dim
+            self._slot_heads = (np.arange(self.capacity)[:, None] * heads * max_len + np.arange(heads)[None, :] * max_len).astype(np.int64)
+            self._row_index = np.empty_like(self._slot_heads)
+            self._flat = {name: buffer.reshape(-1, dim) for name, buffer in self.cache.items()}  # views
+        index = np.add(self._slot_heads[:n], positions[:, None], out=self._row_index[:n]).reshape(-1)
+        for past, new in zip(self.past_names, self.new_names):
+            self._flat[past][index] = new_rows[new].reshape(index.shape[0], -1)
 
     def _write_prefix(self, past: str, slots: np.ndarray, present: np.ndarray, length: int) -> None:
         self.cache[past][slots, :, :length, :] = present
@@ -326,7 +340,12 @@ class TorchDecodeEngine(CacheDecodeEngine):
             logits[...] = outputs[1].float().cpu().numpy()
         return outputs[0].cpu().numpy(), dict(zip(self.new_names, outputs[2:]))
 
+    def _write_step(self, n, positions, new_rows):
+        for past, new in zip(self.past_names, self.new_names):
+            self._write_rows(past, n, positions, new_rows[new])
+
     def _write_rows(self, past, n, positions, rows):
+        """rows [n, H, 1, Dh] -> the cache tensor's [i, :, positions[i], :] for i < n, on the device."""
         torch = self.torch
         positions = self._positions[:n]  # already on the device
         index = (torch.arange(n, device=self.device).view(n, 1) * self._slot_stride + self._head_offsets + positions.view(n, 1)).view(-1)

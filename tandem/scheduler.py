@@ -285,6 +285,8 @@ class InflightScheduler:
 
     def _take_arrivals(self, free: int) -> list[Row]:
         """Up to ``free`` waiting requests as new rows; those that gave up while waiting are answered."""
+        if not self.waiting:  # the steady state of a decode loop: nothing to take, no lock, no clock
+            return []  # (a request queued meanwhile is taken next step)
         now = self.clock()
         taken, dropped = [], []  # dropped: (job, reason, retryable)
         with self._lock:
