@@ -46,6 +46,27 @@ from tandem.tokenizer import encode
 log = logging.getLogger(__name__)
 
 
+WAVE_GAP_S = 0.002  # a wave is still arriving while its requests come less than this far apart
+
+
+def wait_for_wave(condition: threading.Condition, count: Callable[[], int], want: int, window_s: float,
+                  stop: Callable[[], bool], gap_s: float = WAVE_GAP_S) -> None:
+    """With ``condition`` held (and notified on every arrival): wait until ``count()`` reaches ``want``,
+    nothing more has arrived for ``gap_s``, ``window_s`` has passed since the call, or ``stop()``.
+    A self-batching stage calls it after the first arrival of a wave (a closed loop of clients sends
+    its next requests only as the last ones' answers come back, a few hundred microseconds apart
+    through each hop) so the wave runs as one batch."""
+    now = time.monotonic()
+    end, quiet_until, seen = now + window_s, now + gap_s, count()
+    while not stop() and seen < want:
+        left = min(end, quiet_until) - time.monotonic()
+        if left <= 0:
+            return
+        condition.wait(left)
+        if (n := count()) > seen:
+            seen, quiet_until = n, time.monotonic() + gap_s
+
+
 class QueueFullError(TandemError):
     """The scheduler's waiting queue is full: the request was refused, nothing was started."""
 
@@ -111,11 +132,16 @@ class InflightScheduler:
         clock: Callable[[], float] = time.monotonic,
         max_wait_s: float | None = None,
         before_plan: Callable[[], None] | None = None,
+        admission_window_s: float = 0.0,
+        wave_gap_s: float = WAVE_GAP_S,
+        check_interval_s: float = 0.0,
     ):
         if num_tokens < 1:
             raise TandemError(f"num_tokens must be >= 1, got {num_tokens}")
         if max_waiting is not None and max_waiting < 0:
             raise TandemError(f"max_waiting must be >= 0, got {max_waiting}")
+        if not 0 <= admission_window_s <= 60 or not 0 < wave_gap_s <= 60:
+            raise TandemError(f"admission_window_s must be in [0, 60] s and wave_gap_s in (0, 60] s, got {admission_window_s}, {wave_gap_s}")
         self.engine = engine
         self.runner = ModelRunner(engine, clock)  # the one step implementation (tandem.decoding)
         self.capacity = engine.capacity
@@ -124,6 +150,18 @@ class InflightScheduler:
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s  # a request still waiting for a slot this long is refused (None: no limit)
         self.before_plan = before_plan  # called at the start of every step, before any cancellation check
+        # The loop thread, idle after a busy period that had several rows, waits up to this long after an
+        # arrival for the rest of a wave (as many as that period's peak, while they keep coming: see
+        # wait_for_wave) so they share one prefill and finish at the same step.
+        self.admission_window_s = admission_window_s
+        self.wave_gap_s = wave_gap_s
+        # Running rows are checked for cancellation and deadlines (and before_plan is called) at most this
+        # often: every step when 0. A served batch-1 step takes about half a millisecond, and the checks of
+        # every row at every step cost a few percent of it.
+        self.check_interval_s = check_interval_s
+        self._checked_at = -float("inf")
+        self._peak = 0  # the most rows occupied since the loop was last idle
+        self._last_peak = 0  # the previous busy period's peak
         self.clock = clock
         self.waiting: collections.deque[Job] = collections.deque()
         self.stats = SchedulerStats()
@@ -176,12 +214,16 @@ class InflightScheduler:
     def step(self) -> bool:
         """Plan (evict, admit), execute, answer (see the module docstring). Returns whether work
         remains. Only one thread may call it (the loop thread, or the caller when no loop runs)."""
-        if self.before_plan is not None:
-            try:
-                self.before_plan()
-            except Exception:  # e.g. the cancel folder went away: the checks decide with what they have
-                log.exception("the scheduler's before_plan hook failed")
-        plan = StepPlan(leave=self._evict_abandoned())
+        now = time.monotonic()
+        check = now - self._checked_at >= self.check_interval_s or not self.runner.rows
+        if check:
+            self._checked_at = now
+            if self.before_plan is not None:
+                try:
+                    self.before_plan()
+                except Exception:  # e.g. the cancel folder went away: the checks decide with what they have
+                    log.exception("the scheduler's before_plan hook failed")
+        plan = StepPlan(leave=self._evict_abandoned() if check else [])
         plan.join = self._take_arrivals(self.runner.free + len(plan.leave))
         if plan.leave or plan.join or self.runner.rows:
             out = StepOutput()
@@ -225,11 +267,26 @@ class InflightScheduler:
                     self._lock.wait()
                 if self._stopping:
                     return
+                if not self.runner.rows:
+                    self._admission_window()
             try:
                 self.step()
             except Exception as exc:  # an engine failure: answer what it touched, keep the loop alive
                 log.exception("reasoning scheduler step failed")
                 self._fail_all_rows(failure_message("generation", exc), exc)
+
+    def _admission_window(self) -> None:
+        """Called with the lock held when the loop is idle and something arrived: after a busy period
+        with company (a closed loop of clients sends its next wave only as the last one's answers come
+        back), wait up to ``admission_window_s`` for as many arrivals as that period's peak (see
+        :func:`wait_for_wave`), so a wave starts with one batched prefill and its rows finish at the
+        same step. A lone client on a quiet server (peak 1) never waits."""
+        if self._peak:
+            self._last_peak, self._peak = self._peak, 0
+        want = min(self._last_peak, self.capacity)
+        if self.admission_window_s and want > 1:
+            wait_for_wave(self._lock, lambda: len(self.waiting), want, self.admission_window_s, lambda: self._stopping,
+                          self.wave_gap_s)
 
     # -- internals ----------------------------------------------------------------------------------
     def _answer(
@@ -306,6 +363,7 @@ class InflightScheduler:
 
     def _settle(self, out: StepOutput) -> None:
         self.stats.prefills += out.prefills
+        self._peak = max(self._peak, out.stepped)
         if out.stepped:
             self.stats.steps += 1
             self.stats.rows_stepped += out.stepped

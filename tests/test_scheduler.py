@@ -168,6 +168,63 @@ def test_one_rows_failure_never_touches_the_others(runtime, pipeline):
     assert scheduler.stats.completed == 2  # the broken owner's generation completed; only its answer failed
 
 
+def test_an_idle_loop_lets_the_next_wave_share_one_prefill(runtime, pipeline):
+    """After a busy period with company, the idle loop thread waits for as many arrivals as that
+    period's peak while they keep coming (a closed loop of clients' next wave), so they share one
+    prefill; after a lone client it starts at once. Generous gaps keep this independent of load."""
+
+    def wave(scheduler: InflightScheduler, prompts: list[str], spacing_s: float) -> list[Outcome]:
+        done = threading.Semaphore(0)
+        outcomes: list[Outcome] = []
+        for i, prompt in enumerate(prompts):
+            if i:
+                threading.Event().wait(spacing_s)
+            scheduler.submit(Job(prompt, SETTINGS[0], lambda o: (outcomes.append(o), done.release())))
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+        return outcomes
+
+    def scheduler_after(first_wave: list[str]) -> InflightScheduler:
+        scheduler = InflightScheduler.for_runtime(runtime, capacity=3, admission_window_s=30.0, wave_gap_s=5.0)
+        for prompt in first_wave:  # stepped here, before the loop thread starts: one busy period of len(first_wave) rows
+            scheduler.submit(Job(prompt, SETTINGS[0], lambda o: None))
+        scheduler.run_until_idle()
+        return scheduler.start()
+
+    lone = scheduler_after(PROMPTS[:1])
+    try:
+        before = lone.stats.prefills
+        wave(lone, PROMPTS[1:3], 0.5)  # peak 1: the first starts at once, the second (0.5 s later) has its own prefill
+        assert lone.stats.prefills - before == 2
+    finally:
+        lone.stop()
+    busy = scheduler_after(PROMPTS[:2])
+    try:
+        before = busy.stats.prefills
+        outcomes = wave(busy, PROMPTS[1:3], 0.5)  # peak 2: the idle loop waits for the second arrival
+        assert busy.stats.prefills - before == 1
+    finally:
+        busy.stop()
+    assert all(o.ok for o in outcomes)
+    expected = {alone(pipeline, p, SETTINGS[0]).tobytes() for p in PROMPTS[1:3]}
+    assert {o.tokens.astype(np.int64).tobytes() for o in outcomes} == expected
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 3600.0])
+def test_running_rows_are_checked_at_most_every_check_interval(runtime, interval_s):
+    """With a check interval the loop looks at running rows' cancellation only that often (the served
+    loop: every 5 ms, not every half-millisecond step); with none, at every step."""
+    scheduler = InflightScheduler.for_runtime(runtime, capacity=2, check_interval_s=interval_s)
+    asked = []
+    outcomes: dict[str, Outcome] = {}
+    scheduler.submit(Job(PROMPTS[0], SETTINGS[0], collect(outcomes, "a"), is_cancelled=lambda: bool(asked.append(1)) or len(asked) > 2))
+    scheduler.run_until_idle()
+    if interval_s:  # checked when the first step took it, then not within the hour
+        assert outcomes["a"].ok and len(asked) == 1
+    else:
+        assert outcomes["a"].cancelled and len(asked) == 3
+
+
 def test_stop_answers_everything_still_pending(runtime):
     scheduler = InflightScheduler.for_runtime(runtime, capacity=1)
     answered: list[Outcome] = []

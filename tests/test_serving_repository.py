@@ -51,6 +51,7 @@ def test_every_config_parses_with_tritons_schema(tmp_path: Path, tiny_artifacts:
     assert reasoning.parameters["scheduler"].string_value == "inflight"
     assert reasoning.parameters["max_waiting"].string_value == "16"
     assert reasoning.parameters["queue_timeout_ms"].string_value == "60000"
+    assert reasoning.parameters["max_queue_delay_us"].string_value == "10000"  # its admission window when idle
     # Refinement behind reasoning only gets work reasoning admitted and finished: no waiting limit and
     # no queue timeout there, so admitted work is never thrown away (a client's timeout still applies).
     refinement = configs[REFINEMENT]

@@ -106,8 +106,9 @@ def explain(results: dict) -> list[str]:
                 f"concurrency-8 level requests waited {reasoning.get('queue_ms_per_request') or 0:.1f} ms in Triton's queue "
                 "before reasoning's execute took them."
                 + _serving_share(results, protocol)
-                + " What would close it: prefills of one wave's arrivals batched together (a short admission window "
-                "while rows are running) and fewer hops per request (the front door and the ensemble each add one)."
+                + " What would close it: fewer hops per request (the front door and the ensemble each add one, and the "
+                "python stubs take a wave's requests one execute call at a time, about 0.5 ms each), and per-row "
+                "cancellation checks every few milliseconds instead of every decode step."
             )
     if failed("pipeline_scaling"):
         runs = _get(results, "pipeline", "onnxruntime", default={})

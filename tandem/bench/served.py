@@ -559,7 +559,20 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
         name = f"{protocol}_c{concurrency}"
         records[name] = []
 
+        def checked(results: list[RequestResult]) -> list[RequestResult]:
+            ok = [r for r in results if r.ok]
+            check["requests"] += len(results)
+            check["failed"] += len(results) - len(ok)
+            check["errors"] = sorted({*check["errors"], *(r.error for r in results if not r.ok and r.error)})[:5]
+            check["tokens_mismatched"] += sum(
+                1 for r in ok if r.tokens is None or not np.array_equal(np.asarray(r.tokens).reshape(-1), expected_tokens[r.index]))
+            return ok
+
         def arm() -> float:
+            if concurrency > 1:  # one untimed wave first: throughput at c=8 is a steady state, not the step up from c=1
+                warm = indices(concurrency)
+                checked(asyncio.run(_run_level(proto, model, concurrency, warm, settings.request_timeout_s, lambda: None))[0])
+                sent[0] += len(warm)
             idx = indices(k)
             if concurrency > 1:
                 before, metrics_before = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
@@ -567,12 +580,7 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
             results, wall = asyncio.run(_run_level(proto, model, concurrency, idx, settings.request_timeout_s, lambda: None))
             cpu = _tree_cpu_seconds() - cpu0
             sent[0] += len(idx)
-            ok = [r for r in results if r.ok]
-            check["requests"] += len(results)
-            check["failed"] += len(results) - len(ok)
-            check["errors"] = sorted({*check["errors"], *(r.error for r in results if not r.ok and r.error)})[:5]
-            check["tokens_mismatched"] += sum(
-                1 for r in ok if r.tokens is None or not np.array_equal(np.asarray(r.tokens).reshape(-1), expected_tokens[r.index]))
+            ok = checked(results)
             latencies = np.array([r.seconds for r in ok])
             rec = {
                 "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,

@@ -191,9 +191,9 @@ def serving_gap(served: dict, protocol: str) -> str:
     said = "; ".join(parts)
     said += ("; " if said else "") + (
         "a closed loop of 8 clients sends a wave's next requests only after its images come back, so every wave the decode "
-        "loop waits for rendering, both transports and the next arrivals, which then join over several steps; the "
-        "in-process batch has none of that. More clients than slots should hide part of it (the next requests wait in the "
-        "scheduler's queue and join at the next step)"
+        "loop waits for rendering, both transports and the next arrivals (the idle loop waits for the whole wave while it "
+        "keeps arriving, so it starts with one prefill); the in-process batch has none of that. More clients than slots "
+        "should hide part of it (the next requests wait in the scheduler's queue and join at the next step)"
     )
     if c8 and c16:
         said += f"; this run's sweep (not interleaved) gave {c16:.2f} images/s at concurrency 16 vs {c8:.2f} at 8"

@@ -66,8 +66,10 @@ def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> 
     add_list_argument(g, "--preferred-batch-sizes", item_type=positive_int, legacy_spaces=True,
                       help="dynamic batching preferred sizes, comma-separated (e.g. 2,4,8)")
     g.add_argument("--max-queue-delay-us", type=int,
-                   help="how long a batch waits to fill: refinement's render thread (default 2000), Triton's dynamic "
-                   "batcher for request-level reasoning (default 5000); in-flight reasoning never waits")
+                   help="how long a batch waits to fill: Triton's dynamic batcher (default 5000 for request-level reasoning, "
+                   "2000 for a native refinement); under concurrent traffic, the python refinement's render thread and idle "
+                   "in-flight reasoning wait up to it (default 10000) while the rest of a wave keeps arriving, so the wave "
+                   "runs as one batch")
     g.add_argument("--max-queue-size", type=int, help="waiting prompts (rows) per model before refusing more (default 4 x batch)")
     g.add_argument("--queue-timeout-ms", type=int, default=60_000, help="refuse requests still waiting to start after this "
                    "long (default 60000)")

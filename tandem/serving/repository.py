@@ -93,8 +93,13 @@ ENSEMBLE_INTERNAL_TOKENS = "reasoning_scene_tokens"  # reasoning -> refinement i
 # Why these defaults: a reasoning batch (request-level scheduler) runs hundreds of decode steps, so
 # waiting a few ms to fill it is cheap; refinement is one short graph run, so it waits less (Triton's
 # batcher for native backends, the render thread's gather window for the python model). The
-# in-flight scheduler never waits: a request joins at the next decode step.
+# in-flight scheduler waits only when idle after concurrent traffic (its admission window: the rest
+# of a closed loop's wave shares one prefill); while rows run, a request joins at the next step.
 DEFAULT_QUEUE_DELAY_US = {REASONING: 5_000, REFINEMENT: 2_000}
+# A model that batches itself (in-flight reasoning when idle, refinement's render thread) waits only
+# while a wave keeps arriving (requests a few hundred microseconds apart: tandem.scheduler.wait_for_wave),
+# so its cap can be longer: a closed loop of 8 clients' next wave reached reasoning over 3-6 ms on 2 cores.
+WAVE_WINDOW_US = 10_000
 
 
 @dataclass(frozen=True)
@@ -483,10 +488,12 @@ def stage_config(ctx: BuildContext, stage: str, target: ModelTarget, behind_reas
     config.version_policy.latest.num_versions = 1
     _add_tensors(config, ctx.served[stage])
     queue_size = opts.max_queue_size or 4 * opts.max_batch_size
-    delay = opts.max_queue_delay_us if opts.max_queue_delay_us is not None else DEFAULT_QUEUE_DELAY_US[stage]
-    if target.batches_itself(stage, opts) and not opts.triton_batcher:
-        if stage == REFINEMENT:  # its render thread's gather window (the in-flight scheduler never waits)
-            set_parameter(config, PARAM_QUEUE_DELAY, str(delay))
+    batches_itself = target.batches_itself(stage, opts) and not opts.triton_batcher
+    delay = opts.max_queue_delay_us if opts.max_queue_delay_us is not None else (
+        WAVE_WINDOW_US if batches_itself else DEFAULT_QUEUE_DELAY_US[stage])
+    if batches_itself:
+        # refinement: its render thread's gather window; in-flight reasoning: its admission window when idle
+        set_parameter(config, PARAM_QUEUE_DELAY, str(delay))
         if not behind_reasoning:  # (behind reasoning: unbounded, no timeout; see above)
             set_parameter(config, PARAM_MAX_WAITING, str(queue_size))
             set_parameter(config, PARAM_QUEUE_TIMEOUT, str(opts.queue_timeout_ms))

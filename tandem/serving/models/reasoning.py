@@ -58,6 +58,7 @@ from tandem.serving.models.common import (
     load_pipeline,
     model_parameters,
     parse_prompts,
+    queue_delay_s,
     queue_timeout_s,
     parse_sampling,
     request_id,
@@ -76,6 +77,10 @@ CANCEL_POLL_S = 0.05  # how often each row asks Triton whether its request was c
 # Triton is then asked only as a backstop: each ask is a round trip to the Triton process, 8 rows
 # every 50 ms kept the poller asking a fifth of the time, and the scheduler thread waited for it.
 CANCEL_BACKSTOP_POLL_S = 0.5
+# The decode loop looks at its rows' cancellation markers, answers and deadlines at most this often
+# (not at every step): a batch-1 step takes about 0.5 ms on 2 cores, and listing the marker folder and
+# asking every row at every step cost a few percent of it. A cancelled row runs at most this much longer.
+CANCEL_CHECK_INTERVAL_S = 0.005
 # Geometric buckets, 1.15x apart from 0.5 ms to ~2 min: a percentile read from them is within 15%.
 TIMING_BUCKETS = [float(f"{0.0005 * 1.15**i:.6g}") for i in range(90)]
 
@@ -349,6 +354,7 @@ class TritonPythonModel:
             self.scheduler = InflightScheduler.for_runtime(
                 self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters),
                 max_wait_s=queue_timeout_s(parameters), before_plan=self.cancel_markers.refresh,
+                admission_window_s=queue_delay_s(parameters), check_interval_s=CANCEL_CHECK_INTERVAL_S,
             )
             self.counters = SchedulerCounters(self.scheduler, self.scheduler_kind)
             instance = args.get("model_instance_name", "reasoning")

@@ -31,6 +31,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tandem.errors import TandemError
+from tandem.scheduler import wait_for_wave
 from tandem.serving.interface import IMAGE, RENDERED_TOKENS, SCENE_TOKENS
 from tandem.serving.models.common import (
     Activity,
@@ -73,9 +74,10 @@ class Pending:
 
 class Renderer:
     """The render thread: once a request is waiting, and the last render had more than one row (the
-    server is under load), it waits up to ``gather_s`` for more (the rows of a reasoning batch finish
-    within a step or two of each other, and answering them together keeps the next wave of a
-    closed-loop client together too: the decode loop then steps full batches), then takes what is waiting,
+    server is under load), it waits for more while they keep coming, up to ``gather_s`` in all
+    (:func:`tandem.scheduler.wait_for_wave`: the rows of a reasoning batch finish at the same step but
+    reach this model one execute call apart, about a millisecond each; answering them together keeps
+    the next wave of a closed-loop client together too: the decode loop then steps full batches), then takes what is waiting,
     oldest first, up to ``max_rows`` rows (always at least one request), renders it in one call and
     answers each request. Sends happen on this thread: nothing else waits for it."""
 
@@ -116,10 +118,8 @@ class Renderer:
                 return None
             # Let the rest of a wave of finished rows in, when the last render had company (under load);
             # a lone request on a quiet server is rendered at once.
-            if self.gather_s and self._last_rows > 1 and self.waiting_rows < self.max_rows:
-                end = time.monotonic() + self.gather_s
-                while not self._stopping and self.waiting_rows < self.max_rows and (left := end - time.monotonic()) > 0:
-                    self._lock.wait(left)
+            if self.gather_s and self._last_rows > 1:
+                wait_for_wave(self._lock, lambda: self.waiting_rows, self.max_rows, self.gather_s, lambda: self._stopping)
             taken, rows = [], 0
             while self.waiting and (not taken or rows + self.waiting[0].rows <= self.max_rows):
                 item = self.waiting.popleft()
