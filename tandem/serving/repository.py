@@ -84,7 +84,7 @@ from tandem.serving.models.common import (
     SCHEDULER_INFLIGHT,
     SCHEDULERS,
 )
-from tandem.stages import VERIFY_GRAPH
+from tandem.stages import VERIFY_GRAPH, graph_specs
 from tandem.util import atomic_directory, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -346,8 +346,14 @@ class PythonRuntimeTarget(ModelTarget):
 
     def graphs(self, ctx: BuildContext, stage: str) -> tuple[str, ...]:
         """The graphs the stage's runtime loads: jacobi decoding adds the reasoning verify graph."""
-        extra = (VERIFY_GRAPH,) if stage == REASONING and ctx.options.decoding == "jacobi" else ()
-        return self.GRAPHS[stage] + extra
+        if stage != REASONING or ctx.options.decoding != "jacobi":
+            return self.GRAPHS[stage]
+        if VERIFY_GRAPH not in ctx.manifest.graphs:
+            raise TandemError(f"--decoding jacobi needs the {VERIFY_GRAPH} graph, which {ctx.artifacts} lacks: export again with this tandem")
+        limit = graph_specs(ctx.manifest.config)[VERIFY_GRAPH].dims["block"]
+        if not limit.min <= ctx.options.block <= limit.max:
+            raise TandemError(f"--block must lie in [{limit.min}, {limit.max}] (the verify graph's block range), got {ctx.options.block}")
+        return self.GRAPHS[stage] + (VERIFY_GRAPH,)
 
     def runtime_options(self, ctx: BuildContext, stage: str) -> dict[str, Any]:
         threads = thread_plan(ctx.options, ctx.stages)[stage]
