@@ -6,9 +6,10 @@ owns one buffer per cache tensor, ``capacity`` slots wide, allocated once; it wr
 return into those buffers in place and hands the graphs the buffers themselves (rows ``[0, n)``,
 a contiguous prefix, so no slot compaction ever needs a copy on the way in).
 
-- ONNX Runtime: the buffers, the step's token/position inputs and its outputs are bound once per
-  batch size with IO binding over the same numpy memory, so a step copies nothing but the rows it
-  writes (:class:`OrtDecodeEngine`).
+- ONNX Runtime: the buffers, the step's token/position/sampling inputs and its outputs are bound
+  once per batch size with IO binding over the same numpy memory, the token input being the last
+  step's token output, so a step is one runtime call that copies nothing but the rows it writes
+  (:class:`OrtDecodeEngine`).
 - PyTorch eager: the same buffers as torch tensors, rows written with ``index_copy_``
   (:class:`TorchDecodeEngine`), so comparisons against the reference are like for like.
 - Any other runtime (TensorRT, Neuron, AOTInductor): :class:`CacheDecodeEngine` passes the buffers
@@ -26,9 +27,11 @@ benchmarks that drive them), in the style of vLLM v1: a planner decides which ro
 join (:class:`StepPlan`; :class:`tandem.scheduler.InflightScheduler` is the planner, and
 ``Pipeline.generate_tokens`` submits all its rows to one), and :class:`ModelRunner` executes the
 plan over an engine: frees the leaving rows' slots, pads and prefills the joining prompts into free
-slots (a failed batched prefill is retried row by row), samples, runs one decode step over every
-occupied row and reports the rows that are done (:class:`StepOutput`). Sampling, padding, the
-prefill-into-slots, cache writes and each row's bookkeeping (:class:`Row`) live only here.
+slots (a failed batched prefill is retried row by row), runs one decode step over every occupied
+row and reports the rows that are done (:class:`StepOutput`). The graphs sample (each row's
+temperature, top-k and a uniform drawn from its seeded generator go in, token ids come out; see
+:mod:`tandem.sampling`). Padding, the prefill-into-slots, the sampling inputs, cache writes and each
+row's bookkeeping (:class:`Row`) live only here.
 """
 
 from __future__ import annotations
