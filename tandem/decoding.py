@@ -6,9 +6,10 @@ owns one buffer per cache tensor, ``capacity`` slots wide, allocated once; it wr
 return into those buffers in place and hands the graphs the buffers themselves (rows ``[0, n)``,
 a contiguous prefix, so no slot compaction ever needs a copy on the way in).
 
-- ONNX Runtime: the buffers, the step's token/position inputs and its outputs are bound once per
-  batch size with IO binding over the same numpy memory, so a step copies nothing but the rows it
-  writes (:class:`OrtDecodeEngine`).
+- ONNX Runtime: the buffers, the step's token/position/sampling inputs and its outputs are bound
+  once per batch size with IO binding over the same numpy memory, the token input being the last
+  step's token output, so a step is one runtime call that copies nothing but the rows it writes
+  (:class:`OrtDecodeEngine`).
 - PyTorch eager: the same buffers as torch tensors, rows written with ``index_copy_``
   (:class:`TorchDecodeEngine`), so comparisons against the reference are like for like.
 - Any other runtime (TensorRT, Neuron, AOTInductor): :class:`CacheDecodeEngine` passes the buffers
@@ -26,9 +27,11 @@ benchmarks that drive them), in the style of vLLM v1: a planner decides which ro
 join (:class:`StepPlan`; :class:`tandem.scheduler.InflightScheduler` is the planner, and
 ``Pipeline.generate_tokens`` submits all its rows to one), and :class:`ModelRunner` executes the
 plan over an engine: frees the leaving rows' slots, pads and prefills the joining prompts into free
-slots (a failed batched prefill is retried row by row), samples, runs one decode step over every
-occupied row and reports the rows that are done (:class:`StepOutput`). Sampling, padding, the
-prefill-into-slots, cache writes and each row's bookkeeping (:class:`Row`) live only here.
+slots (a failed batched prefill is retried row by row), runs one decode step over every occupied
+row and reports the rows that are done (:class:`StepOutput`). The graphs sample (each row's
+temperature, top-k and a uniform drawn from its seeded generator go in, token ids come out; see
+:mod:`tandem.sampling`). Padding, the prefill-into-slots, the sampling inputs, cache writes and each
+row's bookkeeping (:class:`Row`) live only here.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ import numpy as np
 
 from tandem.errors import TandemError
 from tandem.config import ModelConfig
-from tandem.sampling import SamplingParams, select_next
-from tandem.stages import VERIFY_GRAPH, CacheLayout, GraphSpec, cache_layout
+from tandem.sampling import SamplingParams, draw_uniform
+from tandem.stages import NEXT_TOKENS, SAMPLING_DTYPES, SAMPLING_INPUTS, VERIFY_GRAPH, CacheLayout, GraphSpec, cache_layout
 from tandem.tokenizer import PAD
 
 if TYPE_CHECKING:
@@ -75,19 +78,43 @@ class DecodeEngine(Protocol):
     capacity: int  # number of slots (<= the decode graph's max batch)
     vocab: int  # logits width (scene codebook size)
 
-    def prefill(self, slots: Sequence[int], input_ids: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
-        """Right-padded prompts [len(slots), P] -> logits [len(slots), V] of each prompt's last real
-        token; writes those slots' cache rows at positions [0, P). Other slots are untouched."""
+    def prefill(
+        self, slots: Sequence[int], input_ids: np.ndarray, prompt_lengths: np.ndarray,
+        sampling: Sampling | None = None, logits: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Right-padded prompts [len(slots), P] -> the token each prompt's last real token is
+        followed by [len(slots)] int64, sampled in the graph with ``sampling`` (greedy when None);
+        writes those slots' cache rows at positions [0, P). Other slots are untouched. ``logits``
+        ([len(slots), V] float32), when given, receives the graph's logits. The returned array may
+        be the engine's own buffer: valid until the next call."""
         ...
 
-    def step(self, n: int, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def step(
+        self, n: int, token_ids: np.ndarray, positions: np.ndarray,
+        sampling: Sampling | None = None, logits: np.ndarray | None = None,
+    ) -> np.ndarray:
         """One decode step over slots [0, n): token_ids [n] int64, positions [n] int64 (per row).
-        Writes each row's new key/value at positions[i] into its slot; returns logits [n, V] float32."""
+        Writes each row's new key/value at positions[i] into its slot; returns the next tokens [n]
+        int64 sampled in the graph (as :meth:`prefill`). Passing the array a step returned as the
+        next step's ``token_ids`` lets an engine feed its own output buffer, with no copy."""
         ...
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's whole cache row into slot dst (compaction when a row leaves)."""
         ...
+
+
+class Sampling(Protocol):
+    """The step graphs' per-row sampling inputs (:data:`tandem.stages.SAMPLING_INPUTS`), each [n]:
+    ``temperature`` float32 (0: greedy), ``top_k`` int64 (0: no limit), ``uniform`` float32 (the
+    row's next draw from its request's generator; anything for greedy rows). A dict of them is one."""
+
+    def __getitem__(self, name: str) -> np.ndarray: ...
+
+
+def greedy_sampling(n: int) -> dict[str, np.ndarray]:
+    """Sampling inputs that make every one of ``n`` rows greedy."""
+    return {name: np.zeros(n, SAMPLING_DTYPES[name]) for name in SAMPLING_INPUTS}
 
 
 def make_decode_engine(runtime: GraphRunner, capacity: int) -> DecodeEngine:
@@ -118,6 +145,7 @@ class CacheDecodeEngine:
         self.past_names = self.layout.names("past")
         self.new_names = self.layout.names("new")
         self.present_names = self.layout.names("present")
+        self.greedy = greedy_sampling(capacity)
         self._allocate()
 
     def _allocate(self) -> None:
@@ -131,7 +159,7 @@ class CacheDecodeEngine:
         self.cache[name][:] = values
 
     # -- the DecodeEngine contract -----------------------------------------------------------
-    def prefill(self, slots: Sequence[int], input_ids: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
+    def prefill(self, slots, input_ids, prompt_lengths, sampling=None, logits=None) -> np.ndarray:
         slots = self._check_slots(slots)
         input_ids, prompt_lengths = np.asarray(input_ids, np.int64), np.asarray(prompt_lengths, np.int64)
         if input_ids.ndim != 2 or input_ids.shape[0] != len(slots) or prompt_lengths.shape != (len(slots),):
@@ -139,13 +167,24 @@ class CacheDecodeEngine:
                 f"prefill takes input_ids [{len(slots)}, P] and prompt_lengths [{len(slots)}] for {len(slots)} "
                 f"slots, got {list(input_ids.shape)} and {list(prompt_lengths.shape)}"
             )
-        out = self.runtime.run(PREFILL, {"input_ids": input_ids, "prompt_lengths": prompt_lengths})
+        feeds = {"input_ids": input_ids, "prompt_lengths": prompt_lengths, **self._sampling_feeds(len(slots), sampling)}
+        out = self.runtime.run(PREFILL, feeds)
         length = input_ids.shape[1]
         for past, present in zip(self.past_names, self.present_names):
             self._write_prefix(past, slots, out[present], length)
-        return np.asarray(out["logits"], dtype=np.float32)
+        if logits is not None:
+            logits[...] = out["logits"]
+        return np.asarray(out[NEXT_TOKENS], dtype=np.int64)
 
-    def step(self, n: int, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _sampling_feeds(self, n: int, sampling: Sampling | None) -> dict[str, np.ndarray]:
+        if sampling is None:
+            return {name: self.greedy[name][:n] for name in SAMPLING_INPUTS}
+        feeds = {name: np.asarray(sampling[name], SAMPLING_DTYPES[name]) for name in SAMPLING_INPUTS}
+        if any(v.shape != (n,) for v in feeds.values()):
+            raise TandemError(f"sampling inputs {list(SAMPLING_INPUTS)} must each be [{n}], got {[list(v.shape) for v in feeds.values()]}")
+        return feeds
+
+    def step(self, n, token_ids, positions, sampling=None, logits=None) -> np.ndarray:
         if not 1 <= n <= self.capacity:
             raise TandemError(f"a step covers 1 to {self.capacity} rows (this engine's capacity), not {n}")
         token_ids, positions = np.asarray(token_ids, np.int64), np.asarray(positions, np.int64)
@@ -153,10 +192,9 @@ class CacheDecodeEngine:
             raise TandemError(f"step({n}) takes token_ids [{n}] and positions [{n}], got {token_ids.shape} and {positions.shape}")
         if positions.min() < 1 or positions.max() >= self.layout.max_len:
             raise TandemError(f"decode positions must lie in [1, {self.layout.max_len}), got {positions.tolist()}")
-        logits, new_rows = self._run_step(n, token_ids, positions)
-        for past, new in zip(self.past_names, self.new_names):
-            self._write_rows(past, n, positions, new_rows[new])
-        return logits
+        tokens, new_rows = self._run_step(n, token_ids, positions, self._sampling_feeds(n, sampling), logits)
+        self._write_step(n, positions, new_rows)
+        return tokens
 
     def move(self, src: int, dst: int) -> None:
         for slot in (src, dst):
@@ -181,7 +219,9 @@ class CacheDecodeEngine:
             )
         k = token_ids.shape[1]
         if k == 1:
-            return self.step(n, token_ids[:, 0], start_positions)[:, None, :]
+            logits = np.empty((n, 1, self.vocab), np.float32)
+            self.step(n, token_ids[:, 0], start_positions, logits=logits[:, 0])
+            return logits
         limit = self.runtime.specs[VERIFY].dims["block"]
         if not limit.min <= k <= limit.max:
             raise TandemError(f"a verify step takes 1 or {limit.min} to {limit.max} tokens per row (the verify graph's block range), not {k}")
@@ -207,15 +247,35 @@ class CacheDecodeEngine:
         for i, start in enumerate(start_positions.tolist()):
             self.cache[past][i, :, start : start + k, :] = rows[i]
 
-    def _run_step(self, n: int, token_ids: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feeds = {"token_ids": token_ids, "positions": positions}
+    def _run_step(
+        self, n: int, token_ids: np.ndarray, positions: np.ndarray, sampling: dict[str, np.ndarray], logits: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """-> (next tokens [n] int64, this step's new cache rows); fills ``logits`` when given."""
+        feeds = {"token_ids": token_ids, "positions": positions, **sampling}
         feeds.update({name: buffer[:n] for name, buffer in self.cache.items()})  # views: no copy
         out = self.runtime.run(DECODE, feeds)
-        return np.asarray(out["logits"], dtype=np.float32), {name: out[name] for name in self.new_names}
+        if logits is not None:
+            logits[...] = out["logits"]
+        return np.asarray(out[NEXT_TOKENS], dtype=np.int64), {name: out[name] for name in self.new_names}
 
-    def _write_rows(self, past: str, n: int, positions: np.ndarray, rows: np.ndarray) -> None:
-        """rows [n, H, 1, Dh] -> cache[i, :, positions[i], :] for i < n."""
-        self.cache[past][np.arange(n), :, positions, :] = rows[:, :, 0, :]
+    def _write_step(self, n: int, positions: np.ndarray, new_rows: dict[str, np.ndarray]) -> None:
+        """Each cache tensor's new rows [n, H, 1, Dh] -> cache[i, :, positions[i], :] for i < n: the
+        flat row index of every (slot, head, position) is computed once per step, into a buffer,
+        and each tensor takes one indexed write of its [n * H, Dh] rows (one row: a plain slice,
+        cheaper still)."""
+        if n == 1:
+            position = int(positions[0])
+            for past, new in zip(self.past_names, self.new_names):
+                self.cache[past][0, :, position, :] = new_rows[new][0, :, 0, :]
+            return
+        if not hasattr(self, "_slot_heads"):
+            heads, max_len, dim = self.layout.n_heads, self.layout.max_len, self.layout.head_dim
+            self._slot_heads = (np.arange(self.capacity)[:, None] * heads * max_len + np.arange(heads)[None, :] * max_len).astype(np.int64)
+            self._row_index = np.empty_like(self._slot_heads)
+            self._flat = {name: buffer.reshape(-1, dim) for name, buffer in self.cache.items()}  # views
+        index = np.add(self._slot_heads[:n], positions[:, None], out=self._row_index[:n]).reshape(-1)
+        for past, new in zip(self.past_names, self.new_names):
+            self._flat[past][index] = new_rows[new].reshape(index.shape[0], -1)
 
     def _write_prefix(self, past: str, slots: np.ndarray, present: np.ndarray, length: int) -> None:
         self.cache[past][slots, :, :length, :] = present
@@ -247,6 +307,9 @@ class TorchDecodeEngine(CacheDecodeEngine):
         self._slot_stride = heads * max_len
         self._token_ids = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         self._positions = torch.ones(capacity, dtype=torch.int64, device=self.device)
+        self._sampling = {
+            name: torch.zeros(capacity, dtype=getattr(torch, SAMPLING_DTYPES[name]), device=self.device) for name in SAMPLING_INPUTS
+        }
 
     def _allocate(self) -> None:
         torch = self.torch
@@ -265,15 +328,27 @@ class TorchDecodeEngine(CacheDecodeEngine):
             for tensor in self.tensors.values():
                 tensor[dst].copy_(tensor[src])
 
-    def _run_step(self, n, token_ids, positions):
-        self._token_ids[:n].copy_(self.torch.from_numpy(token_ids))
-        self._positions[:n].copy_(self.torch.from_numpy(positions))
-        inputs = [self._token_ids[:n], self._positions[:n], *(self.tensors[name][:n] for name in self.past_names)]
+    def _run_step(self, n, token_ids, positions, sampling, logits):
+        from_numpy = self.torch.from_numpy
+        self._token_ids[:n].copy_(from_numpy(token_ids))
+        self._positions[:n].copy_(from_numpy(positions))
+        for name in SAMPLING_INPUTS:
+            self._sampling[name][:n].copy_(from_numpy(sampling[name]))
+        inputs = [
+            self._token_ids[:n], self._positions[:n], *(self._sampling[name][:n] for name in SAMPLING_INPUTS),
+            *(self.tensors[name][:n] for name in self.past_names),
+        ]
         outputs = self.runtime.run_tensors(DECODE, inputs)
-        logits = outputs[0].float().cpu().numpy()
-        return logits, dict(zip(self.new_names, outputs[1:]))
+        if logits is not None:
+            logits[...] = outputs[1].float().cpu().numpy()
+        return outputs[0].cpu().numpy(), dict(zip(self.new_names, outputs[2:]))
+
+    def _write_step(self, n, positions, new_rows):
+        for past, new in zip(self.past_names, self.new_names):
+            self._write_rows(past, n, positions, new_rows[new])
 
     def _write_rows(self, past, n, positions, rows):
+        """rows [n, H, 1, Dh] -> the cache tensor's [i, :, positions[i], :] for i < n, on the device."""
         torch = self.torch
         positions = self._positions[:n]  # already on the device
         index = (torch.arange(n, device=self.device).view(n, 1) * self._slot_stride + self._head_offsets + positions.view(n, 1)).view(-1)
@@ -309,7 +384,12 @@ class TorchDecodeEngine(CacheDecodeEngine):
 
 class OrtDecodeEngine(CacheDecodeEngine):
     """ONNX Runtime: the cache buffers, the step's inputs and its outputs bound with IO binding over
-    fixed numpy memory, once per batch size; a step is ``run_with_iobinding`` plus the row writes."""
+    fixed numpy memory, once per batch size; a step is one ``run_with_iobinding`` plus the row
+    writes, and allocates no buffer.
+
+    The token input and the sampled-token output are two buffers that swap roles: a step reads
+    its tokens from one and writes the next tokens into the other, so when a step is handed the
+    array the previous step returned (every row continued) its input is already in place."""
 
     def __init__(self, runtime, capacity: int):
         super().__init__(runtime, capacity)
@@ -317,26 +397,33 @@ class OrtDecodeEngine(CacheDecodeEngine):
             raise TandemError(f"the ONNX Runtime session for {DECODE} was not loaded; load it to decode")
         self.session = runtime.sessions[DECODE]
         spec = runtime.specs[DECODE]
+        self.tokens = (np.zeros(capacity, np.int64), np.zeros(capacity, np.int64))
         self.inputs: dict[str, np.ndarray] = {
-            "token_ids": np.zeros(capacity, np.int64),
             "positions": np.ones(capacity, np.int64),
+            **{name: np.zeros(capacity, SAMPLING_DTYPES[name]) for name in SAMPLING_INPUTS},
             **self.cache,
         }
         self.outputs: dict[str, np.ndarray] = {
-            t.name: np.zeros(t.concrete_shape({"batch": capacity}), dtype=t.dtype) for t in spec.outputs
+            t.name: np.zeros(t.concrete_shape({"batch": capacity}), dtype=t.dtype) for t in spec.outputs if t.name != NEXT_TOKENS
         }
-        self.bindings: dict[int, object] = {}
+        self.bindings: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
+        self._returned: np.ndarray | None = None  # the token array the last step returned ...
+        self._returned_side = 0  # ... which is self.tokens[_returned_side][:n]
 
-    def _binding(self, n: int):
-        """Rows [0, n) of every buffer are its first n rows: the same address for every n."""
-        if n not in self.bindings:
+    def _binding(self, n: int, side: int) -> tuple[object, np.ndarray]:
+        """Rows [0, n) of every buffer are its first n rows: the same address for every n. ``side``:
+        the step reads ``tokens[side]`` and writes ``tokens[1 - side]``. Returns the binding and
+        the view of the output tokens a step over it returns."""
+        if (n, side) not in self.bindings:
             binding = self.session.io_binding()
-            for name, buffer in self.inputs.items():
+            inputs = {"token_ids": self.tokens[side], **self.inputs}
+            outputs = {NEXT_TOKENS: self.tokens[1 - side], **self.outputs}
+            for name, buffer in inputs.items():
                 binding.bind_input(name, "cpu", 0, buffer.dtype, [n, *buffer.shape[1:]], buffer.ctypes.data)
-            for name, buffer in self.outputs.items():
+            for name, buffer in outputs.items():
                 binding.bind_output(name, "cpu", 0, buffer.dtype, [n, *buffer.shape[1:]], buffer.ctypes.data)
-            self.bindings[n] = binding
-        return self.bindings[n]
+            self.bindings[(n, side)] = (binding, self.tokens[1 - side][:n])
+        return self.bindings[(n, side)]
 
     def _verify_binding(self, n: int, k: int):
         """The verify graph bound like the decode graph: the same cache buffers, and its own
@@ -381,11 +468,22 @@ class OrtDecodeEngine(CacheDecodeEngine):
         rows = {name: self.verify_outputs[name][: n * heads * k * dim].reshape(n, heads, k, dim) for name in self.new_names}
         return logits, rows
 
-    def _run_step(self, n, token_ids, positions):
-        self.inputs["token_ids"][:n] = token_ids
-        self.inputs["positions"][:n] = positions
-        self.session.run_with_iobinding(self._binding(n))
-        return self.outputs["logits"][:n].copy(), {name: self.outputs[name][:n] for name in self.new_names}
+    def _run_step(self, n, token_ids, positions, sampling, logits):
+        if token_ids is self._returned:  # the last step's output, already where this step reads it
+            side = self._returned_side
+        else:
+            side = 0
+            self.tokens[0][:n] = token_ids
+        inputs = self.inputs
+        inputs["positions"][:n] = positions
+        for name in SAMPLING_INPUTS:
+            inputs[name][:n] = sampling[name]
+        binding, tokens = self._binding(n, side)
+        self.session.run_with_iobinding(binding)
+        self._returned, self._returned_side = tokens, 1 - side
+        if logits is not None:
+            logits[...] = self.outputs["logits"][:n]
+        return tokens, {name: self.outputs[name][:n] for name in self.new_names}
 
 
 # -- the decode loop: a plan per step, one runner executing it -----------------------------------
@@ -450,6 +548,11 @@ class Row:
         """The sampled tokens not yet in the cache: the next step's input for this row."""
         return self.tokens[self.count - 1 : self.count]
 
+    def append(self, token: int) -> None:
+        """Append one sampled token (the runner's step)."""
+        self.tokens[self.count] = token
+        self.count += 1
+
     def accept(self, tokens: np.ndarray) -> None:
         """Append sampled tokens (any number; beyond ``num_tokens`` they are dropped)."""
         take = min(len(tokens), self.num_tokens - self.count)
@@ -482,7 +585,13 @@ class ModelRunner:
     """Executes :class:`StepPlan` objects over ``engine``: the one implementation of a generation step.
     ``rows[i]`` occupies engine slot ``i`` (compacted: a leaving row's hole is filled by the last
     row). ``on_sampled(rows)`` (optional) is called after each sampling with the rows that got
-    tokens. Only one thread may call :meth:`execute`."""
+    tokens. Only one thread may call :meth:`execute`.
+
+    Tokens are sampled in the step graphs: the runner keeps each slot's sampling inputs and
+    position in buffers allocated once, draws each sampled row's uniform from the row's own
+    generator (one draw per sampled row per step; greedy rows draw nothing) and, while no row
+    joins or leaves, hands the engine the token array its last step returned, so a step in the
+    steady state is one engine call, a position increment and each row's token append."""
 
     def __init__(
         self,
@@ -495,6 +604,20 @@ class ModelRunner:
         self.clock = clock
         self.on_sampled = on_sampled
         self.rows: list[Row] = []
+        # Per slot, allocated once: the sampling inputs, the next position, the next token (when
+        # the rows changed since the last step), and their [0, n) views per n.
+        self.sampling = {name: np.zeros(self.capacity, SAMPLING_DTYPES[name]) for name in SAMPLING_INPUTS}
+        self.positions = np.zeros(self.capacity, np.int64)
+        self.token_ids = np.zeros(self.capacity, np.int64)
+        self._views = {
+            n: ({name: b[:n] for name, b in self.sampling.items()}, self.positions[:n], self.token_ids[:n])
+            for n in range(1, self.capacity + 1)
+        }
+        self._next: np.ndarray | None = None  # the engine's last output, while it is every row's next token
+        self._changed = True  # rows joined or left since the last step: per-row state is recomputed
+        self._drawing: list[tuple[int, np.random.Generator]] = []  # (slot, generator) of sampled rows
+        self._steps_to_retire = 0  # steps until the first row could be done (no scan before)
+        self._mixed = False
 
     @property
     def free(self) -> int:
@@ -520,6 +643,7 @@ class ModelRunner:
     def abort(self) -> list[Row]:
         """Forget every occupied row (their slots are free; the cache is simply overwritten later)."""
         rows, self.rows = self.rows, []
+        self._changed = True
         return rows
 
     # -- the parts of a step -------------------------------------------------------------------
@@ -532,7 +656,10 @@ class ModelRunner:
         if index != last:
             self.engine.move(last, index)
             self.rows[index] = self.rows[last]
+            for buffer in (*self.sampling.values(), self.positions):
+                buffer[index] = buffer[last]
         self.rows.pop()
+        self._changed = True
 
     def _admit(self, rows: list[Row], out: StepOutput) -> None:
         try:
@@ -551,42 +678,77 @@ class ModelRunner:
 
     def _prefill(self, rows: list[Row], out: StepOutput) -> None:
         """Right-pad the prompts to the longest of them (positions past it are never read), prefill
-        them into the first free slots, sample each row's first token."""
+        them into the first free slots, sample each row's first token in the graph."""
         start = self.clock()
         lengths = np.array([row.prompt_len for row in rows], dtype=np.int64)
         input_ids = np.full((len(rows), int(lengths.max())), PAD, dtype=np.int64)
+        first = len(self.rows)
+        slots = slice(first, first + len(rows))
         for i, row in enumerate(rows):
             input_ids[i, : row.prompt_len] = row.input_ids
-        first = len(self.rows)
-        logits = self.engine.prefill(range(first, first + len(rows)), input_ids, lengths)
+            self.sampling["temperature"][first + i] = row.params.temperature
+            self.sampling["top_k"][first + i] = row.params.top_k
+            self.positions[first + i] = row.prompt_len  # where the first sampled token goes
+        sampling = {name: buffer[slots] for name, buffer in self.sampling.items()}
+        states = [row.rng.bit_generator.state for row in rows]
+        self._draw(rows, sampling["uniform"])
+        try:
+            chosen = self.engine.prefill(range(first, first + len(rows)), input_ids, lengths, sampling)
+        except BaseException:  # not admitted: the draws were not used, the streams go back
+            for row, state in zip(rows, states):
+                row.rng.bit_generator.state = state
+            raise
         out.prefills += 1
-        for row in rows:
+        for i, row in enumerate(rows):
             row.timing.prefill_start = start
-        self._sample(rows, logits)
+            row.append(int(chosen[i]))
         self.rows.extend(rows)
+        self._changed = True
+        if self.on_sampled is not None:
+            self.on_sampled(list(rows))
+
+    @staticmethod
+    def _draw(rows: Sequence[Row], uniform: np.ndarray) -> None:
+        """Each sampled row's next draw from its own generator into ``uniform`` (greedy rows: none)."""
+        for i, row in enumerate(rows):
+            if row.params.temperature != 0.0:
+                uniform[i] = draw_uniform(row.rng)
+
+    def _refresh(self) -> None:
+        """After rows joined or left: the next tokens, which rows draw, when one can be done."""
+        rows = self.rows
+        for i, row in enumerate(rows):
+            self.token_ids[i] = row.tokens[row.count - 1]
+            if row.timing.first_step is None:
+                row.timing.first_step = self._step_start
+        self._next = None
+        self._drawing = [(i, row.rng) for i, row in enumerate(rows) if row.params.temperature != 0.0]
+        self._steps_to_retire = min(row.num_tokens - row.count for row in rows)
+        self._mixed = len({row.count for row in rows}) > 1
+        self._changed = False
 
     def _decode(self, out: StepOutput) -> None:
         rows, n = self.rows, len(self.rows)
-        token_ids = np.concatenate([row.pending() for row in rows]).astype(np.int64)
-        positions = np.array([row.position for row in rows], dtype=np.int64)
-        start = self.clock()
-        for row in rows:
-            if row.timing.first_step is None:
-                row.timing.first_step = start
-        logits = self.engine.step(n, token_ids, positions)
-        out.stepped, out.mixed = n, len({row.count for row in rows}) > 1
-        self._sample(rows, logits)
-
-    def _sample(self, rows: list[Row], logits: np.ndarray) -> None:
-        """logits [len(rows), V] -> one token per row, each row with its own settings and generator
-        (host-side numpy, so every runtime samples identically)."""
-        chosen = select_next(logits, [row.params for row in rows], [row.rng for row in rows])
-        for i, row in enumerate(rows):
-            row.accept(chosen[i : i + 1])
+        self._step_start = self.clock()
+        if self._changed:
+            self._refresh()
+        sampling, positions, token_ids = self._views[n]
+        uniform = sampling["uniform"]
+        for slot, rng in self._drawing:
+            uniform[slot] = draw_uniform(rng)
+        chosen = self.engine.step(n, token_ids if self._next is None else self._next, positions, sampling)
+        out.stepped, out.mixed = n, self._mixed
+        positions += 1
+        self._next = chosen
+        self._steps_to_retire -= 1
+        for row, token in zip(rows, chosen.tolist()):
+            row.append(token)
         if self.on_sampled is not None:
             self.on_sampled(list(rows))
 
     def _retire(self, out: StepOutput) -> None:
+        if self._steps_to_retire > 0 and not self._changed:
+            return  # no row can be done yet
         for index in reversed(range(len(self.rows))):
             row = self.rows[index]
             if row.done:
@@ -600,10 +762,12 @@ __all__ = [
     "ModelRunner",
     "OrtDecodeEngine",
     "Row",
+    "Sampling",
     "StepOutput",
     "StepPlan",
     "Timing",
     "TorchDecodeEngine",
+    "greedy_sampling",
     "make_decode_engine",
     "max_capacity",
 ]

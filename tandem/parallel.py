@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tandem.decoding import VERIFY, make_decode_engine, max_capacity
+from tandem.decoding import VERIFY, ModelRunner
 from tandem.errors import TandemError
-from tandem.pipeline import Pipeline, per_prompt
+from tandem.pipeline import Pipeline
 from tandem.runtimes.base import Runtime
 from tandem.sampling import SamplingParams
-from tandem.tokenizer import encode_batch
+from tandem.scheduler import InflightScheduler
 
 SOURCES = ("context", "pool", "grid", "jacobi", "above")
 DEFAULT_PROPOSER = "pool,grid,jacobi"
@@ -152,24 +152,136 @@ class Proposer:
         return tokens[count : count + length].copy()
 
 
+class JacobiRunner(ModelRunner):
+    """A :class:`~tandem.decoding.ModelRunner` whose decode step, while every row is greedy, runs the
+    verify graph: each row feeds its last token and up to ``block - 1`` proposed ones from its
+    position, keeps the longest prefix the model confirms plus the model's own next token, and so
+    advances by its own number of tokens. A step with a sampled row (temperature > 0) runs the
+    one-token decode step for every row: sampled rows stay exactly sequential. The scheduler plans
+    as for one token per step (rows join and leave at any step); only the step differs.
+
+    ``pool``: the n-gram pool shared by every row this runner decodes (confirmed tokens only);
+    ``stats`` (optional) records each admitted row's model passes, in admission order."""
+
+    def __init__(self, engine, block: int, sources: tuple[str, ...], pool: NgramPool, grid_width: int, codebook_size: int,
+                 stats: ParallelStats | None = None, **kwargs):
+        super().__init__(engine, **kwargs)
+        self.block, self.sources, self.pool = block, sources, pool
+        self.width, self.codebook = grid_width, codebook_size
+        self.stats = stats
+        self._proposers: dict[int, Proposer] = {}  # id(row) -> its proposer, while the row occupies a slot
+        self._learnt: dict[int, int] = {}  # id(row) -> tokens its proposer has confirmed
+        self._passes: dict[int, int] = {}  # id(row) -> its index in stats.steps
+
+    def _prefill(self, rows, out) -> None:
+        super()._prefill(rows, out)  # raises when not admitted: nothing to track then
+        for row in rows:
+            self._proposers[id(row)] = Proposer(self.sources, self.width, row.num_tokens, self.codebook, self.pool)
+            self._learnt[id(row)] = 0
+            if self.stats is not None:
+                self._passes[id(row)] = len(self.stats.steps)
+                self.stats.steps.append(1)
+
+    def _release(self, row) -> None:
+        super()._release(row)
+        if row not in self.rows:
+            for table in (self._proposers, self._learnt, self._passes):
+                table.pop(id(row), None)
+
+    def abort(self):
+        rows = super().abort()
+        self._proposers.clear(), self._learnt.clear(), self._passes.clear()
+        return rows
+
+    def _proposer(self, row) -> Proposer:
+        """The row's proposer, having learnt every token the row has confirmed."""
+        proposer = self._proposers[id(row)]
+        learnt = self._learnt[id(row)]
+        if learnt < row.count:
+            proposer.confirm(row.tokens, learnt, row.count)
+            self._learnt[id(row)] = row.count
+        return proposer
+
+    def _count_pass(self, rows) -> None:
+        if self.stats is not None:
+            for row in rows:
+                self.stats.steps[self._passes[id(row)]] += 1
+
+    def _decode(self, out) -> None:
+        rows = self.rows
+        k = min(self.block, min(row.num_tokens - row.count for row in rows))  # no row's block runs past its last token
+        if k < 2 or any(row.params.temperature != 0.0 for row in rows):
+            self._count_pass(rows)
+            super()._decode(out)
+            return
+        n = len(rows)
+        self._step_start = self.clock()
+        if self._changed:
+            self._refresh()
+        out.stepped, out.mixed = n, len({row.count for row in rows}) > 1
+        block = np.empty((n, k), dtype=np.int64)
+        proposers = [self._proposer(row) for row in rows]
+        for i, (row, proposer) in enumerate(zip(rows, proposers)):
+            block[i, 0] = row.tokens[row.count - 1]
+            block[i, 1:] = proposer.propose(row.tokens, row.count, k - 1)
+        predicted = np.argmax(self.engine.verify(n, block, self.positions[:n].copy()), axis=-1)  # [n, k]: tokens c .. c + k - 1
+        self._count_pass(rows)
+        for i, (row, proposer) in enumerate(zip(rows, proposers)):
+            c, kept = row.count, 1
+            while kept < k and block[i, kept] == predicted[i, kept - 1]:
+                kept += 1
+            row.accept(predicted[i, :kept])
+            kept = row.count - c
+            proposer.draft[c + kept : c + k] = predicted[i, kept:k][: max(0, row.num_tokens - c - kept)]
+            self.positions[i] = row.position
+            if self.stats is not None:
+                self.stats.accepted.append(kept)
+                self.stats.block_tokens += k
+        self._changed = True  # the rows moved by different numbers of tokens: the next step re-reads them
+        if self.on_sampled is not None:
+            self.on_sampled(list(rows))
+
+
+def check_block(runtime: Runtime | None, block: int) -> None:
+    """``block`` must lie in the verify graph's block range (refused with the range when not)."""
+    if runtime is None:
+        return
+    if VERIFY not in runtime.specs:
+        raise TandemError(f"this model has no {VERIFY} graph; parallel decoding needs it (export again with this tandem)")
+    limit = runtime.specs[VERIFY].dims["block"]
+    if not limit.min <= block <= limit.max:
+        raise TandemError(f"--block must lie in [{limit.min}, {limit.max}] (the verify graph's block range), got {block}")
+
+
+def jacobi_runner(runtime: Runtime, block: int = DEFAULT_BLOCK, proposer: str = DEFAULT_PROPOSER,
+                  pool: NgramPool | None = None, stats: ParallelStats | None = None) -> Callable[..., JacobiRunner]:
+    """What :meth:`InflightScheduler.for_runtime` takes as ``runner`` to step with :class:`JacobiRunner`
+    over ``runtime``'s verify graph (checked here: the graph and ``block``; ``proposer`` parsed)."""
+    check_block(runtime, block)
+    sources, pool, scene = parse_proposer(proposer), pool if pool is not None else NgramPool(), runtime.config.scene
+    return lambda engine: JacobiRunner(engine, block, sources, pool, scene.grid_width, scene.codebook_size, stats)
+
+
 class JacobiPipeline(Pipeline):
-    """:class:`Pipeline` with greedy rows decoded by parallel (Jacobi / lookahead) decoding over
-    the verify graph; sampled rows (temperature > 0) are decoded sequentially by Pipeline.
-    ``block``: tokens per row per step (the verify graph's block range); ``proposer``: the
-    proposal sources (see the module docstring). ``last_stats`` describes the latest call."""
+    """:class:`Pipeline` whose scheduler steps with a :class:`JacobiRunner`: greedy rows decoded by
+    parallel (Jacobi / lookahead) decoding over the verify graph, sampled rows sequentially, in the
+    same decode loop as every other generation. ``block``: tokens per row per step (the verify
+    graph's block range); ``proposer``: the proposal sources (see the module docstring).
+    ``last_stats`` describes the latest call, ``stats`` every call so far."""
 
     def __init__(self, runtime: Runtime, block: int = DEFAULT_BLOCK, proposer: str = DEFAULT_PROPOSER):
         super().__init__(runtime)
-        if VERIFY not in runtime.specs:
-            raise TandemError(f"this model has no {VERIFY} graph; parallel decoding needs it")
-        limit = runtime.specs[VERIFY].dims["block"]
-        if not limit.min <= block <= limit.max:
-            raise TandemError(f"--block must lie in [{limit.min}, {limit.max}] (the verify graph's block range), got {block}")
+        check_block(runtime, block)
         self.block = block
         self.sources = parse_proposer(proposer)
         self.pool = NgramPool()  # shared by every image this pipeline decodes
         self.last_stats = ParallelStats()
         self.stats = ParallelStats()  # every call so far
+
+    def scheduler(self, capacity: int | None = None) -> InflightScheduler:
+        self.last_stats = ParallelStats()
+        runner = jacobi_runner(self.runtime, self.block, ",".join(self.sources), self.pool, self.last_stats)
+        return InflightScheduler.for_runtime(self.runtime, capacity, runner=runner)
 
     def generate_tokens(
         self,
@@ -177,66 +289,11 @@ class JacobiPipeline(Pipeline):
         params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
         on_step: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        params = per_prompt(prompts, params)
-        if any(p.temperature != 0.0 for p in params):
-            self.last_stats = ParallelStats(steps=[self.config.scene.num_tokens] * len(prompts))
-            return super().generate_tokens(prompts, params, on_step)
-        input_ids, lengths = encode_batch(list(prompts), self.config.reasoning.max_prompt_len)
-        tokens = np.empty((len(prompts), self.config.scene.num_tokens), dtype=np.int64)
-        self.last_stats = stats = ParallelStats()
-        chunk = max_capacity(self.runtime)
-        for start in range(0, len(prompts), chunk):
-            rows = slice(start, start + chunk)
-            self._decode_rows(input_ids[rows], lengths[rows], tokens[rows], stats, on_step)
-        return tokens.reshape(len(prompts), *self.grid).astype(np.int32)
-
-    def _decode_rows(self, input_ids, lengths, tokens: np.ndarray, stats: ParallelStats, on_step) -> None:
-        n, total = len(lengths), tokens.shape[1]
-        width, max_len = self.config.scene.grid_width, self.config.max_len
-        engine = make_decode_engine(self.runtime, n)
-        logits = engine.prefill(range(n), input_ids[:, : int(lengths.max())], lengths)
-        work = np.zeros((n, total), dtype=np.int64)  # confirmed tokens, then this step's guesses
-        work[:, 0] = np.argmax(logits, axis=-1)
-        count = np.ones(n, dtype=np.int64)  # confirmed tokens per row
-        steps = np.ones(n, dtype=np.int64)  # model passes per row (the prefill)
-        codebook = self.config.scene.codebook_size
-        proposers = [Proposer(self.sources, width, total, codebook, self.pool) for _ in range(n)]
-        for i in range(n):
-            proposers[i].confirm(work[i], 0, 1)
-        step, accepted, block_tokens = 0, [], 0
-        while (count < total).any():
-            active = count < total
-            k = int(min(self.block, (total - count[active]).min()))  # no row's block runs past its last token
-            block = np.zeros((n, k), dtype=np.int64)
-            starts = np.full(n, max_len - k, dtype=np.int64)  # finished rows: anywhere harmless
-            for i in np.flatnonzero(active):
-                c = int(count[i])
-                block[i, 0] = work[i, c - 1]
-                if k > 1:
-                    block[i, 1:] = proposers[i].propose(work[i], c, k - 1)
-                starts[i] = lengths[i] + c - 1  # the position of token c - 1
-            predicted = np.argmax(engine.verify(n, block, starts), axis=-1)  # [n, k]: tokens c .. c + k - 1
-            for i in np.flatnonzero(active):
-                c = int(count[i])
-                kept = 1
-                while kept < k and block[i, kept] == predicted[i, kept - 1]:
-                    kept += 1
-                kept = min(kept, total - c)
-                work[i, c : c + kept] = predicted[i, :kept]
-                proposers[i].draft[c + kept : c + k] = predicted[i, kept:k][: max(0, total - c - kept)]
-                proposers[i].confirm(work[i], c, c + kept)
-                count[i] += kept
-                steps[i] += 1
-                accepted.append(kept)
-                block_tokens += k
-            if on_step is not None:
-                on_step(step)
-            step += 1
-        tokens[:] = work
-        for each in (stats, self.stats):
-            each.steps.extend(steps.tolist())
-            each.accepted.extend(accepted)
-            each.block_tokens += block_tokens
+        tokens = super().generate_tokens(prompts, params, on_step)
+        self.stats.steps.extend(self.last_stats.steps)
+        self.stats.accepted.extend(self.last_stats.accepted)
+        self.stats.block_tokens += self.last_stats.block_tokens
+        return tokens
 
 
 DECODINGS = ("sequential", "jacobi")
@@ -253,5 +310,6 @@ def make_pipeline(runtime: Runtime, decoding: str = "sequential", block: int = D
 
 
 __all__ = [
-    "DECODINGS",
-    "make_pipeline","DEFAULT_BLOCK", "DEFAULT_PROPOSER", "JacobiPipeline", "NgramPool", "ParallelStats", "SOURCES", "parse_proposer"]
+    "DECODINGS", "DEFAULT_BLOCK", "DEFAULT_PROPOSER", "JacobiPipeline", "JacobiRunner", "NgramPool", "ParallelStats", "SOURCES",
+    "check_block", "jacobi_runner", "make_pipeline", "parse_proposer",
+]

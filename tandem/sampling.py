@@ -1,7 +1,13 @@
-"""Next-token selection, done in numpy on the host so every runtime samples identically.
+"""Next-token selection: per-request settings, their seeded generators, and the host reference.
 
 Greedy when ``temperature == 0``; otherwise softmax at ``temperature`` over the ``top_k`` best
-logits (all when 0), drawn with a per-request ``numpy`` generator seeded from ``seed``."""
+logits (all when 0), drawn with a per-request ``numpy`` generator seeded from ``seed``.
+
+The step graphs sample (:func:`tandem.models.reasoning.sample_tokens`): the host only draws each
+sampled row's uniform from the request's generator (:func:`draw_uniform`, the same stream and
+the same one draw per sampled token as :func:`select_next`) and passes it in with the row's
+temperature and top-k, so every runtime samples identically. :func:`select_next` is the float64
+host reference the graphs are tested against."""
 
 from __future__ import annotations
 
@@ -41,6 +47,15 @@ class SamplingParams:
 
     def generator(self) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(self.seed))
+
+
+# The largest float32 below 1: a draw is passed to the graphs as float32, and must stay below 1.
+UNIFORM_MAX = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+
+
+def draw_uniform(rng: np.random.Generator) -> float:
+    """A request's next draw in [0, 1), as its sampled row's ``uniform`` graph input (float32)."""
+    return min(rng.random(), UNIFORM_MAX)
 
 
 def select_next(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:

@@ -135,6 +135,7 @@ class InflightScheduler:
         admission_window_s: float = 0.0,
         wave_gap_s: float = WAVE_GAP_S,
         check_interval_s: float = 0.0,
+        runner: ModelRunner | None = None,
     ):
         if num_tokens < 1:
             raise TandemError(f"num_tokens must be >= 1, got {num_tokens}")
@@ -143,7 +144,8 @@ class InflightScheduler:
         if not 0 <= admission_window_s <= 60 or not 0 < wave_gap_s <= 60:
             raise TandemError(f"admission_window_s must be in [0, 60] s and wave_gap_s in (0, 60] s, got {admission_window_s}, {wave_gap_s}")
         self.engine = engine
-        self.runner = ModelRunner(engine, clock)  # the one step implementation (tandem.decoding)
+        # the one step implementation (tandem.decoding); a multi-token one (tandem.parallel) is a ModelRunner too
+        self.runner = runner if runner is not None else ModelRunner(engine, clock)
         self.capacity = engine.capacity
         self.num_tokens = num_tokens
         self.max_prompt_len = max_prompt_len
@@ -170,11 +172,16 @@ class InflightScheduler:
         self._stopping = False
 
     @classmethod
-    def for_runtime(cls, runtime: Runtime, capacity: int | None = None, max_waiting: int | None = None, **kwargs) -> "InflightScheduler":
-        """A scheduler over ``runtime``'s fastest decode engine (default: the decode graph's max batch)."""
+    def for_runtime(
+        cls, runtime: Runtime, capacity: int | None = None, max_waiting: int | None = None,
+        runner: Callable[[DecodeEngine], ModelRunner] | None = None, **kwargs,
+    ) -> "InflightScheduler":
+        """A scheduler over ``runtime``'s fastest decode engine (default: the decode graph's max batch);
+        ``runner`` builds the step implementation over that engine (default: a :class:`ModelRunner`)."""
         engine = make_decode_engine(runtime, capacity or max_capacity(runtime))
         config = runtime.config
-        return cls(engine, config.scene.num_tokens, config.reasoning.max_prompt_len, max_waiting, **kwargs)
+        return cls(engine, config.scene.num_tokens, config.reasoning.max_prompt_len, max_waiting,
+                   runner=runner(engine) if runner is not None else None, **kwargs)
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -342,6 +349,8 @@ class InflightScheduler:
 
     def _take_arrivals(self, free: int) -> list[Row]:
         """Up to ``free`` waiting requests as new rows; those that gave up while waiting are answered."""
+        if not self.waiting:  # the steady state of a decode loop: nothing to take, no lock, no clock
+            return []  # (a request queued meanwhile is taken next step)
         now = self.clock()
         taken, dropped = [], []  # dropped: (job, reason, retryable)
         with self._lock:

@@ -26,6 +26,11 @@ if TYPE_CHECKING:  # torch is imported only where modules are built (export, tor
 MAX_BATCH = 8  # largest batch any exported graph is validated and profiled for
 MAX_BLOCK = 32  # most tokens per row one verify step takes (capped at the grid's token count)
 VERIFY_GRAPH = "reasoning_verify"
+# The prefill and decode graphs sample in the graph (tandem.models.reasoning.sample_tokens): per-row
+# inputs, in this order after the graph's own, and the chosen tokens as their first output.
+SAMPLING_INPUTS = ("temperature", "top_k", "uniform")
+SAMPLING_DTYPES = {"temperature": "float32", "top_k": "int64", "uniform": "float32"}
+NEXT_TOKENS = "next_token_ids"
 
 
 @dataclass(frozen=True)
@@ -157,26 +162,32 @@ def _module_classes() -> dict[str, type]:
     import torch
     from torch import nn
 
+    from tandem.models.reasoning import sample_tokens
+
     class Prefill(nn.Module):
+        """forward(input_ids, prompt_lengths, temperature, top_k, uniform) -> (next_token_ids,
+        logits, present_key_0, present_value_0, ...)."""
+
         def __init__(self, stages: Stages):
             super().__init__()
             self.model = stages.reasoning
 
-        def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor):
+        def forward(self, input_ids, prompt_lengths, temperature, top_k, uniform):
             logits, keys, values = self.model.prefill(input_ids, prompt_lengths)
-            return logits, *interleave(keys, values)
+            return sample_tokens(logits, temperature, top_k, uniform), logits, *interleave(keys, values)
 
     class Decode(nn.Module):
-        """forward(token_ids, positions, past_key_0, past_value_0, past_key_1, ...) ->
-        (logits, new_key_0, new_value_0, ...), as the decode graph's spec lists them."""
+        """forward(token_ids, positions, temperature, top_k, uniform, past_key_0, past_value_0,
+        past_key_1, ...) -> (next_token_ids, logits, new_key_0, new_value_0, ...), as the decode
+        graph's spec lists them."""
 
         def __init__(self, stages: Stages):
             super().__init__()
             self.model = stages.reasoning
 
-        def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, *cache: torch.Tensor):
+        def forward(self, token_ids, positions, temperature, top_k, uniform, *cache: torch.Tensor):
             logits, keys, values = self.model.decode_step(token_ids, positions, cache[0::2], cache[1::2])
-            return logits, *interleave(keys, values)
+            return sample_tokens(logits, temperature, top_k, uniform), logits, *interleave(keys, values)
 
     class Verify(nn.Module):
         """forward(token_ids [B, k], start_positions [B], past_key_0, past_value_0, ...) ->
@@ -224,6 +235,17 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
     prompt = DimRange(3, min(32, r.max_prompt_len), r.max_prompt_len)
     max_block = min(MAX_BLOCK, s.num_tokens)
 
+    def sampling_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Row 0 greedy, the others sampled at assorted temperatures and top-k limits (none, a few,
+        the whole codebook)."""
+        temperature = rng.uniform(0.5, 1.5, size=b).astype(np.float32)
+        temperature[0] = 0.0
+        top_k = rng.choice(np.array([0, 1, 5, s.codebook_size], dtype=np.int64), size=b)
+        return {"temperature": temperature, "top_k": top_k, "uniform": rng.random(b).astype(np.float32)}
+
+    def sampling_specs() -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(name, SAMPLING_DTYPES[name], ("batch",)) for name in SAMPLING_INPUTS)
+
     def prefill_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         b, p = dims["batch"], dims["prompt_len"]
         lengths = rng.integers(3, p + 1, size=b)
@@ -232,13 +254,14 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
         for row, n in enumerate(lengths):
             ids[row, 0], ids[row, n - 1] = BOS, BOI
             ids[row, 1 : n - 1] = rng.integers(32, 127, size=n - 2)  # printable ASCII
-        return {"input_ids": ids, "prompt_lengths": lengths.astype(np.int64)}
+        return {"input_ids": ids, "prompt_lengths": lengths.astype(np.int64), **sampling_inputs(b, rng)}
 
     def decode_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         b = dims["batch"]
         feeds = {
             "token_ids": rng.integers(0, s.codebook_size, size=b).astype(np.int64),
             "positions": rng.integers(3, config.max_len, size=b).astype(np.int64),
+            **sampling_inputs(b, rng),
         }
         for name in cache.names("past"):  # random beyond each row's position too: it must be ignored
             feeds[name] = rng.standard_normal(cache.shape(b)).astype(np.float32)
@@ -267,8 +290,10 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
                 inputs=(
                     TensorSpec("input_ids", "int64", ("batch", "prompt_len")),
                     TensorSpec("prompt_lengths", "int64", ("batch",)),
+                    *sampling_specs(),
                 ),
                 outputs=(
+                    TensorSpec(NEXT_TOKENS, "int64", ("batch",)),
                     TensorSpec("logits", "float32", ("batch", s.codebook_size)),
                     *cache.specs("present"),
                 ),
@@ -285,9 +310,11 @@ def stage_specs(config: ModelConfig) -> tuple[StageSpec, StageSpec]:
                 inputs=(
                     TensorSpec("token_ids", "int64", ("batch",)),
                     TensorSpec("positions", "int64", ("batch",)),
+                    *sampling_specs(),
                     *cache.specs("past"),
                 ),
                 outputs=(
+                    TensorSpec(NEXT_TOKENS, "int64", ("batch",)),
                     TensorSpec("logits", "float32", ("batch", s.codebook_size)),
                     *cache.specs("new"),
                 ),

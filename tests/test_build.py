@@ -310,7 +310,7 @@ def test_inf2_build_plans_buckets_and_stops_at_torch_neuronx(tmp_path: Path, tin
     assert args[args.index("--auto-cast") + 1] == "matmult" and args[args.index("--auto-cast-type") + 1] == "bf16"
     assert args[args.index("--target") + 1] == "inf2"
     prefill = next(b for b in plan["buckets"] if b["graph"] == "reasoning_prefill" and b["dims"] == {"batch": 4, "prompt_len": 32})
-    assert prefill["inputs"] == {"input_ids": [4, 32], "prompt_lengths": [4]}
+    assert prefill["inputs"] == {"input_ids": [4, 32], "prompt_lengths": [4], "temperature": [4], "top_k": [4], "uniform": [4]}
     assert prefill["file"] == "reasoning_prefill.batch4.prompt_len32.bf16.inf2.pt"
 
 

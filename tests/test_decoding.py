@@ -46,14 +46,16 @@ def test_onnxruntime_and_torch_engines_agree_at_batch_1_and_8(runtimes):
         np.testing.assert_array_equal(ort_pipe.generate_tokens(prompts), torch_pipe.generate_tokens(prompts))
 
 
-def _greedy(engine, n, logits, positions, steps):
-    tokens = []
+def _greedy(engine, n, token, positions, steps):
+    """``steps`` greedy decode steps from ``token`` [n] (sampled in the graph, each checked against
+    the argmax of the logits the graph returns beside it) -> (tokens [n, steps], next token, positions)."""
+    tokens, logits = [], np.empty((n, engine.vocab), np.float32)
     for _ in range(steps):
-        token = logits.argmax(axis=1).astype(np.int64)
-        tokens.append(token)
-        logits = engine.step(n, token, positions)
+        tokens.append(np.array(token))
+        token = engine.step(n, token, positions, logits=logits)
+        np.testing.assert_array_equal(token, logits.argmax(axis=1))
         positions = positions + 1
-    return np.stack(tokens, axis=1), logits, positions
+    return np.stack(tokens, axis=1), np.array(token), positions
 
 
 @pytest.mark.parametrize("name", ["torch", "onnxruntime"])
@@ -61,19 +63,22 @@ def test_a_step_writes_only_its_rows_into_the_same_buffers(runtimes, tiny_config
     engine = make_decode_engine(runtimes[name], 4)
     addresses = {k: b.ctypes.data for k, b in engine.cache.items()}
     ids, lengths = encode_batch(PROMPTS[:3], tiny_config.reasoning.max_prompt_len)
-    logits = engine.prefill([0, 1, 2], ids, lengths)
+    first = np.array(engine.prefill([0, 1, 2], ids, lengths))
     before = {k: b.copy() for k, b in engine.cache.items()}
     assert all(not b[3].any() for b in before.values()), "prefill touched a slot it was not given"
     positions = lengths.copy()
-    engine.step(3, logits.argmax(axis=1), positions)
+    second = engine.step(3, first, positions)
     for name_, buffer in engine.cache.items():
         assert buffer.ctypes.data == addresses[name_]  # written in place, never reallocated
         changed_at = {(int(slot), int(pos)) for slot, _, pos in np.argwhere((buffer != before[name_]).any(axis=3))}
         assert changed_at == {(i, int(positions[i])) for i in range(3)}, name_
     if name == "onnxruntime":
-        engine.step(3, logits.argmax(axis=1), positions + 1)
-        engine.step(2, logits[:2].argmax(axis=1), positions[:2] + 2)
-        assert sorted(engine.bindings) == [2, 3]  # bound once per batch size, then reused
+        # The returned tokens fed back as they are: the step reads them where the last step wrote
+        # them (the other token buffer), and writes its own into the first.
+        third = engine.step(3, second, positions + 1)
+        assert np.shares_memory(second, engine.tokens[1]) and np.shares_memory(third, engine.tokens[0])
+        engine.step(2, np.array(third[:2]), positions[:2] + 2)
+        assert sorted(engine.bindings) == [(2, 0), (3, 0), (3, 1)]  # bound once per batch size and side, then reused
 
 
 @pytest.mark.parametrize("name", ["torch", "onnxruntime"])
@@ -83,10 +88,10 @@ def test_a_moved_slot_continues_as_if_alone(runtimes, tiny_config, name):
     rt = runtimes[name]
     ids, lengths = encode_batch(PROMPTS[:3], tiny_config.reasoning.max_prompt_len)
     engine = make_decode_engine(rt, 3)
-    first, logits, positions = _greedy(engine, 3, engine.prefill([0, 1, 2], ids, lengths), lengths.copy(), 3)
+    first, token, positions = _greedy(engine, 3, engine.prefill([0, 1, 2], ids, lengths), lengths.copy(), 3)
     engine.move(2, 1)
     keep = [0, 2]
-    second, _, _ = _greedy(engine, 2, logits[keep], positions[keep], 5)
+    second, _, _ = _greedy(engine, 2, token[keep], positions[keep], 5)
 
     alone = make_decode_engine(rt, 1)
     ids2, lengths2 = encode_batch(PROMPTS[2:3], tiny_config.reasoning.max_prompt_len)
@@ -100,7 +105,7 @@ def test_generic_engine_over_run_matches(runtimes):
     generic = CacheDecodeEngine(ort_rt, 8)
     bound = make_decode_engine(ort_rt, 8)
     ids, lengths = encode_batch(PROMPTS, ort_rt.config.reasoning.max_prompt_len)
-    a, b = generic.prefill(range(8), ids, lengths), bound.prefill(range(8), ids, lengths)
+    a, b = np.array(generic.prefill(range(8), ids, lengths)), np.array(bound.prefill(range(8), ids, lengths))
     np.testing.assert_array_equal(a, b)
     ta, _, _ = _greedy(generic, 8, a, lengths.copy(), 6)
     tb, _, _ = _greedy(bound, 8, b, lengths.copy(), 6)

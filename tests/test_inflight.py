@@ -41,10 +41,11 @@ def pipeline(tiny_artifacts: Path) -> Pipeline:
 
 
 def start_server(
-    tmp_path_factory: pytest.TempPathFactory, artifacts: Path, slots: int, waiting: int, scheduler: str = "inflight"
+    tmp_path_factory: pytest.TempPathFactory, artifacts: Path, slots: int, waiting: int, scheduler: str = "inflight", **options
 ) -> TritonServer:
     repository = write_repository(
-        artifacts, tmp_path_factory.mktemp("inflight") / "repo", max_batch_size=slots, max_queue_size=waiting, scheduler=scheduler
+        artifacts, tmp_path_factory.mktemp("inflight") / "repo", max_batch_size=slots, max_queue_size=waiting, scheduler=scheduler,
+        **options,
     )
     running = TritonServer(repository, startup_timeout=120).start()
     with TandemClient(running.grpc_url) as client:
@@ -139,6 +140,28 @@ def test_requests_arriving_at_random_times_get_their_tokens_alone(server: Triton
         pytest.fail("in six rounds no request joined a running generation")
     ttfs = histogram_quantile(metrics_before, scrape(server.metrics_url), FIRST_STEP, 0.5, scheduler="inflight")
     assert 0 < ttfs < 30
+
+
+def test_jacobi_decoding_serves_the_sequential_tokens(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path,
+                                                     pipeline: Pipeline):
+    """``--decoding jacobi``: the served decode loop steps greedy rows several tokens at a time over the
+    verify graph (shipped with the repository) and sampled rows one at a time; concurrent requests,
+    greedy and sampled, get exactly their in-process sequential tokens and images."""
+    running = start_server(tmp_path_factory, tiny_artifacts, 3, WAITING, decoding="jacobi", block=4)
+    try:
+        settings = [(0, 0.0, 0), (5, 0.9, 8), (2, 0.0, 0), (7, 0.0, 0)]
+        with ThreadPoolExecutor(4) as pool, TandemClient(running.grpc_url) as client:
+            futures = [pool.submit(client.generate, PROMPTS[i], seed, temperature, top_k)
+                       for i, (seed, temperature, top_k) in enumerate(settings)]
+            results = [f.result(timeout=120) for f in futures]
+        for i, ((seed, temperature, top_k), result) in enumerate(zip(settings, results)):
+            params = SamplingParams(seed=seed, temperature=temperature, top_k=top_k)
+            expected = pipeline.generate_tokens([PROMPTS[i]], params)
+            np.testing.assert_array_equal(result.tokens, expected)
+            np.testing.assert_array_equal(result.images, pipeline.render(expected))
+        assert "jacobi decoding" in running.log_text()
+    finally:
+        running.stop()
 
 
 @pytest.mark.skipif(

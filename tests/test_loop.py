@@ -151,17 +151,23 @@ def test_runner_plans_leave_join_and_contain_failed_prefills(runtime, tiny_confi
 
     prefill = engine.prefill
 
-    def failing(slots, input_ids, lengths):
+    def failing(slots, input_ids, lengths, *args, **kwargs):
         if (lengths == 3).any():
             raise RuntimeError("bad prompt")
-        return prefill(slots, input_ids, lengths)
+        return prefill(slots, input_ids, lengths, *args, **kwargs)
 
     engine.prefill = failing
-    good, bad = Row(encode("ok", 32), SamplingParams(), n), Row(encode("x", 32), SamplingParams(), n)
+    sampled = SamplingParams(seed=3, temperature=1.0)
+    good, bad = Row(encode("ok", 32), sampled, n), Row(encode("x", 32), SamplingParams(), n)
     out = StepOutput()
     runner.execute(StepPlan(leave=[rows[1]], join=[good, bad]), out)
     assert [r for r, _ in out.refused] == [bad] and good in runner.rows and bad not in runner.rows
     assert out.prefills == 1  # the batch failed, the retry of `good` succeeded
+    # The failed batch's draw was given back: `good` drew once for its first token, once for its
+    # second (this step's decode), as if admitted alone.
+    fresh = sampled.generator()
+    fresh.random(), fresh.random()
+    assert good.count == 2 and good.rng.random() == fresh.random()
 
 
 def test_a_failed_step_still_answers_what_it_did(runtime, tiny_config):
@@ -170,8 +176,8 @@ def test_a_failed_step_still_answers_what_it_did(runtime, tiny_config):
     scheduler = InflightScheduler.for_runtime(runtime, capacity=2)
     engine = scheduler.engine
     prefill = engine.prefill
-    engine.prefill = lambda slots, ids, lengths: (_ for _ in ()).throw(RuntimeError("prefill broke")) if (lengths == 3).any() else prefill(slots, ids, lengths)
-    engine.step = lambda *a: (_ for _ in ()).throw(RuntimeError("step broke"))
+    engine.prefill = lambda slots, ids, lengths, *a: (_ for _ in ()).throw(RuntimeError("prefill broke")) if (lengths == 3).any() else prefill(slots, ids, lengths, *a)
+    engine.step = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("step broke"))
     outcomes: dict[str, Outcome] = {}
     scheduler.submit(Job("x", SamplingParams(), lambda o: outcomes.__setitem__("refused", o)))
     scheduler.submit(Job(PROMPTS[0], SamplingParams(), lambda o: outcomes.__setitem__("running", o)))

@@ -59,9 +59,10 @@ def test_kv_cache_decode_matches_full_recompute(tiny_config):
     ids, lengths = encode_batch(["a red circle"], tiny_config.reasoning.max_prompt_len)
     scene = np.array([5, 17, 3, 42, 0, 63])
     engine = make_decode_engine(runtime, 1)
-    step_logits = [engine.prefill([0], ids, lengths)]
+    step_logits = [np.empty((1, tiny_config.scene.codebook_size), np.float32) for _ in scene]
+    engine.prefill([0], ids, lengths, logits=step_logits[0])
     for i, token in enumerate(scene[:-1]):
-        step_logits.append(engine.step(1, np.array([token]), lengths + i))
+        engine.step(1, np.array([token]), lengths + i, logits=step_logits[i + 1])
     with torch.no_grad():
         full = model(torch.from_numpy(np.concatenate([ids, (scene[None, :-1] + SCENE_OFFSET)], axis=1)))
     expected = full[0, ids.shape[1] - 1 :]

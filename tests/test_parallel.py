@@ -49,7 +49,9 @@ def test_a_verify_step_is_k_decode_steps(runtimes, name):
     sequential, block = _prefilled(runtime, PROMPTS), _prefilled(runtime, PROMPTS)
     (seq_engine, lengths), (blk_engine, _) = sequential, block
     tokens = np.random.default_rng(0).integers(0, runtime.config.scene.codebook_size, size=(3, 5))
-    expected = np.stack([seq_engine.step(3, tokens[:, j], lengths + j) for j in range(5)], axis=1)
+    expected = np.empty((3, 5, runtime.config.scene.codebook_size), np.float32)
+    for j in range(5):
+        seq_engine.step(3, tokens[:, j], lengths + j, logits=expected[:, j])
     for row, start in enumerate(lengths):  # stale rows past the start: must not matter
         for buffer in blk_engine.cache.values():
             buffer[row, :, start:] = 1e4
@@ -138,6 +140,31 @@ def test_sampled_rows_decode_sequentially(runtimes):
     params = SamplingParams(seed=3, temperature=1.0)
     expected = Pipeline(runtime).generate_tokens(PROMPTS[:2], params)
     np.testing.assert_array_equal(JacobiPipeline(runtime).generate_tokens(PROMPTS[:2], params), expected)
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_the_decode_loop_steps_jacobi_rows_joining_at_any_step(runtimes, name):
+    """The in-flight scheduler with a JacobiRunner (the served loop): requests join while others are
+    mid-generation, greedy rows advance by their own numbers of tokens per step, a sampled row makes
+    its steps sequential while it runs; every request gets the tokens it gets alone, sequentially."""
+    from tandem.parallel import ParallelStats, jacobi_runner
+    from tandem.scheduler import InflightScheduler, Job
+
+    runtime = runtimes[name]
+    settings = [SamplingParams(seed=1), SamplingParams(seed=4, temperature=0.9, top_k=8), SamplingParams(seed=2)]
+    stats = ParallelStats()
+    scheduler = InflightScheduler.for_runtime(runtime, capacity=3, runner=jacobi_runner(runtime, block=4, stats=stats))
+    outcomes = {}
+    for i, (prompt, params) in enumerate(zip(PROMPTS, settings)):
+        scheduler.submit(Job(prompt, params, lambda o, i=i: outcomes.__setitem__(i, o)))
+        for _ in range(2):
+            scheduler.step()
+    scheduler.run_until_idle()
+    for i, (prompt, params) in enumerate(zip(PROMPTS, settings)):
+        assert outcomes[i].ok, outcomes[i].error
+        alone = Pipeline(runtime).generate_tokens([prompt], params).reshape(-1)
+        np.testing.assert_array_equal(outcomes[i].tokens, alone)
+    assert stats.block_tokens > 0 and len(stats.steps) == 3  # verify steps ran once the sampled row had left
 
 
 def test_bad_settings_are_explained(runtimes):

@@ -60,8 +60,8 @@ class CountingRuntime:
     def decode_engine(self, capacity):
         engine = self.inner.decode_engine(capacity)
         prefill, step = engine.prefill, engine.step
-        engine.prefill = lambda *a: (self._count("reasoning_prefill"), prefill(*a))[1]
-        engine.step = lambda *a: (self._count("reasoning_decode"), step(*a))[1]
+        engine.prefill = lambda *a, **k: (self._count("reasoning_prefill"), prefill(*a, **k))[1]
+        engine.step = lambda *a, **k: (self._count("reasoning_decode"), step(*a, **k))[1]
         return engine
 
 

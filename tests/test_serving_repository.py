@@ -354,3 +354,16 @@ def test_stages_share_a_thread_budget_in_time(tmp_path: Path, tiny_artifacts: Pa
     options = runtime.sessions["reasoning_decode"].get_session_options()
     assert options.intra_op_num_threads == 3
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_jacobi_decoding_ships_the_verify_graph_and_is_checked_at_write(tmp_path: Path, tiny_artifacts: Path):
+    repo = write_repository(tiny_artifacts, tmp_path / "repo", decoding="jacobi", block=4)
+    reasoning = parse(repo / REASONING / "config.pbtxt")
+    assert reasoning.parameters["decoding"].string_value == "jacobi" and reasoning.parameters["block"].string_value == "4"
+    assert any(p.name.startswith("reasoning_verify") for p in (repo / REASONING / "1" / "artifacts").iterdir())
+    with pytest.raises(TandemError, match="--block must lie in"):
+        write_repository(tiny_artifacts, tmp_path / "bad", decoding="jacobi", block=10_000)
+    with pytest.raises(TandemError, match="--scheduler inflight"):
+        write_repository(tiny_artifacts, tmp_path / "bad2", decoding="jacobi", scheduler="request")
+    plain = parse(write_repository(tiny_artifacts, tmp_path / "plain") / REASONING / "config.pbtxt")
+    assert plain.parameters["decoding"].string_value == "sequential" and "block" not in plain.parameters

@@ -65,13 +65,13 @@ class RecordingRuntime(Runtime):
         engine = self.inner.decode_engine(capacity)
         prefill, step = engine.prefill, engine.step
 
-        def recorded_prefill(slots, input_ids, prompt_lengths):
+        def recorded_prefill(slots, input_ids, prompt_lengths, *args, **kwargs):
             self.prefills.append((np.array(input_ids, np.int64), np.array(prompt_lengths, np.int64)))
-            return prefill(slots, input_ids, prompt_lengths)
+            return prefill(slots, input_ids, prompt_lengths, *args, **kwargs)
 
-        def recorded_step(n, token_ids, positions):
+        def recorded_step(n, token_ids, positions, *args, **kwargs):
             self.steps.append((np.array(token_ids, np.int64)[:n], np.array(positions, np.int64)[:n]))
-            return step(n, token_ids, positions)
+            return step(n, token_ids, positions, *args, **kwargs)
 
         engine.prefill, engine.step = recorded_prefill, recorded_step
         return engine
@@ -142,10 +142,10 @@ class Replayer:
         try:
             for i in range(rec.steps):
                 t0 = time.perf_counter_ns()
-                logits = engine.step(n, rec.token_ids[i], rec.positions[i])
+                chosen = engine.step(n, rec.token_ids[i], rec.positions[i])  # greedy, in the graph
                 seconds[i] = (time.perf_counter_ns() - t0) / 1e9
                 if argmax is not None:
-                    argmax.append(np.asarray(logits).argmax(axis=-1))
+                    argmax.append(np.array(chosen))  # a copy: the engine may reuse its output buffer
         finally:
             if was_enabled:
                 gc.enable()

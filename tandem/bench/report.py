@@ -389,8 +389,8 @@ def _cross_hardware_section(results: dict) -> list[str]:
         "",
         f"*Modelled* rows are NOT measurements: roofline lower bounds max(FLOPs / peak, bytes / bandwidth) per graph call "
         f"from the counted work and the published peaks in `{cross['hardware_file']}` at {cross['precision']} (weights and "
-        "float tensors at that width), plus this run's measured host time per decode step (sampling and bookkeeping in "
-        "Python: every target samples on the host today), with no launch, synchronisation or kernel-efficiency overhead. "
+        "float tensors at that width), plus this run's measured host time per decode step (the step's bookkeeping in "
+        "Python; the graphs sample), with no launch, synchronisation or kernel-efficiency overhead. "
         "Real engines will be slower, most of all the small decode step at batch 1. *As shipped*: the standard-op "
         "reasoning graphs TensorRT and Neuron compile evaluate every expert (zero gates for the unchosen), so every "
         "expert's weights are read at every step (the dense factor is that decode step's bytes over the routed one's); "

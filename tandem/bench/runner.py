@@ -472,8 +472,9 @@ def measure_roofline(results: dict, runtimes: dict, specs: dict, batches: list[i
 
 def host_seconds_per_step(results: dict) -> dict[int, float]:
     """This run's host time per decode step of an in-process ONNX Runtime generation, per batch:
-    (wall time - time inside runtime calls) / decode calls. Sampling and the step's bookkeeping
-    run on the host for every target today, so the modelled rows add it to every decode step."""
+    (wall time - time inside runtime calls) / decode calls. The step's bookkeeping (sampling
+    inputs, positions, each row's tokens) runs on the host for every target, so the modelled rows
+    add it to every decode step."""
     out = {}
     for b, stats in (results.get("pipeline", {}).get("onnxruntime") or {}).items():
         phases, calls = stats.get("phase_ms_per_generation") or {}, stats.get("graph_calls_per_generation") or {}

@@ -227,10 +227,10 @@ class TimedRuntime(Runtime):
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.timed(graph, self.inner.run, graph, feeds)
 
-    def timed(self, graph: str, fn: Callable, *args):
+    def timed(self, graph: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             self.seconds[graph] += time.perf_counter() - start
             self.calls[graph] += 1
@@ -239,8 +239,8 @@ class TimedRuntime(Runtime):
         """The inner runtime's own engine, its prefill and steps timed as the graphs they run."""
         engine = self.inner.decode_engine(capacity)
         prefill, step = engine.prefill, engine.step
-        engine.prefill = lambda *args: self.timed("reasoning_prefill", prefill, *args)
-        engine.step = lambda *args: self.timed("reasoning_decode", step, *args)
+        engine.prefill = lambda *args, **kwargs: self.timed("reasoning_prefill", prefill, *args, **kwargs)
+        engine.step = lambda *args, **kwargs: self.timed("reasoning_decode", step, *args, **kwargs)
         return engine
 
     def reset(self) -> None:

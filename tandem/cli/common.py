@@ -277,10 +277,10 @@ class StdoutToStderr:
         _json_stream = None
 
 
-def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+def add_decoding_arguments(p: argparse.ArgumentParser, where: str = "in-process") -> None:
     from tandem.parallel import DEFAULT_BLOCK, DEFAULT_PROPOSER, DECODINGS, SOURCES
 
-    g = p.add_argument_group("decoding (in-process only)")
+    g = p.add_argument_group(f"decoding ({where})")
     g.add_argument("--decoding", choices=DECODINGS, default="sequential",
                    help="sequential: one scene token per step (default); jacobi: greedy parallel decoding, several "
                    "tokens per step, the same tokens (needs an export with the reasoning_verify graph; sampled "

@@ -7,7 +7,9 @@ import argparse
 import time
 from pathlib import Path
 
-from tandem.cli.common import DEFAULT_CONFIG, add_alias, add_config_argument, add_list_argument, default_build_dir, positive_int
+from tandem.cli.common import (
+    DEFAULT_CONFIG, add_alias, add_config_argument, add_decoding_arguments, add_list_argument, default_build_dir, positive_int,
+)
 from tandem.errors import TandemError
 
 DEFAULT_REPOSITORY = "model_repository"
@@ -56,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_repository_arguments(p: argparse.ArgumentParser, flavors: list[str]) -> None:
+    add_decoding_arguments(p, "the served reasoning model, with --scheduler inflight")
     g = p.add_argument_group("repository")
     g.add_argument("--flavor", default="local", choices=flavors, help="local: python backend + ONNX Runtime (default); "
                    "native: refinement on Triton's onnxruntime_onnx backend (NVIDIA's container)")
@@ -154,6 +157,9 @@ def repository_options(args: argparse.Namespace) -> dict:
         "keep_versions": args.keep_versions,
         "link": args.link,
         "scheduler": args.scheduler,
+        "decoding": args.decoding,
+        "block": args.block,
+        "proposer": args.proposer,
     }
 
 

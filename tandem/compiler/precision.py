@@ -149,7 +149,16 @@ def sensitive_nodes(model: onnx.ModelProto) -> dict[str, str]:
     users = _consumers(graph)
     outputs = {o.name for o in graph.output}
     kept: dict[str, str] = {}
+    # Everything computed from a MatMul/Gemm's graph output (the logits, which feed the in-graph
+    # sampling: argmax, top-k, exp, cumulative sum) stays fp32, as the logits do.
+    downstream = {o for node in graph.node if node.op_type in MATMUL_OPS for o in node.output if o in outputs}
+    for node in graph.node:  # topological order
+        if any(i in downstream for i in node.input):
+            downstream.update(node.output)
+            kept[node.name] = "reads a graph output (in-graph sampling of the logits)"
     for node in graph.node:
+        if node.name in kept:
+            continue
         if node.op_type in NORM_OPS:
             kept[node.name] = "normalisation"
         elif node.op_type in PROBABILITY_OPS:

@@ -43,6 +43,7 @@ from tandem.compiler.precision import (
 from tandem.config import ModelConfig
 from tandem.errors import CheckFailed, TandemError
 from tandem.runtimes.base import Runtime
+from tandem.stages import NEXT_TOKENS
 from tandem.formats.export_manifest import (
     GraphEntry,
     Manifest,
@@ -279,7 +280,8 @@ class GraphRunner:
 
 def check_graph(spec, reference, path: Path, feeds: list[dict[str, np.ndarray]], tolerance: float) -> tuple[list[ValidationCase], float, str]:
     """The graph against PyTorch fp32 on recorded pipeline feeds; the error of an output is
-    max |out - fp32| / max |fp32|."""
+    max |out - fp32| / max |fp32|. Token outputs (integer: the graphs' sampled next tokens) have
+    no such error: the generation gate judges them (teacher-forced token agreement)."""
     runner = GraphRunner(path)
     cases, worst = [], 0.0
     progress(f"checking {path.name} against PyTorch fp32 on {len(feeds)} feeds ({runner.name.split(' (')[0]})")
@@ -287,7 +289,7 @@ def check_graph(spec, reference, path: Path, feeds: list[dict[str, np.ndarray]],
         expected = reference.run(spec.name, feed)
         actual = dict(zip(spec.output_names, runner.run(spec.output_names, feed)))
         errors = {}
-        for name in spec.output_names:
+        for name in (t.name for t in spec.outputs if np.issubdtype(np.dtype(t.dtype), np.floating)):
             a, e = np.asarray(actual[name], dtype=np.float64), np.asarray(expected[name], dtype=np.float64)
             if a.shape != e.shape:
                 raise TandemError(f"{path.name}: output {name} has shape {a.shape}, PyTorch's is {e.shape}")
@@ -336,30 +338,23 @@ def _by_objects(results) -> dict[str, float]:
 
 
 class _TeacherForced(Runtime):
-    """Runs the candidate graphs along fp32's greedy tokens: every next-token logits output (the
-    output the stage description shapes ``[batch, codebook]``) is recorded as the candidate's own
-    choice, then replaced by one that makes the pipeline take fp32's token, so a flipped position
-    is counted once instead of derailing the rest of the scene."""
+    """Runs the candidate graphs along fp32's greedy tokens: every graph's sampled next tokens
+    (:data:`tandem.stages.NEXT_TOKENS`; the pipeline runs greedy) are recorded as the candidate's
+    own choice, then replaced by fp32's, so a flipped position is counted once instead of
+    derailing the rest of the scene."""
 
     def __init__(self, runtime, forced: np.ndarray):
         self.runtime, self.config, self.specs = runtime, runtime.config, runtime.specs
         self.forced = forced.reshape(forced.shape[0], -1)  # [B, n_tokens]
         self.step = 0
         self.chosen: list[np.ndarray] = []
-        codebook = self.config.scene.codebook_size
-        self.logits_outputs = {
-            name: [t.name for t in spec.outputs if tuple(t.shape) == ("batch", codebook)] for name, spec in self.specs.items()
-        }
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(self.runtime.run(graph, feeds))
-        for name in self.logits_outputs.get(graph, []):
-            if self.step < self.forced.shape[1]:
-                self.chosen.append(np.argmax(out[name], axis=-1))
-                forcing = np.zeros_like(out[name])
-                forcing[np.arange(len(forcing)), self.forced[:, self.step]] = 1.0
-                out[name] = forcing
-                self.step += 1
+        if NEXT_TOKENS in out and self.step < self.forced.shape[1]:
+            self.chosen.append(np.array(out[NEXT_TOKENS], dtype=np.int64))
+            out[NEXT_TOKENS] = self.forced[:, self.step].copy()
+            self.step += 1
         return out
 
 

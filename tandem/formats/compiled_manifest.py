@@ -29,7 +29,7 @@ from tandem.formats.build_manifest import BUILD_MANIFEST
 from tandem.util import atomic_write_text, sha256_file
 
 COMPILED_MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graphs that sample (export format 3)
 
 # How a pinned tool's version mismatch is explained.
 PIN_REASONS = {

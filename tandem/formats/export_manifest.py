@@ -14,7 +14,7 @@ from tandem.errors import ArtifactError
 from tandem.util import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2  # 2: per-layer cache tensors (past_key_{l}, new_key_{l}, present_key_{l})
+FORMAT_VERSION = 3  # 2: per-layer cache tensors (past_key_{l}, new_key_{l}, present_key_{l}); 3: sampling in the prefill and decode graphs
 # ONNX Runtime's graph (`<graph>.ort.onnx`, `optimized_file`) is the plain graph exported again with these
 # rewrites (tandem.export.rewrites) where they change it, then optimised offline by ONNX Runtime.
 ONNXRUNTIME_GRAPH_REWRITES = ("moe_kernel",)

@@ -312,3 +312,36 @@ class ReasoningTransformer(nn.Module):
             new_values.append(v)
         logits = self.lm_head(self.final_norm(h))
         return logits, new_keys, new_values
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Next-token selection inside the step graphs: logits [B, V] and per-row ``temperature`` [B]
+    (0: greedy), ``top_k`` [B] (0 or >= V: no limit) and ``uniform`` [B] (the row's draw in [0, 1)
+    from its request's generator) -> token ids [B] int64.
+
+    The same rule as the host reference :func:`tandem.sampling.select_next`, in float32 and standard
+    ONNX ops (ArgMax, TopK, GatherElements, Where, Exp, CumSum): greedy rows take the
+    first maximum; sampled rows keep every logit >= the k-th largest (ties kept; comparing the
+    unscaled logits is the host's comparison after its positive division), scale by 1 / temperature
+    (a Where puts 1 in greedy rows, so nothing divides by zero), weigh ``exp(s - max)`` unnormalised
+    and take the inverse CDF: the first index whose cumulative weight exceeds ``uniform * total``
+    (numpy's ``searchsorted(side="right")``). The host sums in float64: a draw within
+    float32 rounding of a CDF boundary can pick the neighbouring token."""
+    vocab = logits.shape[-1]
+    sampled = temperature > 0
+    ranked = torch.topk(logits, vocab, dim=-1).values  # descending: the k-th largest is at k - 1
+    cutoff = ranked.gather(1, (top_k.clamp(1, vocab) - 1).unsqueeze(1))  # [B, 1]
+    unlimited = ((top_k <= 0) | (top_k >= vocab)).unsqueeze(1)
+    keep = (logits >= cutoff) | unlimited
+    scaled = logits / torch.where(sampled, temperature, torch.ones_like(temperature)).unsqueeze(1)
+    scaled = scaled.masked_fill(~keep, float("-inf"))
+    weights = torch.exp(scaled - scaled.amax(dim=-1, keepdim=True))
+    cdf = torch.cumsum(weights, dim=-1)
+    total = cdf[:, -1:]
+    target = uniform.unsqueeze(1) * total
+    # The first index whose cumulative weight exceeds the target; none does only when float32
+    # rounding took the target to the total: then the last token with any weight (the first
+    # maximum of the CDF), never a token top-k removed.
+    first_above = torch.argmax((cdf > target).to(logits.dtype), dim=-1)
+    drawn = torch.where((total > target).squeeze(1), first_above, torch.argmax(cdf, dim=-1))
+    return torch.where(sampled, drawn, torch.argmax(logits, dim=-1))

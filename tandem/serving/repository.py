@@ -48,6 +48,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem.errors import ArtifactError, TandemError
 from tandem.formats.export_manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
+from tandem.parallel import DECODINGS, DEFAULT_BLOCK, DEFAULT_PROPOSER, parse_proposer
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
@@ -76,10 +77,14 @@ from tandem.serving.models.common import (
     PARAM_QUEUE_TIMEOUT,
     PARAM_RUNTIME,
     PARAM_RUNTIME_OPTIONS,
+    PARAM_BLOCK,
+    PARAM_DECODING,
+    PARAM_PROPOSER,
     PARAM_SCHEDULER,
     SCHEDULER_INFLIGHT,
     SCHEDULERS,
 )
+from tandem.stages import VERIFY_GRAPH, graph_specs
 from tandem.util import atomic_directory, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -129,6 +134,11 @@ class RepositoryOptions:
     # reasoning: "inflight" (requests join/leave the decode batch every step) or "request" (Triton's
     # dynamic batcher forms groups that each run a whole generation); see tandem.serving.models.reasoning
     scheduler: str = SCHEDULER_INFLIGHT
+    # in-flight reasoning's decode step: "sequential" (one token per step) or "jacobi" (greedy parallel
+    # decoding over the verify graph, ``block`` tokens per row per step; tandem.parallel)
+    decoding: str = "sequential"
+    block: int = DEFAULT_BLOCK
+    proposer: str = DEFAULT_PROPOSER
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -152,6 +162,11 @@ class RepositoryOptions:
             raise TandemError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.keep_versions < 1:
             raise TandemError(f"keep_versions must be >= 1, got {self.keep_versions}")
+        if self.decoding not in DECODINGS:
+            raise TandemError(f"decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
+        if self.decoding != "sequential" and self.scheduler != SCHEDULER_INFLIGHT:
+            raise TandemError(f"--decoding {self.decoding} runs in the in-flight scheduler's decode loop; serve it with --scheduler inflight")
+        parse_proposer(self.proposer)
         from tandem.runtimes.onnxruntime import SPINNING
 
         if self.spinning not in SPINNING:
@@ -329,10 +344,21 @@ class PythonRuntimeTarget(ModelTarget):
         reasoning is defined by the batches Triton's dynamic batcher forms)."""
         return stage == REFINEMENT or options.scheduler == SCHEDULER_INFLIGHT
 
+    def graphs(self, ctx: BuildContext, stage: str) -> tuple[str, ...]:
+        """The graphs the stage's runtime loads: jacobi decoding adds the reasoning verify graph."""
+        if stage != REASONING or ctx.options.decoding != "jacobi":
+            return self.GRAPHS[stage]
+        if VERIFY_GRAPH not in ctx.manifest.graphs:
+            raise TandemError(f"--decoding jacobi needs the {VERIFY_GRAPH} graph, which {ctx.artifacts} lacks: export again with this tandem")
+        limit = graph_specs(ctx.manifest.config)[VERIFY_GRAPH].dims["block"]
+        if not limit.min <= ctx.options.block <= limit.max:
+            raise TandemError(f"--block must lie in [{limit.min}, {limit.max}] (the verify graph's block range), got {ctx.options.block}")
+        return self.GRAPHS[stage] + (VERIFY_GRAPH,)
+
     def runtime_options(self, ctx: BuildContext, stage: str) -> dict[str, Any]:
         threads = thread_plan(ctx.options, ctx.stages)[stage]
         return {
-            "graphs": list(self.GRAPHS[stage]),
+            "graphs": list(self.graphs(ctx, stage)),
             "optimized": ctx.options.optimized,
             "intra_op_threads": threads.intra_op,
             "inter_op_threads": threads.inter_op,
@@ -353,7 +379,7 @@ class PythonRuntimeTarget(ModelTarget):
         """(source, name inside artifacts/) of every file the runtime loads. A compiled-runtime
         target (TensorRT engines, Neuron artifacts) overrides this to ship its build output."""
         names = [MANIFEST_NAME]
-        for graph in self.GRAPHS[stage]:
+        for graph in self.graphs(ctx, stage):
             names += ctx.graph_files(graph, ctx.options.optimized)
         return [(ctx.artifacts / name, name) for name in names]
 
@@ -516,6 +542,11 @@ def stage_config(ctx: BuildContext, stage: str, target: ModelTarget, behind_reas
     _common_parameters(ctx, config)
     if stage == REASONING:  # the in-flight scheduler's slots are max_batch_size; its waiting limit is max_queue_size
         set_parameter(config, PARAM_SCHEDULER, opts.scheduler)
+        if opts.scheduler == SCHEDULER_INFLIGHT:
+            set_parameter(config, PARAM_DECODING, opts.decoding)
+            if opts.decoding == "jacobi":
+                set_parameter(config, PARAM_BLOCK, str(opts.block))
+                set_parameter(config, PARAM_PROPOSER, opts.proposer)
     target.configure(ctx, stage, config)
     return config
 

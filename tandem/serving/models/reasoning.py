@@ -46,9 +46,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tandem.errors import TandemError
+from tandem.parallel import DECODINGS, DEFAULT_BLOCK, DEFAULT_PROPOSER, jacobi_runner
 from tandem.scheduler import InflightScheduler, Job, Outcome, SchedulerStats
 from tandem.serving.interface import PROMPT, SCENE_TOKENS, SEED, TEMPERATURE, TOP_K
 from tandem.serving.models.common import (
+    PARAM_BLOCK,
+    PARAM_DECODING,
+    PARAM_PROPOSER,
     SCHEDULER_INFLIGHT,
     Activity,
     CancelMarkers,
@@ -351,8 +355,15 @@ class TritonPythonModel:
         self.metrics = TimingMetrics(self.scheduler_kind)
         self.scheduler: InflightScheduler | None = None
         if self.scheduler_kind == SCHEDULER_INFLIGHT:
+            self.decoding = parameters.get(PARAM_DECODING, "sequential")
+            runner = None
+            if self.decoding == "jacobi":  # greedy rows take multi-token steps over the verify graph (tandem.parallel)
+                runner = jacobi_runner(self.pipeline.runtime, int(parameters.get(PARAM_BLOCK, DEFAULT_BLOCK)),
+                                       parameters.get(PARAM_PROPOSER, DEFAULT_PROPOSER))
+            elif self.decoding != "sequential":
+                raise TandemError(f"parameter {PARAM_DECODING!r} is {self.decoding!r}; it must be one of {DECODINGS} (regenerate with `tandem repo`)")
             self.scheduler = InflightScheduler.for_runtime(
-                self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters),
+                self.pipeline.runtime, capacity=int(config["max_batch_size"]), max_waiting=waiting_limit(parameters), runner=runner,
                 max_wait_s=queue_timeout_s(parameters), before_plan=self.cancel_markers.refresh,
                 admission_window_s=queue_delay_s(parameters), check_interval_s=CANCEL_CHECK_INTERVAL_S,
             )
@@ -365,7 +376,8 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"reasoning: {self.pipeline.config.name} on {self.pipeline.runtime.describe()}, "
             f"{self.pipeline.config.scene.num_tokens} scene tokens per prompt, {self.scheduler_kind} batching"
-            + (f" ({self.scheduler.capacity} slots, {self.scheduler.max_waiting or 'unbounded'} waiting)" if self.scheduler else "")
+            + (f" ({self.scheduler.capacity} slots, {self.scheduler.max_waiting or 'unbounded'} waiting, {self.decoding} decoding)"
+               if self.scheduler else "")
         )
 
     def parse(self, request) -> tuple[list[str], list]:
