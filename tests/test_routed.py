@@ -101,9 +101,12 @@ def test_aot_decode_program_runs_with_unrouted_experts_poisoned(aot_programs: di
     spec = graph_specs(tiny_config)["reasoning_decode"]
     feeds = spec.sample_inputs({"batch": 1}, seed=3)
     args = [torch.from_numpy(feeds[n]) for n in spec.input_names]
+    named = dict(zip(spec.input_names, args))
+    keys = [a for n, a in named.items() if n.startswith("past_key_")]
+    values = [a for n, a in named.items() if n.startswith("past_value_")]
     model = build_stages(tiny_config).reasoning
     with torch.no_grad():
-        model.decode_step(args[0], args[1], args[2::2], args[3::2])
+        model.decode_step(named["token_ids"], named["positions"], keys, values)
     unpicked = {
         i: set(range(tiny_config.reasoning.n_experts)) - set(block.moe.last_routing.unique().tolist())
         for i, block in enumerate(model.blocks)
@@ -117,7 +120,7 @@ def test_aot_decode_program_runs_with_unrouted_experts_poisoned(aot_programs: di
             for i, experts in unpicked.items():
                 for name in ("w_gate", "w_up", "w_down"):
                     state[f"model.blocks.{i}.moe.{name}"][sorted(experts)] = float("nan")
-            logits[form] = module(*args)[0]
+            logits[form] = module(*args)[spec.output_names.index("logits")]
     assert torch.isfinite(logits["routed"]).all()
     assert torch.isnan(logits["dense"]).any()
 
