@@ -4,10 +4,11 @@ A modelled time is a roofline lower bound, ``max(FLOPs / peak, bytes / bandwidth
 call, plus what this run measured of the host's work per decode step (sampling and the step's
 bookkeeping in Python, which every target does on the host today). It ignores kernel launches,
 synchronisation and imperfect kernels, so real engines are slower, most of all for small graphs at
-batch 1. Each row is modelled twice for the reasoning graphs: *as shipped* (the standard-op graph
-TensorRT and Neuron compile evaluates every expert, with zero gates for the unchosen ones: every
-expert's weights are read at every step) and *routed* (only the experts the step routed to: the
-floor once a routed MoE kernel ships for that target). Rows built here are always labelled
+batch 1. Each row is modelled twice for the reasoning graphs: *as shipped* (what the target's
+graphs read at the model's precision: TensorRT's reasoning graphs route their experts at
+fp32/fp16/bf16 through tandem's plugin pair, and read every expert at int8/fp8; Neuron's standard-op
+graph evaluates every expert, with zero gates for the unchosen ones) and *routed* (only the experts
+the step routed to: the floor once a routed MoE kernel ships for that target). Rows built here are always labelled
 ``"kind": "modelled"``; rows from measurements carry ``"kind": "measured"``."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class _Strict(BaseModel):
 
 class Accelerator(_Strict):
     name: str
+    target: str | None = None  # the tandem build target for it (tandem.formats.targets): how its graphs read experts
     peak_tflops: dict[str, float]
     memory_bandwidth_gb_s: float
     memory_gb: float | None = None
@@ -134,13 +136,26 @@ def cost_per_1000_images(seconds_per_image: float, usd_per_hour: float) -> float
     return seconds_per_image * 1000 * usd_per_hour / 3600
 
 
+def ships_routed(acc: Accelerator, precision: str) -> bool:
+    """Whether the graphs tandem builds for ``acc`` (its ``target``) read only the routed experts at
+    ``precision`` (the target's toolchain says: TensorRT's routed plugin pair at fp32/fp16/bf16;
+    Neuron's graphs stay dense). An accelerator without a target is modelled dense."""
+    if acc.target is None:
+        return False
+    from tandem.formats.targets import get_target
+    from tandem.toolchains import get_toolchain
+
+    return precision in get_toolchain(get_target(acc.target).toolchain).routed_precisions
+
+
 def modelled_rows(
     hw: HardwareConfig, work: dict[str, dict[str, dict]], decode_steps: int, n_experts: int | None = None,
     host_seconds_per_step: dict[int, float] | None = None,
 ) -> list[dict]:
     """work[graph][str(batch)] -> one row per accelerator and modelled batch: ``seconds_per_image``
-    as shipped (every expert read when ``n_experts`` is given, plus ``host_seconds_per_step`` per
-    decode step) and ``routed_seconds_per_image`` (routed experts only, the same host time)."""
+    as shipped (every expert read when ``n_experts`` is given and the target's graphs are dense at
+    the model's precision (:func:`ships_routed`), plus ``host_seconds_per_step`` per decode step)
+    and ``routed_seconds_per_image`` (routed experts only, the same host time)."""
     rows = []
     precision = hw.model.precision
     host = host_seconds_per_step or {}
@@ -151,7 +166,8 @@ def modelled_rows(
             calls = {g: modelled_call(work[g][str(batch)], acc, precision) for g in work}
             routed = {g: c["seconds"] for g, c in calls.items()}
             shipped_calls = dict(calls)
-            if n_experts:
+            routed_as_shipped = ships_routed(acc, precision)
+            if n_experts and not routed_as_shipped:
                 for g in ("reasoning_prefill", "reasoning_decode"):
                     shipped_calls[g] = modelled_call(dense_work(work[g][str(batch)], n_experts), acc, precision)
             shipped = {g: c["seconds"] for g, c in shipped_calls.items()}
@@ -182,6 +198,7 @@ def modelled_rows(
                     "decode_ms_per_token": 1e3 * (shipped["reasoning_decode"] + host_s) / batch,
                     "routed_decode_ms_per_token": 1e3 * (routed["reasoning_decode"] + host_s) / batch,
                     "dense_factor": shipped_calls["reasoning_decode"]["bytes"] / calls["reasoning_decode"]["bytes"],
+                    "ships_routed": routed_as_shipped,
                     "host_ms_per_step": 1e3 * host_s,
                     "seconds_per_image": per_image,
                     "routed_seconds_per_image": routed_per_image,

@@ -391,10 +391,12 @@ def _cross_hardware_section(results: dict) -> list[str]:
         f"from the counted work and the published peaks in `{cross['hardware_file']}` at {cross['precision']} (weights and "
         "float tensors at that width), plus this run's measured host time per decode step (the step's bookkeeping in "
         "Python; the graphs sample), with no launch, synchronisation or kernel-efficiency overhead. "
-        "Real engines will be slower, most of all the small decode step at batch 1. *As shipped*: the standard-op "
-        "reasoning graphs TensorRT and Neuron compile evaluate every expert (zero gates for the unchosen), so every "
-        "expert's weights are read at every step (the dense factor is that decode step's bytes over the routed one's); "
-        "*routed*: only the experts each step routed to, the floor once a routed MoE kernel ships for the target. "
+        "Real engines will be slower, most of all the small decode step at batch 1. *As shipped*: what the target's "
+        "graphs read at the modelled precision: TensorRT's reasoning graphs (h100, a100) route their experts at "
+        "fp32/fp16/bf16 (tandem's plugin pair; dense factor 1) and read every expert at int8/fp8; Neuron's (inf2) "
+        "standard-op graph evaluates every expert with zero gates for the unchosen, so every expert's weights are read "
+        "at every step (the dense factor is that decode step's bytes over the routed one's); *routed*: only the experts "
+        "each step routed to, the floor once a routed MoE kernel ships for the target. "
         "Per image = (prefill + decode steps x decode step + refinement) / batch + host time, "
         f"{cross['decode_steps']} decode steps per image.",
         "",

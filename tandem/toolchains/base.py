@@ -34,6 +34,9 @@ class Toolchain:
     compiles_ahead: bool = True  # False: the runtime compiles graphs when it loads them (nothing to build)
     # Graph rewrites at export (tandem.export.rewrites), applied to the graphs this toolchain loads.
     graph_rewrites: tuple[str, ...] = ()
+    # Precisions at which the reasoning graphs this toolchain builds read only the routed experts
+    # (README's target table); at any other, every expert is read at every step.
+    routed_precisions: frozenset[str] = frozenset()
     # precision -> (graph description -> rewrite, or None to keep that graph fp32). Empty: the
     # toolchain compiles from PyTorch and applies the precision itself (no precision graphs).
     precision_rules: Mapping[str, PrecisionRule] = {}

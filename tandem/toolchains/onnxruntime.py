@@ -13,6 +13,7 @@ class OnnxRuntimeToolchain(Toolchain):
     name = runtime = ONNXRUNTIME
     compiles_ahead = False
     graph_rewrites = ONNXRUNTIME_GRAPH_REWRITES
+    routed_precisions = frozenset({"fp32", "int8"})
     precision_rules = {"int8": lambda spec: cpu_int8 if is_decode(spec) else None}
     reads_onnxruntime_graph = frozenset({"int8"})
 

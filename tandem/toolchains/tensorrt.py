@@ -8,7 +8,7 @@ from typing import Any
 
 from tandem.compiler import tensorrt as trt_build
 from tandem.compiler.precision import cast_to, qdq, weights_int8
-from tandem.compiler.tensorrt_moe import require_triton
+from tandem.compiler.tensorrt_moe import ROUTED_PRECISIONS, require_triton
 from tandem.formats.compiled_manifest import CompiledManifest
 from tandem.formats.targets import TENSORRT, Target
 from tandem.formats.export_manifest import read_manifest
@@ -30,6 +30,7 @@ class TensorRTToolchain(Toolchain):
         "fp8": lambda spec: qdq("fp8"),
     }
     calibrated_precisions = frozenset({"int8", "fp8"})
+    routed_precisions = frozenset(ROUTED_PRECISIONS)  # the routed plugin pair; int8/fp8 graphs stay dense
     entry_modules = ("tandem.compiler.tensorrt", "tandem.compiler.repository")
 
     def probe(self, target: Target, precision: str | None = None) -> None:

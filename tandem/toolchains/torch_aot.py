@@ -15,6 +15,7 @@ class TorchAOTToolchain(Toolchain):
     name = runtime = TORCH_AOT
     # Each expert over only its rows (data-dependent shapes, which torch.export and Inductor take).
     graph_rewrites = ("routed_experts",)
+    routed_precisions = frozenset({"fp32"})
     entry_modules = ("tandem.compiler.torch_aot", "tandem.compiler.repository")
 
     def probe(self, target: Target, precision: str | None = None) -> None:
