@@ -23,6 +23,7 @@ from tandem.cli import main
 from tandem.errors import TandemError
 
 TARGET_IDS = {
+    "parallel_decoding_steps",
     "split_vs_single",
     "mtls_vs_plain",
     "ort_decode_speedup",
@@ -166,7 +167,11 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     for key in ("served_overhead_grpc", "served_vs_inprocess_http", "served_tail_grpc", "served_first_step_grpc", "served_scaling_http"):
         assert served["ratios"][key]["rounds"] == 2, key
     figures = {f["id"]: f for f in results["figures"]}  # c8 vs c1 is a figure with its ceiling, not a target
-    assert set(figures) == {"served_scaling_http", "served_scaling_grpc"}
+    assert set(figures) == {"served_scaling_http", "served_scaling_grpc", "jacobi_speedup_b8", "jacobi_speedup_b1"}
+    # Jacobi vs sequential on the same prompts: every token checked, the passes counted
+    pd = results["parallel_decoding"]
+    assert pd["images"] > 0 and pd["images_differing"] == 0 and 1 <= pd["steps_mean"] <= tiny_config.scene.num_tokens
+    assert figures["jacobi_speedup_b8"]["line"] in report
     assert "Ceiling here" in figures["served_scaling_grpc"]["line"] and figures["served_scaling_grpc"]["line"] in report
     assert split["ratios"]["mtls_vs_plain_p50"]["rounds"] == split["rounds"]["rounds"] == 2
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tandem.bench import environment, hardware, notes, plots, ratios, report, roofline, stagebench
+from tandem.bench.rounds import RoundsBudget
 from tandem.bench.served import ServedSettings, run_served
 from tandem.bench.split import SplitSettings, run_split
 from tandem.bench.targets import evaluate_targets, reported_figures
@@ -322,6 +323,15 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
             measured = ratios.measure(runtimes, specs, stages, results["roofline"], config, ratio_budgets, p.tick)
         results["budgets"]["ratios"] = measured["budgets"]
         results["rounds"], results["ratios"], results["replay"] = measured["rounds"], measured["ratios"], measured["replay"]
+
+    # 3c. greedy parallel (Jacobi) decoding vs sequential, the same captions, interleaved rounds
+    if "onnxruntime" in runtimes:
+        with timed("parallel_decoding"):
+            from tandem.bench import parallel_decoding
+
+            budget = RoundsBudget(rounds=2, min_rounds=1, max_seconds=10.0) if opts.quick else RoundsBudget(rounds=6, min_rounds=4, max_seconds=40.0)
+            with phase(budget.rounds + budget.warmup_rounds, "parallel decoding rounds", opts.progress) as p:
+                results["parallel_decoding"] = parallel_decoding.measure(runtimes["onnxruntime"], budget, lambda i: p.tick(f"round {i + 1}"))
 
     # 4. cross-hardware (modelled; no measurement)
     results["cross_hardware"] = cross_hardware(results, hw, config, opts.hardware_file)
