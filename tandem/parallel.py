@@ -30,7 +30,7 @@ Proposals only decide how many steps a row takes, never its tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +41,7 @@ from tandem.pipeline import Pipeline
 from tandem.runtimes.base import Runtime
 from tandem.sampling import SamplingParams
 from tandem.scheduler import InflightScheduler
+from tandem.stages import GraphSpec
 
 SOURCES = ("context", "pool", "grid", "jacobi", "above")
 DEFAULT_PROPOSER = "pool,grid,jacobi"
@@ -190,7 +191,8 @@ class JacobiRunner(ModelRunner):
 
     def abort(self):
         rows = super().abort()
-        self._proposers.clear(), self._learnt.clear(), self._passes.clear()
+        for table in (self._proposers, self._learnt, self._passes):
+            table.clear()
         return rows
 
     def _proposer(self, row) -> Proposer:
@@ -242,13 +244,12 @@ class JacobiRunner(ModelRunner):
             self.on_sampled(list(rows))
 
 
-def check_block(runtime: Runtime | None, block: int) -> None:
-    """``block`` must lie in the verify graph's block range (refused with the range when not)."""
-    if runtime is None:
-        return
-    if VERIFY not in runtime.specs:
+def check_block(specs: Mapping[str, GraphSpec], block: int) -> None:
+    """The model's graphs (``specs``) must have the verify graph and ``block`` must lie in its block
+    range (refused with the range when not)."""
+    if VERIFY not in specs:
         raise TandemError(f"this model has no {VERIFY} graph; parallel decoding needs it (export again with this tandem)")
-    limit = runtime.specs[VERIFY].dims["block"]
+    limit = specs[VERIFY].dims["block"]
     if not limit.min <= block <= limit.max:
         raise TandemError(f"--block must lie in [{limit.min}, {limit.max}] (the verify graph's block range), got {block}")
 
@@ -257,7 +258,7 @@ def jacobi_runner(runtime: Runtime, block: int = DEFAULT_BLOCK, proposer: str = 
                   pool: NgramPool | None = None, stats: ParallelStats | None = None) -> Callable[..., JacobiRunner]:
     """What :meth:`InflightScheduler.for_runtime` takes as ``runner`` to step with :class:`JacobiRunner`
     over ``runtime``'s verify graph (checked here: the graph and ``block``; ``proposer`` parsed)."""
-    check_block(runtime, block)
+    check_block(runtime.specs, block)
     sources, pool, scene = parse_proposer(proposer), pool if pool is not None else NgramPool(), runtime.config.scene
     return lambda engine: JacobiRunner(engine, block, sources, pool, scene.grid_width, scene.codebook_size, stats)
 
@@ -271,8 +272,8 @@ class JacobiPipeline(Pipeline):
 
     def __init__(self, runtime: Runtime, block: int = DEFAULT_BLOCK, proposer: str = DEFAULT_PROPOSER):
         super().__init__(runtime)
-        check_block(runtime, block)
-        self.block = block
+        check_block(runtime.specs, block)
+        self.block, self.proposer = block, proposer
         self.sources = parse_proposer(proposer)
         self.pool = NgramPool()  # shared by every image this pipeline decodes
         self.last_stats = ParallelStats()
@@ -280,7 +281,7 @@ class JacobiPipeline(Pipeline):
 
     def scheduler(self, capacity: int | None = None) -> InflightScheduler:
         self.last_stats = ParallelStats()
-        runner = jacobi_runner(self.runtime, self.block, ",".join(self.sources), self.pool, self.last_stats)
+        runner = jacobi_runner(self.runtime, self.block, self.proposer, self.pool, self.last_stats)
         return InflightScheduler.for_runtime(self.runtime, capacity, runner=runner)
 
     def generate_tokens(

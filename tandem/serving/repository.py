@@ -48,7 +48,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tandem.errors import ArtifactError, TandemError
 from tandem.formats.export_manifest import MANIFEST_NAME, Manifest, read_manifest, verify_graph_files
-from tandem.parallel import DECODINGS, DEFAULT_BLOCK, DEFAULT_PROPOSER, parse_proposer
+from tandem.parallel import DECODINGS, DEFAULT_BLOCK, DEFAULT_PROPOSER, check_block, parse_proposer
 from tandem.serving.interface import (
     ENSEMBLE,
     IMAGE,
@@ -350,9 +350,7 @@ class PythonRuntimeTarget(ModelTarget):
             return self.GRAPHS[stage]
         if VERIFY_GRAPH not in ctx.manifest.graphs:
             raise TandemError(f"--decoding jacobi needs the {VERIFY_GRAPH} graph, which {ctx.artifacts} lacks: export again with this tandem")
-        limit = graph_specs(ctx.manifest.config)[VERIFY_GRAPH].dims["block"]
-        if not limit.min <= ctx.options.block <= limit.max:
-            raise TandemError(f"--block must lie in [{limit.min}, {limit.max}] (the verify graph's block range), got {ctx.options.block}")
+        check_block(graph_specs(ctx.manifest.config), ctx.options.block)
         return self.GRAPHS[stage] + (VERIFY_GRAPH,)
 
     def runtime_options(self, ctx: BuildContext, stage: str) -> dict[str, Any]:
