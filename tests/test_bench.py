@@ -476,3 +476,36 @@ def test_replayed_decode_steps_follow_real_generations_and_their_routing(tiny_ar
     assert rp.step_bytes(work, fixed, position)[0] == pytest.approx(work["bytes"], rel=1e-6)
     more = rp.step_bytes(work, fixed + 1, position + 1)[0] - work["bytes"]
     assert more == pytest.approx(sum(work["expert_bytes_per_layer"]) + work["cache_bytes_per_position"], rel=1e-6)
+
+
+def _levels(p99_by_rate: dict[float, list[float]], failed: dict[float, int] | None = None) -> dict:
+    from tandem.bench.timing import summarize
+
+    return {f"{rate:g}": {"latency": summarize([ms / 1e3 for ms in samples]), "failed": (failed or {}).get(rate, 0)}
+            for rate, samples in p99_by_rate.items()}
+
+
+def test_open_loop_knee_interpolates_the_crossing_and_bootstraps_its_verdict():
+    from tandem.bench.served import knee_ratio, open_loop_knee
+
+    flat = lambda ms: [ms] * 32  # noqa: E731 -- every request alike: p99 is that latency
+    fast = _levels({1.0: flat(100.0), 2.0: flat(200.0), 4.0: flat(600.0)})
+    knee = open_loop_knee(fast, budget_ms=400.0)
+    assert knee["reached"] and not knee["below_sweep"] and knee["rate_per_s"] == pytest.approx(3.0)  # halfway from 200 to 600 ms
+    # a failed request breaks the budget at its rate, without interpolation
+    assert open_loop_knee(_levels({1.0: flat(100.0), 2.0: flat(200.0)}, failed={2.0: 1}), 400.0)["rate_per_s"] == 1.0
+    slow = _levels({1.0: flat(500.0), 2.0: flat(900.0), 4.0: flat(2000.0)})
+    assert open_loop_knee(slow, 400.0)["below_sweep"]
+    # request-level below the sweep: the ratio is its lower bound, in-flight knee / lowest rate; identical requests
+    # leave nothing for the bootstrap to vary
+    ratio = knee_ratio(fast, slow, 400.0, resamples=50)
+    assert ratio["median"] == pytest.approx(3.0) and ratio["spread"] == pytest.approx([3.0, 3.0])
+    # one slow request in 32 at the knee's lower rate: whether a resample holds it decides the crossing
+    tail = _levels({1.0: [100.0] * 31 + [450.0], 2.0: flat(600.0)})
+    ratio = knee_ratio(tail, _levels({1.0: [100.0] * 31 + [390.0], 2.0: flat(600.0)}), 400.0, resamples=400)
+    assert ratio["spread"][0] < 1.0 < ratio["spread"][1] and 0.0 < ratio["on_passing_side"] < 1.0
+    t = Target("served_knee", "knee", 1.0, ">", "x")
+    from tandem.bench.rounds import Ratio
+
+    t.evaluate(Ratio(ratio["median"], *ratio["spread"], *ratio["spread"], 0, 0.0), "")
+    assert t.status == "UNSTABLE"

@@ -70,6 +70,7 @@ class Target:
     rounds: int | None = None  # how many interleaved rounds gave the ratio
     round_seconds: float | None = None  # the wall time those rounds took
     unstable: str = ""  # why an UNSTABLE target gives no verdict (how many rounds passed)
+    spread_of: str = ""  # what the spread is over, when not interleaved rounds (e.g. a bootstrap)
 
     def evaluate(self, value, detail: str, missing: str = "") -> "Target":
         """``value``: a figure, a :class:`tandem.bench.rounds.Ratio` (judged on its spread) or None
@@ -121,6 +122,8 @@ class Target:
             return "-"
         if self.spread is None:
             return self._scaled(self.value)
+        if self.spread_of:
+            return f"{self._scaled(self.value)} (10-90% over {self.spread_of}: {self._scaled(self.spread[0])}-{self._scaled(self.spread[1])})"
         rounds = self.rounds or 0
         return (
             f"{self._scaled(self.value)} median of {rounds} round{'s' * (rounds != 1)} (10-90%: "

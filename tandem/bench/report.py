@@ -214,8 +214,9 @@ def _scheduler_section(results: dict) -> list[str]:
     )
     out += [
         f"Open loop over {loop.get('protocol', '?')}: Poisson arrivals, {loop.get('requests_per_rate', '?')} requests per "
-        f"offered rate (multiples of the in-process sequential rate). The knee is the highest offered rate served with no "
-        f"failure and p99 within {loop.get('slo_p99_factor', '?')}x the in-process p50 latency.",
+        f"offered rate (multiples of the in-process sequential rate). The knee is the offered rate at which p99 latency "
+        f"crosses {loop.get('slo_p99_factor', '?')}x the in-process p50 latency (a failed request breaks it too), interpolated "
+        "between the two offered rates around the crossing.",
         "",
     ]
     rows = []
@@ -233,11 +234,12 @@ def _scheduler_section(results: dict) -> list[str]:
         ["scheduler", "offered req/s", "achieved images/s", "p50 ms", "p99 ms", "first step p50 ms", "failed", "tokens differing"],
         rows,
     )
-    knees = [
-        f"{name}: {sig(entry.get('open_loop_knee', {}).get('rate_per_s'))} req/s"
-        + ("" if entry.get("open_loop_knee", {}).get("reached") else " (no offered rate broke the budget: a lower bound)")
-        for name, entry in runs.items()
-    ]
+    def knee(k: dict) -> str:
+        if k.get("below_sweep"):
+            return f"below {sig(k.get('lowest_rate_per_s'))} req/s (the lowest rate offered broke the budget)"
+        return f"{sig(k.get('rate_per_s'))} req/s" + ("" if k.get("reached") else " (no offered rate broke the budget: a lower bound)")
+
+    knees = [f"{name}: {knee(entry.get('open_loop_knee', {}))}" for name, entry in runs.items()]
     out += [f"Knee (p99 budget {fmt(next(iter(runs.values())).get('open_loop_knee', {}).get('budget_p99_ms'), 0)} ms): "
             + "; ".join(knees) + ".", ""]
     return out
@@ -462,7 +464,7 @@ def _rounds_section(results: dict) -> list[str]:
         "opposite order to the round before (A, B, then B, A), so drift of the machine's speed lands on both figures "
         "of a ratio alike; each round gives one ratio, the line shows their median and the 10-90% interval of the "
         "round ratios. PASS or FAIL only when that interval lies on one side of the threshold, otherwise UNSTABLE. "
-        "The open-loop knee is one sweep per scheduler.",
+        "The open-loop knee is one sweep per scheduler; its spread is a bootstrap over each offered rate's requests.",
         "",
     ]
     described = {

@@ -59,7 +59,7 @@ class ServedSettings:
     schedulers: tuple[str, ...] = ("inflight", "request")  # each gets its own server; the first fills `protocols`
     # Open loop: offered rates as multiples of the in-process pipeline's sequential rate (images/s),
     # requests per rate, over one protocol.
-    open_loop_loads: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+    open_loop_loads: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 4.0)
     open_loop_requests: int = 32
     open_loop_protocol: str = "grpc"
     # The knee: the highest offered rate still served within this p99 budget (a multiple of the
@@ -233,19 +233,73 @@ def _scrape(server):
         return None
 
 
+def _knee_rate(rates: list[float], p99s: list[float], failed: list[bool], budget_ms: float) -> tuple[float, bool]:
+    """The offered rate at which p99 crosses ``budget_ms``, interpolated linearly between the last
+    rate within it and the first beyond it; 0.0 when the lowest rate already breaks it (the knee lies
+    below the sweep), the highest rate with ``reached`` False when none does (a lower bound)."""
+    for i, (rate, p99, bad) in enumerate(zip(rates, p99s, failed)):
+        if bad or p99 > budget_ms:
+            if i == 0:
+                return 0.0, True
+            r0, p0 = rates[i - 1], p99s[i - 1]
+            if bad or p99 <= p0:
+                return r0, True
+            return r0 + (budget_ms - p0) / (p99 - p0) * (rate - r0), True
+    return (rates[-1] if rates else 0.0), False
+
+
+def _knee_inputs(levels: dict) -> tuple[list[float], list[np.ndarray], list[bool]]:
+    keys = sorted(levels, key=float)
+    samples = [np.asarray(levels[k]["latency"].get("samples_ms") or [np.inf], dtype=np.float64) for k in keys]
+    return [float(k) for k in keys], samples, [bool(levels[k]["failed"]) for k in keys]
+
+
 def open_loop_knee(levels: dict, budget_ms: float) -> dict:
-    """The knee: the highest offered rate, walking up from the lowest, served with no failure and
-    p99 within ``budget_ms``; ``reached`` says whether a higher rate broke the budget (otherwise the
-    sweep stopped below the knee and the rate is a lower bound)."""
-    rate, reached = None, False
-    for key in sorted(levels, key=float):
-        lv = levels[key]
-        p99 = lv["latency"].get("p99_ms")
-        if lv["failed"] or p99 is None or p99 > budget_ms:
-            reached = True
-            break
-        rate = float(key)
-    return {"budget_p99_ms": budget_ms, "rate_per_s": rate, "reached": reached}
+    """The knee: the offered rate at which p99 latency crosses ``budget_ms`` (any failed request at a
+    rate breaks it), interpolated between the two offered rates around the crossing; ``reached`` says
+    whether a rate broke the budget (otherwise the highest rate is a lower bound)."""
+    rates, samples, failed = _knee_inputs(levels)
+    rate, reached = _knee_rate(rates, [float(np.percentile(s, 99)) for s in samples], failed, budget_ms)
+    return {"budget_p99_ms": budget_ms, "rate_per_s": rate if rate > 0 else None, "reached": reached,
+            "below_sweep": rate == 0.0, "lowest_rate_per_s": rates[0] if rates else None}
+
+
+KNEE_RESAMPLES = 1000
+
+
+def _knee_ratio_value(fast: float, slow: float, lowest: float) -> float:
+    """In-flight knee over request-level knee. A knee below the sweep is only known to lie in
+    [0, lowest rate): with request-level there, the ratio is at least ``fast / lowest`` (that bound is
+    used); with both there, the sweep shows no higher rate (1.0)."""
+    if slow > 0:
+        return fast / slow
+    return fast / lowest if fast > 0 else 1.0
+
+
+def knee_ratio(fast_levels: dict, slow_levels: dict, budget_ms: float, resamples: int = KNEE_RESAMPLES, seed: int = 0) -> dict:
+    """The in-flight/request-level knee ratio with its spread: every offered rate's requests are
+    resampled with replacement (a bootstrap), both knees recomputed from each resample's p99s. The
+    knee is a threshold crossing on one open-loop sweep per scheduler, not a ratio of interleaved
+    rounds, and a p99 of a few dozen requests rests on its two or three slowest: the spread shows
+    how much the verdict depends on which requests happened to be slow."""
+    rng = np.random.default_rng(seed)
+    fr, fs, ff = _knee_inputs(fast_levels)
+    sr, ss, sf = _knee_inputs(slow_levels)
+    if not fr or not sr:
+        return {}
+    lowest = min(fr[0], sr[0])
+    p99 = lambda s: float(np.percentile(s, 99))  # noqa: E731
+
+    def one(fast_samples, slow_samples) -> float:
+        fast, _ = _knee_rate(fr, [p99(s) for s in fast_samples], ff, budget_ms)
+        slow, _ = _knee_rate(sr, [p99(s) for s in slow_samples], sf, budget_ms)
+        return _knee_ratio_value(fast, slow, lowest)
+
+    point = one(fs, ss)
+    draws = [one([rng.choice(s, s.size) for s in fs], [rng.choice(s, s.size) for s in ss]) for _ in range(resamples)]
+    low, high = np.percentile(draws, [10.0, 90.0])
+    return {"median": point, "spread": [float(low), float(high)], "resamples": resamples,
+            "on_passing_side": float(np.mean(np.asarray(draws) > 1.0))}
 
 
 def _statistics(http_address: str) -> dict[str, dict]:
@@ -402,6 +456,9 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
         "rates_per_s": rates,
         "slo_p99_factor": settings.slo_p99_factor,
     }
+    schedulers = result["schedulers"]
+    if "inflight" in schedulers and "request" in schedulers:
+        result["open_loop"]["knee_ratio"] = knee_ratio(schedulers["inflight"]["open_loop"], schedulers["request"]["open_loop"], budget_ms)
     return result
 
 
