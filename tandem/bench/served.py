@@ -69,7 +69,7 @@ class ServedSettings:
     port_base: int | None = None
     # Ratio rounds (the serving targets): per round and protocol, ratio_c1_requests at concurrency 1
     # and ratio_c8_requests at concurrency 8, next to the same in-process work.
-    ratio_rounds: RoundsBudget = RoundsBudget(rounds=8, min_rounds=5, max_seconds=60.0, warmup_rounds=0)
+    ratio_rounds: RoundsBudget = RoundsBudget(rounds=16, min_rounds=8, max_seconds=130.0, warmup_rounds=0)
     ratio_c1_requests: int = 4
     ratio_c8_requests: int = 16
 

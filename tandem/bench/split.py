@@ -40,7 +40,7 @@ DESCRIPTIONS = {
 
 @dataclass
 class SplitSettings:
-    requests: int = 30  # per path, interleaved, concurrency 1
+    requests: int = 50  # per path, interleaved, concurrency 1
     round_requests: int = 5  # per path and round: rounds = requests // round_requests
     warmup: int = 3  # per path, untimed
     startup_timeout_s: float = 300.0

@@ -137,7 +137,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             figure = target["detail"]
         elif target.get("spread"):
             low, high = target["spread"]
-            figure = f"{target['value']:.2f}{unit} median of {target['rounds']} rounds (10-90%: {low:.2f}-{high:.2f}{unit})"
+            if target.get("spread_of"):
+                figure = f"{target['value']:.2f}{unit} (10-90% over {target['spread_of']}: {low:.2f}-{high:.2f}{unit})"
+            else:
+                figure = f"{target['value']:.2f}{unit} median of {target['rounds']} rounds (10-90%: {low:.2f}-{high:.2f}{unit})"
         else:
             figure = f"{target['value']:.2f}{unit}"
         print(f"  {target['status']:<9}{target['description']}: {figure}")
