@@ -162,8 +162,8 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     # Served ratios: the same rounds run in-process work and served requests, every answer checked.
     rounds = served["ratio_rounds"]
     assert rounds["rounds"]["rounds"] == 2 and rounds["check"]["failed"] == 0 and rounds["check"]["tokens_mismatched"] == 0
-    # 2 rounds x 2 protocols x (2 at concurrency 1 + an untimed wave of 8 + 8 timed at concurrency 8)
-    assert rounds["check"]["requests"] == 2 * 2 * (2 + 8 + 8)
+    # 2 rounds x 2 protocols x (an untimed request + 2 at concurrency 1, an untimed wave of 8 + 8 timed at concurrency 8)
+    assert rounds["check"]["requests"] == 2 * 2 * (1 + 2 + 8 + 8)
     for key in ("served_overhead_grpc", "served_vs_inprocess_http", "served_tail_grpc", "served_first_step_grpc", "served_scaling_http"):
         assert served["ratios"][key]["rounds"] == 2, key
     figures = {f["id"]: f for f in results["figures"]}  # c8 vs c1 is a figure with its ceiling, not a target

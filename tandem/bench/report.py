@@ -471,7 +471,8 @@ def _rounds_section(results: dict) -> list[str]:
         **ROUND_GROUPS,
         "served": (f"in-process generations ({served.get('c1_requests', '?')} one at a time, 8 at batch 8), the same "
                    f"requests served at concurrency 1 ({served.get('c1_requests', '?')}) and 8 ({served.get('c8_requests', '?')}) "
-                   "per protocol, and in-process prefill + 2 decode steps at batch 8"),
+                   "per protocol, each arm through one client whose connections an untimed request (c=1) or wave (c=8) "
+                   "opened first, and in-process prefill + 2 decode steps at batch 8"),
         "split": f"{split.get('round_requests', '?')} requests per path and round, single server vs split vs split with mTLS",
     }
     rows = [[name, described.get(name, ""), ", ".join(g["arms"]), g["rounds"], f"{g['wall_s']:.1f}"] for name, g in groups.items()]
