@@ -119,6 +119,7 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
             assert level["offered_per_s"] > 0
         first = entry["protocols"]["grpc"]["2"]["first_step"]
         assert first["p50_ms"] is not None and 0 < first["p50_ms"] <= first["p99_ms"]
+        assert first["mean_ms"] is not None and first["mean_ms"] > 0  # exact: the histogram's sum / count
         assert "budget_p99_ms" in entry["open_loop_knee"]
 
     # Split path (issue 13): three paths, identical answers, hop samples feeding the simulated capacity model.
@@ -164,6 +165,8 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     assert rounds["rounds"]["rounds"] == 2 and rounds["check"]["failed"] == 0 and rounds["check"]["tokens_mismatched"] == 0
     # 2 rounds x 2 protocols x (an untimed request + 2 at concurrency 1, an untimed wave of 8 + 8 timed at concurrency 8)
     assert rounds["check"]["requests"] == 2 * 2 * (1 + 2 + 8 + 8)
+    for record in rounds["records"]["grpc_c8"]:  # each round's first step: the exact mean, the histogram's p50 beside it
+        assert record["first_step_ms"] > 0 and record["first_step_p50_ms"] > 0
     for key in ("served_overhead_grpc", "served_vs_inprocess_http", "served_tail_grpc", "served_first_step_grpc", "served_scaling_http"):
         assert served["ratios"][key]["rounds"] == 2, key
     figures = {f["id"]: f for f in results["figures"]}  # c8 vs c1 is a figure with its ceiling, not a target
@@ -227,6 +230,27 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
 
 
 @pytest.mark.server
+def test_a_roofline_is_judged_only_where_the_steps_bytes_do_not_fit_the_last_level_cache(quick_run):
+    """A decode step whose compulsory bytes fit in the CPU's last-level cache is not bounded by memory
+    bandwidth: its roofline share is kept as a figure (NOT RUN, measured), not judged."""
+    import copy
+
+    from tandem.bench.environment import last_level_cache_bytes
+    from tandem.bench.targets import decode_targets
+
+    _, results, _ = quick_run
+    assert results["environment"]["last_level_cache_bytes"] == last_level_cache_bytes()
+    step_bytes = results["replay"]["roofline"]["1"]["bytes_p50"]
+    for llc, judged in ((int(step_bytes) + 1, False), (int(step_bytes) - 1, True)):
+        patched = copy.deepcopy(results)
+        patched["environment"]["last_level_cache_bytes"] = llc
+        b1 = next(t for t in decode_targets(patched) if t.id == "decode_roofline_b1")
+        if judged:
+            assert b1.status in {"PASS", "FAIL", "UNSTABLE"} and b1.value is not None
+        else:
+            assert b1.status == "NOT RUN" and "last-level cache" in b1.detail and "(measured " in b1.detail
+
+
 def test_rerender_reproduces_the_report_from_json(quick_run):
     out, _, report = quick_run
     assert main(["bench", "--rerender", str(out)]) == 0

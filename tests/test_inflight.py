@@ -25,7 +25,7 @@ from tandem.runtimes import make_runtime
 from tandem.sampling import SamplingParams
 from tandem.serving.client import TandemClient, generation_arrays, infer_inputs, server_timeout_us, tokens_array
 from tandem.serving.interface import ENSEMBLE, REASONING, REFINEMENT, SCENE_TOKENS
-from tandem.serving.metrics import FIRST_STEP, SCHEDULER_EVENTS, histogram_quantile, scrape
+from tandem.serving.metrics import FIRST_STEP, SCHEDULER_EVENTS, histogram_mean, histogram_quantile, scrape
 from tandem.serving.repository import write_repository
 from tandem.serving.server import TritonServer
 
@@ -138,8 +138,13 @@ def test_requests_arriving_at_random_times_get_their_tokens_alone(server: Triton
             break
     else:
         pytest.fail("in six rounds no request joined a running generation")
-    ttfs = histogram_quantile(metrics_before, scrape(server.metrics_url), FIRST_STEP, 0.5, scheduler="inflight")
+    metrics_after = scrape(server.metrics_url)
+    ttfs = histogram_quantile(metrics_before, metrics_after, FIRST_STEP, 0.5, scheduler="inflight")
     assert 0 < ttfs < 30
+    # one observation per request (every round's), and its exact mean from the histogram's sum and count
+    observed = metrics_after.value(f"{FIRST_STEP}_count", scheduler="inflight") - metrics_before.value(f"{FIRST_STEP}_count", scheduler="inflight")
+    assert observed == len(jobs) * (attempt + 1)
+    assert 0 < histogram_mean(metrics_before, metrics_after, FIRST_STEP, scheduler="inflight") < 30
 
 
 def test_jacobi_decoding_serves_the_sequential_tokens(tmp_path_factory: pytest.TempPathFactory, tiny_artifacts: Path,

@@ -71,6 +71,26 @@ def memory_gib() -> float | None:
     return None
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache of core 0 (the last level, shared by the cores that use it), from
+    sysfs; None where the kernel does not say."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            kind = (index / "type").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
 def gpus() -> list[str]:
     try:
         import torch
@@ -207,6 +227,7 @@ def collect() -> dict:
         "cpu_cores_usable": cpu_count(),
         "lscpu": lscpu(),
         "memory_gib": memory_gib(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
         "gpus": gpu_names,
         "platform": platform.platform(),
         "versions": versions(),

@@ -57,6 +57,16 @@ def scrape(url: str, timeout_s: float = 10.0) -> Scrape:
         raise TandemError(f"cannot read Triton's metrics at {url} ({exc}); start the server with metrics enabled") from exc
 
 
+def histogram_mean(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
+    """The exact mean of the observations made between two scrapes, from the histogram's ``_sum`` and
+    ``_count`` (NaN when there were none): no bucket bounds enter it, unlike a quantile read from
+    buckets, which is exact only to a bucket's width."""
+    count = after.value(f"{name}_count", **labels) - before.value(f"{name}_count", **labels)
+    if count <= 0:
+        return math.nan
+    return (after.value(f"{name}_sum", **labels) - before.value(f"{name}_sum", **labels)) / count
+
+
 def histogram_quantile(before: Scrape, after: Scrape, name: str, q: float, **labels: str) -> float:
     """The ``q`` quantile of the observations made between two scrapes (NaN when there were none)."""
     if not 0.0 <= q <= 1.0:
