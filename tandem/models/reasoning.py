@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.config import ModelConfig
 from tandem.tokenizer import SCENE_OFFSET, vocab_size
+
+if TYPE_CHECKING:  # annotations only (torch alone imports the models)
+    from tandem.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
