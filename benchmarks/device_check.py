@@ -155,7 +155,8 @@ def build_reasoning(config: DeviceConfig, device: torch.device):
         from safetensors import safe_open  # on the GPU image; tandem's own requirement
 
         with safe_open(config.checkpoint, framework="pt") as handle:
-            state = {k[len("reasoning."):]: handle.get_tensor(k) for k in handle.keys() if k.startswith("reasoning.")}
+            # stored as the checkpoint was saved (small's is fp16); run in fp32, as build_stages does
+            state = {k[len("reasoning."):]: handle.get_tensor(k).float() for k in handle.keys() if k.startswith("reasoning.")}
         model.load_state_dict(state, assign=True, strict=True)
     else:
         state = torch.random.get_rng_state()
@@ -468,6 +469,7 @@ def check_batch(run: Run, tag: str, stages, config, batch: int, device: torch.de
     try:
         _, decode_ms, tokens = gen.generate("eager", cores)
         reference = tokens
+        record["eager_tokens"] = tokens.tolist()  # [B, num_tokens]: even rows greedy, odd rows sampled
         run.phase(f"{tag}/eager", "ok", time.monotonic() - t0, f"{decode_ms / gen.steps:.3f} ms/step (first run)")
     except Exception as exc:
         run.phase(f"{tag}/eager", "failed", time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
@@ -708,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-reserve-s", type=float, default=None, help="skip torch.compile when a batch has less time than this left")
     parser.add_argument("--aot-reserve-s", type=float, default=90.0, help="skip the cuda-torch package phase with less time than this left")
     parser.add_argument("--no-aot", action="store_true", help="skip the cuda-torch package phase")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --device cpu, a functional run that "
+                        "stays steady on a shared machine; torch's default on cuda)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     try:
@@ -724,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--paths: {sorted(unknown)} unknown; choose from {PATHS}, eager included")
     except ValueError as exc:
         parser.error(str(exc))
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     if args.compile_reserve_s is None:
         args.compile_reserve_s = 45.0 if device.type == "cuda" else 20.0
     info = device_info(device)

@@ -111,6 +111,21 @@ def test_the_scripts_config_reader_agrees_with_tandem_config(name: str):
     assert mine.reasoning.head_dim == theirs.reasoning.head_dim and mine.scene.num_tokens == theirs.scene.num_tokens
 
 
+def test_the_scripts_greedy_generations_are_tandems(cpu_run):
+    """The script's own decode loop (static cache written in place, token fed back on the device)
+    gives, on its greedy rows, the tokens of tandem's pipeline on the torch runtime for the same prompts."""
+    from tandem.config import load_config
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes.torch_eager import TorchRuntime
+
+    _, results = cpu_run
+    record = results["configs"]["tiny"]["batches"]["8"]
+    greedy_prompts = record["prompts"][0::2]
+    expected = Pipeline(TorchRuntime(load_config("tiny"))).generate_tokens(greedy_prompts).reshape(len(greedy_prompts), -1)
+    actual = [row for i, row in enumerate(record["eager_tokens"]) if i % 2 == 0]
+    assert actual == expected.tolist()
+
+
 def test_a_failing_phase_is_recorded_and_exits_nonzero(tmp_path: Path):
     """A config that cannot be built: the report records the failure and the script exits 1."""
     result, results = _run(tmp_path / "bad", "--device", "cpu", "--budget-s", "30", "--configs", "no-such-config", "--no-aot")
