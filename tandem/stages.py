@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tandem.config import ModelConfig
 from tandem.tokenizer import BOI, BOS, PAD
 
 if TYPE_CHECKING:  # torch is imported only where modules are built (export, torch runtime), so a
+    from tandem.config import ModelConfig  # annotations only (torch and numpy alone import this module)
     # Triton python-backend model that runs ONNX Runtime over these specs starts without it
     from torch import nn
 

@@ -68,6 +68,58 @@ def test_routed_form_never_reads_an_unrouted_expert():
         assert torch.isnan(moe(x, sparse=False)).any()  # the dense form reads every expert (counterfactual)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 17])
+def test_capturable_form_matches_the_dense_and_routed_forms(rows: int):
+    moe = _moe(seed=rows)
+    x = torch.randn(rows, 24)
+    with torch.no_grad():
+        dense, routed, capturable = moe(x, sparse=False), moe.forward_routed(x), moe.forward_capturable(x)
+    torch.testing.assert_close(capturable, dense, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(capturable, routed, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_capturable_form_never_reads_an_unrouted_expert(rows: int):
+    """Rows 3 x top-2 = 6 static slots: padding slots repeat a picked expert, never an unpicked one."""
+    moe = _moe(seed=7)
+    x = torch.randn(rows, 24)
+    routed = _poison_unrouted(moe, x)
+    assert len(routed) < moe.n_experts
+    with torch.no_grad():
+        assert torch.isfinite(moe.forward_capturable(x)).all()
+        assert torch.isnan(moe(x, sparse=False)).any()
+
+
+def _decode_forms(config: ModelConfig, checkpoint, batch: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The decode graph's module (sampling included) on the same feeds with each MoE form."""
+    from tandem.export.rewrites import graph_rewrites
+    from tandem.models import build_stages
+
+    stages = build_stages(config, checkpoint)
+    spec = graph_specs(config)["reasoning_decode"]
+    module = spec.make_module(stages).eval()
+    feeds = spec.sample_inputs({"batch": batch}, seed=seed)
+    args = [torch.from_numpy(feeds[n]) for n in spec.input_names]
+    out = {}
+    for form, rewrites in (("dense", ()), ("routed", ("routed_experts",)), ("capturable", ("capturable_experts",))):
+        with torch.no_grad(), graph_rewrites(rewrites, stages):
+            result = module(*args)
+        out[form] = (result[0], result[1])  # next_token_ids, logits
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_capturable_decode_step_tokens_equal_the_other_forms(batch: int):
+    """Small (the trained checkpoint), the whole decode step with in-graph sampling: the capturable
+    form's tokens are the dense and routed forms' tokens, its logits close to theirs."""
+    from tandem.config import load_config
+
+    forms = _decode_forms(load_config("small"), None, batch, seed=11 + batch)
+    for other in ("dense", "routed"):
+        torch.testing.assert_close(forms["capturable"][0], forms[other][0], atol=0, rtol=0)
+        torch.testing.assert_close(forms["capturable"][1], forms[other][1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def aot_programs(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConfig) -> dict[str, Path]:
     """The cpu-aot/cuda-torch optimise step's programs (torch.export with the toolchain's rewrites),
@@ -76,11 +128,33 @@ def aot_programs(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelCon
     from tandem.toolchains import get_toolchain
 
     out = {}
-    for form, rewrites in (("routed", get_toolchain("torch_aot").graph_rewrites), ("dense", ())):
+    toolchain = get_toolchain("torch_aot")
+    for form, rewrites, graphs in (
+        ("routed", toolchain.graph_rewrites, REASONING_GRAPHS),
+        ("dense", (), REASONING_GRAPHS),
+        ("capturable", toolchain.cuda_graph_rewrites, ("reasoning_decode",)),  # cuda-torch's decode step
+    ):
         folder = tmp_path_factory.mktemp(form)
-        export_programs(tiny_config, None, folder, graphs=list(REASONING_GRAPHS), rewrites=rewrites)
+        export_programs(tiny_config, None, folder, graphs=list(graphs), rewrites=rewrites)
         out[form] = folder
     return out
+
+
+def test_cuda_torch_decode_program_is_routed_and_capturable(aot_programs: dict[str, Path]):
+    """cuda-torch's decode program (what its optimise step exports): only routed reads of the expert
+    stacks, and no data-dependent shape anywhere (no nonzero, no unbacked size: the cpu-aot program's
+    per-expert row counts), so nothing in it waits for the host and the step can be a CUDA graph."""
+    from tandem.formats.targets import get_target
+    from tandem.toolchains import get_toolchain
+
+    assert get_toolchain("torch_aot").rewrites_for_target(get_target("cuda-torch")) == ("capturable_experts",)
+    assert get_toolchain("torch_aot").rewrites_for_target(get_target("cpu-aot")) == ("routed_experts",)
+    program = torch.export.load(str(aot_programs["capturable"] / "reasoning_decode.pt2"))
+    assert unrouted_program_reads(program) == []
+    calls = [n for n in program.graph.nodes if n.op == "call_function"]
+    assert not [n for n in calls if "nonzero" in str(n.target)]
+    routed = torch.export.load(str(aot_programs["routed"] / "reasoning_decode.pt2"))
+    assert [n for n in routed.graph.nodes if n.op == "call_function" and "nonzero" in str(n.target)]  # the counterfactual
 
 
 @pytest.mark.parametrize("graph", REASONING_GRAPHS)
@@ -113,7 +187,7 @@ def test_aot_decode_program_runs_with_unrouted_experts_poisoned(aot_programs: di
     }
     assert all(unpicked.values())
     logits = {}
-    for form in ("routed", "dense"):
+    for form in ("routed", "dense", "capturable"):
         module = torch.export.load(str(aot_programs[form] / "reasoning_decode.pt2")).module()
         state = module.state_dict()  # the module's own parameters: poisoned in place
         with torch.no_grad():
@@ -122,6 +196,7 @@ def test_aot_decode_program_runs_with_unrouted_experts_poisoned(aot_programs: di
                     state[f"model.blocks.{i}.moe.{name}"][sorted(experts)] = float("nan")
             logits[form] = module(*args)[spec.output_names.index("logits")]
     assert torch.isfinite(logits["routed"]).all()
+    assert torch.isfinite(logits["capturable"]).all()
     assert torch.isnan(logits["dense"]).any()
 
 

@@ -24,6 +24,14 @@ torch.export and its toolchain's rewrites; Neuron traces the modules as they are
   grouped GEMM (``torch.nn.functional.grouped_mm``) would be the maintained kernel for this, but in
   torch 2.13 its shape function (the one torch.export traces with) accepts only bf16 and fp8
   inputs, and these graphs are fp32.
+- ``capturable_experts`` (AOTInductor on CUDA: ``cuda-torch``): the decode graph's MoE layers take
+  :meth:`MoEFeedForward.forward_capturable` (the picked experts found on the device, padded to a
+  static ``min(E, batch * top_k)`` slots, their weights gathered by index and run with ``bmm``: no
+  ``nonzero``, no data-dependent shape, no host synchronisation), so the whole decode step,
+  sampling included, can be captured and replayed as one CUDA graph; it never reads an expert no
+  row picked. The other reasoning graphs (prefill, verify: many rows, not graphed) keep
+  ``routed_experts``. Verified on the CPU only (numerics equal to the dense form, routed-only
+  checks); not yet timed on a GPU (``benchmarks/device_check.py`` does that when one is lent).
 """
 
 from __future__ import annotations
@@ -39,13 +47,19 @@ from tandem.models import Stages
 from tandem.models.reasoning import MoEFeedForward
 from tandem.stages import GraphSpec
 
-REWRITES = ("moe_kernel", "routed_experts")  # every rewrite this module knows
+DECODE_GRAPH = "reasoning_decode"
+
+REWRITES = ("moe_kernel", "routed_experts", "capturable_experts")  # every rewrite this module knows
 MOE_REWRITES = frozenset(REWRITES)  # the rewrites that replace the MoE layers (the reasoning stage's)
 
 
 def rewrites_for(rewrites: tuple[str, ...], spec: GraphSpec) -> tuple[str, ...]:
-    """The ``rewrites`` that change ``spec``'s graph (the MoE layers live in the reasoning stage)."""
-    return tuple(r for r in rewrites if r not in MOE_REWRITES or spec.stage == "reasoning")
+    """The ``rewrites`` that change ``spec``'s graph (the MoE layers live in the reasoning stage;
+    ``capturable_experts`` is the decode graph's, the other reasoning graphs get ``routed_experts``)."""
+    chosen = tuple(r for r in rewrites if r not in MOE_REWRITES or spec.stage == "reasoning")
+    if "capturable_experts" in chosen and spec.name != DECODE_GRAPH:
+        chosen = tuple("routed_experts" if r == "capturable_experts" else r for r in chosen)
+    return chosen
 
 
 def pack_moe_weights(moe: MoEFeedForward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +172,9 @@ def graph_rewrites(rewrites: tuple[str, ...], stages: Stages) -> Iterator[dict]:
         if "routed_experts" in rewrites:
             for moe in moes:
                 moe.evaluate = moe.forward_routed
+        if "capturable_experts" in rewrites:
+            for moe in moes:
+                moe.evaluate = moe.forward_capturable
         if "moe_kernel" in rewrites:
             for moe in moes:
                 moe.evaluate = _kernel_forward(moe)

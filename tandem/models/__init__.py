@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from tandem.config import ModelConfig
 from tandem.errors import ArtifactError, TandemError
 from tandem.models.reasoning import MoEFeedForward, ReasoningTransformer
 from tandem.models.refinement import RefinementUNet
 from tandem.util import atomic_write_path
+
+if TYPE_CHECKING:  # annotations only: torch alone imports the models (safetensors and pydantic where used;
+    # benchmarks/device_check.py runs on a GPU machine that has torch and numpy)
+    from tandem.config import ModelConfig
 
 STAGE_CLASSES: dict[str, type[nn.Module]] = {"reasoning": ReasoningTransformer, "refinement": RefinementUNet}
 
@@ -75,6 +77,8 @@ def _materialize_seeded(stage: nn.Module, dtype: torch.dtype) -> None:
 
 
 def save_weights(stages: Stages, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     tensors = {f"{name}.{key}": t.contiguous() for name, m in stages.items() for key, t in m.state_dict().items()}
     with atomic_write_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata or {})
@@ -84,6 +88,8 @@ def load_weights(stages: Stages, path: str | Path, dtype: str | None = None) -> 
     """Weights from a safetensors file, read tensor by tensor and converted to ``dtype`` (the
     modules' own dtype when None). Modules on the meta device get the loaded tensors assigned
     (no second copy); materialised ones are copied into."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"checkpoint {path} does not exist; train one with `tandem train` or drop 'checkpoint'")

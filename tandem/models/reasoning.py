@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.config import ModelConfig
 from tandem.tokenizer import SCENE_OFFSET, vocab_size
+
+if TYPE_CHECKING:  # annotations only (torch alone imports the models)
+    from tandem.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -131,7 +134,10 @@ class MoEFeedForward(nn.Module):
     - :meth:`forward_routed`: each expert over only the rows routed to it (rows found in the graph
       with ``nonzero``, so its shapes are data-dependent): an expert no row picked does a matmul
       over zero rows and its weights are never read. torch.export and AOTInductor take it
-      (:mod:`tandem.export.rewrites`, ``routed_experts``).
+      (:mod:`tandem.export.rewrites`, ``routed_experts``);
+    - :meth:`forward_capturable`: the picked experts' weights gathered by index at static shapes
+      (no ``nonzero``, no host synchronisation), so a CUDA step can be captured as one CUDA graph
+      (``capturable_experts``).
     Targets swap in their routed form while their graphs are traced (:mod:`tandem.export.rewrites`).
     """
 
@@ -171,6 +177,37 @@ class MoEFeedForward(nn.Module):
             hidden = F.silu(torch.mm(xs, self.w_gate[e])) * torch.mm(xs, self.w_up[e])  # [M_e, f]
             y = torch.mm(hidden, self.w_down[e]) * weights[rows, slots].unsqueeze(-1)  # [M_e, d]
             out = out.index_add(0, rows, y)
+        return out.reshape(shape)
+
+    def forward_capturable(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts with static shapes and no host synchronisation (CUDA-graph
+        capturable): the distinct experts the rows picked, ascending, padded to
+        ``U = min(E, N * top_k)`` slots with the first picked expert, all found on the device
+        (a scatter of the top-k ids, ``any`` over rows, a sort); their weights gathered by index
+        (``index_select``: ``U`` slabs, never an expert no row picked) and every row run through
+        each slot's expert with ``bmm``, scaled by the row's gate for that expert (zero where the
+        row did not pick it, and in padding slots, so a padded duplicate adds nothing). Same
+        routing and per-row sum order as the dense form (padding and unpicked experts add exact
+        zeros). At decode batch 1 that is the 2 routed slabs; at batch 8, 8 slabs however many
+        distinct experts were picked (duplicates of picked ones, never an unpicked one).
+        The gather copies the slabs (read, write, then read by ``bmm``): a grouped GEMM over
+        the stacks in place would read them once."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, d]
+        weights, experts = self.route(x)
+        rows, n_experts = x.shape[0], self.n_experts
+        slots = torch.sym_min(n_experts, rows * self.top_k)
+        gates = torch.zeros(rows, n_experts, dtype=x.dtype, device=x.device).scatter(1, experts, weights)  # [N, E]
+        picked = torch.zeros(rows, n_experts, dtype=torch.bool, device=x.device).scatter(1, experts, True).any(dim=0)  # [E]
+        index = torch.arange(n_experts, device=x.device)
+        order = torch.argsort(index + (~picked).to(index.dtype) * n_experts)[:slots]  # picked experts first, ascending
+        valid = torch.arange(slots, device=x.device) < picked.sum()  # [U]
+        ids = torch.where(valid, order, order[:1])  # padding: the first picked expert (read again, never an unpicked one)
+        slot_gates = gates.index_select(1, ids) * valid.to(x.dtype)  # [N, U]
+        xe = x.unsqueeze(0).expand(ids.shape[0], -1, -1)  # [U, N, d]
+        hidden = F.silu(torch.bmm(xe, self.w_gate.index_select(0, ids))) * torch.bmm(xe, self.w_up.index_select(0, ids))
+        y = torch.bmm(hidden, self.w_down.index_select(0, ids))  # [U, N, d]
+        out = (y * slot_gates.t().unsqueeze(-1)).sum(dim=0)
         return out.reshape(shape)
 
     def forward(self, x: torch.Tensor, sparse: bool) -> torch.Tensor:

@@ -7,11 +7,15 @@ leave as RGB in [0, 1]: ``image`` [B, 3, h * f, w * f]. One forward pass, no ite
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.config import ModelConfig
+if TYPE_CHECKING:  # annotations only (torch alone imports the models)
+    from tandem.config import ModelConfig
+
 
 
 class GroupedResBlock(nn.Module):

@@ -15,6 +15,10 @@ class TorchAOTToolchain(Toolchain):
     name = runtime = TORCH_AOT
     # Each expert over only its rows (data-dependent shapes, which torch.export and Inductor take).
     graph_rewrites = ("routed_experts",)
+    # On CUDA (cuda-torch) the decode step's experts take the static, capturable routed form (no
+    # nonzero, no host synchronisation: the runtime replays the whole step as one CUDA graph);
+    # prefill and verify keep routed_experts (tandem.export.rewrites).
+    cuda_graph_rewrites = ("capturable_experts",)
     routed_precisions = frozenset({"fp32"})
     entry_modules = ("tandem.compiler.torch_aot", "tandem.compiler.repository")
 
@@ -29,11 +33,14 @@ class TorchAOTToolchain(Toolchain):
     def compile_what(self, target: Target, precision: str) -> str:
         return f"AOTInductor packages for {target.device}"
 
+    def rewrites_for_target(self, target: Target) -> tuple[str, ...]:
+        return self.cuda_graph_rewrites if target.device == "cuda" else self.graph_rewrites
+
     def optimise(self, build, staging: Path) -> str:
         from tandem.compiler import torch_aot
 
         written = torch_aot.export_programs(
-            build.export_manifest().config, build.options.checkpoint, staging, rewrites=self.graph_rewrites
+            build.export_manifest().config, build.options.checkpoint, staging, rewrites=self.rewrites_for_target(build.target)
         )
         return f"{len(written)} graphs exported with torch.export and checked against eager PyTorch"
 
