@@ -38,6 +38,7 @@ class Recorded:
     lengths: np.ndarray  # [n] int64
     token_ids: np.ndarray  # [steps, n] int64: each step's input tokens
     positions: np.ndarray  # [steps, n] int64
+    cache: dict[str, np.ndarray] | None = None  # the cache the prefill left (replays load it instead of prefilling)
 
     @property
     def batch(self) -> int:
@@ -120,7 +121,8 @@ def record_generations(runtime: Runtime, captions: Sequence[str], batch: int) ->
 
 class Replayer:
     """Replays recorded generations on one runtime's decode engines (one engine per batch size,
-    allocated and bound once): the prefill untimed, then each step timed."""
+    allocated and bound once): the prefill untimed (or the recorded cache it left, loaded), then
+    each step timed."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
@@ -135,7 +137,11 @@ class Replayer:
         engine = self.engines.get(n)
         if engine is None:
             engine = self.engines[n] = make_decode_engine(self.runtime, n)
-        engine.prefill(range(n), rec.input_ids, rec.lengths)
+        if rec.cache is not None:  # the prefill's cache as recorded: no prefill graph needed
+            for name, values in rec.cache.items():
+                engine.load_cache(name, values)
+        else:
+            engine.prefill(range(n), rec.input_ids, rec.lengths)
         seconds = np.empty(rec.steps, dtype=np.float64)
         was_enabled = gc.isenabled()
         gc.disable()
