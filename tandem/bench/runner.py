@@ -418,7 +418,7 @@ def _measure_decode_step(opts: BenchOptions, artifacts: Path, config: ModelConfi
     from tandem.bench import decode_step
 
     budgets = decode_step.DecodeStepBudgets.quick() if opts.quick else decode_step.DecodeStepBudgets.full()
-    with phase(8, "decode step", opts.progress) as p:
+    with phase(6, "decode step", opts.progress) as p:
         try:
             return decode_step.measure(artifacts, config, compiled, budgets, p.tick, opts.runtimes)
         except TandemError as exc:
