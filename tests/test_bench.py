@@ -533,3 +533,104 @@ def test_open_loop_knee_interpolates_the_crossing_and_bootstraps_its_verdict():
 
     t.evaluate(Ratio(ratio["median"], *ratio["spread"], *ratio["spread"], 0, 0.0), "")
     assert t.status == "UNSTABLE"
+
+
+# ----------------------------------------------------------------------------- decode-step section (issue 28)
+
+DECODE_STEP_TARGETS = {
+    *(f"decode_step_roofline_{rt}_b{b}" for rt in ("onnxruntime", "torch_aot", "torch") for b in (1, 8)),
+    "decode_step_cpu_aot_vs_onnxruntime_b1",
+}
+
+
+def test_configs_past_a_gib_of_weights_run_the_decode_step_section_alone():
+    from tandem.bench.runner import default_sections
+    from tandem.config import load_config
+
+    assert default_sections(load_config("medium")) == ("decode-step",)
+    assert default_sections(load_config("small")) == default_sections(load_config("tiny")) == ("standard",)
+
+
+def _decode_step_run(tiny_artifacts: Path, out: Path, *extra: str) -> tuple[dict, str, str]:
+    """A quick decode-step run from an empty folder (so no build under ./build is discovered)."""
+    args = ["bench", "--config", "tiny", "--artifacts", str(tiny_artifacts), "--quick", "--section", "decode-step",
+            "--out", str(out), "--no-progress", *extra]
+    cwd = out.parent / "cwd"
+    cwd.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
+    return json.loads((out / "results.json").read_text()), (out / "report.md").read_text(), result.stdout
+
+
+def test_decode_step_section_replays_generations_on_every_runtime_against_the_routed_roofline(tiny_artifacts, tiny_config, tmp_path):
+    """`--section decode-step` (medium's default) on tiny: every runtime runnable here replays the
+    same recorded generations at batch 1 and 8, each step's greedy tokens are the recording's, the
+    routed-bytes floor lies below the dense one, and cpu-aot without a build is listed with the
+    command that builds it; the quick run judges no timing target."""
+    results, report, stdout = _decode_step_run(tiny_artifacts, tmp_path / "report")
+    assert results["sections"] == ["decode-step"] and "standard" in results["skipped"]
+    assert "stages" not in results and "served" not in results  # the standard sections did not run
+    section = results["decode_step"]
+    assert "error" not in section, section.get("error")
+    assert section["measured"] == ["torch", "onnxruntime", "onnxruntime_dense"]
+    assert set(section["groups"]) == {"torch", "onnxruntime"}
+    assert section["groups"]["onnxruntime"]["arms"] == ["copy", "onnxruntime_b1", "onnxruntime_b8", "onnxruntime_dense_b1",
+                                                        "onnxruntime_dense_b8"]
+    for group in section["groups"].values():
+        assert group["rounds"] == 2 and all(bw > 0 for bw in group["bandwidth_gb_s"])
+        assert group["orders"][1] == group["orders"][0][::-1]  # interleaved: A, B, then B, A
+    max_steps = section["budgets"]["max_steps"]
+    for rt in section["measured"]:
+        for batch in ("1", "8"):
+            row = section["rows"][rt][batch]
+            assert row["steps_timed"] == 2 * max_steps  # 2 rounds x the first steps of one generation
+            # batch 1 routes to top_k of the experts per layer; 8 rows may cover every expert of a layer
+            assert 0 < row["routed_floor_ms"] < row["dense_floor_ms"] if batch == "1" else row["routed_floor_ms"] <= row["dense_floor_ms"]
+            assert row["of_routed_roofline"]["rounds"] == 2 and row["of_routed_roofline"]["median"] > 0
+            # greedy: every replayed step's tokens are those the recorded generation fed to its next step
+            assert section["follows_recording"][f"{rt}_b{batch}"] == 1.0
+    top_k, experts = tiny_config.reasoning.top_k, tiny_config.reasoning.n_experts
+    assert all(x == top_k for x in section["routing"]["1"]["routed_experts_per_layer_mean"])
+    assert all(top_k <= x <= experts for x in section["routing"]["8"]["routed_experts_per_layer_mean"])
+    host = section["host_share"]["1"]
+    assert 0.0 <= host["host_share"] < 1.0 and host["decode_steps"] == tiny_config.scene.num_tokens - 1
+
+    build = "tandem build --config tiny --target cpu-aot"
+    assert build in section["unavailable"]["torch_aot"] and build in report
+    targets = {t["id"]: t for t in results["targets"]}
+    assert set(targets) == DECODE_STEP_TARGETS
+    assert all(t["status"] == "NOT RUN" for t in targets.values())  # quick: no timing verdicts
+    assert "not judged" in targets["decode_step_roofline_onnxruntime_b1"]["detail"]
+    assert build in targets["decode_step_cpu_aot_vs_onnxruntime_b1"]["detail"]
+    assert build in targets["decode_step_roofline_torch_aot_b8"]["detail"]
+    assert "## Decode step vs its routed-bytes roofline" in report and "*(dense figure)*" in report
+    assert "Host share of whole in-process ONNX Runtime generations" in report
+    assert "decode step at batch 1 vs its routed-bytes roofline" in stdout
+
+    # the report is drawn from results.json alone
+    (tmp_path / "report" / "report.md").unlink()
+    tandem("bench", "--rerender", str(tmp_path / "report"))
+    assert (tmp_path / "report" / "report.md").read_text() == report
+
+
+SLOW = os.environ.get("TANDEM_SLOW_TESTS") == "1"
+
+
+@pytest.mark.skipif(not SLOW, reason="builds cpu-aot for tiny (AOTInductor compiles C++ with g++: about 2-3 minutes on 2 "
+                    "cores); set TANDEM_SLOW_TESTS=1")
+def test_decode_step_section_measures_a_cpu_aot_build_beside_onnxruntime(tiny_artifacts, tiny_config, tmp_path):
+    from tandem.compiler.core import BuildOptions, run_build
+
+    build = tmp_path / "tiny-cpu-aot"
+    result = run_build(tiny_config, "cpu-aot", build, BuildOptions(reuse_export=tiny_artifacts))
+    assert result.passed, [(r.name, r.reason) for r in result.records]
+    results, report, _ = _decode_step_run(tiny_artifacts, tmp_path / "report", "--compiled", str(build), "--runtime",
+                                          "onnxruntime,cpu-aot")
+    section = results["decode_step"]
+    assert section["measured"] == ["onnxruntime", "onnxruntime_dense", "torch_aot"] and "torch_aot" not in section["unavailable"]
+    assert section["groups"]["cpu-aot"]["arms"] == ["copy", "onnxruntime_b1", "onnxruntime_b8", "torch_aot_b1", "torch_aot_b8"]
+    assert section["follows_recording"]["torch_aot_b1"] == section["follows_recording"]["torch_aot_b8"] == 1.0
+    ratio = section["ratios"]["cpu_aot_vs_onnxruntime_b1"]
+    assert ratio["rounds"] == 2 and ratio["median"] > 0
+    targets = {t["id"]: t for t in results["targets"]}
+    assert "measured" in targets["decode_step_cpu_aot_vs_onnxruntime_b1"]["detail"]  # quick: measured, not judged

@@ -38,6 +38,7 @@ class Recorded:
     lengths: np.ndarray  # [n] int64
     token_ids: np.ndarray  # [steps, n] int64: each step's input tokens
     positions: np.ndarray  # [steps, n] int64
+    cache: dict[str, np.ndarray] | None = None  # the cache the prefill left (replays load it instead of prefilling)
 
     @property
     def batch(self) -> int:
@@ -91,20 +92,39 @@ def replay_captions(max_caption_bytes: int, count: int) -> list[str]:
     return [mixed[i % len(mixed)] for i in range(count)]
 
 
-def record_generations(runtime: Runtime, captions: Sequence[str], batch: int) -> list[Recorded]:
+def record_generations(runtime: Runtime, captions: Sequence[str], batch: int, num_tokens: int | None = None) -> list[Recorded]:
     """Greedy generations of ``captions`` in batches of ``batch`` through the in-process pipeline,
-    as recorded from its decode engine (one :class:`Recorded` per batch)."""
+    as recorded from its decode engine (one :class:`Recorded` per batch). ``num_tokens``: stop each
+    generation after that many scene tokens (``num_tokens - 1`` decode steps) instead of the whole
+    grid: the same scheduler and decode loop, told a shorter scene."""
     from tandem.pipeline import Pipeline
     from tandem.sampling import SamplingParams
+    from tandem.scheduler import InflightScheduler, Job
 
     recorder = RecordingRuntime(runtime)
     pipeline = Pipeline(recorder)
+
+    def generate(chunk: list[str]) -> None:
+        if num_tokens is None:
+            pipeline.generate_tokens(chunk, SamplingParams())
+            return
+        from tandem.decoding import make_decode_engine
+
+        scheduler = InflightScheduler(make_decode_engine(recorder, len(chunk)), num_tokens, runtime.config.reasoning.max_prompt_len)
+        jobs = [Job(caption, SamplingParams(), on_done=lambda outcome: None) for caption in chunk]
+        for job in jobs:
+            scheduler.submit(job)
+        scheduler.run_until_idle()
+        for job in jobs:
+            if not job.outcome.ok:
+                raise job.outcome.exception or TandemError(job.outcome.error)
+
     out = []
     for start in range(0, len(captions) - batch + 1, batch):
         chunk = list(captions[start:start + batch])
         recorder.prefills.clear()
         recorder.steps.clear()
-        pipeline.generate_tokens(chunk, SamplingParams())
+        generate(chunk)
         if len(recorder.prefills) != 1 or not recorder.steps or any(len(t) != batch for t, _ in recorder.steps):
             continue  # not one prefill then steps over the whole batch: not a generation this replay can repeat
         input_ids, lengths = recorder.prefills[0]
@@ -120,7 +140,8 @@ def record_generations(runtime: Runtime, captions: Sequence[str], batch: int) ->
 
 class Replayer:
     """Replays recorded generations on one runtime's decode engines (one engine per batch size,
-    allocated and bound once): the prefill untimed, then each step timed."""
+    allocated and bound once): the prefill untimed (or the recorded cache it left, loaded), then
+    each step timed."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
@@ -135,7 +156,11 @@ class Replayer:
         engine = self.engines.get(n)
         if engine is None:
             engine = self.engines[n] = make_decode_engine(self.runtime, n)
-        engine.prefill(range(n), rec.input_ids, rec.lengths)
+        if rec.cache is not None:  # the prefill's cache as recorded: no prefill graph needed
+            for name, values in rec.cache.items():
+                engine.load_cache(name, values)
+        else:
+            engine.prefill(range(n), rec.input_ids, rec.lengths)
         seconds = np.empty(rec.steps, dtype=np.float64)
         was_enabled = gc.isenabled()
         gc.disable()

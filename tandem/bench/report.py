@@ -68,6 +68,14 @@ def render(results: dict) -> str:
     for t in results["targets"]:
         out.append(f"- {t['line']}")
     out.append("")
+    if "standard" not in results.get("sections", ["standard"]):
+        from tandem.bench.decode_step import report_section
+
+        out += report_section(results)
+        for name, why in (results.get("skipped") or {}).items():
+            out += [f"The {name} sections (per stage, decode vs position, whole generations, roofline table, ratio rounds, "
+                    f"Jacobi decoding, served, split path, modelled hardware): {why}.", ""]
+        return "\n".join(out).rstrip() + "\n"
     out += _rounds_section(results)
 
     out += ["## Per stage, per runtime (batch 1 latency)", ""]
@@ -138,6 +146,9 @@ def render(results: dict) -> str:
                 rows.append([runtime, batch, fmt(s["p50_ms"], 1), fmt(s["images_per_s"], 3), s["n"], phases])
         out += table(["runtime", "batch", "p50 ms / generation", "images/s", "samples", "time per generation by graph"], rows)
 
+    from tandem.bench.decode_step import report_section
+
+    out += report_section(results)
     out += _served_section(results)
     out += _scheduler_section(results)
     out += split_report_section(results)

@@ -91,9 +91,36 @@ class BenchOptions:
     split: SplitSettings = field(default_factory=SplitSettings)
     progress: bool = True
     force: bool = False  # replace --out even if it holds files tandem bench did not write
+    sections: tuple[str, ...] | None = None  # default: default_sections(config)
 
 
 REPORT_FILES = ("results.json", "report.md", "plots")
+
+# `standard`: every section the small bench runs (per stage, positions, generations, roofline, the
+# ratio rounds, Jacobi, served, split, modelled hardware); `decode-step`: the decode step per runtime
+# against its routed-bytes roofline, with the dense figure and the host share (tandem.bench.decode_step).
+SECTIONS = ("standard", "decode-step")
+# A config whose fp32 weights pass this gets only the decode-step section by default: every runtime
+# of the standard sections holds its own copy of the weights (medium: 3.2 GB each, six runtimes and a
+# served ensemble), its per-stage tables and served sweeps would take hours on a small CPU, and the
+# point of such a config here is the memory-bound decode step.
+DECODE_STEP_ONLY_ABOVE_BYTES = 1 << 30
+SKIPPED_REASON = (
+    "skipped for this config by default (its fp32 weights are {gib:.1f} GiB, above {limit:.0f} GiB): every runtime of the "
+    "standard sections holds its own copy of the weights, and the per-stage tables, served sweeps, split path and "
+    "Jacobi rounds would take hours here; the decode step is what a config that does not fit the CPU's caches "
+    "measures. `--section standard,decode-step` runs them all"
+)
+
+
+def weight_bytes(config: ModelConfig) -> int:
+    from tandem.memory import parameter_count
+
+    return 4 * parameter_count(config)
+
+
+def default_sections(config: ModelConfig) -> tuple[str, ...]:
+    return ("decode-step",) if weight_bytes(config) > DECODE_STEP_ONLY_ABOVE_BYTES else ("standard",)
 
 
 def check_report_out(out: Path, force: bool = False) -> None:
@@ -224,6 +251,10 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     for b in opts.batches:
         if not 1 <= b <= 8:
             raise TandemError(f"batch size {b} is outside the exported graphs' range [1, 8]")
+    sections = tuple(opts.sections) if opts.sections else default_sections(config)
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown or not sections:
+        raise TandemError(f"--section must name some of {','.join(SECTIONS)}, got {','.join(unknown) or 'none'}")
     env = environment.collect()
     out = Path(opts.out) if opts.out else default_out(env, config, opts.quick)
     check_report_out(out, opts.force)  # before minutes of exporting and measuring, not after
@@ -234,6 +265,7 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     results: dict = {
         "schema": SCHEMA,
         "quick": opts.quick,
+        "sections": list(sections),
         "started_utc": env["started_utc"],
         "environment": env,
         "artifacts": str(artifacts),
@@ -259,6 +291,8 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     }
 
     compiled = opts.compiled if opts.compiled is not None else discover_compiled(config)
+    if "standard" not in sections:
+        return _decode_step_only(opts, results, artifacts, config, compiled, out, started, own_cpu, cpu_start, env)
     runtimes, unavailable = stagebench.build_runtimes(artifacts, config, opts.runtimes, compiled)
     if not runtimes:
         raise TandemError(f"no runtime could be built here: {unavailable}")
@@ -338,6 +372,9 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
 
     # 2. served (last: the in-process runtimes are released first so the server has the cores)
     del runtimes, stages
+    if "decode-step" in sections:
+        with timed("decode_step"):
+            results["decode_step"] = _measure_decode_step(opts, artifacts, config, compiled)
     with timed("served"):
         if opts.skip_served:
             results["served"] = {"status": "not run: --skip-served"}
@@ -373,6 +410,48 @@ def run_benchmark(opts: BenchOptions) -> BenchResult:
     results["duration_s"] = time.monotonic() - started
 
     check_report_out(out, opts.force)  # again: the run took minutes, and the folder may have changed
+    write_report(results, out)
+    return BenchResult(out=out, results=results)
+
+
+def _measure_decode_step(opts: BenchOptions, artifacts: Path, config: ModelConfig, compiled: list[Path]) -> dict:
+    from tandem.bench import decode_step
+
+    budgets = decode_step.DecodeStepBudgets.quick() if opts.quick else decode_step.DecodeStepBudgets.full()
+    with phase(6, "decode step", opts.progress) as p:
+        try:
+            return decode_step.measure(artifacts, config, compiled, budgets, p.tick, opts.runtimes)
+        except TandemError as exc:
+            return {"error": str(exc), "budgets": budgets.as_dict()}
+
+
+def _decode_step_only(opts: BenchOptions, results: dict, artifacts: Path, config: ModelConfig, compiled: list[Path],
+                      out: Path, started: float, own_cpu, cpu_start, env: dict) -> BenchResult:
+    """The decode-step section alone (the default for configs past DECODE_STEP_ONLY_ABOVE_BYTES)."""
+    size = weight_bytes(config)
+    results["skipped"] = {
+        "standard": SKIPPED_REASON.format(gib=size / 2**30, limit=DECODE_STEP_ONLY_ABOVE_BYTES / 2**30)
+        if size > DECODE_STEP_ONLY_ABOVE_BYTES else "not among the sections asked for (--section)"
+    }
+    t0 = time.monotonic()
+    results["decode_step"] = _measure_decode_step(opts, artifacts, config, compiled)
+    results["phase_seconds"] = {"decode_step": round(time.monotonic() - t0, 2)}
+    section = results["decode_step"]
+    results["runtimes"] = {
+        "measured": {rt: section.get("descriptions", {}).get(rt, rt) for rt in section.get("measured", [])},
+        "sources": {rt: section.get("cpu_aot_build") if rt == "torch_aot" else str(artifacts) for rt in section.get("measured", [])},
+        "compiled_dirs": [str(d) for d in compiled],
+        "unavailable": dict(section.get("unavailable", {})),
+    }
+    results["targets"] = [t.as_dict() for t in evaluate_targets(results)]
+    results["figures"] = []
+    results["notes"] = []
+    results["load_average_end"] = environment.load_average()
+    results["interference"] = environment.interference(
+        cpu_start, environment.cpu_snapshot(own_cpu.stop()), env["cpu_cores_usable"]
+    )
+    results["duration_s"] = time.monotonic() - started
+    check_report_out(out, opts.force)
     write_report(results, out)
     return BenchResult(out=out, results=results)
 

@@ -23,7 +23,12 @@ QUICK_NOT_JUDGED = "quick mode times too few iterations to judge a timing target
 
 
 def evaluate_targets(results: dict) -> list[Target]:
-    targets = _evaluate_targets(results)
+    from tandem.bench import decode_step
+
+    standard = "standard" in results.get("sections", ["standard"])
+    targets = _evaluate_targets(results) if standard else []
+    if results.get("decode_step") or not standard:
+        targets += decode_step.targets(results)
     if results.get("quick"):
         for t in targets:
             if t.id not in QUICK_JUDGED:

@@ -61,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port-base", type=positive_int, metavar="PORT",
                    help="pin the servers' public ports: the served sweep uses PORT..PORT+2 (HTTP, gRPC, metrics; one server "
                    "at a time), the split path's 5 servers PORT+3..PORT+17 (default: free ports)")
+    add_list_argument(p, "--section", dest="sections",
+                      help="what to measure, comma-separated: standard (every section of the small bench) and/or decode-step "
+                      "(the decode step per runtime vs its routed-bytes roofline, the dense standard-op figure, the host share "
+                      "of generations); default standard, and decode-step alone for configs whose fp32 weights pass 1 GiB "
+                      "(medium)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files tandem bench did not write")
     p.add_argument("--rerender", type=Path, metavar="DIR", help="only redraw report.md and plots/ of DIR from its results.json")
@@ -123,6 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         split=SplitSettings(requests=4, round_requests=2, warmup=1, simulated_requests=2_000, port_base=split_base) if args.quick
         else SplitSettings(port_base=split_base),
         progress=not args.no_progress,
+        sections=tuple(dict.fromkeys(args.sections)) if args.sections else None,
     )
     result = run_benchmark(options)
     print(f"benchmark report: {result.out / 'report.md'}")
