@@ -162,6 +162,9 @@ class InflightScheduler:
         # every row at every step cost a few percent of it.
         self.check_interval_s = check_interval_s
         self._checked_at = -float("inf")
+        # The running jobs that can be abandoned (a cancellation hook or a timeout): with none (the
+        # pipeline's jobs), a step checks nothing.
+        self._watched: set[Job] = set()
         self._peak = 0  # the most rows occupied since the loop was last idle
         self._last_peak = 0  # the previous busy period's peak
         self.clock = clock
@@ -307,6 +310,7 @@ class InflightScheduler:
             self.stats.completed += 1
         elif not cancelled:
             self.stats.failed += 1
+        self._watched.discard(job)
         job.outcome = Outcome(tokens, error, job.timing, cancelled=cancelled, exception=exception, retryable=retryable)
         try:
             job.on_done(job.outcome)
@@ -338,6 +342,8 @@ class InflightScheduler:
 
     def _evict_abandoned(self) -> list[Row]:
         """The occupied rows to drop this step, answered now (their slots are freed by the runner)."""
+        if not self._watched:
+            return []
         now = self.clock()
         leaving = []
         for row in reversed(self.runner.rows):
@@ -362,6 +368,8 @@ class InflightScheduler:
                     dropped.append((job, reason, True))
                 else:
                     taken.append(job)
+                    if job.is_cancelled is not None or job.timeout_s:
+                        self._watched.add(job)
             while self.waiting and (reason := self._waited_too_long(self.waiting[0], now)):  # no slot, and waited too long
                 dropped.append((self.waiting.popleft(), reason, True))
         for job, reason, retryable in dropped:
