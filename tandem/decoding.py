@@ -427,6 +427,8 @@ class OrtDecodeEngine(CacheDecodeEngine):
         heads, max_len, dim = self.layout.n_heads, self.layout.max_len, self.layout.head_dim
         self._cache_rows = self._cache_block.reshape(len(self.past_names), capacity * heads * max_len, dim)  # a view
         self._new_rows = self._new_block.reshape(len(self.new_names), capacity * heads, dim)  # a view
+        self._new_row = self._new_block[:, 0, :, 0, :]  # slot 0's new rows, [2 * layers, heads, head_dim]
+        self._row_views: dict[int, np.ndarray] = {}  # position -> slot 0's rows there, every layer
         self.bindings: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
         self._returned: np.ndarray | None = None  # the token array the last step returned ...
         self._returned_side = 0  # ... which is self.tokens[_returned_side][:n]
@@ -472,8 +474,12 @@ class OrtDecodeEngine(CacheDecodeEngine):
     def _write_rows(self, n: int, positions: np.ndarray) -> None:
         """This step's new rows of every layer (the bound output block) -> cache[:, i, :, positions[i], :]
         for i < n, in one numpy call."""
-        if n == 1:
-            self._cache_block[:, 0, :, int(positions[0]), :] = self._new_block[:, 0, :, 0, :]
+        if n == 1:  # one row: a [2 * layers, heads, head_dim] slice per position, its view made once
+            position = int(positions[0])
+            target = self._row_views.get(position)
+            if target is None:
+                target = self._row_views[position] = self._cache_block[:, 0, :, position, :]
+            target[...] = self._new_row
             return
         if not hasattr(self, "_slot_heads"):
             heads, max_len = self.layout.n_heads, self.layout.max_len
