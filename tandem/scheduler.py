@@ -224,6 +224,19 @@ class InflightScheduler:
     def step(self) -> bool:
         """Plan (evict, admit), execute, answer (see the module docstring). Returns whether work
         remains. Only one thread may call it (the loop thread, or the caller when no loop runs)."""
+        runner = self.runner
+        if runner.rows and not self.waiting and not self._watched and self.before_plan is None:
+            # The steady state of a decode loop (a pipeline's rows): nothing can be evicted, nothing
+            # waits to join, so the plan is empty: one decode step (what execute does with it).
+            out = StepOutput()
+            try:
+                runner.decode(out)
+            finally:
+                self._settle(out)
+            if runner.rows:  # only this thread changes the rows
+                return True
+            with self._lock:
+                return bool(self.waiting)
         now = time.monotonic()
         check = now - self._checked_at >= self.check_interval_s or not self.runner.rows
         if check:
