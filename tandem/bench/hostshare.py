@@ -131,6 +131,10 @@ def where_host_time_goes(figures: dict) -> str:
         f"of {wall - figures['ort_ms']:.2f} ms host time per generation, {loop_ms:.2f} ms is the decode loop "
         f"({figures['loop_host_us_per_step']:.1f} us per decode step over {steps:.0f} steps: the scheduler's plan, the runner's "
         "bookkeeping, the engine's input checks and cache row writes, the tokenizer and prefill padding) and "
-        f"{render_ms:.2f} ms rendering (token checks, uint8 conversion); a step's host time is the part to cut: "
-        "fewer numpy calls per step (one cache-row write for all layers, inputs already in the bound buffers)"
+        f"{render_ms:.2f} ms rendering (token checks, uint8 conversion). A step's Python (scheduler, runner, engine: one "
+        "cache-row write for every layer, inputs already in the bound buffers) takes about 5 us on this 2-core CPU when "
+        "its caches are warm (benchmarks/results/host-share-small-2026-12-07/); much more per step means it ran on caches "
+        "the step's kernels evicted or was descheduled (other processes: see the header's busy figure). What would cut "
+        "it further: fewer Python layers per step (several decode steps per call while no row can join or leave), or no "
+        "Python per step at all (a captured step on the device targets)"
     )
