@@ -115,15 +115,14 @@ def measure_generation(pipeline, clock: OrtCallClock, prompts: Sequence[str], pa
 
 
 def summary(samples: Sequence[HostSample]) -> dict:
-    """Medians over generations of every figure, for a target's detail line and results.json."""
-    import numpy as np
-
+    """Means over generations of every figure (means, so that the parts add up to the whole), for a
+    target's detail line and results.json."""
     dicts = [s.as_dict() for s in samples]
-    return {key: float(np.median([d[key] for d in dicts])) for key in dicts[0]} if dicts else {}
+    return {key: sum(d[key] for d in dicts) / len(dicts) for key in dicts[0]} if dicts else {}
 
 
 def where_host_time_goes(figures: dict) -> str:
-    """A FAIL's explanation from :func:`summary`'s medians."""
+    """A FAIL's explanation from :func:`summary`'s means."""
     wall, steps = figures["wall_ms"], figures["decode_steps"] or 1
     loop_ms = figures["loop_host_us_per_step"] * steps / 1e3
     render_ms = figures["render_host_ms"]

@@ -394,7 +394,7 @@ def host_share_target(results: dict) -> Target:
         detail = (
             f"{figures['wall_ms']:.1f} ms per generation, {figures['wall_ms'] - figures['ort_ms']:.2f} ms of it outside ONNX "
             f"Runtime's run / run_with_iobinding calls: {figures['loop_host_us_per_step']:.1f} us per decode step in the decode "
-            f"loop, {figures['render_host_ms']:.2f} ms rendering (medians over the rounds' generations)"
+            f"loop, {figures['render_host_ms']:.2f} ms rendering (means over the rounds' generations)"
         )
         if ratio.median > 0.03:
             detail += "; " + where_host_time_goes(figures)
