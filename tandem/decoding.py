@@ -728,15 +728,6 @@ class ModelRunner:
             self._retire(out)
         return out
 
-    def decode(self, out: StepOutput | None = None) -> StepOutput:
-        """:meth:`execute` of a plan in which no row leaves or joins: one decode step over the
-        occupied rows (none: nothing), then the finished rows retire."""
-        out = StepOutput() if out is None else out
-        if self.rows:
-            self._decode(out)
-            self._retire(out)
-        return out
-
     def abort(self) -> list[Row]:
         """Forget every occupied row (their slots are free; the cache is simply overwritten later)."""
         rows, self.rows = self.rows, []

@@ -67,6 +67,9 @@ def wait_for_wave(condition: threading.Condition, count: Callable[[], int], want
             seen, quiet_until = n, time.monotonic() + gap_s
 
 
+NO_CHANGE = StepPlan()  # the plan of a step no row leaves or joins (read, never changed)
+
+
 class QueueFullError(TandemError):
     """The scheduler's waiting queue is full: the request was refused, nothing was started."""
 
@@ -227,10 +230,10 @@ class InflightScheduler:
         runner = self.runner
         if runner.rows and not self.waiting and not self._watched and self.before_plan is None:
             # The steady state of a decode loop (a pipeline's rows): nothing can be evicted, nothing
-            # waits to join, so the plan is empty: one decode step (what execute does with it).
+            # waits to join, so the plan is the empty one (never changed, made once): one decode step.
             out = StepOutput()
             try:
-                runner.decode(out)
+                runner.execute(NO_CHANGE, out)
             finally:
                 self._settle(out)
             if runner.rows:  # only this thread changes the rows
