@@ -389,7 +389,14 @@ class OrtDecodeEngine(CacheDecodeEngine):
 
     The token input and the sampled-token output are two buffers that swap roles: a step reads
     its tokens from one and writes the next tokens into the other, so when a step is handed the
-    array the previous step returned (every row continued) its input is already in place."""
+    array the previous step returned (every row continued) its input is already in place.
+
+    The host work per step is kept to a few numpy calls (issue 28: the host share of a batch-1
+    generation): the cache tensors are views of one block ``[2 * layers, capacity, heads, max_len,
+    head_dim]`` and the new rows views of one ``[2 * layers, capacity, heads, 1, head_dim]``, so a
+    step's rows of every layer go into the cache in one indexed write; and the positions and
+    sampling inputs are the bound buffers themselves when the caller writes them there
+    (:meth:`step_inputs`, what :class:`ModelRunner` does), so a step copies no input."""
 
     def __init__(self, runtime, capacity: int):
         super().__init__(runtime, capacity)
@@ -403,12 +410,86 @@ class OrtDecodeEngine(CacheDecodeEngine):
             **{name: np.zeros(capacity, SAMPLING_DTYPES[name]) for name in SAMPLING_INPUTS},
             **self.cache,
         }
+        # This step's new rows, every layer's key and value in one block (views per output, as the cache).
+        new_shape = self.layout.shape(capacity, 1)
+        self._new_block = np.zeros((len(self.new_names), *new_shape), dtype=self.layout.dtype)
         self.outputs: dict[str, np.ndarray] = {
-            t.name: np.zeros(t.concrete_shape({"batch": capacity}), dtype=t.dtype) for t in spec.outputs if t.name != NEXT_TOKENS
+            t.name: np.zeros(t.concrete_shape({"batch": capacity}), dtype=t.dtype)
+            for t in spec.outputs if t.name != NEXT_TOKENS and t.name not in self.new_names
         }
+        self.outputs.update(zip(self.new_names, self._new_block))
+        # [0, n) views of the bound positions and sampling inputs, made once: a caller that writes
+        # its inputs into these (step_inputs) hands them back as they are, and the step copies nothing.
+        self._input_views = {
+            n: ({name: self.inputs[name][:n] for name in SAMPLING_INPUTS}, self.inputs["positions"][:n])
+            for n in range(1, capacity + 1)
+        }
+        heads, max_len, dim = self.layout.n_heads, self.layout.max_len, self.layout.head_dim
+        self._cache_rows = self._cache_block.reshape(len(self.past_names), capacity * heads * max_len, dim)  # a view
+        self._new_rows = self._new_block.reshape(len(self.new_names), capacity * heads, dim)  # a view
+        self._new_row = self._new_block[:, 0, :, 0, :]  # slot 0's new rows, [2 * layers, heads, head_dim]
+        self._row_views: dict[int, np.ndarray] = {}  # position -> slot 0's rows there, every layer
         self.bindings: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
         self._returned: np.ndarray | None = None  # the token array the last step returned ...
         self._returned_side = 0  # ... which is self.tokens[_returned_side][:n]
+
+    def _allocate(self) -> None:
+        # Zeros, not empty (see CacheDecodeEngine): one block, each cache tensor a contiguous view of it.
+        self._cache_block = np.zeros((len(self.past_names), *self.layout.shape(self.capacity)), dtype=self.layout.dtype)
+        self.cache = dict(zip(self.past_names, self._cache_block))
+
+    def step_inputs(self) -> tuple[dict[str, np.ndarray], np.ndarray, dict[int, tuple[dict[str, np.ndarray], np.ndarray]]]:
+        """The bound sampling inputs ({name: [capacity]}) and positions ([capacity]), and per n their
+        [0, n) views (sampling dict, positions). A caller that keeps its per-slot inputs in these
+        buffers and passes a step these very view objects has the step read them in place."""
+        return {name: self.inputs[name] for name in SAMPLING_INPUTS}, self.inputs["positions"], self._input_views
+
+    def step(self, n, token_ids, positions, sampling=None, logits=None) -> np.ndarray:
+        views = self._input_views.get(n)
+        if views is None or positions is not views[1] or sampling is not views[0]:
+            return super().step(n, token_ids, positions, sampling, logits)
+        # The inputs are already in the bound buffers (a runner's own): only what a step must check.
+        if n == 1:
+            position = int(positions[0])
+            if not 1 <= position < self.layout.max_len:
+                raise TandemError(f"decode positions must lie in [1, {self.layout.max_len}), got {[position]}")
+        elif positions.min() < 1 or positions.max() >= self.layout.max_len:
+            raise TandemError(f"decode positions must lie in [1, {self.layout.max_len}), got {positions.tolist()}")
+        if token_ids is self._returned:  # the last step's output, already where this step reads it
+            side = self._returned_side
+        else:
+            token_ids = np.asarray(token_ids, np.int64)
+            if token_ids.shape != (n,):
+                raise TandemError(f"step({n}) takes token_ids [{n}], got {token_ids.shape}")
+            side = 0
+            self.tokens[0][:n] = token_ids
+        binding, tokens = self._binding(n, side)
+        self.session.run_with_iobinding(binding)
+        self._returned, self._returned_side = tokens, 1 - side
+        if logits is not None:
+            logits[...] = self.outputs["logits"][:n]
+        self._write_rows(n, positions)
+        return tokens
+
+    def _write_rows(self, n: int, positions: np.ndarray) -> None:
+        """This step's new rows of every layer (the bound output block) -> cache[:, i, :, positions[i], :]
+        for i < n, in one numpy call."""
+        if n == 1:  # one row: a [2 * layers, heads, head_dim] slice per position, its view made once
+            position = int(positions[0])
+            target = self._row_views.get(position)
+            if target is None:
+                target = self._row_views[position] = self._cache_block[:, 0, :, position, :]
+            target[...] = self._new_row
+            return
+        if not hasattr(self, "_slot_heads"):
+            heads, max_len = self.layout.n_heads, self.layout.max_len
+            self._slot_heads = (np.arange(self.capacity)[:, None] * heads * max_len + np.arange(heads)[None, :] * max_len).astype(np.int64)
+            self._row_index = np.empty_like(self._slot_heads)
+        index = np.add(self._slot_heads[:n], positions[:, None], out=self._row_index[:n]).reshape(-1)
+        self._cache_rows[:, index] = self._new_rows[:, : index.shape[0]]
+
+    def _write_step(self, n, positions, new_rows) -> None:
+        self._write_rows(n, positions)  # new_rows are the bound output block's views
 
     def _binding(self, n: int, side: int) -> tuple[object, np.ndarray]:
         """Rows [0, n) of every buffer are its first n rows: the same address for every n. ``side``:
@@ -483,7 +564,7 @@ class OrtDecodeEngine(CacheDecodeEngine):
         self._returned, self._returned_side = tokens, 1 - side
         if logits is not None:
             logits[...] = self.outputs["logits"][:n]
-        return tokens, {name: self.outputs[name][:n] for name in self.new_names}
+        return tokens, {}  # the new rows are in the bound output block (_write_step reads it)
 
 
 # -- the decode loop: a plan per step, one runner executing it -----------------------------------
@@ -606,13 +687,20 @@ class ModelRunner:
         self.rows: list[Row] = []
         # Per slot, allocated once: the sampling inputs, the next position, the next token (when
         # the rows changed since the last step), and their [0, n) views per n.
-        self.sampling = {name: np.zeros(self.capacity, SAMPLING_DTYPES[name]) for name in SAMPLING_INPUTS}
-        self.positions = np.zeros(self.capacity, np.int64)
+        # An engine that binds its step inputs (ONNX Runtime) lends its bound buffers and their views
+        # (step_inputs): the runner writes positions and draws straight into them, and a step copies none.
         self.token_ids = np.zeros(self.capacity, np.int64)
-        self._views = {
-            n: ({name: b[:n] for name, b in self.sampling.items()}, self.positions[:n], self.token_ids[:n])
-            for n in range(1, self.capacity + 1)
-        }
+        step_inputs = getattr(engine, "step_inputs", None)
+        if step_inputs is not None:
+            self.sampling, self.positions, views = step_inputs()
+            self._views = {n: (*views[n], self.token_ids[:n]) for n in range(1, self.capacity + 1)}
+        else:
+            self.sampling = {name: np.zeros(self.capacity, SAMPLING_DTYPES[name]) for name in SAMPLING_INPUTS}
+            self.positions = np.zeros(self.capacity, np.int64)
+            self._views = {
+                n: ({name: b[:n] for name, b in self.sampling.items()}, self.positions[:n], self.token_ids[:n])
+                for n in range(1, self.capacity + 1)
+            }
         self._next: np.ndarray | None = None  # the engine's last output, while it is every row's next token
         self._changed = True  # rows joined or left since the last step: per-row state is recomputed
         self._drawing: list[tuple[int, np.random.Generator]] = []  # (slot, generator) of sampled rows

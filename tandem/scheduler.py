@@ -67,6 +67,9 @@ def wait_for_wave(condition: threading.Condition, count: Callable[[], int], want
             seen, quiet_until = n, time.monotonic() + gap_s
 
 
+NO_CHANGE = StepPlan()  # the plan of a step no row leaves or joins (read, never changed)
+
+
 class QueueFullError(TandemError):
     """The scheduler's waiting queue is full: the request was refused, nothing was started."""
 
@@ -162,6 +165,9 @@ class InflightScheduler:
         # every row at every step cost a few percent of it.
         self.check_interval_s = check_interval_s
         self._checked_at = -float("inf")
+        # The running jobs that can be abandoned (a cancellation hook or a timeout): with none (the
+        # pipeline's jobs), a step checks nothing.
+        self._watched: set[Job] = set()
         self._peak = 0  # the most rows occupied since the loop was last idle
         self._last_peak = 0  # the previous busy period's peak
         self.clock = clock
@@ -221,6 +227,19 @@ class InflightScheduler:
     def step(self) -> bool:
         """Plan (evict, admit), execute, answer (see the module docstring). Returns whether work
         remains. Only one thread may call it (the loop thread, or the caller when no loop runs)."""
+        runner = self.runner
+        if runner.rows and not self.waiting and not self._watched and self.before_plan is None:
+            # The steady state of a decode loop (a pipeline's rows): nothing can be evicted, nothing
+            # waits to join, so the plan is the empty one (never changed, made once): one decode step.
+            out = StepOutput()
+            try:
+                runner.execute(NO_CHANGE, out)
+            finally:
+                self._settle(out)
+            if runner.rows:  # only this thread changes the rows
+                return True
+            with self._lock:
+                return bool(self.waiting)
         now = time.monotonic()
         check = now - self._checked_at >= self.check_interval_s or not self.runner.rows
         if check:
@@ -307,6 +326,7 @@ class InflightScheduler:
             self.stats.completed += 1
         elif not cancelled:
             self.stats.failed += 1
+        self._watched.discard(job)
         job.outcome = Outcome(tokens, error, job.timing, cancelled=cancelled, exception=exception, retryable=retryable)
         try:
             job.on_done(job.outcome)
@@ -338,6 +358,8 @@ class InflightScheduler:
 
     def _evict_abandoned(self) -> list[Row]:
         """The occupied rows to drop this step, answered now (their slots are freed by the runner)."""
+        if not self._watched:
+            return []
         now = self.clock()
         leaving = []
         for row in reversed(self.runner.rows):
@@ -362,6 +384,8 @@ class InflightScheduler:
                     dropped.append((job, reason, True))
                 else:
                     taken.append(job)
+                    if job.is_cancelled is not None or job.timeout_s:
+                        self._watched.add(job)
             while self.waiting and (reason := self._waited_too_long(self.waiting[0], now)):  # no slot, and waited too long
                 dropped.append((self.waiting.popleft(), reason, True))
         for job, reason, retryable in dropped:

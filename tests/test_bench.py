@@ -43,6 +43,7 @@ TARGET_IDS = {
     "decode_roofline_b8",
     "decode_rows_scaling",
     "pipeline_scaling",
+    "host_share_b1",
     "cpu_int8_decode_speedup",
     "cpu_int8_token_agreement",
 }
@@ -196,6 +197,12 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     assert not [t for t in targets.values() if t["status"] == "FAIL"]  # --quick --fail-on-target is green when correct
     assert "cache read" in targets["decode_roofline_b8"]["detail"] and "GB/s" in targets["decode_roofline_b8"]["detail"]
     assert targets["pipeline_scaling"]["status"] == "NOT RUN"  # the quick budget generates at batch 1 only
+    # The host share (issue 28): one timed batch-1 generation per round of the pipeline group.
+    host = results["ratios"]["host_share_b1"]
+    assert host["rounds"] == 2 and len(host["generations"]) == 2 and 0 < host["median"] < 1
+    assert host["figures"]["decode_steps"] == results["config"]["scene_tokens"] - 1
+    assert targets["host_share_b1"]["status"] == "NOT RUN" and "(measured " in targets["host_share_b1"]["detail"]
+    assert "us per decode step" in targets["host_share_b1"]["detail"]
     work = results["roofline"]["work"]["reasoning_decode"]
     for batch in ("1", "8"):  # the cache counts as what a step reads ([0, position)) and writes
         assert 0 < work[batch]["cache_read_bytes"] < work[batch]["cache_bytes_bound"]
@@ -301,6 +308,47 @@ def test_percent_targets_carry_percent_in_json_and_quick_runs_judge_no_timing():
     assert quick["ort_decode_speedup"].status == "NOT RUN" and "measured 0.50x median of 3 rounds" in quick["ort_decode_speedup"].detail
     assert not [t for t in quick.values() if t.status == "FAIL"]
     assert QUICK_JUDGED == {"served_exact", "cpu_int8_token_agreement"}
+
+
+def test_host_share_times_every_onnxruntime_call_of_a_real_generation(tiny_artifacts, tiny_config):
+    from tandem.bench.hostshare import OrtCallClock, measure_generation
+    from tandem.pipeline import Pipeline
+    from tandem.runtimes.onnxruntime import OnnxRuntime
+    from tandem.sampling import SamplingParams
+
+    runtime = OnnxRuntime(tiny_artifacts, device="cpu")
+    pipeline = Pipeline(runtime)
+    plain = pipeline.generate_tokens(["a red circle"], SamplingParams(seed=3, temperature=0.7))
+    with OrtCallClock(runtime) as clock:
+        sample = measure_generation(pipeline, clock, ["a red circle"], SamplingParams(seed=3, temperature=0.7))
+        timed = pipeline.generate_tokens(["a red circle"], SamplingParams(seed=3, temperature=0.7))
+    steps = tiny_config.scene.num_tokens - 1
+    assert sample.decode_steps == steps and sample.images == 1
+    assert clock.calls["reasoning_decode"] == 2 * steps and clock.calls["reasoning_prefill"] == 2  # the second generation too
+    assert 0 < sample.render_ort_s <= sample.render_wall_s and 0 < sample.tokens_ort_s <= sample.tokens_wall_s
+    assert 0 < sample.host_share < 1 and sample.loop_host_us_per_step > 0
+    assert (timed == plain).all()  # timing changes nothing generated
+    # outside the block the sessions run their own methods again (nothing counted)
+    assert not any(name in s.__dict__ for s in runtime.sessions.values() for name in ("run", "run_with_iobinding"))
+    pipeline.generate_tokens(["a red circle"])
+    assert clock.calls["reasoning_decode"] == 2 * steps
+
+
+def test_host_share_target_says_where_the_host_time_goes():
+    from tandem.bench.rounds import Ratio
+    from tandem.bench.targets import evaluate_targets
+
+    figures = {"wall_ms": 160.0, "ort_ms": 152.0, "loop_host_us_per_step": 28.0, "render_host_ms": 0.4, "decode_steps": 255}
+    high = {**Ratio.of([0.045, 0.05, 0.055], 2.0).as_dict(), "figures": figures, "arms": {}}
+    target = {t.id: t for t in evaluate_targets({"ratios": {"host_share_b1": high}})}["host_share_b1"]
+    assert target.status == "FAIL" and target.unit == "%" and "5.00% median of 3 rounds" in target.line()
+    assert "28.0 us per decode step" in target.detail and "7.14 ms is the decode loop" in target.detail
+    low = {**Ratio.of([0.02, 0.022, 0.025], 2.0).as_dict(), "figures": figures, "arms": {}}
+    target = {t.id: t for t in evaluate_targets({"ratios": {"host_share_b1": low}})}["host_share_b1"]
+    assert target.status == "PASS" and "is the decode loop" not in target.detail
+    straddling = {**Ratio.of([0.02, 0.03, 0.04], 2.0).as_dict(), "figures": figures, "arms": {}}
+    assert {t.id: t for t in evaluate_targets({"ratios": {"host_share_b1": straddling}})}["host_share_b1"].status == "UNSTABLE"
+    assert {t.id: t for t in evaluate_targets({})}["host_share_b1"].status == "NOT RUN"
 
 
 def test_bench_list_flags_are_singular_with_hidden_plural_aliases():

@@ -10,7 +10,8 @@
   fp32 GEMM that gave the matmul peak (refinement FLOP/s vs peak).
 - ``positions``: the ONNX Runtime decode step at position 16 and 256 (fixed inputs: only the
   position changes).
-- ``pipeline``: whole in-process generations at batch 1 and batch 8.
+- ``pipeline``: whole in-process generations at batch 1 and batch 8, and a batch-1 generation with
+  ONNX Runtime's run calls timed (the host share of a generation, :mod:`tandem.bench.hostshare`).
 
 Every entry of ``ratios`` is a :class:`tandem.bench.rounds.Ratio` as a dict plus ``arms`` (the
 median of each arm's figures, for the target's detail line)."""
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tandem.bench import replay as rp
+from tandem.bench.hostshare import HostSample, OrtCallClock, measure_generation
+from tandem.bench.hostshare import summary as host_summary
 from tandem.bench.rounds import Ratio, Rounds, RoundsBudget, block, calls_for, run_rounds
 from tandem.errors import TandemError
 
@@ -290,7 +293,23 @@ def _pipeline_rounds(runtimes, budgets: RatioBudgets, tick: Progress, out: dict)
 
         return run
 
-    tick("generations batch 1 vs 8: interleaved rounds")
-    rounds = run_rounds({"batch1": generation(1), "batch8": generation(8)}, budgets.other)
+    # The host share: a batch-1 generation whose ONNX Runtime calls are timed (only in this arm, so
+    # the other arms run the sessions untouched); one generation, one share, per round.
+    clock = OrtCallClock(runtimes["onnxruntime"])
+    samples: list[HostSample] = []
+
+    def host_share() -> float:
+        with clock:
+            sample = measure_generation(pipeline, clock, [PROMPTS[0]], [SamplingParams(seed=0)])
+        samples.append(sample)
+        return sample.host_share
+
+    tick("generations batch 1 vs 8, host share: interleaved rounds")
+    rounds = run_rounds({"batch1": generation(1), "batch8": generation(8), "host_share_b1": host_share}, budgets.other)
     out["rounds"]["pipeline"] = rounds.as_dict()
     out["ratios"]["pipeline_scaling"] = _entry(rounds.ratio("batch8", "batch1"), rounds, batch1="batch1", batch8="batch8")
+    entry = _entry(rounds.combine(lambda f: f["host_share_b1"]), rounds, host_share="host_share_b1")
+    if entry is not None:
+        timed = samples[budgets.other.warmup_rounds:]
+        entry.update(generations=[s.as_dict() for s in timed], figures=host_summary(timed))
+    out["ratios"]["host_share_b1"] = entry

@@ -449,7 +449,7 @@ ROUND_GROUPS = {
     "decode": "decode steps replayed from held-out generations (batch 1 per runtime, batch 8 on ONNX Runtime) and a memory copy",
     "refinement": "refinement calls per runtime at batch 1, the best refinement cell and the peak GEMM",
     "positions": "ONNX Runtime decode step at position 16 and 256",
-    "pipeline": "whole in-process generations at batch 1 and 8",
+    "pipeline": "whole in-process generations at batch 1 and 8, and a batch-1 generation with ONNX Runtime's run calls timed (host share)",
 }
 
 

@@ -398,7 +398,29 @@ def decode_targets(results: dict) -> list[Target]:
             "needs in-process generations at batch 1 and 8 (the onnxruntime runtime)",
         )
     )
+    targets.append(host_share_target(results))
     return targets
+
+
+def host_share_target(results: dict) -> Target:
+    """Issue 28: the share of a batch-1 in-process generation (prompt -> tokens -> image) spent outside
+    ONNX Runtime's own run calls, one generation per interleaved round."""
+    from tandem.bench.hostshare import where_host_time_goes
+
+    ratio, _ = _ratio(results, "host_share_b1")
+    figures = ((results.get("ratios") or {}).get("host_share_b1") or {}).get("figures") or {}
+    t = Target("host_share_b1", "host share of a batch-1 generation on ONNX Runtime (time outside ONNX Runtime's run calls)",
+               0.03, "<=", "%")
+    detail = ""
+    if ratio and figures:
+        detail = (
+            f"{figures['wall_ms']:.1f} ms per generation, {figures['wall_ms'] - figures['ort_ms']:.2f} ms of it outside ONNX "
+            f"Runtime's run / run_with_iobinding calls: {figures['loop_host_us_per_step']:.1f} us per decode step in the decode "
+            f"loop, {figures['render_host_ms']:.2f} ms rendering (means over the rounds' generations)"
+        )
+        if ratio.median > 0.03:
+            detail += "; " + where_host_time_goes(figures)
+    return t.evaluate(ratio, detail, "needs in-process generations on the onnxruntime runtime")
 
 
 def parallel_decoding_figures(results: dict) -> list[dict]:
