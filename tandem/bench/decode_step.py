@@ -157,32 +157,6 @@ def record(reference, captions: list[str], batch: int, max_steps: int | None) ->
     return out
 
 
-class _Arm:
-    """A round's figure: the median step of the next recorded generation replayed on ``runtime``;
-    keeps every step's time, which generation each call replayed, and whether the steps' greedy
-    tokens followed the recording (checked on the first call of each generation, untimed use)."""
-
-    def __init__(self, runtime, recordings: list[rp.Recorded]):
-        self.replayer = rp.Replayer(runtime)
-        self.recordings = recordings
-        self.calls = 0
-        self.used: list[int] = []
-        self.seconds: list[np.ndarray] = []
-        self.follows: dict[int, float] = {}
-
-    def __call__(self) -> float:
-        index = self.calls % len(self.recordings)
-        self.calls += 1
-        rec = self.recordings[index]
-        chosen: list[np.ndarray] | None = [] if index not in self.follows else None
-        seconds = self.replayer(rec, chosen)
-        if chosen is not None and rec.steps > 1:  # step i's greedy tokens are step i + 1's inputs
-            self.follows[index] = float(np.mean(np.stack(chosen[:-1]) == rec.token_ids[1:]))
-        self.used.append(index)
-        self.seconds.append(seconds)
-        return float(np.median(seconds))
-
-
 def _copy_arm(mib: int) -> tuple[Callable[[], float], int]:
     n = mib * 1024 * 1024 // 4
     src = np.ones(n, dtype=np.float32)
@@ -249,7 +223,7 @@ def measure(artifacts: Path, config, compiled: list[Path] | None, budgets: Decod
         replays = {}
         for rt, runtime in loaded.items():
             for b in BATCHES:
-                replays[f"{rt}_b{b}"] = _Arm(runtime, recs[b])
+                replays[f"{rt}_b{b}"] = rp.ReplayArm(runtime, recs[b], check_tokens=True)
         arms.update(replays)
         tick(f"decode step: {name} group, interleaved rounds")
         rounds = run_rounds(arms, budgets.rounds)

@@ -63,29 +63,6 @@ def _entry(ratio: Ratio | None, rounds: Rounds, **arms: str) -> dict | None:
     return {**ratio.as_dict(), "arms": {label: rounds.median(arm) for label, arm in arms.items()}}
 
 
-class _ReplayArm:
-    """A round's figure: the median step time of the next recorded generation replayed on ``runtime``.
-    Keeps every step's time and which generation each call replayed."""
-
-    def __init__(self, runtime, recordings: list[rp.Recorded]):
-        self.replayer = rp.Replayer(runtime)
-        self.recordings = recordings
-        self.calls = 0
-        self.used: list[int] = []
-        self.seconds: list[np.ndarray] = []
-
-    def __call__(self) -> float:
-        index = self.calls % len(self.recordings)
-        self.calls += 1
-        seconds = self.replayer(self.recordings[index])
-        self.used.append(index)
-        self.seconds.append(seconds)
-        return float(np.median(seconds))
-
-    def timed(self, warmup: int) -> tuple[list[int], list[np.ndarray]]:
-        return self.used[warmup:], self.seconds[warmup:]
-
-
 def measure(runtimes: dict, specs: dict, stages, roofline: dict, config, budgets: RatioBudgets, tick: Progress) -> dict:
     """``{"rounds": {group: Rounds}, "ratios": {target id: entry}, "replay": {...}}``."""
     out: dict = {"budgets": budgets.as_dict(), "rounds": {}, "ratios": {}}
@@ -141,11 +118,11 @@ def _decode_rounds(runtimes, specs, stages, roofline, config, budgets: RatioBudg
 
     copy, copied_bytes = _copy_arm(roofline, 64 if budgets.decode.rounds <= 2 else 128)
     arms: dict[str, Callable[[], float]] = {"copy": copy}
-    replays: dict[str, _ReplayArm] = {}
+    replays: dict[str, rp.ReplayArm] = {}
     for name in ("torch", "onnxruntime", "onnxruntime_int8", "onnxruntime_basic"):
         if name in runtimes:
-            replays[f"{name}_b1"] = _ReplayArm(runtimes[name], rec1)
-    replays["onnxruntime_b8"] = _ReplayArm(ort, rec8)
+            replays[f"{name}_b1"] = rp.ReplayArm(runtimes[name], rec1)
+    replays["onnxruntime_b8"] = rp.ReplayArm(ort, rec8)
     arms.update(replays)
     tick("decode replay: interleaved rounds")
     rounds = run_rounds(arms, budgets.decode)

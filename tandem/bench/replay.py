@@ -177,6 +177,37 @@ class Replayer:
         return seconds
 
 
+class ReplayArm:
+    """A round's figure: the median step time of the next recorded generation replayed on
+    ``runtime``. Keeps every step's time and which generation each call replayed; with
+    ``check_tokens``, also whether each generation's greedy tokens followed the recording (checked
+    on its first call, the only one that collects them)."""
+
+    def __init__(self, runtime: Runtime, recordings: list[Recorded], check_tokens: bool = False):
+        self.replayer = Replayer(runtime)
+        self.recordings = recordings
+        self.check_tokens = check_tokens
+        self.calls = 0
+        self.used: list[int] = []
+        self.seconds: list[np.ndarray] = []
+        self.follows: dict[int, float] = {}  # generation -> share of steps whose greedy token followed it
+
+    def __call__(self) -> float:
+        index = self.calls % len(self.recordings)
+        self.calls += 1
+        rec = self.recordings[index]
+        chosen: list[np.ndarray] | None = [] if self.check_tokens and index not in self.follows else None
+        seconds = self.replayer(rec, chosen)
+        if chosen is not None and rec.steps > 1:  # step i's greedy tokens are step i + 1's inputs
+            self.follows[index] = float(np.mean(np.stack(chosen[:-1]) == rec.token_ids[1:]))
+        self.used.append(index)
+        self.seconds.append(seconds)
+        return float(np.median(seconds))
+
+    def timed(self, warmup: int) -> tuple[list[int], list[np.ndarray]]:
+        return self.used[warmup:], self.seconds[warmup:]
+
+
 def routed_experts(reasoning, rec: Recorded) -> np.ndarray:
     """[steps, layers]: how many distinct experts each layer's router sent the step's rows to, read
     from the PyTorch reference teacher-forced over each row's prompt and its generated tokens (the
