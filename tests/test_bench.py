@@ -672,7 +672,7 @@ def test_decode_step_section_measures_a_cpu_aot_build_beside_onnxruntime(tiny_ar
     build = tmp_path / "tiny-cpu-aot"
     result = run_build(tiny_config, "cpu-aot", build, BuildOptions(reuse_export=tiny_artifacts))
     assert result.passed, [(r.name, r.reason) for r in result.records]
-    results, report, _ = _decode_step_run(tiny_artifacts, tmp_path / "report", "--compiled", str(build), "--runtime",
+    results, report, _ = _decode_step_run(tiny_artifacts, tmp_path / "report", "--artifacts", str(build), "--runtime",
                                           "onnxruntime,cpu-aot")
     section = results["decode_step"]
     assert section["measured"] == ["onnxruntime", "onnxruntime_dense", "torch_aot"] and "torch_aot" not in section["unavailable"]

@@ -186,8 +186,8 @@ def measure(artifacts: Path, config, compiled: list[Path] | None, budgets: Decod
     aot_dir, why = find_cpu_aot(config, compiled)
     if "torch_aot" in wanted and aot_dir is None:
         out["unavailable"]["torch_aot"] = (
-            (why + "; " if why else "") + f"no cpu-aot build of {config.name} found under build/ or given with --compiled: "
-            f"`{cpu_aot_build_command(config.name, artifacts)}` builds one (then rerun, or pass --compiled DIR)")
+            (why + "; " if why else "") + f"no cpu-aot build of {config.name} found under build/ or given with --artifacts: "
+            f"`{cpu_aot_build_command(config.name, artifacts)}` builds one (then rerun, or pass it with --artifacts DIR)")
         wanted.remove("torch_aot")
     out["cpu_aot_build"] = str(aot_dir) if aot_dir else None
 

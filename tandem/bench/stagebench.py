@@ -82,7 +82,7 @@ def build_runtimes(
         elif compiled:
             candidates = list(compiled)
         else:
-            unavailable[name] = "needs a `tandem build` output directory: pass --compiled DIR"
+            unavailable[name] = "needs a `tandem build` output directory: pass it with --artifacts DIR"
             continue
         reasons = []
         for directory in candidates:
