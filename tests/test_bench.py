@@ -166,6 +166,10 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     assert rounds["rounds"]["rounds"] == 2 and rounds["check"]["failed"] == 0 and rounds["check"]["tokens_mismatched"] == 0
     # 2 rounds x 2 protocols x (an untimed request + 2 at concurrency 1, an untimed wave of 8 + 8 timed at concurrency 8)
     assert rounds["check"]["requests"] == 2 * 2 * (1 + 2 + 8 + 8)
+    # Concurrency 1 is one arm, request by request (in-process, then each protocol): a p50 per protocol per round.
+    assert rounds["rounds"]["arms"][0] == "c1_interleaved"
+    assert len(rounds["records"]["http_c1"]) == len(rounds["records"]["grpc_c1"]) == 2
+    assert all(r["failed"] == 0 and r["requests"] == 2 and r["p50_s"] > 0 for r in rounds["records"]["http_c1"])
     for record in rounds["records"]["grpc_c8"]:  # each round's first step: the exact mean, the histogram's p50 beside it
         assert record["first_step_ms"] > 0 and record["first_step_p50_ms"] > 0
     for key in ("served_overhead_grpc", "served_vs_inprocess_http", "served_tail_grpc", "served_first_step_grpc", "served_scaling_http"):

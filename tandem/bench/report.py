@@ -474,17 +474,21 @@ def _rounds_section(results: dict) -> list[str]:
         "Every ratio above is measured in interleaved rounds: each round runs every arm of its group once, in the "
         "opposite order to the round before (A, B, then B, A), so drift of the machine's speed lands on both figures "
         "of a ratio alike; each round gives one ratio, the line shows their median and the 10-90% interval of the "
-        "round ratios. PASS or FAIL only when that interval lies on one side of the threshold, otherwise UNSTABLE. "
+        "round ratios. Served latency at concurrency 1 and the split paths interleave finer, request by request (each prompt "
+        "in-process or through every path before the next, the order rotating by one every request). "
+        "PASS or FAIL only when that interval lies on one side of the threshold, otherwise UNSTABLE. "
         "The open-loop knee is one sweep per scheduler; its spread is a bootstrap over each offered rate's requests.",
         "",
     ]
     described = {
         **ROUND_GROUPS,
-        "served": (f"in-process generations ({served.get('c1_requests', '?')} one at a time, 8 at batch 8), the same "
-                   f"requests served at concurrency 1 ({served.get('c1_requests', '?')}) and 8 ({served.get('c8_requests', '?')}) "
-                   "per protocol, each arm through one client whose connections an untimed request (c=1) or wave (c=8) "
-                   "opened first, and in-process prefill + 2 decode steps at batch 8"),
-        "split": f"{split.get('round_requests', '?')} requests per path and round, single server vs split vs split with mTLS",
+        "served": (f"concurrency 1: {served.get('c1_requests', '?')} prompts, each generated in-process and then served over "
+                   "each protocol, request by request (the order rotating by one every request); concurrency 8: "
+                   f"{served.get('c8_requests', '?')} images in-process at batch 8 and the same number served per protocol, "
+                   "each served arm through one client whose connections an untimed request (c=1) or wave (c=8) "
+                   "opened first; in-process prefill + 2 decode steps at batch 8"),
+        "split": (f"{split.get('round_requests', '?')} requests per round, each through the single server, the split path and "
+                  "the split path with mTLS before the next (the order rotating by one every request)"),
     }
     rows = [[name, described.get(name, ""), ", ".join(g["arms"]), g["rounds"], f"{g['wall_s']:.1f}"] for name, g in groups.items()]
     out += table(["group", "what each round runs", "arms", "rounds", "wall s"], rows)

@@ -575,9 +575,10 @@ def _tree_cpu_seconds() -> float:
 def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeline, expected_tokens, progress_factory) -> dict:
     """The serving targets' figures, in interleaved rounds. Arms (one figure each per round):
 
-    - ``inprocess_c1``: ``ratio_c1_requests`` generations one after another in-process (p50 s);
-    - ``{protocol}_c1``: the same number of requests served at concurrency 1 (p50 s);
-    - ``inprocess_b8``: one in-process generation of 8 prompts at batch 8 (images/s);
+    - ``c1_interleaved``: ``ratio_c1_requests`` prompts, each generated in-process and served at
+      concurrency 1 over every protocol, request by request (the in-process p50 s is the arm's figure;
+      each protocol's p50 goes to ``records["{protocol}_c1"]``);
+    - ``inprocess_b8``: ``ratio_c8_requests // 8`` in-process generations of 8 prompts at batch 8 (images/s);
     - ``{protocol}_c8``: ``ratio_c8_requests`` served at concurrency 8 (images/s; its p50, p99 and
       time to first decode step, its mean over the arm's requests, are kept per round);
     - ``inprocess_first_step``: in-process prefill + 2 decode steps at batch 8 (s).
@@ -600,21 +601,76 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
     def indices(k: int) -> list[int]:
         return [next(counter) % n_expected for _ in range(k)]
 
-    def inprocess_c1() -> float:
-        seconds = []
-        for i in indices(c1):
-            t0 = time.perf_counter()
-            pipeline.generate(PROMPTS[i % len(PROMPTS)], seed=i)
-            seconds.append(time.perf_counter() - t0)
-        return float(np.median(seconds))
+    def checked(results: list[RequestResult]) -> list[RequestResult]:
+        ok = [r for r in results if r.ok]
+        check["requests"] += len(results)
+        check["failed"] += len(results) - len(ok)
+        check["errors"] = sorted({*check["errors"], *(r.error for r in results if not r.ok and r.error)})[:5]
+        check["tokens_mismatched"] += sum(
+            1 for r in ok if r.tokens is None or not np.array_equal(np.asarray(r.tokens).reshape(-1), expected_tokens[r.index]))
+        return ok
+
+    protos = {p: _Protocol(p, server.http_url if p == "http" else server.grpc_url) for p in settings.protocols}
+
+    def c1_interleaved() -> float:
+        """Concurrency 1, request by request: one in-process generation, then the same prompt and seed
+        served over each protocol, in an order that rotates by one every request (so no arm always
+        follows the same one). Host speed that drifts over seconds lands on all three alike; arms a
+        second or more apart (6 in-process generations, then 6 served over HTTP, ...) took it unevenly:
+        a round ratio spread 0.82-1.13x at 14:05 with medians 1.01x. Returns the in-process p50 (s);
+        each protocol's figures go to ``records``."""
+        return asyncio.run(_c1_interleaved())
+
+    async def _c1_interleaved() -> float:
+        clients = {p: proto.client() for p, proto in protos.items()}
+        try:
+            outputs = {p: proto.outputs(model) for p, proto in protos.items()}
+            for p, proto in protos.items():  # open each client's connections with an untimed request
+                warm = indices(1)[0]
+                checked([await proto.send(clients[p], model, warm, outputs[p], settings.request_timeout_s)])
+                sent[0] += 1
+            order = ["inprocess", *protos]
+            inproc: list[float] = []
+            results: dict[str, list[RequestResult]] = {p: [] for p in protos}
+            cpu = dict.fromkeys(protos, 0.0)
+            for j, i in enumerate(indices(c1)):
+                for who in order[j % len(order):] + order[: j % len(order)]:
+                    if who == "inprocess":
+                        t0 = time.perf_counter()
+                        pipeline.generate(PROMPTS[i % len(PROMPTS)], seed=i)
+                        inproc.append(time.perf_counter() - t0)
+                    else:
+                        cpu0 = _tree_cpu_seconds()
+                        results[who].append(await protos[who].send(clients[who], model, i, outputs[who], settings.request_timeout_s))
+                        cpu[who] += _tree_cpu_seconds() - cpu0
+                        sent[0] += 1
+        finally:
+            for client in clients.values():
+                await client.close()
+        for p in protos:
+            ok = checked(results[p])
+            latencies = np.array([r.seconds for r in ok])
+            wall = float(sum(r.seconds for r in results[p]))
+            records[f"{p}_c1"].append({
+                "requests": len(results[p]), "failed": len(results[p]) - len(ok), "wall_s": wall,
+                "images_per_s": len(ok) / wall if wall > 0 else 0.0,
+                "p50_s": float(np.percentile(latencies, 50)) if ok else None,
+                "p99_s": float(np.percentile(latencies, 99)) if ok else None,
+                "cores_busy": cpu[p] / wall if wall > 0 else None,
+            })
+        return float(np.median(inproc))
 
     prompts8 = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
     params8 = [SamplingParams(seed=i) for i in range(8)]
+    batches8 = max(1, c8 // 8)
 
     def inprocess_b8() -> float:
+        """The served c=8 arm's images in-process: ``c8 // 8`` generations at batch 8 (images/s over
+        all of them; one generation per round made this the noisiest figure of the group)."""
         t0 = time.perf_counter()
-        pipeline.render(pipeline.generate_tokens(prompts8, params8))
-        return 8 / (time.perf_counter() - t0)
+        for _ in range(batches8):
+            pipeline.render(pipeline.generate_tokens(prompts8, params8))
+        return 8 * batches8 / (time.perf_counter() - t0)
 
     engine = make_decode_engine(pipeline.runtime, 8)
     ids, lengths = encode_batch(prompts8, pipeline.config.reasoning.max_prompt_len)
@@ -629,21 +685,12 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
         return block(first_steps, 5)
 
     def served(protocol: str, concurrency: int, k: int):
-        proto = _Protocol(protocol, server.http_url if protocol == "http" else server.grpc_url)
+        proto = protos[protocol]
         name = f"{protocol}_c{concurrency}"
         records[name] = []
 
-        def checked(results: list[RequestResult]) -> list[RequestResult]:
-            ok = [r for r in results if r.ok]
-            check["requests"] += len(results)
-            check["failed"] += len(results) - len(ok)
-            check["errors"] = sorted({*check["errors"], *(r.error for r in results if not r.ok and r.error)})[:5]
-            check["tokens_mismatched"] += sum(
-                1 for r in ok if r.tokens is None or not np.array_equal(np.asarray(r.tokens).reshape(-1), expected_tokens[r.index]))
-            return ok
-
         async def warm_then_timed(idx: list[int]):
-            # One client for the arm, its connections opened by an untimed wave first (one request at c=1):
+            # One client for the arm, its connections opened by an untimed wave first:
             # a served client keeps its connections, and throughput at c=8 is a steady state, not the step
             # up from c=1 (8 new HTTP connections at once spread a wave's arrivals and split its prefill).
             client = proto.client()
@@ -651,9 +698,7 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
                 warm = indices(concurrency)
                 checked((await _level_on(client, proto, model, concurrency, warm, settings.request_timeout_s, lambda: None))[0])
                 sent[0] += len(warm)
-                before = metrics_before = None
-                if concurrency > 1:
-                    before, metrics_before = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
+                before, metrics_before = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
                 cpu0 = _tree_cpu_seconds()
                 results, wall = await _level_on(client, proto, model, concurrency, idx, settings.request_timeout_s, lambda: None)
                 return results, wall, _tree_cpu_seconds() - cpu0, before, metrics_before
@@ -673,20 +718,18 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
                 "p99_s": float(np.percentile(latencies, 99)) if ok else None,
                 "cores_busy": cpu / wall if wall > 0 else None,
             }
-            if concurrency > 1:
-                after, metrics_after = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
-                first = first_step_summary(metrics_before, metrics_after, statistics_delta(before, after), scheduler)
-                rec["first_step_ms"], rec["first_step_p50_ms"] = first["mean_ms"], first["p50_ms"]
-                rec["decode_loop"] = scheduler_summary(metrics_before, metrics_after, scheduler)
+            after, metrics_after = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
+            first = first_step_summary(metrics_before, metrics_after, statistics_delta(before, after), scheduler)
+            rec["first_step_ms"], rec["first_step_p50_ms"] = first["mean_ms"], first["p50_ms"]
+            rec["decode_loop"] = scheduler_summary(metrics_before, metrics_after, scheduler)
             records[name].append(rec)
-            return rec["p50_s"] if concurrency == 1 else rec["images_per_s"]
+            return rec["images_per_s"]
 
         return name, arm
 
-    arms = {"inprocess_c1": inprocess_c1}
     for protocol in settings.protocols:
-        name, arm = served(protocol, 1, c1)
-        arms[name] = arm
+        records[f"{protocol}_c1"] = []
+    arms = {"c1_interleaved": c1_interleaved}
     arms["inprocess_b8"] = inprocess_b8
     for protocol in settings.protocols:
         name, arm = served(protocol, 8, c8)
@@ -704,7 +747,7 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
         return None if ratio is None else {**ratio.as_dict(), "arms": arms_}
 
     ratios: dict = {}
-    inproc_c1, inproc_b8 = rounds.figures["inprocess_c1"], rounds.figures["inprocess_b8"]
+    inproc_c1, inproc_b8 = rounds.figures["c1_interleaved"], rounds.figures["inprocess_b8"]
     first_inproc = rounds.figures["inprocess_first_step"]
     def median(xs) -> float | None:
         xs = [x for x in xs if x is not None and np.isfinite(x)]
