@@ -170,6 +170,9 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     assert rounds["rounds"]["arms"][0] == "c1_interleaved"
     assert len(rounds["records"]["http_c1"]) == len(rounds["records"]["grpc_c1"]) == 2
     assert all(r["failed"] == 0 and r["requests"] == 2 and r["p50_s"] > 0 for r in rounds["records"]["http_c1"])
+    # Concurrency 8 likewise, wave by wave (quick: one wave of 8 per round), in-process batch 8 the arm's figure.
+    assert rounds["rounds"]["arms"] == ["c1_interleaved", "c8_interleaved", "inprocess_first_step"]
+    assert all(r["waves"] == 1 and r["requests"] == 8 and r["decode_loop"]["completed"] == 8 for r in rounds["records"]["http_c8"])
     for record in rounds["records"]["grpc_c8"]:  # each round's first step: the exact mean, the histogram's p50 beside it
         assert record["first_step_ms"] > 0 and record["first_step_p50_ms"] > 0
     for key in ("served_overhead_grpc", "served_vs_inprocess_http", "served_tail_grpc", "served_first_step_grpc", "served_scaling_http"):

@@ -474,8 +474,8 @@ def _rounds_section(results: dict) -> list[str]:
         "Every ratio above is measured in interleaved rounds: each round runs every arm of its group once, in the "
         "opposite order to the round before (A, B, then B, A), so drift of the machine's speed lands on both figures "
         "of a ratio alike; each round gives one ratio, the line shows their median and the 10-90% interval of the "
-        "round ratios. Served latency at concurrency 1 and the split paths interleave finer, request by request (each prompt "
-        "in-process or through every path before the next, the order rotating by one every request). "
+        "round ratios. The served group and the split paths interleave finer: request by request at concurrency 1 and on "
+        "the split paths, wave by wave (8 requests) at concurrency 8, the order rotating by one every time. "
         "PASS or FAIL only when that interval lies on one side of the threshold, otherwise UNSTABLE. "
         "The open-loop knee is one sweep per scheduler; its spread is a bootstrap over each offered rate's requests.",
         "",
@@ -483,10 +483,11 @@ def _rounds_section(results: dict) -> list[str]:
     described = {
         **ROUND_GROUPS,
         "served": (f"concurrency 1: {served.get('c1_requests', '?')} prompts, each generated in-process and then served over "
-                   "each protocol, request by request (the order rotating by one every request); concurrency 8: "
-                   f"{served.get('c8_requests', '?')} images in-process at batch 8 and the same number served per protocol, "
-                   "each served arm through one client whose connections an untimed request (c=1) or wave (c=8) "
-                   "opened first; in-process prefill + 2 decode steps at batch 8"),
+                   "each protocol, request by request; concurrency 8: "
+                   f"{max(1, int(served.get('c8_requests') or 8) // 8)} waves, each an in-process generation at batch 8 and then "
+                   "8 requests at concurrency 8 over each protocol, wave by wave (the order rotating by one every request "
+                   "or wave; each protocol's client opened its connections with an untimed request or wave first); "
+                   "in-process prefill + 2 decode steps at batch 8"),
         "split": (f"{split.get('round_requests', '?')} requests per round, each through the single server, the split path and "
                   "the split path with mTLS before the next (the order rotating by one every request)"),
     }

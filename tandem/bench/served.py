@@ -553,6 +553,20 @@ def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _mean_of(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _summed_loops(loops: list[dict | None]) -> dict | None:
+    """Several waves' :func:`scheduler_summary` as one (counts added)."""
+    loops = [x for x in loops if x]
+    if not loops:
+        return None
+    total = {k: sum(x[k] for x in loops) for k in ("steps", "rows_stepped", "prefills", "completed")}
+    return {**total, "mean_rows_per_step": total["rows_stepped"] / total["steps"]}
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1e3 * seconds
 
@@ -578,9 +592,10 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
     - ``c1_interleaved``: ``ratio_c1_requests`` prompts, each generated in-process and served at
       concurrency 1 over every protocol, request by request (the in-process p50 s is the arm's figure;
       each protocol's p50 goes to ``records["{protocol}_c1"]``);
-    - ``inprocess_b8``: ``ratio_c8_requests // 8`` in-process generations of 8 prompts at batch 8 (images/s);
-    - ``{protocol}_c8``: ``ratio_c8_requests`` served at concurrency 8 (images/s; its p50, p99 and
-      time to first decode step, its mean over the arm's requests, are kept per round);
+    - ``c8_interleaved``: ``ratio_c8_requests // 8`` waves, each an in-process generation of 8 prompts at
+      batch 8 and 8 requests served at concurrency 8 over every protocol, wave by wave (the in-process
+      images/s is the arm's figure; each protocol's images/s, p50, p99 and time to first decode step,
+      its mean over the requests, go to ``records["{protocol}_c8"]``);
     - ``inprocess_first_step``: in-process prefill + 2 decode steps at batch 8 (s).
 
     Every served answer is checked against the in-process tokens (``check``)."""
@@ -662,15 +677,70 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
 
     prompts8 = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
     params8 = [SamplingParams(seed=i) for i in range(8)]
-    batches8 = max(1, c8 // 8)
+    waves = max(1, c8 // 8)
 
-    def inprocess_b8() -> float:
-        """The served c=8 arm's images in-process: ``c8 // 8`` generations at batch 8 (images/s over
-        all of them; one generation per round made this the noisiest figure of the group)."""
-        t0 = time.perf_counter()
-        for _ in range(batches8):
-            pipeline.render(pipeline.generate_tokens(prompts8, params8))
-        return 8 * batches8 / (time.perf_counter() - t0)
+    def c8_interleaved() -> float:
+        """Concurrency 8, wave by wave: one in-process generation at batch 8, then a wave of 8
+        requests at concurrency 8 over each protocol, ``c8 // 8`` times, the order rotating by one
+        every wave. Each protocol's client opens its connections with an untimed wave first; Triton's
+        statistics and metrics are read around each timed wave (untimed), so time to first decode step
+        is the mean over that protocol's waves. Arms ~2 s apart (24 images in-process, then 24 served
+        over HTTP, ...) took the host's drift unevenly: served/in-process round ratios spread 0.84-1.02x
+        on a slow host (16:10) around a 0.93x median. Returns the in-process images/s; each
+        protocol's figures go to ``records["{protocol}_c8"]``."""
+        return asyncio.run(_c8_interleaved())
+
+    async def _c8_interleaved() -> float:
+        clients = {p: proto.client() for p, proto in protos.items()}
+        try:
+            for p, proto in protos.items():
+                warm = indices(8)
+                checked((await _level_on(clients[p], proto, model, 8, warm, settings.request_timeout_s, lambda: None))[0])
+                sent[0] += len(warm)
+            order = ["inprocess", *protos]
+            inproc_s = 0.0
+            results: dict[str, list[RequestResult]] = {p: [] for p in protos}
+            wall = dict.fromkeys(protos, 0.0)
+            cpu = dict.fromkeys(protos, 0.0)
+            firsts: dict[str, list[dict]] = {p: [] for p in protos}
+            loops: dict[str, list[dict]] = {p: [] for p in protos}
+            for w in range(waves):
+                for who in order[w % len(order):] + order[: w % len(order)]:
+                    if who == "inprocess":
+                        t0 = time.perf_counter()
+                        pipeline.render(pipeline.generate_tokens(prompts8, params8))
+                        inproc_s += time.perf_counter() - t0
+                        continue
+                    idx = indices(8)
+                    before, metrics_before = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
+                    cpu0 = _tree_cpu_seconds()
+                    got, seconds = await _level_on(clients[who], protos[who], model, 8, idx, settings.request_timeout_s, lambda: None)
+                    cpu[who] += _tree_cpu_seconds() - cpu0
+                    wall[who] += seconds
+                    results[who] += got
+                    sent[0] += len(idx)
+                    after, metrics_after = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
+                    firsts[who].append(first_step_summary(metrics_before, metrics_after, statistics_delta(before, after), scheduler))
+                    loops[who].append(scheduler_summary(metrics_before, metrics_after, scheduler))
+        finally:
+            for client in clients.values():
+                await client.close()
+        for p in protos:
+            ok = checked(results[p])
+            latencies = np.array([r.seconds for r in ok])
+            rec = {
+                "requests": len(results[p]), "failed": len(results[p]) - len(ok), "wall_s": wall[p], "waves": waves,
+                "images_per_s": len(ok) / wall[p] if wall[p] > 0 else 0.0,
+                "p50_s": float(np.percentile(latencies, 50)) if ok else None,
+                "p99_s": float(np.percentile(latencies, 99)) if ok else None,
+                "cores_busy": cpu[p] / wall[p] if wall[p] > 0 else None,
+                # every wave has 8 requests: the mean of the waves' means is the mean over all of them
+                "first_step_ms": _mean_of([f["mean_ms"] for f in firsts[p]]),
+                "first_step_p50_ms": _mean_of([f["p50_ms"] for f in firsts[p]]),  # the waves' histogram p50s, averaged
+                "decode_loop": _summed_loops(loops[p]),
+            }
+            records[f"{p}_c8"].append(rec)
+        return 8 * waves / inproc_s
 
     engine = make_decode_engine(pipeline.runtime, 8)
     ids, lengths = encode_batch(prompts8, pipeline.config.reasoning.max_prompt_len)
@@ -684,57 +754,10 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
     def inprocess_first_step() -> float:
         return block(first_steps, 5)
 
-    def served(protocol: str, concurrency: int, k: int):
-        proto = protos[protocol]
-        name = f"{protocol}_c{concurrency}"
-        records[name] = []
-
-        async def warm_then_timed(idx: list[int]):
-            # One client for the arm, its connections opened by an untimed wave first:
-            # a served client keeps its connections, and throughput at c=8 is a steady state, not the step
-            # up from c=1 (8 new HTTP connections at once spread a wave's arrivals and split its prefill).
-            client = proto.client()
-            try:
-                warm = indices(concurrency)
-                checked((await _level_on(client, proto, model, concurrency, warm, settings.request_timeout_s, lambda: None))[0])
-                sent[0] += len(warm)
-                before, metrics_before = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
-                cpu0 = _tree_cpu_seconds()
-                results, wall = await _level_on(client, proto, model, concurrency, idx, settings.request_timeout_s, lambda: None)
-                return results, wall, _tree_cpu_seconds() - cpu0, before, metrics_before
-            finally:
-                await client.close()
-
-        def arm() -> float:
-            idx = indices(k)
-            results, wall, cpu, before, metrics_before = asyncio.run(warm_then_timed(idx))
-            sent[0] += len(idx)
-            ok = checked(results)
-            latencies = np.array([r.seconds for r in ok])
-            rec = {
-                "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
-                "images_per_s": len(ok) / wall if wall > 0 else 0.0,
-                "p50_s": float(np.percentile(latencies, 50)) if ok else None,
-                "p99_s": float(np.percentile(latencies, 99)) if ok else None,
-                "cores_busy": cpu / wall if wall > 0 else None,
-            }
-            after, metrics_after = settled_statistics(http_address, model.name, sent[0]), _scrape(server)
-            first = first_step_summary(metrics_before, metrics_after, statistics_delta(before, after), scheduler)
-            rec["first_step_ms"], rec["first_step_p50_ms"] = first["mean_ms"], first["p50_ms"]
-            rec["decode_loop"] = scheduler_summary(metrics_before, metrics_after, scheduler)
-            records[name].append(rec)
-            return rec["images_per_s"]
-
-        return name, arm
-
     for protocol in settings.protocols:
         records[f"{protocol}_c1"] = []
-    arms = {"c1_interleaved": c1_interleaved}
-    arms["inprocess_b8"] = inprocess_b8
-    for protocol in settings.protocols:
-        name, arm = served(protocol, 8, c8)
-        arms[name] = arm
-    arms["inprocess_first_step"] = inprocess_first_step
+        records[f"{protocol}_c8"] = []
+    arms = {"c1_interleaved": c1_interleaved, "c8_interleaved": c8_interleaved, "inprocess_first_step": inprocess_first_step}
     budget = settings.ratio_rounds
     bar = progress_factory(total=budget.rounds, desc=f"served {scheduler}: ratio rounds", unit="round")
     rounds = run_rounds(arms, budget, on_round=lambda _: bar.update())
@@ -747,7 +770,7 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
         return None if ratio is None else {**ratio.as_dict(), "arms": arms_}
 
     ratios: dict = {}
-    inproc_c1, inproc_b8 = rounds.figures["c1_interleaved"], rounds.figures["inprocess_b8"]
+    inproc_c1, inproc_b8 = rounds.figures["c1_interleaved"], rounds.figures["c8_interleaved"]
     first_inproc = rounds.figures["inprocess_first_step"]
     def median(xs) -> float | None:
         xs = [x for x in xs if x is not None and np.isfinite(x)]
