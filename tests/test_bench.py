@@ -161,6 +161,7 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
         assert all(1 <= x <= 8 for x in roof["routed_experts_per_layer_mean"])  # tiny: top-2 of 8 experts
     assert max(replay["roofline"]["1"]["routed_experts_per_layer_mean"]) <= 2  # one row: exactly its top-2
     assert "## Decode steps as generation runs them" in report and "### How the ratios were measured" in report
+    assert "- Host speed in this run: copy bandwidth " in report and " GFLOP/s (median of the refinement rounds)" in report
     # Served ratios: the same rounds run in-process work and served requests, every answer checked.
     rounds = served["ratio_rounds"]
     assert rounds["rounds"]["rounds"] == 2 and rounds["check"]["failed"] == 0 and rounds["check"]["tokens_mismatched"] == 0
@@ -689,3 +690,24 @@ def test_decode_step_section_measures_a_cpu_aot_build_beside_onnxruntime(tiny_ar
     assert ratio["rounds"] == 2 and ratio["median"] > 0
     targets = {t["id"]: t for t in results["targets"]}
     assert "measured" in targets["decode_step_cpu_aot_vs_onnxruntime_b1"]["detail"]  # quick: measured, not judged
+
+
+def test_a_rerendered_run_describes_the_served_and_split_rounds_it_ran():
+    """The served and split groups' interleaving changed (48ad99e, 3f38ec2); a report re-rendered from
+    an older results.json must describe the rounds that run made, read from its recorded arms."""
+    from tandem.bench.report import _served_group_text
+    from tandem.bench.split import report_section
+
+    old = {"rounds": {"arms": ["inprocess_c1", "http_c1", "grpc_c1", "inprocess_b8", "http_c8", "grpc_c8", "inprocess_first_step"]},
+           "c1_requests": 6, "c8_requests": 24}
+    mid = {"rounds": {"arms": ["c1_interleaved", "inprocess_b8", "http_c8", "grpc_c8", "inprocess_first_step"]}, "c1_requests": 6, "c8_requests": 24}
+    new = {"rounds": {"arms": ["c1_interleaved", "c8_interleaved", "inprocess_first_step"]}, "c1_requests": 6, "c8_requests": 24}
+    assert "6 one at a time" in _served_group_text(old) and "request by request" not in _served_group_text(old)
+    assert "request by request" in _served_group_text(mid) and "wave by wave" not in _served_group_text(mid)
+    assert "3 waves" in _served_group_text(new) and "wave by wave" in _served_group_text(new)
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    before = json.loads((results / "amd-epyc-2c-2026-12-07-1405" / "results.json").read_text())  # per-path arms
+    after = json.loads((results / "amd-epyc-2c-2026-12-07-1636" / "results.json").read_text())  # request by request
+    assert "order reversed every other round" in "\n".join(report_section(before))
+    assert "rotating by one every request" in "\n".join(report_section(after))
+    assert _served_group_text(after["served"]["ratio_rounds"]) == _served_group_text(new)

@@ -14,6 +14,47 @@ def split_report_section(results: dict) -> list[str]:
     return report_section(results)
 
 
+def _host_speed_line(results: dict) -> list[str]:
+    """The host's own speed in this run, from figures its rounds measured anyway: the copy bandwidth
+    of the decode rounds and the numpy GEMM of the refinement rounds (medians). The busy figure sees
+    only this machine's processes; a shared physical host can run several times slower with this
+    VM quiet (the 15:53 run on 2026-12-07: copy 13 GB/s, GEMM 129 GFLOP/s, where the runs before it
+    measured 41-78 GB/s and 230-248 GFLOP/s), and every absolute figure of the run moves with it."""
+    parts = []
+    roof = ((results.get("replay") or {}).get("roofline") or {}).get("1") or {}
+    if roof.get("bandwidth_gb_s_median"):
+        parts.append(f"copy bandwidth {roof['bandwidth_gb_s_median']:.1f} GB/s (read + write, median of the decode rounds)")
+    peak = (results.get("ratios") or {}).get("refinement_peak") or {}
+    gemm_s, n = (peak.get("arms") or {}).get("gemm"), peak.get("gemm_n")
+    if gemm_s and n:
+        parts.append(f"{peak.get('gemm_library', 'GEMM')} n={n} {2 * n**3 / gemm_s / 1e9:.0f} GFLOP/s (median of the refinement rounds)")
+    if not parts:
+        return []
+    return ["- Host speed in this run: " + ", ".join(parts) + "; the busy figure above sees only this machine's processes, "
+            "so compare absolute figures between runs only where these agree (ratios come from interleaved rounds)"]
+
+
+def _served_group_text(served: dict) -> str:
+    """What a round of the served group ran, from the arms the run recorded (the arms changed in
+    48ad99e and 3f38ec2; a re-rendered older run keeps its own description)."""
+    arms = (served.get("rounds") or {}).get("arms") or []
+    c1, c8 = served.get("c1_requests", "?"), served.get("c8_requests", "?")
+    if "c1_interleaved" not in arms:
+        return (f"in-process generations ({c1} one at a time, 8 at batch 8), the same requests served at concurrency 1 ({c1}) "
+                f"and 8 ({c8}) per protocol, each arm through one client whose connections an untimed request (c=1) or "
+                "wave (c=8) opened first, and in-process prefill + 2 decode steps at batch 8")
+    first = (f"concurrency 1: {c1} prompts, each generated in-process and then served over each protocol, request by "
+             "request (the order rotating by one every request); ")
+    if "c8_interleaved" not in arms:
+        return first + (f"concurrency 8: {c8} images in-process at batch 8 and the same number served per protocol, each "
+                        "served arm through one client whose connections an untimed request (c=1) or wave (c=8) opened "
+                        "first; in-process prefill + 2 decode steps at batch 8")
+    return first + (f"concurrency 8: {max(1, int(c8) // 8) if isinstance(c8, int) else '?'} waves, each an in-process "
+                    "generation at batch 8 and then 8 requests at concurrency 8 over each protocol, wave by wave (rotating "
+                    "likewise; each protocol's client opened its connections with an untimed request or wave first); "
+                    "in-process prefill + 2 decode steps at batch 8")
+
+
 def render(results: dict) -> str:
     env = results["environment"]
     cfg = results["config"]
@@ -38,6 +79,7 @@ def render(results: dict) -> str:
         )
         + f" (load average at start {env.get('load_average_start')}, at end {results.get('load_average_end')}; "
         "the end figure includes this run itself)",
+        *_host_speed_line(results),
         f"- Model: config `{cfg['name']}` (fingerprint `{cfg['fingerprint']}`, weights `{cfg['weights']}`), "
         f"{cfg['scene_tokens']} scene tokens, KV cache of {cfg['max_len']} positions, image {cfg['image']}",
         f"- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
@@ -474,22 +516,19 @@ def _rounds_section(results: dict) -> list[str]:
         "Every ratio above is measured in interleaved rounds: each round runs every arm of its group once, in the "
         "opposite order to the round before (A, B, then B, A), so drift of the machine's speed lands on both figures "
         "of a ratio alike; each round gives one ratio, the line shows their median and the 10-90% interval of the "
-        "round ratios. The served group and the split paths interleave finer: request by request at concurrency 1 and on "
-        "the split paths, wave by wave (8 requests) at concurrency 8, the order rotating by one every time. "
+        "round ratios. Where the table below says so, a group interleaves finer: request by request or wave by wave, "
+        "the order rotating by one every time. "
         "PASS or FAIL only when that interval lies on one side of the threshold, otherwise UNSTABLE. "
         "The open-loop knee is one sweep per scheduler; its spread is a bootstrap over each offered rate's requests.",
         "",
     ]
     described = {
         **ROUND_GROUPS,
-        "served": (f"concurrency 1: {served.get('c1_requests', '?')} prompts, each generated in-process and then served over "
-                   "each protocol, request by request; concurrency 8: "
-                   f"{max(1, int(served.get('c8_requests') or 8) // 8)} waves, each an in-process generation at batch 8 and then "
-                   "8 requests at concurrency 8 over each protocol, wave by wave (the order rotating by one every request "
-                   "or wave; each protocol's client opened its connections with an untimed request or wave first); "
-                   "in-process prefill + 2 decode steps at batch 8"),
+        "served": _served_group_text(served),
         "split": (f"{split.get('round_requests', '?')} requests per round, each through the single server, the split path and "
-                  "the split path with mTLS before the next (the order rotating by one every request)"),
+                  "the split path with mTLS before the next (the order rotating by one every request)"
+                  if split.get("interleave") == "request" else
+                  f"{split.get('round_requests', '?')} requests per path and round, single server vs split vs split with mTLS"),
     }
     rows = [[name, described.get(name, ""), ", ".join(g["arms"]), g["rounds"], f"{g['wall_s']:.1f}"] for name, g in groups.items()]
     out += table(["group", "what each round runs", "arms", "rounds", "wall s"], rows)

@@ -164,6 +164,7 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
         "status": "ok",
         "requests": n_rounds * k,
         "round_requests": k,
+        "interleave": "request",  # each request through every path before the next (before 48ad99e: per-path arms)
         "rounds": rounds.as_dict(),
         "paths": {p: {"description": DESCRIPTIONS[p], "latency": summary[p]} for p in PATHS},
         "hops_ms": {p: {h: summarize(v) for h, v in hs.items()} for p, hs in hops.items()},
@@ -224,11 +225,14 @@ def report_section(results: dict) -> list[str]:
     out = ["## Split path: reasoning and refinement on separate servers (issue 13)", ""]
     if split.get("status") != "ok":
         return out + [f"**{split.get('status', 'not run')}**" + (f" - {split['reason']}" if split.get("reason") else ""), ""]
-    how = (
-        f"in {split['rounds']['rounds']} rounds of {split.get('round_requests')} (each request goes through every path before the "
-        "next one, the order rotating by one every request; a ratio is the median of the rounds' p50 ratios)"
-        if split.get("rounds") else "interleaved (request i through every path before request i+1)"  # runs before issue 27
-    )
+    if not split.get("rounds"):  # runs before issue 27
+        how = "interleaved (request i through every path before request i+1)"
+    elif split.get("interleave") == "request":
+        how = (f"in {split['rounds']['rounds']} rounds of {split.get('round_requests')} (each request goes through every path "
+               "before the next one, the order rotating by one every request; a ratio is the median of the rounds' p50 ratios)")
+    else:  # 2026-12-07 runs before 48ad99e
+        how = (f"in {split['rounds']['rounds']} interleaved rounds of {split.get('round_requests')} (each round runs the same "
+               "requests through every path, the order reversed every other round; a ratio is the median of the rounds' p50 ratios)")
     out += [
         f"{split['requests']} requests per path at concurrency 1, {how}, greedy, seed i; answers differing from the single "
         f"server's: {split['mismatched_answers']}.",
