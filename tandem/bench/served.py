@@ -627,6 +627,19 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
 
     protos = {p: _Protocol(p, server.http_url if p == "http" else server.grpc_url) for p in settings.protocols}
 
+    def record(results: list[RequestResult], wall: float, cpu: float) -> dict:
+        """A served arm's round: its answers checked, images/s over ``wall`` (s), p50/p99 latency,
+        cores kept busy (``cpu`` seconds of this process tree over ``wall``)."""
+        ok = checked(results)
+        latencies = np.array([r.seconds for r in ok])
+        return {
+            "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
+            "images_per_s": len(ok) / wall if wall > 0 else 0.0,
+            "p50_s": float(np.percentile(latencies, 50)) if ok else None,
+            "p99_s": float(np.percentile(latencies, 99)) if ok else None,
+            "cores_busy": cpu / wall if wall > 0 else None,
+        }
+
     def c1_interleaved() -> float:
         """Concurrency 1, request by request: one in-process generation, then the same prompt and seed
         served over each protocol, in an order that rotates by one every request (so no arm always
@@ -663,16 +676,7 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
             for client in clients.values():
                 await client.close()
         for p in protos:
-            ok = checked(results[p])
-            latencies = np.array([r.seconds for r in ok])
-            wall = float(sum(r.seconds for r in results[p]))
-            records[f"{p}_c1"].append({
-                "requests": len(results[p]), "failed": len(results[p]) - len(ok), "wall_s": wall,
-                "images_per_s": len(ok) / wall if wall > 0 else 0.0,
-                "p50_s": float(np.percentile(latencies, 50)) if ok else None,
-                "p99_s": float(np.percentile(latencies, 99)) if ok else None,
-                "cores_busy": cpu[p] / wall if wall > 0 else None,
-            })
+            records[f"{p}_c1"].append(record(results[p], float(sum(r.seconds for r in results[p])), cpu[p]))
         return float(np.median(inproc))
 
     prompts8 = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
@@ -726,14 +730,8 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
             for client in clients.values():
                 await client.close()
         for p in protos:
-            ok = checked(results[p])
-            latencies = np.array([r.seconds for r in ok])
             rec = {
-                "requests": len(results[p]), "failed": len(results[p]) - len(ok), "wall_s": wall[p], "waves": waves,
-                "images_per_s": len(ok) / wall[p] if wall[p] > 0 else 0.0,
-                "p50_s": float(np.percentile(latencies, 50)) if ok else None,
-                "p99_s": float(np.percentile(latencies, 99)) if ok else None,
-                "cores_busy": cpu[p] / wall[p] if wall[p] > 0 else None,
+                **record(results[p], wall[p], cpu[p]), "waves": waves,
                 # every wave has 8 requests: the mean of the waves' means is the mean over all of them
                 "first_step_ms": _mean_of([f["mean_ms"] for f in firsts[p]]),
                 "first_step_p50_ms": _mean_of([f["p50_ms"] for f in firsts[p]]),  # the waves' histogram p50s, averaged
