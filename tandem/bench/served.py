@@ -690,7 +690,7 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
         statistics and metrics are read around each timed wave (untimed), so time to first decode step
         is the mean over that protocol's waves. Arms ~2 s apart (24 images in-process, then 24 served
         over HTTP, ...) took the host's drift unevenly: served/in-process round ratios spread 0.84-1.02x
-        on a slow host (16:10) around a 0.93x median. Returns the in-process images/s; each
+        on a slow host (the 15:53 run) around a 0.93x median. Returns the in-process images/s; each
         protocol's figures go to ``records["{protocol}_c8"]``."""
         return asyncio.run(_c8_interleaved())
 
