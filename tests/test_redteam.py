@@ -922,3 +922,42 @@ def test_client_mistakes_in_json_are_answered_400_by_the_front_door(tiny_server:
     assert status == 400 and "'seed' takes an integer in [0, 2**63)" in json.loads(text)["error"]
     status, text = _http(f"{tiny_server.http_url}/v2/models/tandem/infer", "POST", body(7))
     assert status == 200, text
+
+
+def test_the_supervisor_learns_the_order_in_which_children_die():
+    """Defect behind a flaky CI run: a stub killed under load made tritonserver abort within
+    milliseconds, and the supervisor's next check (every 0.5 s) saw tritonserver dead first and
+    blamed it. The kernel's pidfds give the real order; a process already gone counts too."""
+    import signal
+    import subprocess
+    import time
+
+    from tandem.serving.server import DeathOrder
+
+    order = DeathOrder()
+    if not order.available:
+        pytest.skip("pidfds need Linux 5.3 or later")
+    first, second = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        order.watch(first.pid, "stub")
+        order.watch(second.pid, "tritonserver")
+        order.watch(gone.pid, "front door")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        deadline = time.monotonic() + 10
+        while len(order.deaths()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second.send_signal(signal.SIGKILL)
+        second.wait()
+        while len(order.deaths()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [(pid, role) for _, pid, role in order.deaths()] == [
+            (gone.pid, "front door"), (first.pid, "stub"), (second.pid, "tritonserver")]
+    finally:
+        order.close()
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+                process.wait()

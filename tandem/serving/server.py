@@ -19,6 +19,7 @@ import ctypes
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -269,6 +270,77 @@ def http_get(path: str, timeout: float = 5.0, socket_path: str | Path | None = N
         connection.close()
 
 
+class DeathOrder:
+    """The order in which watched processes die, as the kernel reports it (a pidfd is readable
+    the moment its process ends): the supervisor names the first death as the cause, not the
+    one its next check happens to see (a killed stub makes tritonserver abort within
+    milliseconds, well inside one supervise interval). Where pidfds are missing (not Linux,
+    kernel < 5.3) ``available`` is False and the supervisor falls back to polling."""
+
+    def __init__(self) -> None:
+        self.available = hasattr(os, "pidfd_open") and hasattr(select, "poll")
+        self._fds: dict[int, tuple[int, str]] = {}  # pidfd -> (pid, role)
+        self._deaths: list[tuple[int, int, str]] = []  # (wake number, pid, role), in order
+        self._lock = threading.Lock()
+        self._poller = select.poll() if self.available else None
+        self._wake_r, self._wake_w = os.pipe() if self.available else (-1, -1)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, pid: int, role: str) -> None:
+        if not self.available:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone (and reaped): it died before anything watched it
+            with self._lock:
+                self._deaths.append((-1, pid, role))
+            return
+        with self._lock:
+            self._fds[fd] = (pid, role)
+            self._poller.register(fd, select.POLLIN)
+        if self._thread is None:
+            self._poller.register(self._wake_r, select.POLLIN)
+            self._thread = threading.Thread(target=self._run, name="tandem-death-order", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        for wake in itertools.count():
+            events = self._poller.poll()
+            with self._lock:
+                if self._closed:
+                    return
+                for fd, _ in events:
+                    if fd in self._fds:
+                        pid, role = self._fds.pop(fd)
+                        self._poller.unregister(fd)
+                        os.close(fd)
+                        self._deaths.append((wake, pid, role))
+
+    def deaths(self) -> list[tuple[int, int, str]]:
+        """(wake, pid, role) of each watched process that died, first first; deaths the watcher
+        saw in the same wake are in no particular order among themselves."""
+        with self._lock:
+            return list(self._deaths)
+
+    def close(self) -> None:
+        if not self.available:
+            return
+        with self._lock:
+            self._closed = True
+            for fd in self._fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fds.clear()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def kill_stubs(prefix: str) -> list[int]:
     """SIGKILL every python-backend stub of one server (its command line names the server's
     shared-memory prefix), wherever it ended up: a stub orphaned by a killed tritonserver keeps its
@@ -469,6 +541,7 @@ class TritonServer:
         self._workdir: Path | None = None  # private (0700): tritonserver's sockets, drain and cancel folders
         self._front_reader: threading.Thread | None = None
         self._stubs: dict[int, str] = {}
+        self._death_order: DeathOrder | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=2000)
         self._reader: threading.Thread | None = None
         self.cpu_host = not has_cuda_driver()
@@ -739,6 +812,7 @@ class TritonServer:
             if (not self.front_door or self._front_ready.is_set()) and self._ready():
                 protect_shm_regions(self.shm_prefix)  # every region of the loaded models, before any request
                 self._stubs = self._stub_processes()
+                self._watch_children()
                 return
             if time.monotonic() > deadline:
                 raise self._failure(
@@ -763,11 +837,54 @@ class TritonServer:
                         stubs[child.pid] = region[len(self.shm_prefix):]
         return stubs
 
+    def _watch_children(self) -> None:
+        """Watch tritonserver, the front door and (unless versions are polled: a version change
+        replaces stubs) each python-backend stub for the order in which they die."""
+        if self._death_order is not None:
+            self._death_order.close()
+        self._death_order = DeathOrder()
+        if self.process is not None:
+            self._death_order.watch(self.process.pid, "tritonserver")
+        if self._front is not None:
+            self._death_order.watch(self._front.pid, "front door")
+        if not self.poll_seconds:
+            for pid in self._stubs:
+                self._death_order.watch(pid, "stub")
+
+    def _first_death(self) -> str | None:
+        """The reason naming the first child that died, from the kernel's order of deaths; None
+        while none has. Deaths seen in one wake of the watcher are ordered by what can cause
+        what: a stub's or the front door's death makes tritonserver abort, never the reverse
+        within one wake (an orphaned stub notices its parent's death only at its next check)."""
+        order = self._death_order
+        if order is None or not order.available:
+            return None
+        deaths = order.deaths()
+        if not deaths:
+            return None
+        first_wake = deaths[0][0]
+        together = [d for d in deaths if d[0] == first_wake]
+        together.sort(key=lambda d: d[2] == "tritonserver")
+        _, pid, role = together[0]
+        code = self.process.poll() if self.process is not None else None
+        then = f" (tritonserver then exited, code {code})" if role != "tritonserver" and code is not None else ""
+        if role == "tritonserver":
+            return f"tritonserver exited unexpectedly (code {code})"
+        if role == "front door":
+            front = self._front.poll() if self._front is not None else None
+            return f"the front door exited unexpectedly (code {front}){then}"
+        name = self._stubs.get(pid)
+        return f"the python backend process of {name or 'a model'} (pid {pid}) died; its requests cannot be answered{then}"
+
     def failure(self) -> str | None:
         """Why the server cannot serve any more (a child died), or None while all is well: the
-        supervisor's check, made every SUPERVISE_INTERVAL_S by serve_forever."""
+        supervisor's check, made every SUPERVISE_INTERVAL_S by serve_forever. Where the kernel
+        reports the order of deaths the first one is named (see _first_death)."""
         if self.process is None:
             return "tritonserver is not running"
+        first = self._first_death()
+        if first is not None:
+            return first
         code = self.process.poll()
         if code is not None:
             return f"tritonserver exited unexpectedly (code {code})"
@@ -813,6 +930,9 @@ class TritonServer:
         (it finishes requests in flight, up to exit_timeout), then SIGKILL of its whole process
         group and of any python-backend stub of this server left anywhere. Every wait is bounded,
         whatever died first. Returns tritonserver's exit code (None if it was not running)."""
+        if self._death_order is not None:  # deaths from here on are ours
+            self._death_order.close()
+            self._death_order = None
         self._stop_front_door()  # first: tritonserver otherwise waits for its pooled connections
         process, self.process = self.process, None
         code = None
