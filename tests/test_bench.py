@@ -122,6 +122,10 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
         assert first["p50_ms"] is not None and 0 < first["p50_ms"] <= first["p99_ms"]
         assert first["mean_ms"] is not None and first["mean_ms"] > 0  # exact: the histogram's sum / count
         assert "budget_p99_ms" in entry["open_loop_knee"]
+    # The two schedulers' open-loop sweeps are interleaved rate by rate, the order rotating (servers up together).
+    assert served["open_loop"]["interleave"] == "rate"
+    assert served["open_loop"]["orders"] == [["inflight", "request"], ["request", "inflight"]]
+    assert list(served["schedulers"]["inflight"]["open_loop"]) == list(served["schedulers"]["request"]["open_loop"])
 
     # Split path (issue 13): three paths, identical answers, hop samples feeding the simulated capacity model.
     split = results["split"]
@@ -171,6 +175,10 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     assert rounds["rounds"]["arms"][0] == "c1_interleaved"
     assert len(rounds["records"]["http_c1"]) == len(rounds["records"]["grpc_c1"]) == 2
     assert all(r["failed"] == 0 and r["requests"] == 2 and r["p50_s"] > 0 for r in rounds["records"]["http_c1"])
+    # A round's c=1 ratio pairs each served request with its in-process twin: the median of those ratios.
+    overhead = served["ratios"]["served_overhead_grpc"]
+    assert overhead["arms"]["paired"] is True
+    assert overhead["per_round"] == [round(r["paired_ratio"], 6) for r in rounds["records"]["grpc_c1"]]
     # Concurrency 8 likewise, wave by wave (quick: one wave of 8 per round), in-process batch 8 the arm's figure.
     assert rounds["rounds"]["arms"] == ["c1_interleaved", "c8_interleaved", "inprocess_first_step"]
     assert all(r["waves"] == 1 and r["requests"] == 8 and r["decode_loop"]["completed"] == 8 for r in rounds["records"]["http_c8"])
@@ -186,6 +194,7 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
     assert figures["jacobi_speedup_b8"]["line"] in report
     assert "Ceiling here" in figures["served_scaling_grpc"]["line"] and figures["served_scaling_grpc"]["line"] in report
     assert split["ratios"]["mtls_vs_plain_p50"]["rounds"] == split["rounds"]["rounds"] == 2
+    assert split["ratio_of"] == "paired"  # a round's ratio: the median of its requests' paired latency ratios
 
     # Targets: all reported, each line in the Markdown; quick mode judges no timing target.
     targets = {t["id"]: t for t in results["targets"]}

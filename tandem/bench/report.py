@@ -43,8 +43,11 @@ def _served_group_text(served: dict) -> str:
         return (f"in-process generations ({c1} one at a time, 8 at batch 8), the same requests served at concurrency 1 ({c1}) "
                 f"and 8 ({c8}) per protocol, each arm through one client whose connections an untimed request (c=1) or "
                 "wave (c=8) opened first, and in-process prefill + 2 decode steps at batch 8")
+    c1_records = [r for name, recs in (served.get("records") or {}).items() if name.endswith("_c1") for r in recs]
+    paired = bool(c1_records) and all("paired_ratio" in r for r in c1_records)
     first = (f"concurrency 1: {c1} prompts, each generated in-process and then served over each protocol, request by "
-             "request (the order rotating by one every request); ")
+             "request (the order rotating by one every request"
+             + ("; a round's ratio is the median of each request's served/in-process ratio" if paired else "") + "); ")
     if "c8_interleaved" not in arms:
         return first + (f"concurrency 8: {c8} images in-process at batch 8 and the same number served per protocol, each "
                         "served arm through one client whose connections an untimed request (c=1) or wave (c=8) opened "
@@ -519,7 +522,10 @@ def _rounds_section(results: dict) -> list[str]:
         "round ratios. Where the table below says so, a group interleaves finer: request by request or wave by wave, "
         "the order rotating by one every time. "
         "PASS or FAIL only when that interval lies on one side of the threshold, otherwise UNSTABLE. "
-        "The open-loop knee is one sweep per scheduler; its spread is a bootstrap over each offered rate's requests.",
+        + ("The open-loop knee comes from the two schedulers' sweeps interleaved rate by rate (each offered rate to one "
+           "server, then the other, the order rotating); its spread is a bootstrap over each offered rate's requests."
+           if (results.get("served", {}).get("open_loop") or {}).get("interleave") == "rate" else
+           "The open-loop knee is one sweep per scheduler; its spread is a bootstrap over each offered rate's requests."),
         "",
     ]
     described = {
@@ -527,6 +533,7 @@ def _rounds_section(results: dict) -> list[str]:
         "served": _served_group_text(served),
         "split": (f"{split.get('round_requests', '?')} requests per round, each through the single server, the split path and "
                   "the split path with mTLS before the next (the order rotating by one every request)"
+                  + ("; a round's ratio is the median of its requests' paired ratios" if split.get("ratio_of") == "paired" else "")
                   if split.get("interleave") == "request" else
                   f"{split.get('round_requests', '?')} requests per path and round, single server vs split vs split with mTLS"),
     }

@@ -30,6 +30,7 @@ its dynamic batcher actually formed (``batch_stats``), and queue vs compute time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import tempfile
 import time
@@ -69,15 +70,17 @@ class ServedSettings:
     # put both schedulers' p99 at the budget, and which one or two requests were slowest decided the
     # verdict (06:41: bootstrap 10-90% 1.00-1.78x); at 4x the budget sits where the two differ.
     slo_p99_factor: float = 4.0
-    # Public ports: None picks free ones; N pins HTTP N, gRPC N+1, metrics N+2 (one server at a time).
+    # Public ports: None picks free ones; N pins HTTP N, gRPC N+1, metrics N+2 for the first scheduler's
+    # server, N+3.. for the next (all up at once: their open-loop sweeps are interleaved).
     port_base: int | None = None
     # Ratio rounds (the serving targets): per round and protocol, ratio_c1_requests at concurrency 1
     # and ratio_c8_requests at concurrency 8, next to the same in-process work.
     # Time to first decode step is each c=8 arm's mean over its requests: 24 requests are three waves
     # (at 16, two waves, one wave whose arrivals spread decided a round's figure); a c=1 arm's p50 is
-    # over 6 requests (at 4, one slow generation of the four moved a round's p50 by half its excess).
+    # over 6 requests (at 4, one slow generation of the four moved a round's p50 by half its excess);
+    # at 9, each of the three paths takes each place in the rotating order three times.
     ratio_rounds: RoundsBudget = RoundsBudget(rounds=16, min_rounds=8, max_seconds=180.0, warmup_rounds=0)
-    ratio_c1_requests: int = 6
+    ratio_c1_requests: int = 9
     ratio_c8_requests: int = 24
 
 
@@ -450,18 +453,27 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
     base_rate = reference["images_per_s"]
     rates = [round(base_rate * load, 4) for load in settings.open_loop_loads]
     budget_ms = settings.slo_p99_factor * reference["latency"]["p50_ms"]
-    for scheduler in settings.schedulers:
-        options = {**settings.repository_options, "scheduler": scheduler}
-        with tempfile.TemporaryDirectory(prefix="tandem-bench-repo-") as tmp:
-            repository = write_repository(artifacts, Path(tmp) / "repository", flavor="local", **options)
-            entry: dict = {"queue_limits": _queue_limits(repository), "protocols": {}}
-            with TritonServer(repository, startup_timeout=settings.startup_timeout_s, **pinned_ports(settings.port_base)) as server:
-                entry["protocols"] = _closed_loop(server, model, settings, scheduler, expected_tokens, progress_factory)
-                entry["open_loop"] = _open_loop(server, model, settings, scheduler, rates, expected_tokens, progress_factory)
-                if scheduler == settings.schedulers[0]:
-                    result["ratio_rounds"] = ratio_rounds(server, model, settings, scheduler, pipeline, expected_tokens, progress_factory)
-            entry["open_loop_knee"] = open_loop_knee(entry["open_loop"], budget_ms)
-        result["schedulers"][scheduler] = entry
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for k, scheduler in enumerate(settings.schedulers):  # every scheduler's server up at once
+            options = {**settings.repository_options, "scheduler": scheduler}
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tandem-bench-repo-")))
+            repository = write_repository(artifacts, tmp / "repository", flavor="local", **options)
+            ports = pinned_ports(None if settings.port_base is None else settings.port_base + 3 * k)
+            servers[scheduler] = stack.enter_context(TritonServer(repository, startup_timeout=settings.startup_timeout_s, **ports))
+            result["schedulers"][scheduler] = {"queue_limits": _queue_limits(repository), "protocols": {}}
+        for scheduler, server in servers.items():
+            result["schedulers"][scheduler]["protocols"] = _closed_loop(server, model, settings, scheduler, expected_tokens, progress_factory)
+        sweeps, open_loop_orders = _open_loops(servers, model, settings, rates, expected_tokens, progress_factory)
+        for scheduler, levels in sweeps.items():
+            entry = result["schedulers"][scheduler]
+            entry["open_loop"] = levels
+            entry["open_loop_knee"] = open_loop_knee(levels, budget_ms)
+        primary = settings.schedulers[0]
+        for scheduler, server in servers.items():  # an idle server still wakes (cancellation polls): only the first stays
+            if scheduler != primary:
+                server.stop()
+        result["ratio_rounds"] = ratio_rounds(servers[primary], model, settings, primary, pipeline, expected_tokens, progress_factory)
     first = result["schedulers"][settings.schedulers[0]]
     result["ratios"] = result["ratio_rounds"].pop("ratios")
     result["scheduler"] = settings.schedulers[0]
@@ -472,6 +484,8 @@ def run_served(artifacts: Path, settings: ServedSettings, progress_factory) -> d
         "requests_per_rate": settings.open_loop_requests,
         "rates_per_s": rates,
         "slo_p99_factor": settings.slo_p99_factor,
+        "interleave": "rate",  # each rate offered to every scheduler's server in turn (before 2026-12-07 19:30: one sweep each)
+        "orders": open_loop_orders,
     }
     schedulers = result["schedulers"]
     if "inflight" in schedulers and "request" in schedulers:
@@ -508,25 +522,34 @@ def _closed_loop(server, model, settings: ServedSettings, scheduler: str, expect
     return protocols
 
 
-def _open_loop(server, model, settings: ServedSettings, scheduler: str, rates: list[float], expected_tokens, progress_factory) -> dict:
+def _open_loops(servers: dict, model, settings: ServedSettings, rates: list[float], expected_tokens, progress_factory) -> tuple[dict[str, dict], list[list[str]]]:
+    """Every scheduler's open-loop sweep, interleaved rate by rate: at each offered rate the same
+    seeded Poisson arrivals go to each scheduler's server in turn, the order rotating by one every
+    rate. One sweep per scheduler minutes apart (the in-flight one, then the ratio rounds, then the
+    request-level one) put the host's drift between the two knees: their ratio read 3.71x at 07:10,
+    1.05x at 16:36 and 0.72x at 18:06 with no change to the schedulers."""
     protocol = settings.open_loop_protocol
-    proto = _Protocol(protocol, server.http_url if protocol == "http" else server.grpc_url)
-    http_address = server.http_url.split("://", 1)[-1]
     n = settings.open_loop_requests
-    bar = progress_factory(total=n * len(rates), desc=f"served {scheduler}: open loop ({protocol})", unit="req")
-    levels = {}
+    names = list(servers)
+    bar = progress_factory(total=n * len(rates) * len(names), desc=f"served: open loop ({protocol}, {' and '.join(names)} interleaved)", unit="req")
+    levels: dict[str, dict] = {name: {} for name in names}
+    orders: list[list[str]] = []
     for step, rate in enumerate(rates):
         bar.set_postfix_str(f"{rate:.3g} req/s")
-        before, metrics_before = _statistics(http_address), _scrape(server)
-        indices = list(range(n))
-        results, wall = asyncio.run(_run_open_loop(proto, model, rate, indices, settings.request_timeout_s, step, bar.update))
-        time.sleep(0.2)  # Triton records statistics just after it answers
-        level = _summarize_level(results, wall, expected_tokens, statistics_delta(before, _statistics(http_address)))
-        level["offered_per_s"] = rate
-        level["first_step"] = first_step_summary(metrics_before, _scrape(server), level["triton"], scheduler)
-        levels[f"{rate:g}"] = level
+        orders.append(names[step % len(names):] + names[: step % len(names)])
+        for scheduler in orders[-1]:
+            server = servers[scheduler]
+            proto = _Protocol(protocol, server.http_url if protocol == "http" else server.grpc_url)
+            http_address = server.http_url.split("://", 1)[-1]
+            before, metrics_before = _statistics(http_address), _scrape(server)
+            results, wall = asyncio.run(_run_open_loop(proto, model, rate, list(range(n)), settings.request_timeout_s, step, bar.update))
+            time.sleep(0.2)  # Triton records statistics just after it answers
+            level = _summarize_level(results, wall, expected_tokens, statistics_delta(before, _statistics(http_address)))
+            level["offered_per_s"] = rate
+            level["first_step"] = first_step_summary(metrics_before, _scrape(server), level["triton"], scheduler)
+            levels[scheduler][f"{rate:g}"] = level
     bar.close()
-    return levels
+    return levels, orders
 
 
 def _summarize_level(results: list[RequestResult], wall: float, expected: list[np.ndarray], triton: dict) -> dict:
@@ -591,7 +614,8 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
 
     - ``c1_interleaved``: ``ratio_c1_requests`` prompts, each generated in-process and served at
       concurrency 1 over every protocol, request by request (the in-process p50 s is the arm's figure;
-      each protocol's p50 goes to ``records["{protocol}_c1"]``);
+      each protocol's p50 and the median of its requests' served/in-process ratios, the round's
+      ratio, go to ``records["{protocol}_c1"]``);
     - ``c8_interleaved``: ``ratio_c8_requests // 8`` waves, each an in-process generation of 8 prompts at
       batch 8 and 8 requests served at concurrency 8 over every protocol, wave by wave (the in-process
       images/s is the arm's figure; each protocol's images/s, p50, p99 and time to first decode step,
@@ -676,7 +700,12 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
             for client in clients.values():
                 await client.close()
         for p in protos:
-            records[f"{p}_c1"].append(record(results[p], float(sum(r.seconds for r in results[p])), cpu[p]))
+            rec = record(results[p], float(sum(r.seconds for r in results[p])), cpu[p])
+            # each served request over its own in-process twin (same prompt and seed, the same second):
+            # the prompts' different lengths cancel, where a p50 over p50 can pick different prompts
+            pairs = [r.seconds / t for r, t in zip(results[p], inproc) if r.ok and t > 0]
+            rec["paired_ratio"] = float(np.median(pairs)) if pairs else None
+            records[f"{p}_c1"].append(rec)
         return float(np.median(inproc))
 
     prompts8 = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
@@ -776,9 +805,10 @@ def ratio_rounds(server, model, settings: ServedSettings, scheduler: str, pipeli
 
     for protocol in settings.protocols:
         one, eight = recs[f"{protocol}_c1"], recs[f"{protocol}_c8"]
-        ratios[f"served_overhead_{protocol}"] = entry(
-            [_div(r["p50_s"], t) for r, t in zip(one, inproc_c1)],
-            served_p50_ms=_ms(median([r["p50_s"] for r in one])), inprocess_p50_ms=_ms(median(inproc_c1)))
+        ratios[f"served_overhead_{protocol}"] = entry(  # runs before 2026-12-07 19:30: p50 over p50
+            [r["paired_ratio"] if "paired_ratio" in r else _div(r["p50_s"], t) for r, t in zip(one, inproc_c1)],
+            served_p50_ms=_ms(median([r["p50_s"] for r in one])), inprocess_p50_ms=_ms(median(inproc_c1)),
+            paired=all("paired_ratio" in r for r in one))
         ratios[f"served_vs_inprocess_{protocol}"] = entry(
             [_div(r["images_per_s"], g) for r, g in zip(eight, inproc_b8)],
             served_images_per_s=median([r["images_per_s"] for r in eight]), inprocess_images_per_s=median(inproc_b8))

@@ -5,8 +5,9 @@ split path twice (a reasoning-only and a refinement-only server, chained by
 :class:`~tandem.deploy.split.SplitClient`), once over plaintext gRPC and once over gRPC with mutual
 TLS (certificates from trustme). Requests run at concurrency 1 in interleaved rounds
 (:mod:`tandem.bench.rounds`): each round sends the same few requests through every path, in an
-order that reverses every other round, so slow drift of the machine hits every path alike; a ratio
-is the median of the rounds' p50 ratios, with its spread. Every path must return the same tokens
+order that rotates by one every request, so slow drift of the machine hits every path alike; a
+round's ratio is the median of its requests' latency ratios (each request against the same request
+on the other path), and the ratio reported the median of the rounds' ratios, with its spread. Every path must return the same tokens
 and images.
 
 The split path's per-hop times (reasoning hop, refinement hop) are the service-time samples of
@@ -35,6 +36,13 @@ DESCRIPTIONS = {
     "single": "one tritonserver, ensemble `tandem`, gRPC",
     "split": "reasoning server -> refinement server, gRPC plaintext",
     "split_mtls": "reasoning server -> refinement server, gRPC mutual TLS",
+}
+
+
+PAIRED = {  # ratio name: (numerator path, denominator path)
+    "split_vs_single_p50": ("split_mtls", "single"),
+    "split_plain_vs_single_p50": ("split", "single"),
+    "mtls_vs_plain_p50": ("split_mtls", "split"),
 }
 
 
@@ -121,6 +129,10 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
         # (5 requests on one path, then 5 on the next) took the host's drift unevenly: mTLS vs plain
         # spread 0.97-1.06x at 14:05 around a 1.00x median.
         figures: dict[str, list[float]] = {p: [] for p in PATHS}
+        # A round's ratio: the median over its requests of each request's latency on one path over the
+        # same request's on the other (the same prompt and seed, seconds apart), so the prompts'
+        # different lengths cancel; a p50 over a p50 of 5 requests could pick different prompts.
+        paired: dict[str, list[float]] = {key: [] for key in PAIRED}
         orders: list[tuple[str, ...]] = []
         start_all = time.perf_counter()
         for r in range(n_rounds):
@@ -140,6 +152,8 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
             for path in PATHS:
                 latencies[path].extend(seconds[path])
                 figures[path].append(float(np.median(seconds[path])))
+            for key, (num, den) in PAIRED.items():
+                paired[key].append(float(np.median(np.divide(seconds[num], seconds[den]))))
             progress(f"round {r + 1}/{n_rounds}")
         rounds = Rounds(tuple(PATHS), figures, orders, time.perf_counter() - start_all)
         mismatches = 0
@@ -168,11 +182,8 @@ def run_split(artifacts: Path, settings: SplitSettings, hardware, progress: Call
         "rounds": rounds.as_dict(),
         "paths": {p: {"description": DESCRIPTIONS[p], "latency": summary[p]} for p in PATHS},
         "hops_ms": {p: {h: summarize(v) for h, v in hs.items()} for p, hs in hops.items()},
-        "ratios": {  # each from the rounds: a round's p50 over the same k requests on each path
-            "split_vs_single_p50": _as_dict(rounds.ratio("split_mtls", "single")),
-            "split_plain_vs_single_p50": _as_dict(rounds.ratio("split", "single")),
-            "mtls_vs_plain_p50": _as_dict(rounds.ratio("split_mtls", "split")),
-        },
+        "ratios": {key: _as_dict(Ratio.of(values, rounds.wall_s)) for key, values in paired.items()},
+        "ratio_of": "paired",  # a round's median of per-request ratios (before 2026-12-07 19:30: its p50 over p50)
         "mismatched_answers": int(mismatches),
         "capacity": {
             "label": capacity.SIMULATED,
@@ -198,11 +209,12 @@ def split_targets(results: dict) -> list[Target]:
         return paths[path]["latency"]["p50_ms"]
 
     targets = []
+    paired = "; a round's ratio is the median of its requests' paired latency ratios" if split.get("ratio_of") == "paired" else ""
     t = Target("split_vs_single", "split path (two servers, mTLS) vs single-server ensemble, concurrency 1, p50 latency",
                1.10, "<=", "x")
     detail = ""
     if ok:
-        detail = f"p50 {p50('split_mtls'):.1f} ms split (mTLS) vs {p50('single'):.1f} ms single server"
+        detail = f"p50 {p50('split_mtls'):.1f} ms split (mTLS) vs {p50('single'):.1f} ms single server{paired}"
         if split["mismatched_answers"]:
             detail += f"; {split['mismatched_answers']} answers differed from the ensemble's"
     t.evaluate(Ratio.from_dict(split["ratios"]["split_vs_single_p50"]) if ok else None, detail, why)
@@ -211,7 +223,7 @@ def split_targets(results: dict) -> list[Target]:
                      "more rows per request or co-locate the hops (one node, unix socket) to cut it")
     targets.append(t)
     t = Target("mtls_vs_plain", "split path: mutual TLS vs plaintext gRPC, concurrency 1, p50 latency", 1.05, "<=", "x")
-    detail = f"p50 {p50('split_mtls'):.1f} ms mTLS vs {p50('split'):.1f} ms plaintext" if ok else ""
+    detail = f"p50 {p50('split_mtls'):.1f} ms mTLS vs {p50('split'):.1f} ms plaintext{paired}" if ok else ""
     t.evaluate(Ratio.from_dict(split["ratios"]["mtls_vs_plain_p50"]) if ok else None, detail, why)
     if t.status == "FAIL":
         t.detail += "; TLS costs per request only after the handshake: check the client reuses its channel"
@@ -228,8 +240,11 @@ def report_section(results: dict) -> list[str]:
     if not split.get("rounds"):  # runs before issue 27
         how = "interleaved (request i through every path before request i+1)"
     elif split.get("interleave") == "request":
+        of = ("the median of its requests' latency ratios, each request against itself on the other path"
+              if split.get("ratio_of") == "paired" else "its p50 ratio")
         how = (f"in {split['rounds']['rounds']} rounds of {split.get('round_requests')} (each request goes through every path "
-               "before the next one, the order rotating by one every request; a ratio is the median of the rounds' p50 ratios)")
+               f"before the next one, the order rotating by one every request; a round's ratio is {of}, the ratio shown the "
+               "median of the rounds')")
     else:  # 2026-12-07 runs before 48ad99e
         how = (f"in {split['rounds']['rounds']} interleaved rounds of {split.get('round_requests')} (each round runs the same "
                "requests through every path, the order reversed every other round; a ratio is the median of the rounds' p50 ratios)")

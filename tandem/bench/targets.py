@@ -90,9 +90,11 @@ def _evaluate_targets(results: dict) -> list[Target]:
         absent = f"not run: {protocol} not among the protocols measured" if ok and protocol not in served.get("protocols", {}) else None
         missing = not_served if not ok else absent or NO_ROUNDS
         ratio, arms = _served_ratio(results, f"served_overhead_{protocol}")
+        reading = ("p50 latency (each round: the median of its requests' served/in-process latency ratios, each request "
+                   "beside its in-process twin)" if (arms or {}).get("paired") else "p50 latency")
         t = Target(
             f"served_overhead_{protocol}",
-            f"served ensemble ({protocol.upper()}) vs in-process ONNX Runtime pipeline, concurrency 1, p50 latency",
+            f"served ensemble ({protocol.upper()}) vs in-process ONNX Runtime pipeline, concurrency 1, {reading}",
             1.10,
             "<=",
             "x",
@@ -281,7 +283,11 @@ def served_scheduler_targets(results: dict) -> list[Target]:
                               "slow decides it; more requests per offered rate (--requests) would narrow it")
             elif t.status == "FAIL":
                 t.detail += "; in-flight batching should sustain a higher rate at the same p99: see the open-loop table for the rate where it falls behind"
-        t.detail += "; one open-loop sweep per scheduler (a knee is a threshold crossing, not a ratio of interleaved rounds); the spread is a bootstrap over each rate's requests"
+        if (served.get("open_loop") or {}).get("interleave") == "rate":
+            t.detail += ("; the two sweeps interleaved rate by rate (the same Poisson arrivals to each scheduler's server in turn); "
+                         "a knee is a threshold crossing, not a ratio of rounds: the spread is a bootstrap over each rate's requests")
+        else:
+            t.detail += "; one open-loop sweep per scheduler (a knee is a threshold crossing, not a ratio of interleaved rounds); the spread is a bootstrap over each rate's requests"
     else:
         t.evaluate(None, "", missing or "needs both schedulers measured in the same run")
     targets.append(t)

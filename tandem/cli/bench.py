@@ -59,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_list_argument(p, "--schedulers", dest="schedulers", help=argparse.SUPPRESS)
     add_list_argument(p, "--open-loop-loads", dest="open_loop_loads", item_type=_positive_float, help=argparse.SUPPRESS)
     p.add_argument("--port-base", type=positive_int, metavar="PORT",
-                   help="pin the servers' public ports: the served sweep uses PORT..PORT+2 (HTTP, gRPC, metrics; one server "
-                   "at a time), the split path's 5 servers PORT+3..PORT+17 (default: free ports)")
+                   help="pin the servers' public ports: the served sweeps use PORT..PORT+5 (HTTP, gRPC, metrics of each "
+                   "scheduler's server, up together), the split path's 5 servers PORT+6..PORT+20 (default: free ports)")
     add_list_argument(p, "--section", dest="sections",
                       help="what to measure, comma-separated: standard (every section of the small bench) and/or decode-step "
                       "(the decode step per runtime vs its routed-bytes roofline, the dense standard-op figure, the host share "
@@ -97,9 +97,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [x for x in schedulers if x not in SCHEDULERS]
     if unknown:
         raise TandemError(f"--scheduler must name some of {','.join(SCHEDULERS)}, got {','.join(unknown)}")
-    if args.port_base is not None and args.port_base + 17 > 65535:
-        raise TandemError(f"--port-base {args.port_base}: the bench needs 18 consecutive ports; choose one at most 65518")
-    split_base = None if args.port_base is None else args.port_base + 3
+    if args.port_base is not None and args.port_base + 20 > 65535:
+        raise TandemError(f"--port-base {args.port_base}: the bench needs 21 consecutive ports; choose one at most 65515")
+    split_base = None if args.port_base is None else args.port_base + 6  # served: one server per scheduler, 3 ports each
     export, compiled = bench_folders(args.artifacts)
     served = ServedSettings(
         concurrencies=tuple(args.concurrency) if args.concurrency else ((1, 2) if args.quick else (1, 2, 4, 8, 16)),
