@@ -91,7 +91,9 @@ class Target:
             passing = sum(COMPARE[self.comparison](v, self.threshold) for v in per_round)
             self.unstable = (
                 f"{passing} of {len(per_round)} rounds on the passing side: the spread straddles the threshold, so this run "
-                "gives no verdict; re-run on a quieter machine or with more rounds"
+                "gives no verdict: the figure is within its round-to-round noise of the threshold. More rounds do not "
+                "narrow a 10-90% interval of rounds, a quieter host does; a figure that stays this close needs the "
+                "code to move it, not another run"
             )
         return self
 
