@@ -269,3 +269,25 @@ def test_tandem_demo_serves_the_prompt_through_the_ensemble(tiny_artifacts: Path
     expected = pipeline.generate("a red circle above a blue square")
     assert np.array_equal(np.asarray(Image.open(png)), expected.image)
     assert np.array_equal(np.load(npy), expected.tokens)
+
+
+def test_the_front_door_cost_script_pairs_each_request_with_its_in_process_twin(tiny_artifacts: Path, tmp_path: Path):
+    """benchmarks/front_door_cost.py against real servers (one behind the front door, one without):
+    every round has a ratio per server, the front-door server's processes have CPU figures, and it
+    refuses a folder that exists."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "fd"
+    command = [sys.executable, "benchmarks/front_door_cost.py", "--artifacts", str(tiny_artifacts), "--rounds", "2",
+               "--requests", "3", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    for name in ("front door", "direct"):
+        assert results["ratios_vs_inprocess"][name]["rounds"] == 2 and len(results["ms_over_inprocess"][name]) == 2
+    assert {"tritonserver", "front door"} <= set(results["cpu_ms_per_request_front_door_server"])
+    assert "Front door minus direct" in (out / "report.md").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "exists" in again.stderr
