@@ -8,7 +8,12 @@ the last-level cache), through each GEMM backend a tandem runtime could call on 
 - ``torch_linear_nt``: ``F.linear`` over W stored [f, d];
 - ``onednn_linear``: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``), what Inductor's CPU
   freezing passes use for linear layers;
-- ``onnxruntime_matmul``: ONNX Runtime's ``MatMul`` (MLAS), the kernel under its ``MoE`` op's experts.
+- ``onnxruntime_matmul``: ONNX Runtime's ``MatMul`` (MLAS), the kernel under its ``MoE`` op's experts;
+- ``aoti_cpu_configs``: an AOTInductor package of the same matmuls (the row count dynamic, as the routed
+  experts' is) compiled with tandem's CPU options (``tandem.compiler.torch_aot.inductor_configs``: frozen
+  weights, each matmul autotuned between Inductor's C++ GEMM template and ATen), what ``tandem build
+  --target cpu-aot`` ships; ``aoti_aten``: the same package with Inductor's defaults (ATen's ``mm``), what
+  it shipped before (``--no-aoti`` skips both: compiling takes a minute or two).
 
 Rounds are interleaved (every backend, then a 256 MiB copy, in alternating order), so host drift falls
 on all of them alike; each backend's figure is its median seconds per pass over all matrices, and its
@@ -34,6 +39,7 @@ def main() -> None:
     parser.add_argument("--matrices", type=int, default=22)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-aoti", action="store_true", help="skip the two AOTInductor packages")
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; pick a new folder (this script never overwrites one)")
@@ -72,6 +78,26 @@ def main() -> None:
         "onnxruntime_matmul": lambda: session.run(None, {"x": xn}),
     }
     skipped = {}
+    if not args.no_aoti:
+        import tempfile
+
+        from tandem.compiler.torch_aot import aoti_compile
+
+        class Matmuls(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False) for w in w_df])
+
+            def forward(self, rows):
+                return [torch.mm(rows, w) for w in self.w]
+
+        rows_dim = torch.export.Dim("rows", min=1, max=8)
+        program = torch.export.export(Matmuls().eval(), (torch.randn(2, d),), dynamic_shapes=({0: rows_dim},))
+        scratch = tempfile.TemporaryDirectory(prefix="gemv-aoti-")
+        for name, configs in (("aoti_cpu_configs", None), ("aoti_aten", {})):
+            print(f"compiling {name} ...", flush=True)
+            package = torch._inductor.aoti_load_package(aoti_compile(program, f"{scratch.name}/{name}.pt2", "cpu", configs))
+            backends[name] = (lambda p: lambda: p(x))(package)
     with torch.inference_mode():
         for name in list(backends):
             try:

@@ -6,8 +6,9 @@ package of the dense standard-op graph, each against the step's routed-bytes roo
         --routed pk/routed/decode.cpu.pt2 --dense pk/dense/decode.cpu.pt2 --out benchmarks/results/<run>
 
 The packages are AOTInductor compilations of ``reasoning_decode`` for this CPU (``--build DIR``
-makes them: torch.export with and without the rewrite, then ``aoti_compile_and_package``, as
-``tandem build --target cpu-aot`` does). Rounds are interleaved (each round times every runtime at
+makes them: torch.export with and without the rewrite, then ``aoti_compile_and_package`` with the
+Inductor options of ``tandem.compiler.torch_aot.inductor_configs``, as ``tandem build --target cpu-aot``
+does). Rounds are interleaved (each round times every runtime at
 every batch in turn) so that drift in the machine's load falls on all of them alike; the report
 gives each runtime's median over rounds and the spread (min..max of the round medians). Feeds are
 the stage description's sample inputs (seed 0), the same arrays for every runtime, and the logits
@@ -28,7 +29,7 @@ import torch
 
 
 def build_packages(config, out: Path) -> dict[str, Path]:
-    from tandem.compiler.torch_aot import export_programs
+    from tandem.compiler.torch_aot import aoti_compile, export_programs
     from tandem.export.onnx_export import export_patches
 
     packages = {}
@@ -40,7 +41,7 @@ def build_packages(config, out: Path) -> dict[str, Path]:
             export_programs(config, None, folder, graphs=["reasoning_decode"], rewrites=rewrites)
             with export_patches():
                 program = torch.export.load(str(folder / "reasoning_decode.pt2"))
-                torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+                aoti_compile(program, str(package), "cpu")
         packages[form] = package
     return packages
 
@@ -55,9 +56,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="medium")
-    parser.add_argument("--artifacts", required=True, help="the config's export (ONNX Runtime's graphs)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--artifacts", help="the config's export (ONNX Runtime's graphs)")
+    source.add_argument("--onnx", type=Path, help="instead of a whole export: ONNX Runtime's reasoning_decode graph alone (the "
+                        "reasoning_decode.ort.onnx an export writes), loaded with the session options tandem's runtime uses")
     parser.add_argument("--routed", type=Path, help="cpu-aot package of reasoning_decode, routed experts")
     parser.add_argument("--dense", type=Path, help="cpu-aot package of reasoning_decode, dense standard-op graph")
+    parser.add_argument("--package", action="append", default=[], metavar="NAME=PATH",
+                        help="another reasoning_decode package timed in the same rounds (e.g. one built with other "
+                        "Inductor options), under NAME; repeatable")
     parser.add_argument("--build", type=Path, help="make both packages in this folder first")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=9)
@@ -86,14 +93,24 @@ def main() -> None:
     )
     del stages
 
-    ort_runtime = OnnxRuntime(args.artifacts, graphs=["reasoning_decode"])
-    session = ort_runtime.sessions["reasoning_decode"]
-    runners = {"onnxruntime": lambda b: session.run(spec.output_names[:1], feeds[b])[0]}
+    if args.onnx is not None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()  # as tandem.runtimes.onnxruntime.OnnxRuntime (spinning "run", ALL at load)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
+    else:
+        session = OnnxRuntime(args.artifacts, graphs=["reasoning_decode"]).sessions["reasoning_decode"]
+    logits_at = spec.output_names.index("logits")  # the graphs return next_token_ids first (sampling in the graph)
+    runners = {"onnxruntime": lambda b: session.run(["logits"], feeds[b])[0]}
     tensors = {b: [torch.from_numpy(feeds[b][n]) for n in spec.input_names] for b in batches}
-    for name, path in (("cpu-aot routed", args.routed), ("cpu-aot dense", args.dense)):
+    extra = [tuple(item.split("=", 1)) for item in args.package]
+    for name, path in (("cpu-aot routed", args.routed), ("cpu-aot dense", args.dense), *extra):
         if path is not None:
             model = torch._inductor.aoti_load_package(str(path))
-            runners[name] = (lambda m: lambda b: m(*tensors[b])[0].numpy())(model)
+            runners[name] = (lambda m: lambda b: m(*tensors[b])[logits_at].numpy())(model)
 
     agreement = {}
     for name, run in runners.items():
@@ -105,6 +122,7 @@ def main() -> None:
                 "greedy_equal": bool((logits.argmax(-1) == reference[b].argmax(-1)).all()),
             }
 
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     bandwidth = measure_memory_bandwidth(Budget(warmup=2, iterations=20, min_iterations=10, max_seconds=3.0))
     rounds: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in runners}
     load_start = os.getloadavg()
@@ -136,17 +154,25 @@ def main() -> None:
                 "rounds_ms": values, "routed_roofline_ms": roofline_ms, "of_routed_roofline": roofline_ms / median,
                 "dense_roofline_ms": dense_bytes / (gb_s * 1e9) * 1e3,
             })
-    ratios = {}
+    ratios = {}  # the median over rounds of each round's ratio (both figures of a ratio from the same round)
+
+    def paired(a: str, b_: str, b: int) -> float:
+        return statistics.median(x / y for x, y in zip(rounds[a][b], rounds[b_][b]))
+
     for b in batches:
-        by = {r["runtime"]: r["median_ms"] for r in rows if r["batch"] == b}
-        if "cpu-aot routed" in by:
-            ratios[f"b{b} cpu-aot routed / onnxruntime"] = by["cpu-aot routed"] / by["onnxruntime"]
-        if "cpu-aot dense" in by and "cpu-aot routed" in by:
-            ratios[f"b{b} cpu-aot dense / routed"] = by["cpu-aot dense"] / by["cpu-aot routed"]
+        for name in runners:
+            if name != "onnxruntime":
+                ratios[f"b{b} {name} / onnxruntime"] = paired(name, "onnxruntime", b)
+        if "cpu-aot dense" in runners and "cpu-aot routed" in runners:
+            ratios[f"b{b} cpu-aot dense / routed"] = paired("cpu-aot dense", "cpu-aot routed", b)
     result = {
         "config": args.config, "torch": torch.__version__, "bandwidth": bandwidth, "work": work,
         "dense_weight_bytes": dense_weight_bytes, "agreement": agreement, "rows": rows, "ratios": ratios,
         "rounds": args.rounds, "calls_per_round": args.calls, "loadavg_start": load_start, "loadavg_end": load_end,
+        "onnxruntime_graph": str(args.onnx) if args.onnx is not None else f"{args.artifacts} (reasoning_decode)",
+        "packages": {name: str(path) for name, path in (("cpu-aot routed", args.routed), ("cpu-aot dense", args.dense), *extra)
+                     if path is not None},
+        "started_utc": started,
         "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"),
         "cores": os.cpu_count(),
     }
@@ -156,7 +182,10 @@ def main() -> None:
         f"# Decode step, {args.config}, {result['cpu']} ({result['cores']} cores)",
         "",
         f"Memory bandwidth (copy, read + write): {gb_s:.1f} GB/s. {args.rounds} interleaved rounds x {args.calls} calls; "
-        f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end.",
+        f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; started {started} UTC.",
+        "",
+        f"ONNX Runtime's graph: {result['onnxruntime_graph']}. Packages: "
+        + "; ".join(f"{name}: {path}" for name, path in result["packages"].items()) + ".",
         "",
         "| runtime | batch | median ms | spread (round medians) | routed-bytes roofline ms | % of routed roofline | dense-bytes roofline ms |",
         "|---|---|---|---|---|---|---|",
@@ -166,7 +195,7 @@ def main() -> None:
             f"| {r['runtime']} | {r['batch']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}..{r['max_ms']:.1f} | "
             f"{r['routed_roofline_ms']:.1f} | {100 * r['of_routed_roofline']:.0f}% | {r['dense_roofline_ms']:.1f} |"
         )
-    lines += ["", *(f"- {k}: {v:.2f}x" for k, v in ratios.items()), "", "Logits vs eager PyTorch (same feeds):", ""]
+    lines += ["", "Ratios (median over rounds of each round's ratio):", "", *(f"- {k}: {v:.2f}x" for k, v in ratios.items()), "", "Logits vs eager PyTorch (same feeds):", ""]
     lines += [f"- {k}: max abs {v['max_abs_vs_pytorch']:.2e}, greedy equal {v['greedy_equal']}" for k, v in agreement.items()]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -681,7 +681,7 @@ def test_decode_step_section_replays_generations_on_every_runtime_against_the_ro
 SLOW = os.environ.get("TANDEM_SLOW_TESTS") == "1"
 
 
-@pytest.mark.skipif(not SLOW, reason="builds cpu-aot for tiny (AOTInductor compiles C++ with g++: about 2-3 minutes on 2 "
+@pytest.mark.skipif(not SLOW, reason="builds cpu-aot for tiny (AOTInductor compiles C++ with g++ and autotunes its matmuls: about 6 minutes on 2 "
                     "cores); set TANDEM_SLOW_TESTS=1")
 def test_decode_step_section_measures_a_cpu_aot_build_beside_onnxruntime(tiny_artifacts, tiny_config, tmp_path):
     from tandem.compiler.core import BuildOptions, run_build

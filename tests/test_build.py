@@ -380,7 +380,7 @@ SLOW = os.environ.get("TANDEM_SLOW_TESTS") == "1"
 
 @pytest.mark.skipif(
     not SLOW,
-    reason="AOTInductor compiles C++ kernels with g++: about 2-3 minutes for the tiny config on 2 cores; "
+    reason="AOTInductor compiles C++ kernels with g++ and autotunes its matmuls: about 6 minutes for the tiny config on 2 cores; "
     "set TANDEM_SLOW_TESTS=1 to run the cpu-aot build end to end",
 )
 @pytest.mark.server

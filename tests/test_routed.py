@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -200,7 +202,65 @@ def test_aot_decode_program_runs_with_unrouted_experts_poisoned(aot_programs: di
     assert torch.isnan(logits["dense"]).any()
 
 
+def _zero_row_package(guard: str) -> None:
+    """A routed matmul (each expert over the rows that picked it, found by ``nonzero``) compiled as the
+    cpu-aot packages are, the C++ GEMM template forced, then run where most experts have no row."""
+    import tempfile
+
+    from tandem.compiler.torch_aot import CPU_INDUCTOR_CONFIGS, aoti_compile
+
+    experts, d, f = 4, 64, 128
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(experts, d, f))
+
+        def forward(self, x, choice):
+            out = x.new_zeros(x.shape[0], f)
+            for e in range(experts):
+                rows = torch.nonzero(choice == e).squeeze(-1)
+                out = out.index_add(0, rows, torch.mm(x.index_select(0, rows), self.w[e]))
+            return out
+
+    module = Routed().eval()
+    batch = torch.export.Dim("batch", min=1, max=8)
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        program = torch.export.export(module, (torch.randn(2, d), torch.tensor([0, 1])), dynamic_shapes=({0: batch}, {0: batch}))
+        configs = {**CPU_INDUCTOR_CONFIGS, "max_autotune_gemm_backends": "CPP"}
+        package = torch._inductor.aoti_load_package(aoti_compile(program, f"{tmp}/routed.pt2", "cpu", configs, guard=guard == "guard"))
+        for choice in ([2], [1, 1, 3]):  # experts 0, 1, 3 / 0, 2 have no rows
+            x, c = torch.randn(len(choice), d), torch.tensor(choice)
+            torch.testing.assert_close(package(x, c), module(x, c), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="AOTInductor compiles C++ packages: needs a C++ compiler (apt-get install g++)")
+def test_cpu_aot_gemm_template_runs_experts_no_row_picked():
+    """cpu-aot packages autotune their matmuls with Inductor's C++ GEMM template, which divides by zero
+    (SIGFPE) on a data-dependent row count of 0: the routed form's unpicked experts. Compiled under
+    tandem's guard the package runs and matches eager; without it the same package dies, so the guard
+    is what makes the template safe (if a torch upgrade fixes the template, the second half says so)."""
+    guarded = subprocess.run([sys.executable, "-c", _child_code("_zero_row_package"), "guard"], capture_output=True, text=True, timeout=600)
+    assert guarded.returncode == 0, guarded.stdout[-2000:] + guarded.stderr[-4000:]
+    bare = subprocess.run([sys.executable, "-c", _child_code("_zero_row_package"), "none"], capture_output=True, text=True, timeout=600)
+    assert bare.returncode == -signal.SIGFPE, (
+        f"without the guard the package exited {bare.returncode}, not SIGFPE: this torch may have fixed the template "
+        "(then drop tandem.compiler.torch_aot.zero_row_gemm_guard)\n" + bare.stderr[-2000:]
+    )
+
+
 # ----------------------------------------------------------------------------- TensorRT (h100/a100): the plugin graph
+
+
+def _child_code(check: str) -> str:
+    """Python source that loads this module by path and calls ``check(*sys.argv[1:])``."""
+    return (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('routed_checks', {__file__!r}); "
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        f"module.{check}(*sys.argv[1:])"
+    )
 
 
 def _in_child(check: str, *args: str, interpret: bool) -> None:
@@ -210,13 +270,7 @@ def _in_child(check: str, *args: str, interpret: bool) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    code = (
-        "import importlib.util, sys; "
-        f"spec = importlib.util.spec_from_file_location('routed_checks', {__file__!r}); "
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-        f"module.{check}(*sys.argv[1:])"
-    )
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run([sys.executable, "-c", _child_code(check), *args], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
@@ -347,3 +401,24 @@ def test_tensorrt_decode_graph_with_plugin_kernels_matches_onnxruntime(tiny_arti
     """The rewritten decode graph evaluated by ONNX's reference evaluator, the plugin nodes running
     the Triton kernels (interpreter), against ONNX Runtime on the export's graph."""
     _in_child("_check_graph", str(tiny_artifacts), interpret=True)
+
+
+def test_routed_step_script_times_onnxruntime_graph_alone(tiny_artifacts: Path, tmp_path: Path):
+    """benchmarks/routed_step.py with --onnx (ONNX Runtime's decode graph without a whole export): its
+    logits (not the sampled tokens the graph returns first) are compared with eager PyTorch's, and the
+    report says which graph it timed."""
+    out = tmp_path / "run"
+    graph = tiny_artifacts / "reasoning_decode.ort.onnx"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "routed_step.py"
+    result = subprocess.run([sys.executable, str(script), "--config", "tiny", "--onnx", str(graph), "--rounds", "2", "--calls", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    import json
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["onnxruntime_graph"] == str(graph) and data["packages"] == {}
+    for b in (1, 8):
+        agreement = data["agreement"][f"onnxruntime b{b}"]
+        assert agreement["greedy_equal"] and agreement["max_abs_vs_pytorch"] < 1e-3
+    assert [len(r["rounds_ms"]) for r in data["rows"]] == [2, 2]
+    assert str(graph) in (out / "report.md").read_text()

@@ -12,6 +12,7 @@ manifest pins torch's version.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,73 @@ def require_device(target: Target) -> tuple[str, str]:
     if shutil.which(compiler) is None and not Path(compiler).exists():
         raise ToolchainMissingError(f"target {target.name} needs a C++ compiler for AOTInductor ({compiler} not found): apt-get install g++")
     return cpu_arch(), "cpu"
+
+
+# Inductor's options for a package, per device. On the CPU the weights are frozen into the package as
+# constants and every matmul is autotuned at build time between Inductor's C++ GEMM template (weights
+# prepacked into its blocked layout, micro-kernels for this machine's vector ISA; it takes the routed
+# experts' data-dependent row counts) and ATen's (MKL here). The routed experts' one-row matmuls are
+# where it matters: one row against 22 medium expert slabs took 5.2 ms through the template against
+# 10.0 ms through ATen's mm (*scratch*, this 2-core EPYC; benchmarks/README.md, "cpu-aot GEMM").
+# On CUDA Inductor's defaults (Triton kernels, ATen's cuBLAS for matmuls).
+CPU_INDUCTOR_CONFIGS = {
+    "freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+    # the autotuner's tables would flood a build's output (dozens per graph): the step's line says what ran
+    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
+}
+CPU_FALLBACK_CONFIGS: dict[str, object] = {}  # ATen's matmuls, when the template cannot be made safe (below)
+
+# Inductor's C++ GEMM template (torch 2.13) sizes its thread blocks from the row count M and divides by
+# them: with a data-dependent M of 0 (an expert no row picked, which the routed form runs as a matmul
+# over zero rows so that its weights are never read) the package dies of SIGFPE. The guard below makes
+# the template return at once when M is 0 (there is nothing to compute or write: every buffer the
+# kernel and its fused epilogue touch has M rows). Where the template's text differs (another torch),
+# the CPU packages are built with ATen's matmuls instead.
+_GEMM_DYNAMIC_M = "    const int64_t Mr_blocks = (M + Mr - 1) / Mr;\n{%- else %}"
+_GEMM_EMPTY_RETURN = "    const int64_t Mr_blocks = (M + Mr - 1) / Mr;\n    if (M == 0) return;  // tandem: no rows\n{%- else %}"
+
+
+def _gemm_template():
+    import torch._inductor.lowering  # noqa: F401 - first: the template module imported alone is a circular import
+    from torch._inductor.codegen import cpp_gemm_template
+
+    return cpp_gemm_template
+
+
+def gemm_template_guardable() -> bool:
+    """Whether this torch's C++ GEMM template has the text the zero-row guard patches."""
+    try:
+        return _GEMM_DYNAMIC_M in _gemm_template().GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK
+    except (ImportError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def zero_row_gemm_guard():
+    """While compiling: the C++ GEMM template returns at once for a matmul over zero rows."""
+    module = _gemm_template()
+    original = module.GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK
+    module.GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK = original.replace(_GEMM_DYNAMIC_M, _GEMM_EMPTY_RETURN)
+    try:
+        yield
+    finally:
+        module.GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK = original
+
+
+def inductor_configs(device: str) -> dict[str, object]:
+    """The ``inductor_configs`` a package for ``device`` ("cpu" or "cuda") is compiled with."""
+    if device != "cpu":
+        return {}
+    return dict(CPU_INDUCTOR_CONFIGS if gemm_template_guardable() else CPU_FALLBACK_CONFIGS)
+
+
+def aoti_compile(program, package_path: str, device: str, configs: dict[str, object] | None = None, guard: bool = True) -> str:
+    """One AOTInductor package of ``program`` for ``device``, with :func:`inductor_configs` (or
+    ``configs``); ``guard``: compile under :func:`zero_row_gemm_guard` when the template may be used."""
+    configs = inductor_configs(device) if configs is None else configs
+    guard = zero_row_gemm_guard() if guard and configs.get("max_autotune") else contextlib.nullcontext()
+    with guard:
+        return torch._inductor.aoti_compile_and_package(program, package_path=package_path, inductor_configs=configs)
 
 
 def package_name(graph: str, arch: str) -> str:
@@ -139,7 +207,7 @@ def compile_packages(
                 program = move_to_device_pass(program, "cuda")
             name = package_name(spec.name, arch)
             # ``staging`` is swapped into place only when every package is built (atomic_directory).
-            torch._inductor.aoti_compile_and_package(program, package_path=str(staging / name))
+            aoti_compile(program, str(staging / name), target.device)
         artifacts.append(
             CompiledArtifact(
                 graph=spec.name,
@@ -164,6 +232,7 @@ def compile_packages(
         tool_versions={"torch": torch.__version__, "numpy": np.__version__},
         pinned=["torch"],
         inputs=inputs,
-        builder={"compiler": "torch._inductor.aoti_compile_and_package", "cuda_graphs_for": ["reasoning_decode"] if target.device == "cuda" else []},
+        builder={"compiler": "torch._inductor.aoti_compile_and_package", "inductor_configs": inductor_configs(target.device),
+                 "cuda_graphs_for": ["reasoning_decode"] if target.device == "cuda" else []},
         artifacts=artifacts,
     )

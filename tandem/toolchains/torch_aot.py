@@ -3,6 +3,7 @@ into packages for the machine that builds them; both stages served by python-bac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ class TorchAOTToolchain(Toolchain):
     def compile_inputs(self, build) -> dict[str, Any]:
         import torch
 
-        return {"torch": torch.__version__, "device": build.target.device}
+        from tandem.compiler.torch_aot import inductor_configs
+
+        return {"torch": torch.__version__, "device": build.target.device, "inductor": json.dumps(inductor_configs(build.target.device), sort_keys=True)}
 
     def compile(self, build, staging: Path, inputs: dict[str, str]) -> CompiledManifest:
         from tandem.compiler import torch_aot
