@@ -9,7 +9,7 @@ The packages are AOTInductor compilations of ``reasoning_decode`` for this CPU (
 makes them: torch.export with and without the rewrite, then ``aoti_compile_and_package`` with the
 Inductor options of ``tandem.compiler.torch_aot.inductor_configs``, as ``tandem build --target cpu-aot``
 does). Rounds are interleaved (each round times every runtime at
-every batch in turn) so that drift in the machine's load falls on all of them alike; the report
+every batch in turn, the order reversed every other round) so that drift in the machine's load falls on all of them alike; the report
 gives each runtime's median over rounds and the spread (min..max of the round medians). Feeds are
 the stage description's sample inputs (seed 0), the same arrays for every runtime, and the logits
 are compared first (greedy tokens must agree).
@@ -71,6 +71,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="timed calls per runtime per batch per round")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    extra = []
+    for item in args.package:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--package takes NAME=PATH, got {item!r}")
+        if name in ("onnxruntime", "cpu-aot routed", "cpu-aot dense"):
+            parser.error(f"--package NAME {name!r} is taken by a built-in runtime; pick another")
+        extra.append((name, Path(path)))
 
     config = load_config(args.config)
     spec = graph_specs(config)["reasoning_decode"]
@@ -106,7 +114,6 @@ def main() -> None:
     logits_at = spec.output_names.index("logits")  # the graphs return next_token_ids first (sampling in the graph)
     runners = {"onnxruntime": lambda b: session.run(["logits"], feeds[b])[0]}
     tensors = {b: [torch.from_numpy(feeds[b][n]) for n in spec.input_names] for b in batches}
-    extra = [tuple(item.split("=", 1)) for item in args.package]
     for name, path in (("cpu-aot routed", args.routed), ("cpu-aot dense", args.dense), *extra):
         if path is not None:
             model = torch._inductor.aoti_load_package(str(path))
@@ -130,9 +137,10 @@ def main() -> None:
         for name in runners:  # warm-up
             for b in batches:
                 runners[name](b)
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for b in batches:
-                for name, run in runners.items():
+                # the order reverses every round, so a runner's place in the round falls on every figure alike
+                for name, run in (list(runners.items()) if r % 2 == 0 else list(runners.items())[::-1]):
                     samples = []
                     for _ in range(args.calls):
                         t = time.perf_counter()

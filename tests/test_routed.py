@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -234,8 +235,27 @@ def _zero_row_package(guard: str) -> None:
             torch.testing.assert_close(package(x, c), module(x, c), atol=1e-4, rtol=1e-4)
 
 
+def test_zero_row_guard_refuses_a_template_it_does_not_know(monkeypatch):
+    """A torch whose C++ GEMM template reads differently is refused, not compiled unguarded."""
+    from tandem.compiler import torch_aot
+    from tandem.compiler.steps import StepFailed
+
+    module = torch_aot._gemm_template()
+    assert torch_aot.gemm_template_guardable()
+    with torch_aot.zero_row_gemm_guard():
+        assert "if (M == 0) return;" in module.GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK
+    assert "if (M == 0) return;" not in module.GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK  # restored
+    monkeypatch.setattr(module, "GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK", "const int64_t M = 1;")
+    assert not torch_aot.gemm_template_guardable() and torch_aot.inductor_configs("cpu") == torch_aot.CPU_FALLBACK_CONFIGS
+    with pytest.raises(StepFailed, match="zero-row guard"):
+        with torch_aot.zero_row_gemm_guard():
+            pass
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="AOTInductor compiles C++ packages: needs a C++ compiler (apt-get install g++)")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="integer division by zero raises SIGFPE on x86 only: the unguarded half has no signal to see elsewhere")
 def test_cpu_aot_gemm_template_runs_experts_no_row_picked():
     """cpu-aot packages autotune their matmuls with Inductor's C++ GEMM template, which divides by zero
     (SIGFPE) on a data-dependent row count of 0: the routed form's unpicked experts. Compiled under

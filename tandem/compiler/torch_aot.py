@@ -65,8 +65,10 @@ def require_device(target: Target) -> tuple[str, str]:
 # constants and every matmul is autotuned at build time between Inductor's C++ GEMM template (weights
 # prepacked into its blocked layout, micro-kernels for this machine's vector ISA; it takes the routed
 # experts' data-dependent row counts) and ATen's (MKL here). The routed experts' one-row matmuls are
-# where it matters: one row against 22 medium expert slabs took 5.2 ms through the template against
-# 10.0 ms through ATen's mm (*scratch*, this 2-core EPYC; benchmarks/README.md, "cpu-aot GEMM").
+# where it matters: the medium decode step ran 1.8x (batch 1) and 2.3x (batch 8) faster than with ATen's
+# mm (README, "Decode step on medium"). The autotuner times the routed matmuls' data-dependent row count
+# at Inductor's size hint for unbacked sizes, not at a decode step's 1-8 rows, so its pick is a guess
+# the bench then checks.
 # On CUDA Inductor's defaults (Triton kernels, ATen's cuBLAS for matmuls).
 CPU_INDUCTOR_CONFIGS = {
     "freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
@@ -105,6 +107,12 @@ def zero_row_gemm_guard():
     """While compiling: the C++ GEMM template returns at once for a matmul over zero rows."""
     module = _gemm_template()
     original = module.GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK
+    if _GEMM_DYNAMIC_M not in original:
+        raise StepFailed(
+            f"torch {torch.__version__}'s C++ GEMM template differs from the one tandem's zero-row guard patches: packages "
+            "using it could die of SIGFPE on an expert no row picked. Build with torch==2.13.0, or without the template "
+            "(tandem.compiler.torch_aot.CPU_FALLBACK_CONFIGS)"
+        )
     module.GEMM_TEMPLATE_INIT_BLOCKING_BASIC_BLOCK = original.replace(_GEMM_DYNAMIC_M, _GEMM_EMPTY_RETURN)
     try:
         yield
@@ -121,10 +129,12 @@ def inductor_configs(device: str) -> dict[str, object]:
 
 def aoti_compile(program, package_path: str, device: str, configs: dict[str, object] | None = None, guard: bool = True) -> str:
     """One AOTInductor package of ``program`` for ``device``, with :func:`inductor_configs` (or
-    ``configs``); ``guard``: compile under :func:`zero_row_gemm_guard` when the template may be used."""
+    ``configs``). On the CPU it compiles under :func:`zero_row_gemm_guard` whenever the template can
+    be guarded (``TORCHINDUCTOR_MAX_AUTOTUNE=1`` in the environment turns the template on even with
+    no configs); ``guard=False`` only for the test that shows what the guard prevents."""
     configs = inductor_configs(device) if configs is None else configs
-    guard = zero_row_gemm_guard() if guard and configs.get("max_autotune") else contextlib.nullcontext()
-    with guard:
+    guarded = guard and device == "cpu" and (gemm_template_guardable() or bool(configs.get("max_autotune")))
+    with zero_row_gemm_guard() if guarded else contextlib.nullcontext():
         return torch._inductor.aoti_compile_and_package(program, package_path=package_path, inductor_configs=configs)
 
 
@@ -233,6 +243,7 @@ def compile_packages(
         pinned=["torch"],
         inputs=inputs,
         builder={"compiler": "torch._inductor.aoti_compile_and_package", "inductor_configs": inductor_configs(target.device),
+                 "zero_row_gemm_guard": target.device == "cpu" and gemm_template_guardable(),
                  "cuda_graphs_for": ["reasoning_decode"] if target.device == "cuda" else []},
         artifacts=artifacts,
     )
