@@ -104,11 +104,9 @@ def main() -> None:
     if args.onnx is not None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()  # as tandem.runtimes.onnxruntime.OnnxRuntime (spinning "run", ALL at load)
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
+        from tandem.runtimes.onnxruntime import session_options  # OnnxRuntime's own options
+
+        session = ort.InferenceSession(str(args.onnx), session_options(), providers=["CPUExecutionProvider"])
     else:
         session = OnnxRuntime(args.artifacts, graphs=["reasoning_decode"]).sessions["reasoning_decode"]
     logits_at = spec.output_names.index("logits")  # the graphs return next_token_ids first (sampling in the graph)
@@ -139,7 +137,7 @@ def main() -> None:
                 runners[name](b)
         for r in range(args.rounds):
             for b in batches:
-                # the order reverses every round, so a runner's place in the round falls on every figure alike
+                # the order reverses every other round (odd rounds run it backwards), so a runner's place in the round falls on every figure alike
                 for name, run in (list(runners.items()) if r % 2 == 0 else list(runners.items())[::-1]):
                     samples = []
                     for _ in range(args.calls):

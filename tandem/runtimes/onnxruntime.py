@@ -46,6 +46,28 @@ def spinning_mode(value: bool | str) -> str:
     return value
 
 
+def session_options(
+    intra_op_threads: int = 0, inter_op_threads: int = 0, spinning: bool | str = "run", graph_optimization: str = "all"
+) -> ort.SessionOptions:
+    """The session options every tandem session runs with (:class:`OnnxRuntime`'s; benchmarks that
+    load a graph file alone use the same)."""
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise TandemError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, not {graph_optimization!r}")
+    spinning = spinning_mode(spinning)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    if spinning == "never":  # idle threads sleep instead of spinning
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "run":  # they spin between a run's nodes, and stop when the run returns
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.log_severity_level = 3
+    # The offline (EXTENDED) optimisation is portable; ALL adds, at load, what depends on the CPU at
+    # hand (blocked NCHWc convolution layouts) - the level export validated with.
+    options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+    return options
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
@@ -77,17 +99,7 @@ class OnnxRuntime(Runtime):
             if name not in self.manifest.graphs:
                 raise ArtifactError(f"{self.artifacts} has no graph {name!r}; it has {sorted(self.manifest.graphs)}")
             entry = self.manifest.graphs[name]
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = intra_op_threads
-            options.inter_op_num_threads = inter_op_threads
-            if self.spinning == "never":  # idle threads sleep instead of spinning
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            elif self.spinning == "run":  # they spin between a run's nodes, and stop when the run returns
-                options.add_session_config_entry("session.force_spinning_stop", "1")
-            options.log_severity_level = 3
-            # The offline (EXTENDED) optimisation is portable; ALL adds, at load, what depends on the
-            # CPU at hand (blocked NCHWc convolution layouts) - the level export validated with.
-            options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+            options = session_options(intra_op_threads, inter_op_threads, self.spinning, graph_optimization)
             # The graph file and its external data, each hash-checked; ONNX Runtime reads the data
             # files from beside the graph.
             path = self.artifacts / verify_graph_files(self.artifacts, entry, optimized)[0]
