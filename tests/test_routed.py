@@ -256,14 +256,19 @@ def test_zero_row_guard_refuses_a_template_it_does_not_know(monkeypatch):
                     reason="AOTInductor compiles C++ packages: needs a C++ compiler (apt-get install g++)")
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                     reason="integer division by zero raises SIGFPE on x86 only: the unguarded half has no signal to see elsewhere")
-def test_cpu_aot_gemm_template_runs_experts_no_row_picked():
+def test_cpu_aot_gemm_template_runs_experts_no_row_picked(tmp_path: Path):
     """cpu-aot packages autotune their matmuls with Inductor's C++ GEMM template, which divides by zero
     (SIGFPE) on a data-dependent row count of 0: the routed form's unpicked experts. Compiled under
     tandem's guard the package runs and matches eager; without it the same package dies, so the guard
-    is what makes the template safe (if a torch upgrade fixes the template, the second half says so)."""
-    guarded = subprocess.run([sys.executable, "-c", _child_code("_zero_row_package"), "guard"], capture_output=True, text=True, timeout=600)
+    is what makes the template safe (if a torch upgrade fixes the template, the second half says so).
+    The children's temporary files (the loader unpacks a package into $TMPDIR/aotinductor_*, which a
+    child killed by a signal never removes) stay in pytest's own folder."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    guarded = subprocess.run([sys.executable, "-c", _child_code("_zero_row_package"), "guard"], capture_output=True, text=True,
+                             env=env, timeout=600)
     assert guarded.returncode == 0, guarded.stdout[-2000:] + guarded.stderr[-4000:]
-    bare = subprocess.run([sys.executable, "-c", _child_code("_zero_row_package"), "none"], capture_output=True, text=True, timeout=600)
+    bare = subprocess.run([sys.executable, "-c", _child_code("_zero_row_package"), "none"], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert bare.returncode == -signal.SIGFPE, (
         f"without the guard the package exited {bare.returncode}, not SIGFPE: this torch may have fixed the template "
         "(then drop tandem.compiler.torch_aot.zero_row_gemm_guard)\n" + bare.stderr[-2000:]
