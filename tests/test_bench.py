@@ -244,7 +244,9 @@ def test_quick_run_writes_consistent_json_markdown_and_plots(quick_run, tiny_con
         assert (row["dense_factor"] > 1) == (unrouted > 0 and not row["ships_routed"])
     assert "ms/image (routed)" in report and "dense factor" in report
 
-    # Every plot is drawn (served ran), is a real PNG and is linked from the report.
+    # Every plot of a section that ran is drawn (served ran; the decode-step section did not), is a
+    # real PNG and is linked from the report.
+    assert results["plots"].pop("decode_step.png").startswith("not drawn")
     assert set(results["plots"].values()) == {"drawn"}
     for name in results["plots"]:
         path = out / "plots" / name
@@ -671,6 +673,9 @@ def test_decode_step_section_replays_generations_on_every_runtime_against_the_ro
     assert "## Decode step vs its routed-bytes roofline" in report and "*(dense figure)*" in report
     assert "Host share of whole in-process ONNX Runtime generations" in report
     assert "decode step at batch 1 vs its routed-bytes roofline" in stdout
+    assert results["plots"]["decode_step.png"] == "drawn" and "(plots/decode_step.png)" in report
+    with Image.open(tmp_path / "report" / "plots" / "decode_step.png") as image:
+        assert image.format == "PNG" and image.size[0] > 200
 
     # the report is drawn from results.json alone
     (tmp_path / "report" / "report.md").unlink()

@@ -447,3 +447,26 @@ def test_routed_step_script_times_onnxruntime_graph_alone(tiny_artifacts: Path, 
         assert agreement["greedy_equal"] and agreement["max_abs_vs_pytorch"] < 1e-3
     assert [len(r["rounds_ms"]) for r in data["rows"]] == [2, 2]
     assert str(graph) in (out / "report.md").read_text()
+
+
+def test_ort_moe_forms_script_times_both_forms_and_checks_them(tmp_path: Path):
+    """benchmarks/ort_moe_forms.py on tiny: ONNX Runtime's MoE kernel graph and the routed standard-op
+    graph give eager PyTorch's outputs, both are timed in every round at batch 1 and 8, batch 1
+    routes to top_k experts per layer, and an existing --out is refused untouched."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ort_moe_forms.py"
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(script), "--config", "tiny", "--rounds", "2", "--calls", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["max_abs_vs_pytorch"]) == {"moe_kernel", "routed_standard_ops"}
+    assert all(v < 1e-4 for v in data["max_abs_vs_pytorch"].values())
+    assert {k: len(v) for k, v in data["ms_per_call"].items()} == {
+        f"{form}_b{b}": 2 for form in ("moe_kernel", "routed_standard_ops") for b in (1, 8)}
+    assert data["distinct_experts_per_layer"]["1"] == data["dims"]["top_k"]
+    assert set(data["routed_vs_kernel"]) == {"1", "8"} and "routed / kernel" in (out / "report.md").read_text()
+    again = subprocess.run([sys.executable, str(script), "--config", "tiny", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert json.loads((out / "results.json").read_text()) == data

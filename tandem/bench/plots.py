@@ -19,7 +19,8 @@ from tandem.bench.present import save_figure  # noqa: E402
 log = logging.getLogger(__name__)
 
 GRAPHS = ("reasoning_prefill", "reasoning_decode", "refinement")
-COLORS = {"torch": "#d62728", "onnxruntime": "#1f77b4", "onnxruntime_basic": "#17becf", "torch_aot": "#9467bd"}
+COLORS = {"torch": "#d62728", "onnxruntime": "#1f77b4", "onnxruntime_basic": "#17becf", "onnxruntime_dense": "#aec7e8",
+          "torch_aot": "#9467bd"}
 
 
 def _color(name: str, index: int) -> str:
@@ -266,6 +267,42 @@ def cross_hardware(results: dict, path: Path) -> bool:
     return True
 
 
+def decode_step(results: dict, path: Path) -> bool:
+    """The decode step of replayed generations per runtime and batch: the median step (bar, with
+    the 10-90% spread of the rounds' medians) against the floors it is judged by, the routed
+    experts' bytes and every expert's bytes at the copy bandwidth of the same rounds."""
+    rows = results.get("decode_step", {}).get("rows", {})
+    batches = sorted({b for per in rows.values() for b in per}, key=int)
+    if not batches:
+        return False
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 0.55 * len(rows) + 2.2), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        names = [name for name in rows if batch in rows[name]]
+        figures = [rows[name][batch] for name in names]
+        medians = [f["step_ms_median"] for f in figures]
+        low = [max(0.0, m - f["step_ms_spread"][0]) for m, f in zip(medians, figures)]
+        high = [max(0.0, f["step_ms_spread"][1] - m) for m, f in zip(medians, figures)]
+        ax.barh(names, medians, xerr=[low, high], color=[_color(n, i) for i, n in enumerate(names)], alpha=0.85, capsize=3)
+        for y, f in enumerate(figures):
+            ax.plot([f["routed_floor_ms"]] * 2, [y - 0.42, y + 0.42], color="black", linewidth=2,
+                    label="routed-bytes floor" if y == 0 else None)
+            ax.plot([f["dense_floor_ms"]] * 2, [y - 0.42, y + 0.42], color="grey", linestyle="--", linewidth=1.5,
+                    label="dense-bytes floor (every expert)" if y == 0 else None)
+            share = f.get("of_routed_roofline", {}).get("median")
+            if share is not None:
+                ax.annotate(f"{share * 100:.0f}% of routed roofline", (max(f["step_ms_spread"][1], f["dense_floor_ms"]), y),
+                            xytext=(6, 0), textcoords="offset points", fontsize=7, va="center")
+        ax.set_xlim(0, 1.45 * max(max(f["step_ms_spread"][1], f["dense_floor_ms"]) for f in figures))
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per replayed decode step (median of rounds; bars: 10-90% of rounds)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Decode step vs its bytes floors (measured) - {_title(results)}")
+    save_figure(fig, path)
+    return True
+
+
 PLOTS = {
     "throughput_vs_batch.png": throughput_vs_batch,
     "decode_cost_vs_position.png": decode_cost_vs_position,
@@ -273,6 +310,7 @@ PLOTS = {
     "latency_vs_concurrency.png": latency_vs_concurrency,
     "open_loop.png": open_loop,
     "roofline.png": roofline,
+    "decode_step.png": decode_step,
     "cross_hardware.png": cross_hardware,
     "split_capacity.png": lambda results, path: split_plot(results, path),
 }

@@ -120,6 +120,7 @@ def render(results: dict) -> str:
         for name, why in (results.get("skipped") or {}).items():
             out += [f"The {name} sections (per stage, decode vs position, whole generations, roofline table, ratio rounds, "
                     f"Jacobi decoding, served, split path, modelled hardware): {why}.", ""]
+        out += _plots_section(results, drawn_only=True)
         return "\n".join(out).rstrip() + "\n"
     out += _rounds_section(results)
 
@@ -212,10 +213,20 @@ def render(results: dict) -> str:
             out += [f"- {note}"]
         out.append("")
 
-    out += ["## Plots", ""]
-    for name, state in results["plots"].items():
-        out += [f"![{name}](plots/{name})" if state == "drawn" else f"- `{name}`: {state}", ""]
+    out += _plots_section(results)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _plots_section(results: dict, drawn_only: bool = False) -> list[str]:
+    """The plots, each linked; those not drawn with the reason (``drawn_only``: left out, for a run
+    whose report lists the sections it skipped)."""
+    out = ["## Plots", ""]
+    for name, state in results.get("plots", {}).items():
+        if state == "drawn":
+            out += [f"![{name}](plots/{name})", ""]
+        elif not drawn_only:
+            out += [f"- `{name}`: {state}", ""]
+    return out
 
 
 def busy_warning(results: dict) -> str:
