@@ -279,6 +279,8 @@ class JacobiPipeline(Pipeline):
         self.last_stats = ParallelStats()
         self.stats = ParallelStats()  # every call so far
 
+    keeps_schedulers = False  # each call's runner counts into that call's last_stats
+
     def scheduler(self, capacity: int | None = None) -> InflightScheduler:
         self.last_stats = ParallelStats()
         runner = jacobi_runner(self.runtime, self.block, self.proposer, self.pool, self.last_stats)

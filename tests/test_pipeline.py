@@ -88,3 +88,36 @@ def test_bad_inputs_are_explained(ort_pipe, tiny_config):
         SamplingParams(temperature=-1)
     with pytest.raises(TandemError, match="unknown runtime 'tensorflow'"):
         make_runtime("tensorflow")
+
+
+def test_a_pipeline_keeps_its_schedulers_between_calls_and_drops_one_that_failed(tiny_artifacts):
+    """Sequential calls reuse the scheduler (engine buffers and bindings made once) of their slot
+    count and give the tokens a fresh pipeline gives; a call whose prompt is refused after others were
+    queued drops its scheduler, so the next call generates only its own prompts; calls from two
+    threads at once both get their own tokens (one of them on a scheduler of its own)."""
+    import threading
+
+    runtime = make_runtime("onnxruntime", artifacts=tiny_artifacts)
+    pipe = Pipeline(runtime)
+    settings = [SamplingParams(seed=3, temperature=0.9, top_k=8), SamplingParams(seed=4)]
+    fresh = {n: Pipeline(runtime).generate_tokens(["two green triangles", "x"][:n], settings[:n]) for n in (1, 2)}
+    first = pipe.generate_tokens(["two green triangles"], settings[:1])
+    kept = pipe._kept[1]
+    assert np.array_equal(first, fresh[1])
+    for n in (2, 1, 2):  # slot counts alternate: each keeps its own scheduler
+        assert np.array_equal(pipe.generate_tokens(["two green triangles", "x"][:n], settings[:n]), fresh[n])
+    assert pipe._kept[1] is kept and set(pipe._kept) == {1, 2}
+
+    with pytest.raises(TandemError):
+        pipe.generate_tokens(["two green triangles", ""], settings)  # the first prompt is queued, the second refused
+    assert 2 not in pipe._kept
+    assert np.array_equal(pipe.generate_tokens(["two green triangles", "x"], settings), fresh[2])
+
+    results: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, pipe.generate_tokens(["two green triangles"], settings[:1])))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(np.array_equal(results[i], fresh[1]) for i in range(2))
