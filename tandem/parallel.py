@@ -270,6 +270,8 @@ class JacobiPipeline(Pipeline):
     graph's block range); ``proposer``: the proposal sources (see the module docstring).
     ``last_stats`` describes the latest call, ``stats`` every call so far."""
 
+    keeps_schedulers = False  # each call's runner counts into that call's last_stats
+
     def __init__(self, runtime: Runtime, block: int = DEFAULT_BLOCK, proposer: str = DEFAULT_PROPOSER):
         super().__init__(runtime)
         check_block(runtime.specs, block)
@@ -278,8 +280,6 @@ class JacobiPipeline(Pipeline):
         self.pool = NgramPool()  # shared by every image this pipeline decodes
         self.last_stats = ParallelStats()
         self.stats = ParallelStats()  # every call so far
-
-    keeps_schedulers = False  # each call's runner counts into that call's last_stats
 
     def scheduler(self, capacity: int | None = None) -> InflightScheduler:
         self.last_stats = ParallelStats()
