@@ -229,11 +229,10 @@ def test_a_client_that_leaves_through_the_front_door_frees_its_slot(server: Trit
     marker): neither runs to its end, the backlog is served in full.
 
     Whether the request is still waiting when its client leaves is a race with the backlog (a tiny
-    generation takes a few ms): every round in which the client left must leave a marker, and a round
-    that proves nothing is repeated with the patience moved the right way: halved when the request was
-    answered in time or its reasoning ended before the client left (a quiet machine drains the backlog
-    fast), doubled when the client left before the request reached the scheduler (a loaded one is slow
-    on the way)."""
+    generation takes a few ms): a round that proves nothing is repeated with the patience moved the
+    right way: halved when the request was answered in time or its reasoning ended before the client
+    left (a quiet machine drains the backlog fast), doubled when the client left before the request
+    reached the scheduler, or even the front door's handler (a busy one is slow on the way)."""
     import socket
 
     body = json.dumps({"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPTS[1]]}]}).encode()
@@ -278,16 +277,15 @@ def test_a_client_that_leaves_through_the_front_door_frees_its_slot(server: Trit
                 break
             time.sleep(0.3)
             after, marked = events(server), set(os.listdir(server.cancel_dir)) - markers_before
-            assert marked, f"{leave}: the client left ({seen}) and the front door wrote no cancellation marker"
             for name in marked:  # nobody will consume it: the request is over
                 (server.cancel_dir / name).unlink(missing_ok=True)
             ran = after["completed"] - before["completed"] - 2 * len(futures)
             assert ran in (0, 1), (leave, before, after)
-            if ran:  # its reasoning ended before the client left: leave sooner
-                rounds.append(f"reasoning ended before the client left ({seen})")
+            if ran:  # its reasoning ended before the client left (an HTTP client that closes never sees its answer): leave sooner
+                rounds.append(f"reasoning ended before the client left ({seen}; marker {'written' if marked else 'none'})")
                 patience_s /= 2
-            else:  # it never reached the scheduler before its client gave up: leave later
-                rounds.append(f"left before reaching the scheduler ({seen})")
+            else:  # it never reached the scheduler (or the front door's handler) before its client gave up: leave later
+                rounds.append(f"left before reaching the scheduler ({seen}; marker {'written' if marked else 'none'})")
                 patience_s *= 2
         else:
             pytest.fail(f"{leave}: in eight rounds the request that left was never cancelled: {rounds}")
